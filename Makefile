@@ -1,0 +1,44 @@
+# The two commands the README promises: `make smoke` (run) and `make test` (tests).
+PYTHON  ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed-stamp
+CONFIG  ?= configs/smoke.yaml
+WORKERS ?= 8
+
+.PHONY: venv smoke test test-fast bench image docker-up docker-down clean
+
+# (Re)create the venv whenever pyproject.toml changes.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev,orchestrator]'
+	touch $@
+
+venv: $(STAMP)
+
+smoke: venv
+	$(BIN)/torchrun --standalone --nproc-per-node=2 -m trainer.worker --config $(CONFIG)
+
+test: venv
+	$(BIN)/python -m pytest tests
+
+# Everything but the Docker tests: the inner loop while developing.
+test-fast: venv
+	$(BIN)/python -m pytest tests -m "not docker"
+
+bench: venv
+	@set -e; for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f; done
+
+image: venv
+	bash compose/provision.sh --image-only
+
+docker-up: venv
+	bash compose/provision.sh
+	docker compose up --scale worker=$(WORKERS)
+
+docker-down:
+	docker compose down --remove-orphans
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

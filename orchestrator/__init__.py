@@ -1,0 +1,1 @@
+"""Outside the cluster: launches and watches trainer containers through the Docker SDK."""
