@@ -1,0 +1,156 @@
+"""The policy: a Hugging Face causal LM and its tokenizer.
+
+Real runs load any model by hub name (`Qwen/Qwen2.5-0.5B-Instruct`). Tests, benchmarks and the
+smoke run cannot download anything, so they build a tiny Qwen2 with random weights and a
+byte-level BPE tokenizer trained on the spot; both carry a ChatML chat template with Hugging
+Face's tool-call convention, so rendering code is the same for tiny and real models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+PAD_TOKEN = "<|endoftext|>"
+BOS_TOKEN = "<|im_start|>"
+EOS_TOKEN = "<|im_end|>"
+
+# ChatML as Qwen uses it, with tool calls rendered as <tool_call>{json}</tool_call> lines.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['content'] %}{{- message['content'] }}{%- endif %}"
+    "{%- if message.get('tool_calls') %}"
+    "{%- for call in message['tool_calls'] %}"
+    "{%- set fn = call['function'] if call.get('function') else call %}"
+    "{{- '\n<tool_call>' }}{{- {'name': fn['name'], 'arguments': fn['arguments']} | tojson }}"
+    "{{- '</tool_call>' }}"
+    "{%- endfor %}"
+    "{%- endif %}"
+    "{{- '<|im_end|>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+
+# Enough text that every character class the tasks and traces use gets merges of its own.
+DEFAULT_CORPUS = (
+    "What is 12 + 7? Answer: 19",
+    "Hint: add the ones first, then the tens.",
+    "The quick brown fox jumps over the lazy dog. def main(): return 0",
+    "<tool_call>{\"name\": \"bash\", \"arguments\": {\"command\": \"ls -la\"}}</tool_call>",
+    "system user assistant tool error fixed tests passed failed",
+)
+
+
+def train_tokenizer(corpus: Iterable[str], *, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (any text encodes) with one token per digit, so arithmetic stays learnable."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD_TOKEN, BOS_TOKEN, EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(list(corpus), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN, bos_token=None
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "left"  # prompts are left-padded for generation
+    return fast
+
+
+def _tokenizer_cache_key(corpus: list[str], vocab_size: int) -> str:
+    digest = hashlib.sha256(json.dumps([vocab_size, CHAT_TEMPLATE, corpus]).encode()).hexdigest()
+    return digest[:16]
+
+
+def cached_tokenizer(
+    corpus: Iterable[str], *, vocab_size: int, cache_dir: str | Path | None
+) -> PreTrainedTokenizerFast:
+    """Train once per (corpus, vocab size) and reuse the `save_pretrained` copy afterwards."""
+    corpus = list(corpus)
+    if cache_dir is None:
+        return train_tokenizer(corpus, vocab_size=vocab_size)
+    path = Path(cache_dir) / f"tokenizer-{_tokenizer_cache_key(corpus, vocab_size)}"
+    if (path / "tokenizer.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer.padding_side = "left"
+        return tokenizer
+    tokenizer = train_tokenizer(corpus, vocab_size=vocab_size)
+    tmp = path.with_name(path.name + ".tmp")
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(path)  # atomic: a concurrent rank either sees the whole folder or none
+    except OSError:
+        pass  # another process won the race; its copy is identical
+    return tokenizer
+
+
+def tiny_model_and_tokenizer(
+    corpus: Iterable[str] | None = None,
+    *,
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
+    """A randomly initialised Qwen2 and a tokenizer trained on `corpus`, built fully offline."""
+    tokenizer = cached_tokenizer(
+        corpus if corpus is not None else DEFAULT_CORPUS, vocab_size=vocab_size, cache_dir=cache_dir
+    )
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2),
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    _set_generation_ids(model, tokenizer)
+    return model, tokenizer
+
+
+def pretrained_model_and_tokenizer(
+    name: str, *, dtype: str = "float32"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Any hub model by name (or a local path); the tokenizer is left-padded for generation."""
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype))
+    _set_generation_ids(model, tokenizer)
+    return model, tokenizer
+
+
+def _set_generation_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> None:
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
