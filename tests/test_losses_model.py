@@ -1,0 +1,339 @@
+"""`trainer.losses` on a real (tiny, offline) Qwen2: forwards, padding, gradients, the replay store."""
+
+import copy
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.losses import (
+    ComposerBatch,
+    EMATeacher,
+    PolicyBatch,
+    TeacherReplayBuffer,
+    completion_logits,
+    composer_total_loss,
+    dpo_loss,
+    grpo_loss,
+    sdpo_loss,
+    sequence_logps,
+    token_logps,
+)
+from trainer.model import tiny_model_and_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+QUESTIONS = ["What is 12 + 7?", "What is 3 + 4?", "Add 10 and 25.", "What is 2 + 2?"]
+ANSWERS = ["Answer: 19", "7", "The answer is 35", "Answer: 4"]
+WRONG = ["Answer: 18", "9", "It is 53", "5"]
+HINT = " Hint: add the ones first, then the tens."
+
+
+@pytest.fixture
+def model_and_tokenizer(tmp_path_factory):
+    model, tokenizer = tiny_model_and_tokenizer(seed=0, cache_dir=tmp_path_factory.getbasetemp() / "tok")
+    return model, tokenizer
+
+
+def pad(rows, pad_id, *, left):
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span], mask[i, span] = torch.tensor(row), 1
+    return ids, mask
+
+
+def chat(tokenizer, text):
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=True)["input_ids"])
+
+
+def answer(tokenizer, text):
+    return tokenizer.encode(text) + [tokenizer.eos_token_id]
+
+
+def policy_batch(model, tokenizer, *, snapshot_old_logps=True):
+    """Four rollouts: prompts of different lengths (left pad), answers of different lengths (right pad)."""
+    prompt_ids, prompt_mask = pad([chat(tokenizer, q) for q in QUESTIONS], tokenizer.pad_token_id, left=True)
+    completion_ids, completion_mask = pad([answer(tokenizer, a) for a in ANSWERS], tokenizer.pad_token_id, left=False)
+    teacher_ids, teacher_mask = pad([chat(tokenizer, q + HINT) for q in QUESTIONS], tokenizer.pad_token_id, left=True)
+    old_logps = None
+    if snapshot_old_logps:  # what the rollout does: score the samples with the sampling policy
+        with torch.no_grad():
+            old_logps = token_logps(
+                completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask), completion_ids
+            )
+    return PolicyBatch(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+        completion_mask=completion_mask, advantages=torch.tensor([1.0, -1.0, 0.5, -0.5]),
+        old_logps=old_logps, teacher_prompt_ids=teacher_ids, teacher_prompt_mask=teacher_mask,
+    )
+
+
+def replay_buffer(model, tokenizer, **kwargs):
+    buffer = TeacherReplayBuffer(copy.deepcopy(model), pad_token_id=tokenizer.pad_token_id, **kwargs)
+    for i, (q, good, bad) in enumerate(zip(QUESTIONS, ANSWERS, WRONG)):
+        prompt = chat(tokenizer, q)
+        chosen, rejected = answer(tokenizer, good), answer(tokenizer, bad)
+        buffer.add(f"pair-{i}", prompt + chosen, [0] * len(prompt) + [1] * len(chosen),
+                   prompt + rejected, [0] * len(prompt) + [1] * len(rejected))
+    return buffer
+
+
+def composer_batch(model, tokenizer):
+    preference = replay_buffer(model, tokenizer).sample(3, generator=torch.Generator().manual_seed(0))
+    return ComposerBatch(policy=policy_batch(model, tokenizer), preference=preference)
+
+
+class ForwardCounter:
+    """Records the batch size of every forward of a module (a real hook, no mocks)."""
+
+    def __init__(self, module):
+        self.batch_sizes = []
+        self.handle = module.register_forward_hook(self.record, with_kwargs=True)
+
+    def record(self, module, args, kwargs, output):
+        self.batch_sizes.append(kwargs["input_ids"].shape[0])
+
+
+# ---------------------------------------------------------------------------- completion_logits
+
+
+def test_completion_logits_left_padding_gives_the_unpadded_logits(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    batch = policy_batch(model, tokenizer, snapshot_old_logps=False)
+    padded = completion_logits(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+    assert padded.shape == (*batch.completion_ids.shape, model.config.vocab_size)
+    for row in range(len(QUESTIONS)):
+        prompt = torch.tensor([chat(tokenizer, QUESTIONS[row])])
+        completion = torch.tensor([answer(tokenizer, ANSWERS[row])])
+        # The plain causal-LM view: the logits at position t predict token t + 1.
+        full = model(input_ids=torch.cat([prompt, completion], dim=1)).logits[0, prompt.shape[1] - 1: -1]
+        torch.testing.assert_close(padded[row, : completion.shape[1]], full, atol=1e-5, rtol=1e-5)
+
+
+def test_rollout_old_logps_give_ratio_one(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    batch = ComposerBatch(policy=policy_batch(model, tokenizer))
+    out = composer_total_loss(model, batch, alpha=0.0, beta=0.0)
+    assert out.metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert out.metrics["clip_fraction"] == 0.0
+    batch.policy.old_logps = None
+    assert composer_total_loss(model, batch, alpha=0.0, beta=0.0).grpo.item() == pytest.approx(out.grpo.item(), abs=1e-6)
+
+
+# ---------------------------------------------------------------------------- forwards per channel
+
+
+@pytest.mark.parametrize("alpha, beta, forwards", [(0.5, 0.2, [4, 4, 6]), (0.0, 0.2, [4, 6]), (0.5, 0.0, [4, 4]),
+                                                   (0.0, 0.0, [4])])
+def test_a_zero_weight_skips_its_channel_forward(model_and_tokenizer, alpha, beta, forwards):
+    model, tokenizer = model_and_tokenizer
+    batch = composer_batch(model, tokenizer)
+    counter = ForwardCounter(model)
+    out = composer_total_loss(model, batch, alpha=alpha, beta=beta)
+    assert counter.batch_sizes == forwards  # student (4 rows), teacher (4), chosen + rejected (3 + 3)
+    assert (out.sdpo.item() == 0.0) == (alpha == 0.0)
+    assert (out.dpo.item() == 0.0) == (beta == 0.0)
+    assert ("dpo_reward_margin" in out.metrics) == (beta > 0)
+    assert out.total.item() == pytest.approx(out.grpo.item() + alpha * out.sdpo.item() + beta * out.dpo.item(), abs=1e-6)
+
+
+def test_teacher_scores_only_rows_with_sdpo_weight(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    batch = ComposerBatch(policy=policy_batch(model, tokenizer))
+    policy = batch.policy
+    policy.sdpo_weight = torch.tensor([1, 0, 1, 0])
+    counter = ForwardCounter(model)
+    out = composer_total_loss(model, batch, alpha=1.0, beta=0.0, sdpo_jsd_alpha=0.3)
+    assert counter.batch_sizes == [4, 2]
+    rows = [0, 2]
+    with torch.no_grad():
+        student = completion_logits(model, policy.prompt_ids, policy.prompt_mask, policy.completion_ids,
+                                    policy.completion_mask)[rows]
+        teacher = completion_logits(model, policy.teacher_prompt_ids[rows], policy.teacher_prompt_mask[rows],
+                                    policy.completion_ids[rows], policy.completion_mask[rows])
+    expected = sdpo_loss(student, teacher, policy.completion_mask[rows], alpha=0.3)
+    assert out.sdpo.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert out.sdpo.item() > 0  # hinted and plain prompts differ, so the teacher differs
+
+    policy.sdpo_weight = torch.zeros(4)
+    counter.batch_sizes.clear()
+    assert composer_total_loss(model, batch, alpha=1.0, beta=0.0).sdpo.item() == 0.0
+    assert counter.batch_sizes == [4]
+
+
+def test_ema_teacher_runs_the_teacher_forward(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    batch = composer_batch(model, tokenizer)
+    teacher = EMATeacher(model, rate=0.5)
+    student_counter, teacher_counter = ForwardCounter(model), ForwardCounter(teacher.module)
+    with_ema = composer_total_loss(model, batch, alpha=1.0, beta=1.0, teacher=teacher)
+    assert student_counter.batch_sizes == [4, 6] and teacher_counter.batch_sizes == [4]
+    # A fresh EMA teacher has the policy's weights: same channel as the policy-as-teacher.
+    plain = composer_total_loss(model, batch, alpha=1.0, beta=1.0)
+    assert with_ema.sdpo.item() == pytest.approx(plain.sdpo.item(), abs=1e-6)
+
+    before = {n: p.detach().clone() for n, p in teacher.module.named_parameters()}
+    with_ema.total.backward()
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    teacher.update()
+    student = dict(model.named_parameters())
+    for name, param in teacher.module.named_parameters():
+        torch.testing.assert_close(param, 0.5 * before[name] + 0.5 * student[name].detach())
+
+
+def test_sdpo_needs_the_hinted_prompt(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    batch = ComposerBatch(policy=policy_batch(model, tokenizer))
+    batch.policy.teacher_prompt_ids = None
+    with pytest.raises(ValueError, match="teacher_prompt_ids"):
+        composer_total_loss(model, batch, alpha=0.5, beta=0.0)
+
+
+# ---------------------------------------------------------------------------- gradients
+
+
+def separate_channels(model, batch, *, loss_type, sdpo_top_k):
+    """The three channels each with its own forwards, straight from the primitives."""
+    policy, pairs = batch.policy, batch.preference
+    logits = completion_logits(model, policy.prompt_ids, policy.prompt_mask, policy.completion_ids,
+                               policy.completion_mask)
+    grpo = grpo_loss(token_logps(logits, policy.completion_ids), policy.old_logps, policy.advantages,
+                     policy.completion_mask, loss_type=loss_type)
+    with torch.no_grad():
+        teacher = completion_logits(model, policy.teacher_prompt_ids, policy.teacher_prompt_mask,
+                                    policy.completion_ids, policy.completion_mask)
+    student = completion_logits(model, policy.prompt_ids, policy.prompt_mask, policy.completion_ids,
+                                policy.completion_mask)
+    sdpo = sdpo_loss(student, teacher, policy.completion_mask, alpha=0.5, top_k=sdpo_top_k)
+    chosen = sequence_logps(model(input_ids=pairs.chosen_ids, attention_mask=pairs.chosen_attention_mask).logits,
+                            pairs.chosen_ids, pairs.chosen_loss_mask)
+    rejected = sequence_logps(
+        model(input_ids=pairs.rejected_ids, attention_mask=pairs.rejected_attention_mask).logits,
+        pairs.rejected_ids, pairs.rejected_loss_mask,
+    )
+    dpo = dpo_loss(chosen, rejected, pairs.ref_chosen_logps, pairs.ref_rejected_logps, beta=0.1)[0].mean()
+    return grpo, sdpo, dpo
+
+
+@pytest.mark.parametrize("loss_type, sdpo_top_k", [("dr_grpo", None), ("grpo", 16)])
+def test_gradient_of_total_is_the_sum_of_channel_gradients(model_and_tokenizer, loss_type, sdpo_top_k):
+    model, tokenizer = model_and_tokenizer
+    batch = composer_batch(model, tokenizer)
+    with torch.no_grad():  # move off the reference so the DPO gradient is not degenerate
+        for param in model.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    alpha, beta = 0.7, 0.3
+    params = list(model.parameters())
+    out = composer_total_loss(model, batch, alpha=alpha, beta=beta, loss_type=loss_type, sdpo_top_k=sdpo_top_k)
+    total_grads = torch.autograd.grad(out.total, params)
+
+    grpo, sdpo, dpo = separate_channels(model, batch, loss_type=loss_type, sdpo_top_k=sdpo_top_k)
+    for mine, theirs in ((out.grpo, grpo), (out.sdpo, sdpo), (out.dpo, dpo)):
+        assert mine.item() == pytest.approx(theirs.item(), abs=1e-5)
+    channel_grads = [torch.autograd.grad(loss, params, retain_graph=True) for loss in (grpo, sdpo, dpo)]
+    for i, total_grad in enumerate(total_grads):
+        summed = channel_grads[0][i] + alpha * channel_grads[1][i] + beta * channel_grads[2][i]
+        torch.testing.assert_close(total_grad, summed, atol=1e-6, rtol=1e-4)
+    assert all(g.abs().sum() > 0 for g in (channel_grads[0][0], channel_grads[1][0], channel_grads[2][0]))
+
+
+def test_dpo_channel_is_log_2_while_policy_equals_reference(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    out = composer_total_loss(model, composer_batch(model, tokenizer), alpha=0.0, beta=1.0)
+    # Holds only if the store's padding and the loss's padding give the same log-probs.
+    assert out.dpo.item() == pytest.approx(math.log(2), abs=1e-5)
+    assert out.metrics["dpo_reward_margin"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_five_adamw_steps_with_all_channels_lower_the_loss(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    batch = composer_batch(model, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(5):
+        out = composer_total_loss(model, batch, alpha=0.5, beta=0.5, sdpo_top_k=32)
+        assert all(math.isfinite(v) for v in (out.grpo.item(), out.sdpo.item(), out.dpo.item()))
+        assert out.sdpo.item() > 0 and out.dpo.item() > 0
+        optimizer.zero_grad()
+        out.total.backward()
+        optimizer.step()
+        losses.append(out.total.item())
+    assert losses[-1] < losses[0], losses
+
+
+def test_quickstart_prints_a_falling_loss_curve():
+    result = subprocess.run([sys.executable, "examples/quickstart.py"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    totals = [float(line.split("total=")[1].split()[0]) for line in result.stdout.splitlines() if "total=" in line]
+    assert len(totals) == 5 and all(math.isfinite(t) for t in totals)
+    assert totals[-1] < totals[0], result.stdout
+
+
+# ---------------------------------------------------------------------------- TeacherReplayBuffer
+
+
+def test_replay_buffer_scores_each_pair_once_in_batches(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    buffer = replay_buffer(model, tokenizer, batch_size=3)  # 4 pairs: one full batch scored on add
+    assert len(buffer) == 4 and buffer.reference_forward_passes == 1
+    first = buffer.sample(4, generator=torch.Generator().manual_seed(1))
+    assert buffer.reference_forward_passes == 2  # the leftover pair, scored when needed
+    for _ in range(3):
+        buffer.sample(2)
+    prompt = chat(tokenizer, QUESTIONS[0])
+    chosen, rejected = answer(tokenizer, ANSWERS[0]), answer(tokenizer, WRONG[0])
+    buffer.add("pair-0", prompt + chosen, [0] * len(prompt) + [1] * len(chosen),
+               prompt + rejected, [0] * len(prompt) + [1] * len(rejected))
+    assert len(buffer) == 4 and buffer.reference_forward_passes == 2  # never per step, never per re-add
+    again = buffer.sample(4, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(again.ref_chosen_logps, first.ref_chosen_logps)
+
+
+def test_replay_buffer_reference_logps_match_an_unpadded_forward(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    buffer = replay_buffer(model, tokenizer)
+    pairs = buffer.sample(4, generator=torch.Generator().manual_seed(0))
+    for row in range(4):
+        for ids, attention, loss_mask, ref in (
+            (pairs.chosen_ids, pairs.chosen_attention_mask, pairs.chosen_loss_mask, pairs.ref_chosen_logps),
+            (pairs.rejected_ids, pairs.rejected_attention_mask, pairs.rejected_loss_mask, pairs.ref_rejected_logps),
+        ):
+            length = int(attention[row].sum())
+            seq = ids[row: row + 1, :length]
+            with torch.no_grad():
+                expected = sequence_logps(model(input_ids=seq).logits, seq, loss_mask[row: row + 1, :length])
+            assert ref[row].item() == pytest.approx(expected.item(), abs=1e-4)
+            assert ref[row].item() < 0
+
+
+@pytest.mark.parametrize(
+    "chosen_mask, message",
+    [
+        ([1, 1, 1], "not the first token"),
+        ([0, 0, 0], "at least one response token"),
+        ([0, 2, 1], "must be 0/1"),
+        ([0, 1], "has 3 tokens but chosen_loss_mask 2"),
+    ],
+)
+def test_replay_buffer_rejects_bad_pairs(model_and_tokenizer, chosen_mask, message):
+    model, tokenizer = model_and_tokenizer
+    buffer = TeacherReplayBuffer(model, pad_token_id=tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match=f"pair 'p1'.*{message}"):
+        buffer.add("p1", [5, 6, 7], chosen_mask, [5, 6, 8], [0, 1, 1])
+
+
+def test_replay_buffer_rejects_a_reused_id_and_oversampling(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    buffer = TeacherReplayBuffer(model, pad_token_id=tokenizer.pad_token_id)
+    buffer.add("p1", [5, 6, 7], [0, 1, 1], [5, 6, 8], [0, 1, 1])
+    with pytest.raises(ValueError, match="'p1' was already added with different tokens"):
+        buffer.add("p1", [5, 6, 9], [0, 1, 1], [5, 6, 8], [0, 1, 1])
+    with pytest.raises(ValueError, match="cannot sample 2 pairs .* holding 1"):
+        buffer.sample(2)

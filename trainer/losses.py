@@ -1,0 +1,717 @@
+"""The three-channel loss: `total = grpo + alpha * sdpo + beta * dpo`.
+
+Pure tensor math plus the few model forwards the channels need. No config objects, no file I/O,
+no logging: tensors and modules in, tensors out.
+
+- Dr.GRPO / GRPO / BNPO / DAPO clipped policy gradient (`grpo_loss`, `group_advantages`);
+- SDPO hint self-distillation: the policy with a hint in its context (or an EMA of it) re-scores
+  the student's own completion tokens; token-level generalized JSD, optionally on the student's
+  top-K tokens plus one tail bucket (`sdpo_loss`, `EMATeacher`);
+- DPO on preference pairs whose reference log-probs are computed once and cached
+  (`dpo_loss`, `TeacherReplayBuffer`).
+
+Layout: prompts are LEFT-padded, completions RIGHT-padded, full DPO sequences RIGHT-padded; masks
+are 0/1. Per-token tensors are (B, T). Nothing here loops over tokens in Python.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "PolicyBatch",
+    "PreferenceBatch",
+    "ComposerBatch",
+    "ComposerLossOutput",
+    "group_advantages",
+    "grpo_loss",
+    "sdpo_loss",
+    "dpo_loss",
+    "token_logps",
+    "sequence_logps",
+    "completion_logits",
+    "compose_loss",
+    "composer_total_loss",
+    "EMATeacher",
+    "TeacherReplayBuffer",
+]
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+ADVANTAGE_SCALES = ("none", "group", "batch")
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PolicyBatch:
+    """Rollouts for the GRPO channel; the SDPO channel reuses the same student forward."""
+
+    prompt_ids: Tensor  # (B, P) long, LEFT-padded
+    prompt_mask: Tensor  # (B, P) 0/1
+    completion_ids: Tensor  # (B, C) long, RIGHT-padded
+    completion_mask: Tensor  # (B, C) 0/1
+    advantages: Tensor  # (B,) float
+    old_logps: Tensor | None = None  # (B, C) sampling-policy log-probs; None = on-policy
+    ref_logps: Tensor | None = None  # (B, C) reference log-probs for the k3 KL (kl_beta > 0)
+    teacher_prompt_ids: Tensor | None = None  # (B, P') LEFT-padded hinted prompt (SDPO teacher)
+    teacher_prompt_mask: Tensor | None = None
+    sdpo_weight: Tensor | None = None  # (B,) 0/1 rows that get distillation; None = every row
+
+
+@dataclass
+class PreferenceBatch:
+    """DPO pairs as full sequences (prompt + response), RIGHT-padded; loss masks mark responses."""
+
+    chosen_ids: Tensor  # (B, Tc)
+    chosen_attention_mask: Tensor
+    chosen_loss_mask: Tensor
+    rejected_ids: Tensor  # (B, Tr)
+    rejected_attention_mask: Tensor
+    rejected_loss_mask: Tensor
+    ref_chosen_logps: Tensor  # (B,)
+    ref_rejected_logps: Tensor  # (B,)
+
+
+@dataclass
+class ComposerBatch:
+    policy: PolicyBatch
+    preference: PreferenceBatch | None = None  # None: no pairs this step, the DPO channel is skipped
+
+
+@dataclass
+class ComposerLossOutput:
+    """`total` carries the graph; the channels are unweighted; a skipped channel is a zero tensor."""
+
+    total: Tensor
+    grpo: Tensor
+    sdpo: Tensor
+    dpo: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks (errors name the argument so a caller can find the bad tensor)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_shape(name: str, tensor: Tensor, shape: Sequence[int]) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _at_least_float32(tensor: Tensor) -> Tensor:
+    """Softmax math in half precision loses the small probabilities distillation cares about."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean over mask=1 entries; 0 when the mask is empty (instead of NaN)."""
+    mask = mask.bool()
+    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+# --------------------------------------------------------------------------------------------
+# GRPO channel
+# --------------------------------------------------------------------------------------------
+
+
+def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "none", eps: float = 1e-4) -> Tensor:
+    """Group-relative advantages for rewards laid out as consecutive groups of `group_size`.
+
+    `scale="none"` is Dr.GRPO (no std division: it biases towards easy/hard prompts);
+    `"group"` divides by each group's Bessel-corrected std + eps (original GRPO); `"batch"` by the
+    whole batch's std + eps.
+    """
+    _check_choice("scale", scale, ADVANTAGE_SCALES)
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D (B,), got shape {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards has {rewards.numel()} entries, not a multiple of group_size={group_size}")
+    grouped = rewards.float().view(-1, group_size)
+    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "group":
+        if group_size < 2:
+            raise ValueError("scale='group' needs group_size >= 2 (Bessel-corrected std)")
+        advantages = advantages / (grouped.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        if rewards.numel() < 2:
+            raise ValueError("scale='batch' needs at least 2 rewards (Bessel-corrected std)")
+        advantages = advantages / (rewards.float().std() + eps)
+    return advantages.reshape(-1)
+
+
+def grpo_loss(
+    logp: Tensor,
+    old_logp: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    loss_type: str = "dr_grpo",
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    ref_logp: Tensor | None = None,
+    kl_beta: float = 0.0,
+    kl_bias_correction: bool = True,
+    max_completion_length: int | None = None,
+    num_items_in_batch: int | Tensor | None = None,
+) -> Tensor:
+    """Clipped policy-gradient loss on per-token log-probs (B, T); `old_logp=None` means on-policy.
+
+    The aggregations differ only in the denominator: `"grpo"` averages each sequence then the
+    sequences (long answers get less weight per token); `"bnpo"` averages all tokens; `"dr_grpo"`
+    divides by the constant B * max_completion_length, so a token's gradient does not depend on
+    its sequence's length; `"dapo"` divides by the global token count `num_items_in_batch`.
+    """
+    _check_choice("loss_type", loss_type, LOSS_TYPES)
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be (B, T), got shape {tuple(logp.shape)}")
+    batch, width = logp.shape
+    _check_shape("mask", mask, (batch, width))
+    _check_shape("advantages", advantages, (batch,))
+    if old_logp is not None:
+        _check_shape("old_logp", old_logp, (batch, width))
+    if epsilon_low < 0 or (epsilon_high is not None and epsilon_high < 0):
+        raise ValueError(f"epsilons must be >= 0, got epsilon_low={epsilon_low}, epsilon_high={epsilon_high}")
+    if kl_beta > 0 and ref_logp is None:
+        raise ValueError(f"kl_beta={kl_beta} > 0 needs ref_logp")
+
+    mask = mask.bool()
+    # Padding positions may hold anything (-inf, garbage); zero them so exp() stays finite.
+    logp = torch.where(mask, logp, 0.0)
+    old_logp = logp.detach() if old_logp is None else torch.where(mask, old_logp, 0.0)
+    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
+
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages.to(logp.dtype).unsqueeze(1)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    if kl_beta > 0:
+        _check_shape("ref_logp", ref_logp, (batch, width))
+        log_ref_ratio = torch.where(mask, ref_logp, 0.0) - logp
+        k3 = torch.exp(log_ref_ratio) - log_ref_ratio - 1
+        per_token = per_token + kl_beta * (k3 * ratio if kl_bias_correction else k3)
+
+    per_token = torch.where(mask, per_token, 0.0)
+    if loss_type == "grpo":
+        return (per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+    if loss_type == "bnpo":
+        return per_token.sum() / mask.sum().clamp(min=1)
+    if loss_type == "dr_grpo":
+        length = width if max_completion_length is None else max_completion_length
+        if length < width:
+            raise ValueError(f"max_completion_length={length} is shorter than the completions ({width} tokens)")
+        return per_token.sum() / (batch * length)
+    denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return per_token.sum() / denominator
+
+
+def _ratio_stats(
+    logp: Tensor, old_logp: Tensor | None, advantages: Tensor, mask: Tensor, epsilon_low: float, epsilon_high: float
+) -> tuple[float, float]:
+    """(mean importance ratio, fraction of tokens whose objective is clipped) over masked tokens."""
+    if old_logp is None:
+        return 1.0, 0.0
+    mask = mask.bool()
+    ratio = torch.exp(torch.where(mask, logp.detach() - old_logp, 0.0))
+    adv = advantages.unsqueeze(1)
+    clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
+    return _masked_mean(ratio, mask).item(), _masked_mean(clipped.float(), mask).item()
+
+
+# --------------------------------------------------------------------------------------------
+# SDPO channel
+# --------------------------------------------------------------------------------------------
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(P || Q) over the last dim, from log-probs."""
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
+def _generalized_jsd(student: Tensor, teacher: Tensor, alpha: float) -> Tensor:
+    """Per-position divergence between log-prob tensors; alpha 0 / 1 are the two KLs."""
+    if alpha == 0:
+        return _kl(teacher, student)
+    if alpha == 1:
+        return _kl(student, teacher)
+    mixture = torch.logaddexp(student + math.log1p(-alpha), teacher + math.log(alpha))
+    return alpha * _kl(teacher, mixture) + (1 - alpha) * _kl(student, mixture)
+
+
+def _log_tail(log_probs: Tensor) -> Tensor:
+    """log(1 - sum(p)) of the probability mass outside `log_probs` (last dim), as a (..., 1) bucket.
+
+    Clamped at the float epsilon: below it, 1 - sum(p) is rounding noise (with K = V it would be
+    +-1e-7 or 0, and log(0) turns the gradient into NaN). Both sides clamp alike, so a noise-level
+    tail contributes nothing instead of eps * log(noise / 0).
+    """
+    mass = -torch.expm1(torch.logsumexp(log_probs, dim=-1, keepdim=True))
+    return mass.clamp(min=torch.finfo(log_probs.dtype).eps).log()
+
+
+def sdpo_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    *,
+    alpha: float = 0.5,
+    top_k: int | None = None,
+    add_tail: bool = True,
+) -> Tensor:
+    """Token-level distillation of the hinted teacher into the student, masked mean over tokens.
+
+    alpha = 0: KL(T||S); alpha = 1: KL(S||T); otherwise the generalized JSD
+    alpha * KL(T||M) + (1 - alpha) * KL(S||M) with M = (1 - alpha) S + alpha T.
+    No gradient reaches the teacher. With `top_k`, both sides are compared only on the student's
+    K most likely tokens (plus one tail bucket with the rest of the mass, or renormalized over
+    the K without it): no full-vocabulary log-softmax is kept for backward, which is what makes
+    V = 150k affordable.
+    """
+    if student_logits.dim() != 3:
+        raise ValueError(f"student_logits must be (B, T, V), got shape {tuple(student_logits.shape)}")
+    _check_shape("teacher_logits", teacher_logits, student_logits.shape)
+    _check_shape("mask", mask, student_logits.shape[:2])
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha={alpha} must lie in [0, 1]")
+    vocab = student_logits.shape[-1]
+    teacher_logits = teacher_logits.detach()
+
+    if top_k is None:
+        student = torch.log_softmax(_at_least_float32(student_logits), dim=-1)
+        teacher = torch.log_softmax(_at_least_float32(teacher_logits), dim=-1)
+    else:
+        if not 1 <= top_k <= vocab:
+            raise ValueError(f"top_k={top_k} must lie in [1, vocab size {vocab}]")
+        index = student_logits.detach().topk(top_k, dim=-1).indices
+        student = token_logps(student_logits, index)
+        teacher = token_logps(teacher_logits, index)
+        if add_tail:
+            student = torch.cat([student, _log_tail(student)], dim=-1)
+            teacher = torch.cat([teacher, _log_tail(teacher)], dim=-1)
+        else:
+            student = torch.log_softmax(student, dim=-1)
+            teacher = torch.log_softmax(teacher, dim=-1)
+    return _masked_mean(_generalized_jsd(student, teacher, alpha), mask)
+
+
+# --------------------------------------------------------------------------------------------
+# DPO channel
+# --------------------------------------------------------------------------------------------
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sigmoid DPO (conservative with `label_smoothing`) -> (losses (B,), chosen, rejected rewards).
+
+    Rewards are beta * (policy - reference) log-prob, detached (for logging only).
+    """
+    batch = policy_chosen_logps.shape
+    for name, tensor in (
+        ("policy_rejected_logps", policy_rejected_logps),
+        ("ref_chosen_logps", ref_chosen_logps),
+        ("ref_rejected_logps", ref_rejected_logps),
+    ):
+        _check_shape(name, tensor, batch)
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing={label_smoothing} must lie in [0, 0.5)")
+    chosen_log_ratio = policy_chosen_logps - ref_chosen_logps
+    rejected_log_ratio = policy_rejected_logps - ref_rejected_logps
+    logits = beta * (chosen_log_ratio - rejected_log_ratio)
+    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    return losses, beta * chosen_log_ratio.detach(), beta * rejected_log_ratio.detach()
+
+
+# --------------------------------------------------------------------------------------------
+# Log-probs from a causal LM
+# --------------------------------------------------------------------------------------------
+
+
+def token_logps(logits: Tensor, labels: Tensor) -> Tensor:
+    """log softmax(logits)[..., label] for aligned logits (..., V) and labels (...) or (..., K).
+
+    Gather minus logsumexp: never materializes (nor saves for backward) a full log-softmax.
+    Computed in at least float32 whatever the model dtype.
+    """
+    logits = _at_least_float32(logits)
+    squeeze = labels.dim() == logits.dim() - 1
+    index = labels.unsqueeze(-1) if squeeze else labels
+    picked = logits.gather(-1, index) - torch.logsumexp(logits, dim=-1, keepdim=True)
+    return picked.squeeze(-1) if squeeze else picked
+
+
+def sequence_logps(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+    """Summed log-probs of the mask=1 tokens of each sequence (B,), for full-sequence logits.
+
+    Causal shift: logits at position t score token t+1, so the first token is never scored.
+    """
+    _check_shape("labels", labels, logits.shape[:2])
+    _check_shape("mask", mask, logits.shape[:2])
+    per_token = token_logps(logits[:, :-1], labels[:, 1:])
+    return torch.where(mask[:, 1:].bool(), per_token, 0.0).sum(dim=1)
+
+
+def completion_logits(
+    model: Callable[..., Any], prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor
+) -> Tensor:
+    """(B, C, V) logits that predict each completion token behind its (left-padded) prompt.
+
+    Position ids come from the attention mask, as in HF `generate`, so log-probs recomputed here
+    match the sampler's exactly. Only the C logits needed are projected to the vocabulary.
+    """
+    if prompt_ids.dim() != 2 or completion_ids.dim() != 2:
+        raise ValueError("prompt_ids and completion_ids must be (B, P) and (B, C)")
+    _check_shape("prompt_mask", prompt_mask, prompt_ids.shape)
+    _check_shape("completion_mask", completion_mask, completion_ids.shape)
+    if prompt_ids.shape[0] != completion_ids.shape[0]:
+        raise ValueError(f"prompt batch {prompt_ids.shape[0]} != completion batch {completion_ids.shape[0]}")
+    width = completion_ids.shape[1]
+    if width == 0 or prompt_ids.shape[1] == 0:
+        raise ValueError("prompt and completion need at least one token each")
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask.long(), completion_mask.long()], dim=1)
+    position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=width + 1,
+        use_cache=False,
+    ).logits
+    return logits[:, :-1]
+
+
+# --------------------------------------------------------------------------------------------
+# The composed loss
+# --------------------------------------------------------------------------------------------
+
+
+def compose_loss(grpo: Tensor, sdpo: Tensor, dpo: Tensor, *, alpha: float, beta: float) -> Tensor:
+    """total = grpo + alpha * sdpo + beta * dpo, for channels computed elsewhere."""
+    if alpha < 0 or beta < 0:
+        raise ValueError(f"alpha={alpha} and beta={beta} must be >= 0")
+    return grpo + alpha * sdpo + beta * dpo
+
+
+def _pad_columns(tensor: Tensor, width: int) -> Tensor:
+    """Right-pad a (B, T) tensor with zeros to (B, width)."""
+    return F.pad(tensor, (0, width - tensor.shape[1]))
+
+
+def _preference_logps(model: Callable[..., Any], pairs: PreferenceBatch) -> tuple[Tensor, Tensor]:
+    """(chosen, rejected) summed response log-probs, both sides in one forward."""
+    width = max(pairs.chosen_ids.shape[1], pairs.rejected_ids.shape[1])
+    ids, attention, loss_mask = (
+        torch.cat([_pad_columns(chosen, width), _pad_columns(rejected, width)])
+        for chosen, rejected in (
+            (pairs.chosen_ids, pairs.rejected_ids),
+            (pairs.chosen_attention_mask, pairs.rejected_attention_mask),
+            (pairs.chosen_loss_mask, pairs.rejected_loss_mask),
+        )
+    )
+    logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+    logps = sequence_logps(logits, ids, loss_mask)
+    return logps.split(pairs.chosen_ids.shape[0])
+
+
+def composer_total_loss(
+    model: nn.Module,
+    batch: ComposerBatch,
+    *,
+    alpha: float,
+    beta: float,
+    teacher: EMATeacher | Callable[..., Any] | None = None,
+    loss_type: str = "dr_grpo",
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    kl_beta: float = 0.0,
+    max_completion_length: int | None = None,
+    sdpo_jsd_alpha: float = 0.5,
+    sdpo_top_k: int | None = None,
+    dpo_beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> ComposerLossOutput:
+    """grpo + alpha * sdpo + beta * dpo on a causal LM, with the fewest forwards possible.
+
+    One student forward feeds both GRPO and SDPO. The SDPO teacher (`model` itself under
+    no_grad when `teacher` is None, else e.g. an `EMATeacher`) re-scores the student's completion
+    tokens behind the hinted prompt, only for rows with `sdpo_weight` = 1. DPO runs one forward on
+    chosen + rejected together. alpha = 0 skips the teacher forward, beta = 0 (or no pairs) the
+    DPO forward; a skipped channel is a zero tensor and leaves its metrics out.
+    """
+    if alpha < 0 or beta < 0:
+        raise ValueError(f"alpha={alpha} and beta={beta} must be >= 0")
+    policy = batch.policy
+    mask = policy.completion_mask
+
+    student_logits = completion_logits(
+        model, policy.prompt_ids, policy.prompt_mask, policy.completion_ids, policy.completion_mask
+    )
+    logp = token_logps(student_logits, policy.completion_ids)
+    grpo = grpo_loss(
+        logp, policy.old_logps, policy.advantages, mask,
+        loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+        ref_logp=policy.ref_logps, kl_beta=kl_beta, max_completion_length=max_completion_length,
+    )
+    ratio_mean, clip_fraction = _ratio_stats(
+        logp, policy.old_logps, policy.advantages, mask,
+        epsilon_low, epsilon_low if epsilon_high is None else epsilon_high,
+    )
+    zero = grpo.new_zeros(())
+    metrics = {"ratio_mean": ratio_mean, "clip_fraction": clip_fraction}
+
+    sdpo = zero
+    if alpha > 0:
+        sdpo = _sdpo_channel(
+            model if teacher is None else teacher, policy, student_logits, alpha=sdpo_jsd_alpha, top_k=sdpo_top_k
+        )
+    del student_logits  # the graph keeps what backward needs; let the rest go before DPO
+
+    dpo = zero
+    if beta > 0 and batch.preference is not None:
+        pairs = batch.preference
+        chosen_logps, rejected_logps = _preference_logps(model, pairs)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            chosen_logps, rejected_logps, pairs.ref_chosen_logps, pairs.ref_rejected_logps,
+            beta=dpo_beta, label_smoothing=label_smoothing,
+        )
+        dpo = losses.mean()
+        metrics.update(
+            dpo_chosen_reward=chosen_rewards.mean().item(),
+            dpo_rejected_reward=rejected_rewards.mean().item(),
+            dpo_reward_margin=(chosen_rewards - rejected_rewards).mean().item(),
+            dpo_reward_accuracy=(chosen_rewards > rejected_rewards).float().mean().item(),
+        )
+
+    total = compose_loss(grpo, sdpo, dpo, alpha=alpha, beta=beta)
+    metrics.update(loss=total.item(), grpo=grpo.item(), sdpo=sdpo.item(), dpo=dpo.item())
+    return ComposerLossOutput(total=total, grpo=grpo, sdpo=sdpo, dpo=dpo, metrics=metrics)
+
+
+def _sdpo_channel(
+    teacher: Callable[..., Any], policy: PolicyBatch, student_logits: Tensor, *, alpha: float, top_k: int | None
+) -> Tensor:
+    """Teacher re-scores the student's completion under the hinted prompt; rows with weight 0 skip."""
+    if policy.teacher_prompt_ids is None or policy.teacher_prompt_mask is None:
+        raise ValueError("the SDPO channel (alpha > 0) needs PolicyBatch.teacher_prompt_ids and teacher_prompt_mask")
+    batch = policy.completion_ids.shape[0]
+    if policy.teacher_prompt_ids.shape[0] != batch:
+        raise ValueError(f"PolicyBatch.teacher_prompt_ids has {policy.teacher_prompt_ids.shape[0]} rows, expected {batch}")
+    rows = slice(None)
+    if policy.sdpo_weight is not None:
+        _check_shape("PolicyBatch.sdpo_weight", policy.sdpo_weight, (batch,))
+        selected = policy.sdpo_weight.bool().nonzero().flatten()
+        if selected.numel() == 0:
+            return student_logits.new_zeros((), dtype=torch.float32)
+        if selected.numel() < batch:
+            rows = selected
+    completion_ids, completion_mask = policy.completion_ids[rows], policy.completion_mask[rows]
+    with torch.no_grad():
+        teacher_logits = completion_logits(
+            teacher, policy.teacher_prompt_ids[rows], policy.teacher_prompt_mask[rows], completion_ids, completion_mask
+        )
+    return sdpo_loss(student_logits[rows], teacher_logits, completion_mask, alpha=alpha, top_k=top_k)
+
+
+# --------------------------------------------------------------------------------------------
+# Teachers and the DPO replay store
+# --------------------------------------------------------------------------------------------
+
+
+class EMATeacher:
+    """A frozen copy of the student that trails it: teacher <- (1 - rate) teacher + rate student.
+
+    A slowly moving teacher keeps SDPO targets stable while the student changes. Pass the bare
+    model (not a DDP wrapper). Calling the teacher calls the copy; `state_dict` is the copy's, for
+    checkpoints.
+    """
+
+    def __init__(self, model: nn.Module, rate: float = 0.05) -> None:
+        if not 0 < rate <= 1:
+            raise ValueError(f"EMATeacher rate={rate} must lie in (0, 1]")
+        self.student = model
+        self.rate = rate
+        self.module = copy.deepcopy(model).requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def update(self) -> None:
+        student_params = dict(self.student.named_parameters())
+        for name, param in self.module.named_parameters():
+            param.lerp_(student_params[name].detach(), self.rate)
+        student_buffers = dict(self.student.named_buffers())
+        for name, buffer in self.module.named_buffers():
+            buffer.copy_(student_buffers[name])
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        self.module.load_state_dict(state_dict)
+
+
+@dataclass
+class _StoredPair:
+    chosen_ids: Tensor
+    chosen_loss_mask: Tensor
+    rejected_ids: Tensor
+    rejected_loss_mask: Tensor
+    ref_chosen_logp: float | None = None
+    ref_rejected_logp: float | None = None
+
+    def same_tokens(self, other: _StoredPair) -> bool:
+        return all(
+            torch.equal(a, b)
+            for a, b in (
+                (self.chosen_ids, other.chosen_ids),
+                (self.chosen_loss_mask, other.chosen_loss_mask),
+                (self.rejected_ids, other.rejected_ids),
+                (self.rejected_loss_mask, other.rejected_loss_mask),
+            )
+        )
+
+
+def _as_sequence(name: str, pair_id: str, values: Any) -> Tensor:
+    tensor = torch.as_tensor(values, dtype=torch.long).detach().cpu()
+    if tensor.dim() != 1 or tensor.numel() == 0:
+        raise ValueError(f"pair {pair_id!r}: {name} must be a non-empty 1-D sequence, got shape {tuple(tensor.shape)}")
+    return tensor
+
+
+def _pad_right(sequences: Sequence[Tensor], value: int) -> tuple[Tensor, Tensor]:
+    """Stack 1-D tensors into (B, max_len) right-padded with `value`, plus the 0/1 attention mask."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), value, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = seq
+        attention[row, : len(seq)] = 1
+    return ids, attention
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval (no dropout) for the duration, then the caller's mode back: the reference may be shared."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class TeacherReplayBuffer:
+    """DPO pairs with reference log-probs scored once by a frozen reference model, keyed by pair id.
+
+    Scoring is batched (`batch_size` pairs per reference forward) and lazy: pending pairs are
+    scored when a batch fills up or when `sample` needs them. Re-adding an id never rescores.
+    `reference_forward_passes` counts reference forwards, so callers can check the cost.
+    """
+
+    def __init__(self, reference_model: nn.Module, *, pad_token_id: int, device: str | torch.device = "cpu",
+                 batch_size: int = 8) -> None:
+        if batch_size < 1:
+            raise ValueError(f"TeacherReplayBuffer batch_size={batch_size} must be >= 1")
+        self.reference_model = reference_model
+        self.pad_token_id = pad_token_id
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.reference_forward_passes = 0
+        self._pairs: dict[str, _StoredPair] = {}
+        self._pending: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def add(self, pair_id: str, chosen_ids: Any, chosen_loss_mask: Any, rejected_ids: Any,
+            rejected_loss_mask: Any) -> None:
+        """Store one pair of full sequences (1-D); loss masks mark each sequence's response tokens."""
+        pair = _StoredPair(
+            _as_sequence("chosen_ids", pair_id, chosen_ids),
+            _as_sequence("chosen_loss_mask", pair_id, chosen_loss_mask),
+            _as_sequence("rejected_ids", pair_id, rejected_ids),
+            _as_sequence("rejected_loss_mask", pair_id, rejected_loss_mask),
+        )
+        for side, ids, loss_mask in (
+            ("chosen", pair.chosen_ids, pair.chosen_loss_mask),
+            ("rejected", pair.rejected_ids, pair.rejected_loss_mask),
+        ):
+            if ids.shape != loss_mask.shape:
+                raise ValueError(f"pair {pair_id!r}: {side}_ids has {len(ids)} tokens but {side}_loss_mask {len(loss_mask)}")
+            if not ((loss_mask == 0) | (loss_mask == 1)).all():
+                raise ValueError(f"pair {pair_id!r}: {side}_loss_mask must be 0/1")
+            if loss_mask[0] or not loss_mask.any():
+                raise ValueError(
+                    f"pair {pair_id!r}: {side}_loss_mask must mark at least one response token and not the "
+                    "first token (a causal LM cannot score it)"
+                )
+        known = self._pairs.get(pair_id)
+        if known is not None:
+            if not known.same_tokens(pair):
+                raise ValueError(f"pair {pair_id!r} was already added with different tokens; pair ids must be stable")
+            return
+        self._pairs[pair_id] = pair
+        self._pending.append(pair_id)
+        if len(self._pending) >= self.batch_size:
+            self._score_pending()
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> PreferenceBatch:
+        """n distinct pairs, uniformly at random, padded into a `PreferenceBatch` on `device`."""
+        if not 1 <= n <= len(self):
+            raise ValueError(f"cannot sample {n} pairs from a TeacherReplayBuffer holding {len(self)}")
+        self._score_pending()
+        ids = list(self._pairs)
+        pairs = [self._pairs[ids[i]] for i in torch.randperm(len(ids), generator=generator)[:n].tolist()]
+        chosen_ids, chosen_attention = _pad_right([p.chosen_ids for p in pairs], self.pad_token_id)
+        rejected_ids, rejected_attention = _pad_right([p.rejected_ids for p in pairs], self.pad_token_id)
+        chosen_loss, _ = _pad_right([p.chosen_loss_mask for p in pairs], 0)
+        rejected_loss, _ = _pad_right([p.rejected_loss_mask for p in pairs], 0)
+        tensors = dict(
+            chosen_ids=chosen_ids, chosen_attention_mask=chosen_attention, chosen_loss_mask=chosen_loss,
+            rejected_ids=rejected_ids, rejected_attention_mask=rejected_attention, rejected_loss_mask=rejected_loss,
+            ref_chosen_logps=torch.tensor([p.ref_chosen_logp for p in pairs]),
+            ref_rejected_logps=torch.tensor([p.ref_rejected_logp for p in pairs]),
+        )
+        return PreferenceBatch(**{name: tensor.to(self.device) for name, tensor in tensors.items()})
+
+    @torch.no_grad()
+    def _score_pending(self) -> None:
+        model_device = next(self.reference_model.parameters()).device
+        with _eval_mode(self.reference_model):
+            while self._pending:
+                chunk = [self._pairs[pair_id] for pair_id in self._pending[: self.batch_size]]
+                sequences = [p.chosen_ids for p in chunk] + [p.rejected_ids for p in chunk]
+                ids, attention = _pad_right(sequences, self.pad_token_id)
+                loss_mask, _ = _pad_right([p.chosen_loss_mask for p in chunk] + [p.rejected_loss_mask for p in chunk], 0)
+                ids, attention = ids.to(model_device), attention.to(model_device)
+                logits = self.reference_model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+                self.reference_forward_passes += 1
+                logps = sequence_logps(logits, ids, loss_mask.to(model_device)).float().cpu().tolist()
+                for pair, chosen, rejected in zip(chunk, logps[: len(chunk)], logps[len(chunk):]):
+                    pair.ref_chosen_logp, pair.ref_rejected_logp = chosen, rejected
+                del self._pending[: len(chunk)]
