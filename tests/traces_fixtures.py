@@ -1,0 +1,98 @@
+"""Helpers for the trace tests: where the real samples live, and writers for synthetic logs.
+
+The real samples are read in place from `<repo>/../shared/data/traces` (never copied into the
+repository). Synthetic logs are written to `tmp_path` by the tests that need them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TRACES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "traces"
+requires_samples = pytest.mark.skipif(
+    not TRACES_DIR.is_dir(), reason=f"the real trace samples are not at {TRACES_DIR}"
+)
+
+
+PREVIOUS = object()  # parent marker: link to the entry written just before
+
+
+class ClaudeLog:
+    """Claude Code entries in the real shape; each links to the previous one unless told otherwise."""
+
+    def __init__(self, session_id: str = "sess-1") -> None:
+        self.session_id = session_id
+        self.entries: list[dict[str, Any]] = []
+        self._clock = 0
+
+    def _entry(self, kind: str, uuid: str, parent: Any, extra: dict[str, Any]) -> dict[str, Any]:
+        if parent is PREVIOUS:
+            parent = self.entries[-1]["uuid"] if self.entries else None
+        self._clock += 1
+        entry = {
+            "parentUuid": parent, "isSidechain": False, "userType": "external", "cwd": "/repo",
+            "sessionId": self.session_id, "version": "2.0.46", "gitBranch": "main", "type": kind,
+            "uuid": uuid, "timestamp": f"2025-11-19T10:{self._clock // 60:02d}:{self._clock % 60:02d}.000Z",
+        }
+        entry.update(extra)
+        self.entries.append(entry)
+        return entry
+
+    def user(self, uuid: str, text: str, *, parent: Any = PREVIOUS, **extra: Any) -> dict[str, Any]:
+        content = [{"type": "text", "text": text}]
+        return self._entry("user", uuid, parent,
+                           {"message": {"role": "user", "content": content}, **extra})
+
+    def assistant(self, uuid: str, text: str | None = None, *, tool_uses: tuple = (), message_id: str | None = None,
+                  parent: Any = PREVIOUS, **extra: Any) -> dict[str, Any]:
+        content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text is not None else []
+        content += [{"type": "tool_use", "id": tid, "name": name, "input": args} for tid, name, args in tool_uses]
+        message = {"id": message_id or f"msg_{uuid}", "type": "message", "role": "assistant",
+                   "model": "claude-sonnet-4-5-20250929", "content": content, "stop_reason": "end_turn",
+                   "usage": {"input_tokens": 3, "output_tokens": 5}}
+        return self._entry("assistant", uuid, parent,
+                           {"message": message, "requestId": f"req_{uuid}", **extra})
+
+    def tool_result(self, uuid: str, tool_use_id: str, content: Any, *, is_error: bool = False,
+                    parent: Any = PREVIOUS, **extra: Any) -> dict[str, Any]:
+        block = {"type": "tool_result", "tool_use_id": tool_use_id, "content": content, "is_error": is_error}
+        return self._entry("user", uuid, parent,
+                           {"message": {"role": "user", "content": [block]}, **extra})
+
+    def raw(self, entry: dict[str, Any]) -> dict[str, Any]:
+        self.entries.append(entry)
+        return entry
+
+    def lines(self) -> list[bytes]:
+        return [json.dumps(e).encode() for e in self.entries]
+
+    def write(self, path: Path, lines: list[bytes] | None = None) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"".join(line + b"\n" for line in (self.lines() if lines is None else lines)))
+        return path
+
+
+def basic_session(session_id: str = "sess-1") -> ClaudeLog:
+    """user -> assistant (Bash call) -> tool result -> assistant: 4 lines, 4 messages, 1 tool call."""
+    log = ClaudeLog(session_id)
+    log.user("u1", "Run the tests")
+    log.assistant("a1", "Running them.", tool_uses=(("toolu_1", "Bash", {"command": "pytest -q"}),))
+    log.tool_result("r1", "toolu_1", "3 passed")
+    log.assistant("a2", "All 3 tests pass.")
+    return log
+
+
+def write_json(path: Path, value: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=1))
+    return path
+
+
+def write_jsonl(path: Path, records: list[Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
