@@ -96,3 +96,36 @@ def write_jsonl(path: Path, records: list[Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def forked_session(tmp_path, *, refuse: bool = False, interrupt: bool = False, retry_rejected: bool = False):
+    """Hi/Hello, then "Rename foo to bar" asked twice from the same point (a rewind).
+
+    First answer: an Edit call (refused and/or interrupted, as asked). Second answer, 10 minutes
+    later: a Bash call that succeeds, then "Done." (also refused when `retry_rejected`).
+    """
+    log = ClaudeLog()
+    log.user("u0", "Hi")
+    log.assistant("a0", "Hello")
+    log.user("u1", "Rename foo to bar")
+    log.assistant("a1", "Editing.", tool_uses=(("t1", "Edit", {"old": "foo", "new": "bar"}),))
+    refusal = "The user doesn't want to proceed with this tool use. The tool use was rejected (eg. ...)."
+    log.tool_result("r1", "t1", refusal if refuse else "ok", is_error=refuse)
+    if interrupt:
+        log.user("i1", "[Request interrupted by user for tool use]")
+    log._clock += 600
+    log.user("u1b", "Rename foo to bar", parent="a0")
+    log.assistant("a1b", "Using sed.", tool_uses=(("t2", "Bash", {"command": "sed -i s/foo/bar/ x.py"}),))
+    log.tool_result("r2", "t2", refusal if retry_rejected else "", is_error=retry_rejected)
+    log.assistant("a2b", "Done.")
+    return log.write(tmp_path / "fork.jsonl")
+
+
+def openai_attempt(task, answer, resolved, *, system="You fix bugs."):
+    return {"instance_id": task, "resolved": resolved, "messages": [
+        {"role": "system", "content": system},
+        {"role": "user", "content": f"Fix {task}"},
+        {"role": "assistant", "content": answer,
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "apply", "arguments": '{"patch": 1}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "applied"},
+        {"role": "assistant", "content": "Submitted."}]}

@@ -189,7 +189,8 @@ def load_json_document(path: Path, ctx: FileContext) -> Any | None:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
-        reason = "truncated_line" if error.pos >= len(text.rstrip()) else "invalid_json"
+        cut_short = error.pos >= len(text.rstrip()) or error.msg.startswith("Unterminated string")
+        reason = "truncated_line" if cut_short else "invalid_json"
         ctx.problem(reason, error.msg, line=error.lineno)
         return None
     if _SURROGATE_ESCAPE.search(text):

@@ -1,0 +1,173 @@
+"""mine_pairs on logs whose right answer is known by construction."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.traces_fixtures import (
+    TRACES_DIR,
+    ClaudeLog,
+    forked_session,
+    openai_attempt,
+    requires_samples,
+    write_json,
+    write_jsonl,
+)
+from trainer.traces import Message, ToolCall, TraceExample, TraceIngester, mine_pairs
+
+
+def pairs_from(path, **kwargs):
+    miner = mine_pairs(TraceIngester(strict=True).ingest(path), **kwargs)
+    return list(miner), miner
+
+
+def test_refused_branch_is_rejected(tmp_path):
+    pairs, miner = pairs_from(forked_session(tmp_path, refuse=True, interrupt=True))
+    (pair,) = pairs
+    assert [m.content for m in pair.prompt] == ["Hi", "Hello", "Rename foo to bar"]
+    assert [(m.role, m.content) for m in pair.chosen] == [("assistant", "Using sed."), ("tool", ""),
+                                                          ("assistant", "Done.")]
+    assert [m.role for m in pair.rejected] == ["assistant", "tool"]  # up to the interruption
+    assert pair.rejected[0].tool_calls[0].name == "Edit"
+    assert (pair.source, pair.reason) == ("fork", "tool call refused by the user")
+    assert pair.chosen_example_id == "claude_code:sess-1:a2b"
+    assert pair.rejected_example_id == "claude_code:sess-1:i1"
+    assert miner.skipped == {}
+
+
+def test_interrupted_branch_is_rejected(tmp_path):
+    (pair,), _ = pairs_from(forked_session(tmp_path, interrupt=True))
+    assert pair.reason == "interrupted by the user"
+    assert [m.role for m in pair.rejected] == ["assistant", "tool"]
+    assert pair.chosen[0].content == "Using sed."
+
+
+def test_plain_rewind_rejects_the_older_branch(tmp_path):
+    (pair,), _ = pairs_from(forked_session(tmp_path))
+    assert pair.reason == "rewound by the user and answered again"
+    assert (pair.chosen[0].content, pair.rejected[0].content) == ("Using sed.", "Editing.")
+
+
+def test_both_branches_rejected_gives_no_pair(tmp_path):
+    pairs, miner = pairs_from(forked_session(tmp_path, refuse=True, retry_rejected=True))
+    assert pairs == [] and miner.skipped == {"fork_without_verdict": 1}
+
+
+def test_fork_deeper_in_a_branch_is_mined_once(tmp_path):
+    # The retried branch forks again further down: two leaves share the same first divergence.
+    path = forked_session(tmp_path, interrupt=True)
+    log = ClaudeLog()
+    for line in path.read_text().splitlines():
+        log.raw(json.loads(line))
+    log.user("u3", "Now add a test", parent="a2b")
+    log.assistant("a3", "Added.")
+    log.user("u3b", "Now add two tests", parent="a2b")
+    log.assistant("a3b", "Added both.")
+    pairs, miner = pairs_from(log.write(tmp_path / "deeper.jsonl"))
+    assert [p.reason for p in pairs] == ["interrupted by the user"]
+    assert miner.skipped == {"fork_at_user_turn": 1}  # "add a test" vs "add two tests": different prompts
+
+
+def test_outcome_pairs_resolved_against_unresolved(tmp_path):
+    path = write_jsonl(tmp_path / "attempts.jsonl", [
+        openai_attempt("A", "good patch", True),
+        openai_attempt("B", "only attempt", True),
+        openai_attempt("A", "bad patch", False),
+        openai_attempt("A", "other good patch", True),
+        openai_attempt("C", "x", True),
+        openai_attempt("C", "y", False, system="A different system prompt."),
+    ])
+    pairs, miner = pairs_from(path)
+    assert [(p.chosen[0].content, p.rejected[0].content) for p in pairs] == [
+        ("good patch", "bad patch"), ("other good patch", "bad patch")]
+    for pair in pairs:
+        assert [m.role for m in pair.prompt] == ["system", "user"] and pair.prompt[1].content == "Fix A"
+        assert [m.role for m in pair.chosen] == ["assistant", "tool", "assistant"]  # the whole attempt
+        assert (pair.source, pair.reason) == ("outcome", "resolved vs unresolved on A")
+    assert miner.skipped == {"outcome_prompt_mismatch": 1}
+    capped, miner = pairs_from(path, max_pairs_per_task=1)
+    assert len(capped) == 1 and miner.skipped == {"outcome_prompt_mismatch": 1, "over_max_pairs_per_task": 1}
+
+
+def test_outcome_pairs_from_swe_agent_runs(tmp_path):
+    for name, resolved, action in (("run1", True, "edit 1:1\nfixed\nend_of_edit"), ("run2", False, "rm -rf src")):
+        write_json(tmp_path / name / "django__django-1.traj", {
+            "history": [{"role": "system", "content": "SETTING"}, {"role": "user", "content": "ISSUE: bug"},
+                        {"role": "assistant", "content": action}],
+            "info": {"exit_status": "submitted", "submission": "diff", "resolved": resolved},
+            "replay_config": {"problem_statement": {"id": "django__django-1"}}})
+    (pair,), _ = pairs_from(tmp_path)
+    assert pair.chosen[0].content.startswith("edit 1:1") and pair.rejected[0].content == "rm -rf src"
+    assert pair.reason == "resolved vs unresolved on django__django-1"
+
+
+def test_pair_ids_are_stable_content_hashes(tmp_path):
+    path = forked_session(tmp_path, interrupt=True)
+    first, _ = pairs_from(path)
+    again, _ = pairs_from(path)
+    assert [p.id for p in first] == [p.id for p in again]
+    other, _ = pairs_from(forked_session(tmp_path, refuse=True))
+    assert first[0].id != other[0].id and first[0].id.startswith("pair-")
+
+
+def test_fork_pairs_stream_before_later_sessions_are_read(tmp_path):
+    path = forked_session(tmp_path, interrupt=True)
+    consumed = []
+
+    def examples():
+        for example in TraceIngester().ingest(path):
+            consumed.append(example.id)
+            yield example
+        consumed.append("later")
+        yield TraceExample("later", "openai", "another-session", [Message("user", "hi")])
+        consumed.append("end of stream")
+
+    miner = mine_pairs(examples())
+    next(miner)
+    # The fork pair comes out once the next session starts, not at the end of the stream.
+    assert consumed == ["claude_code:sess-1:i1", "claude_code:sess-1:a2b", "later"]
+    assert list(miner) == [] and consumed[-1] == "end of stream"
+
+
+def example_with(messages):
+    return TraceExample("ex", "openai", "s", messages)
+
+
+def call(call_id, name):
+    return Message("assistant", tool_calls=[ToolCall(call_id, name, {})])
+
+
+def test_rewards_from_unpaired_signals():
+    fixed = example_with([call("1", "pytest"), Message("tool", "2 failed", tool_call_id="1", is_error=True),
+                          call("2", "pytest"), Message("tool", "all passed", tool_call_id="2")])
+    refused = example_with([call("1", "rm"), Message("tool", "no", tool_call_id="1", is_error=True, kind="refusal"),
+                            Message("user", "[Request interrupted by user]", kind="interruption")])
+    mixed = example_with([call("1", "pytest"), Message("tool", "failed", tool_call_id="1", is_error=True),
+                          call("2", "lint"), Message("tool", "failed", tool_call_id="2", is_error=True),
+                          call("3", "pytest"), Message("tool", "passed", tool_call_id="3")])
+    quiet = example_with([Message("user", "hi"), Message("assistant", "hello")])
+    for example, name in ((fixed, "fixed"), (refused, "refused"), (mixed, "mixed"), (quiet, "quiet")):
+        example.id = name
+    miner = mine_pairs([fixed, refused, mixed, quiet])
+    assert list(miner) == []
+    assert {k: (r.reward, r.signals) for k, r in miner.rewards.items()} == {
+        "fixed": (1.0, {"errors_fixed": 1}),
+        "refused": (-1.0, {"refusals": 1, "interruptions": 1}),
+        "mixed": (0.0, {"errors_fixed": 1, "errors_unfixed": 1}),
+    }
+
+
+@requires_samples
+def test_real_samples_hold_no_pairs():
+    # No file says whether its patch resolved the task, and the only fork (the DAG sample) forks
+    # at a user turn ("First attempt" vs "Second attempt"), so the prompts differ.
+    miner = mine_pairs(TraceIngester().ingest(TRACES_DIR))
+    assert list(miner) == [] and miner.skipped == {"fork_at_user_turn": 1}
+    assert miner.rewards == {}
+
+
+def test_max_pairs_per_task_is_validated():
+    with pytest.raises(ValueError, match="max_pairs_per_task=0"):
+        mine_pairs([], max_pairs_per_task=0)

@@ -1,0 +1,133 @@
+"""Rendering through a real chat template, and the DPO channel filled from ingested traces end to end."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.traces_fixtures import forked_session, openai_attempt, write_jsonl
+from trainer.losses import TeacherReplayBuffer, dpo_loss, sequence_logps
+from trainer.model import tiny_model_and_tokenizer
+from trainer.traces import (
+    Message,
+    PreferencePair,
+    ToolCall,
+    TraceExample,
+    TraceIngester,
+    mine_pairs,
+    render,
+    render_pair,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_model_and_tokenizer(cache_dir=tmp_path_factory.mktemp("tokenizer"))
+
+
+def conversation():
+    return [
+        Message("system", "You fix bugs."),
+        Message("user", "List the files"),
+        Message("assistant", "Looking.", tool_calls=[ToolCall("c1", "bash", {"command": "ls -la"})]),
+        Message("tool", "a.py\nb.py", tool_call_id="c1"),
+        Message("assistant", "Two files."),
+    ]
+
+
+def test_render_uses_the_chat_template_with_hf_tool_calls(tiny):
+    _, tokenizer = tiny
+    ids = render(TraceExample("x", "openai", "s", conversation()), tokenizer)
+    assert tokenizer.decode(ids) == (
+        "<|im_start|>system\nYou fix bugs.<|im_end|>\n"
+        "<|im_start|>user\nList the files<|im_end|>\n"
+        "<|im_start|>assistant\nLooking.\n"
+        '<tool_call>{"name": "bash", "arguments": {"command": "ls -la"}}</tool_call><|im_end|>\n'
+        "<|im_start|>tool\na.py\nb.py<|im_end|>\n"
+        "<|im_start|>assistant\nTwo files.<|im_end|>\n"
+    )
+    assert ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 5  # specials are single tokens
+
+
+def make_pair(chosen_text="Two files.", rejected_text="I refuse to look."):
+    messages = conversation()
+    return PreferencePair(
+        id="pair-test", prompt=messages[:2],
+        chosen=[messages[2], messages[3], Message("assistant", chosen_text)],
+        rejected=[Message("assistant", rejected_text)],
+        source="fork", reason="test", chosen_example_id="a", rejected_example_id="b")
+
+
+def test_render_pair_masks_exactly_the_responses(tiny):
+    _, tokenizer = tiny
+    pair = make_pair()
+    tokens = render_pair(pair, tokenizer)
+    prompt_text = "<|im_start|>system\nYou fix bugs.<|im_end|>\n<|im_start|>user\nList the files<|im_end|>\n" \
+                  "<|im_start|>assistant\n"
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    n = len(prompt_ids)
+    assert tokens.pair_id == "pair-test"
+    assert tokens.chosen_ids[:n] == tokens.rejected_ids[:n] == prompt_ids
+    assert tokens.chosen_loss_mask == [0] * n + [1] * (len(tokens.chosen_ids) - n)
+    assert tokens.rejected_loss_mask == [0] * n + [1] * (len(tokens.rejected_ids) - n)
+    assert tokenizer.decode(tokens.rejected_ids[n:]) == "I refuse to look.<|im_end|>\n"
+    assert tokenizer.decode(tokens.chosen_ids[n:]).endswith("<|im_start|>assistant\nTwo files.<|im_end|>\n")
+
+
+def test_render_pair_truncates_the_prompt_first(tiny):
+    _, tokenizer = tiny
+    full = render_pair(make_pair(), tokenizer)
+    n = full.chosen_loss_mask.index(1)
+    chosen_len, rejected_len = len(full.chosen_ids) - n, len(full.rejected_ids) - n
+    # Long responses: the prompt keeps its last half of the budget, the responses get the rest.
+    budget = 40
+    assert n > budget // 2 and chosen_len > budget and rejected_len < budget // 2
+    cut = render_pair(make_pair(), tokenizer, max_length=budget)
+    keep = budget // 2
+    assert cut.chosen_ids == full.chosen_ids[n - keep: n] + full.chosen_ids[n: n + keep]
+    assert cut.rejected_ids == full.rejected_ids[n - keep:]
+    assert cut.chosen_loss_mask == [0] * keep + [1] * keep
+    # Room for the whole prompt: only the chosen response is cut.
+    budget = n + chosen_len - 4
+    cut = render_pair(make_pair(), tokenizer, max_length=budget)
+    assert cut.chosen_ids == full.chosen_ids[:-4] and cut.rejected_ids == full.rejected_ids
+    with pytest.raises(ValueError, match="max_length=1"):
+        render_pair(make_pair(), tokenizer, max_length=1)
+
+
+def test_replay_buffer_filled_from_ingested_traces(tiny, tmp_path):
+    """Acceptance 5: ingest -> mine -> render -> reference log-probs cached once -> finite DPO loss."""
+    reference, tokenizer = tiny
+    forked_session(tmp_path / "claude", interrupt=True)
+    write_jsonl(tmp_path / "attempts" / "runs.jsonl", [
+        openai_attempt("A", "good patch", True), openai_attempt("A", "bad patch", False),
+        openai_attempt("A", "another good patch", True)])
+    pairs = list(mine_pairs(TraceIngester(strict=True).ingest(tmp_path)))
+    assert [p.source for p in pairs] == ["fork", "outcome", "outcome"]
+
+    buffer = TeacherReplayBuffer(reference, pad_token_id=tokenizer.pad_token_id, batch_size=2)
+    tokenized = [render_pair(p, tokenizer, max_length=256) for p in pairs]
+    for t in tokenized:
+        buffer.add(t.pair_id, t.chosen_ids, t.chosen_loss_mask, t.rejected_ids, t.rejected_loss_mask)
+    for t in tokenized:  # the same traces mined again: same ids, nothing rescored
+        buffer.add(t.pair_id, t.chosen_ids, t.chosen_loss_mask, t.rejected_ids, t.rejected_loss_mask)
+    batch = buffer.sample(3, generator=torch.Generator().manual_seed(0))
+    assert len(buffer) == 3 and buffer.reference_forward_passes == 2  # ceil(3 pairs / batch of 2)
+    buffer.sample(3)
+    assert buffer.reference_forward_passes == 2  # cached: sampling again costs no reference forward
+
+    def policy_logps(model):
+        with torch.no_grad():
+            chosen = model(input_ids=batch.chosen_ids, attention_mask=batch.chosen_attention_mask).logits
+            rejected = model(input_ids=batch.rejected_ids, attention_mask=batch.rejected_attention_mask).logits
+        return (sequence_logps(chosen, batch.chosen_ids, batch.chosen_loss_mask),
+                sequence_logps(rejected, batch.rejected_ids, batch.rejected_loss_mask))
+
+    # Policy == reference: every log-ratio is 0, so each loss is exactly -log sigmoid(0) = log 2.
+    losses, _, _ = dpo_loss(*policy_logps(reference), batch.ref_chosen_logps, batch.ref_rejected_logps)
+    assert torch.allclose(losses, torch.full((3,), math.log(2.0)), atol=1e-5)
+    policy, _ = tiny_model_and_tokenizer(seed=1, cache_dir=tmp_path / "tokenizer")
+    losses, _, _ = dpo_loss(*policy_logps(policy), batch.ref_chosen_logps, batch.ref_rejected_logps)
+    assert torch.isfinite(losses).all() and not torch.allclose(losses, torch.full((3,), math.log(2.0)), atol=1e-3)
