@@ -56,7 +56,7 @@ def mine_pairs(examples: Iterable[TraceExample], *, max_pairs_per_task: int = 16
 
 
 class PairMiner:
-    """The iterator `mine_pairs` returns; also collects rewards and the reasons pairs were not made."""
+    """The iterator `mine_pairs` returns; also counts pairs by source, rewards and why pairs were not made."""
 
     def __init__(self, examples: Iterable[TraceExample], *, max_pairs_per_task: int) -> None:
         if max_pairs_per_task < 1:
@@ -64,13 +64,16 @@ class PairMiner:
         self.max_pairs_per_task = max_pairs_per_task
         self.rewards: dict[str, ExampleReward] = {}
         self.skipped: Counter[str] = Counter()
+        self.by_source: Counter[str] = Counter()
         self._pairs = self._mine(examples)
 
     def __iter__(self) -> PairMiner:
         return self
 
     def __next__(self) -> PreferencePair:
-        return next(self._pairs)
+        pair = next(self._pairs)
+        self.by_source[pair.source] += 1
+        return pair
 
     def _mine(self, examples: Iterable[TraceExample]) -> Iterator[PreferencePair]:
         attempts: dict[str, list[TraceExample]] = {}
