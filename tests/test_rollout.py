@@ -1,0 +1,108 @@
+"""Rollouts on a real tiny model: layout, masks, rewards, teacher context and sibling pairs."""
+
+import random
+
+import pytest
+import torch
+
+from trainer.losses import TeacherReplayBuffer, composer_total_loss
+from trainer.model import tiny_model_and_tokenizer
+from trainer.rollout import chat_prompt_ids, pad, rollout
+from trainer.tasks import AdditionTasks, Task
+
+G = 4
+
+
+@pytest.fixture(scope="module")
+def policy():
+    tasks = AdditionTasks(9)
+    model, tokenizer = tiny_model_and_tokenizer(tasks.corpus(), vocab_size=400, hidden_size=32, num_layers=1,
+                                                num_heads=2)
+    return model, tokenizer, tasks
+
+
+def run(policy, tasks, **overrides):
+    model, tokenizer, _ = policy
+    kwargs = dict(group_size=G, max_prompt_length=64, max_completion_length=3, temperature=1.0, hint_level=2,
+                  sibling_hints=True, with_teacher=True, replay=None, mine_sibling_pairs=False,
+                  pairs_per_step=4, pair_id_prefix="t", rng=random.Random(0))
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    return rollout(model, tokenizer, tasks, **kwargs)
+
+
+def test_pad_left_and_right():
+    ids, mask = pad([[1, 2, 3], [4]], 0, left=True)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad([[1, 2, 3], [4]], 0, left=False)
+    assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_prompt_longer_than_limit_is_an_error(policy):
+    with pytest.raises(ValueError, match="rollout.max_prompt_length=3"):
+        chat_prompt_ids(policy[1], ["What is 1+2?"], max_length=3)
+
+
+def test_batch_layout_masks_and_advantages(policy):
+    model, tokenizer, tasks = policy
+    prompts = [tasks.sample(random.Random(i)) for i in range(3)]
+    batch, stats = run(policy, prompts)
+    p = batch.policy
+    assert p.prompt_ids.shape[0] == p.completion_ids.shape[0] == 3 * G
+    assert p.completion_ids.shape[1] <= 3
+    # prompts are left-padded: the last column is always a real token
+    assert bool(p.prompt_mask[:, -1].all())
+    # completions: mask covers the tokens up to and including the first EOS, nothing after
+    for ids, mask in zip(p.completion_ids.tolist(), p.completion_mask.tolist()):
+        valid = sum(mask)
+        assert mask == [1] * valid + [0] * (len(mask) - valid)
+        assert tokenizer.eos_token_id not in ids[: valid - 1]
+        assert all(t == tokenizer.pad_token_id for t in ids[valid:])
+    # Dr.GRPO advantages: reward minus its group's mean, so each group sums to zero
+    assert torch.allclose(p.advantages.view(3, G).sum(dim=1), torch.zeros(3), atol=1e-6)
+    assert 0.0 <= stats.reward <= 1.0 and stats.teacher_reward is not None
+    assert stats.completion_tokens == int(p.completion_mask.sum())
+
+
+def test_teacher_reads_the_hint_and_a_correct_sibling(policy):
+    model, tokenizer, _ = policy
+    task = Task("What is 2+2?", "4", ("even", "between", "The answer is 4."))
+    batch, _ = run(policy, [task])
+    teacher_text = tokenizer.batch_decode(batch.policy.teacher_prompt_ids, skip_special_tokens=True)
+    student_text = tokenizer.batch_decode(batch.policy.prompt_ids, skip_special_tokens=True)
+    assert all("Hint:" not in text for text in student_text)
+    completions = tokenizer.batch_decode(batch.policy.completion_ids, skip_special_tokens=True)
+    correct = [task.reward(c) > 0 for c in completions]
+    for row, text in enumerate(teacher_text):
+        others_correct = [j for j in range(G) if j != row and correct[j]]
+        expected = "A correct answer is" if others_correct else "Hint: The answer is 4."
+        assert expected in text, (text, correct)
+
+
+class EvenLengthTask(Task):
+    """A checker a random model passes about half the time, so groups disagree."""
+
+    def reward(self, completion: str) -> float:
+        return float(len(completion) % 2 == 0)
+
+
+def test_sibling_pairs_fill_the_replay_buffer(policy):
+    model, tokenizer, tasks = policy
+    replay = TeacherReplayBuffer(model, pad_token_id=tokenizer.pad_token_id)
+    prompts = [EvenLengthTask(t.question, t.answer, t.hints) for t in
+               (tasks.sample(random.Random(i)) for i in range(16))]
+    batch, stats = run(policy, prompts, replay=replay, mine_sibling_pairs=True, group_size=8)
+    assert stats.new_pairs == len(replay)
+    completions = tokenizer.batch_decode(batch.policy.completion_ids, skip_special_tokens=True)
+    rewards = torch.tensor([prompts[i // 8].reward(c) for i, c in enumerate(completions)]).view(16, 8)
+    mixed_groups = int(((rewards.sum(1) > 0) & (rewards.sum(1) < 8)).sum())
+    assert stats.new_pairs == mixed_groups >= 4
+    pref = batch.preference
+    assert pref.chosen_ids.shape[0] == 4  # pairs_per_step
+    for chosen, rejected, c_mask, r_mask in zip(pref.chosen_ids, pref.rejected_ids, pref.chosen_loss_mask,
+                                                pref.rejected_loss_mask):
+        chosen_text = tokenizer.decode(chosen[c_mask.bool()], skip_special_tokens=True)
+        rejected_text = tokenizer.decode(rejected[r_mask.bool()], skip_special_tokens=True)
+        assert len(chosen_text) % 2 == 0 and len(rejected_text) % 2 == 1
+    out = composer_total_loss(model, batch, alpha=0.5, beta=0.1)
+    assert torch.isfinite(out.total) and out.dpo.item() > 0

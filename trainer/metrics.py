@@ -1,0 +1,91 @@
+"""What people look at: `metrics.jsonl` (one JSON object per line), a per-round table on stdout,
+and `curves.png` drawn from the JSONL at the end of a run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+TABLE_COLUMNS = ("round", "reward", "±σ", "teacher", "grpo", "sdpo", "dpo", "|Δ|", "MB sent", "s")
+
+
+class MetricsLog:
+    """Append-only JSONL; every line is flushed so a killed run keeps what it logged."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file = path.open("a", encoding="utf-8")
+
+    def log(self, event: str, **fields: Any) -> None:
+        self._file.write(json.dumps({"event": event, **fields}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def mean_and_error(values: list[float], samples_per_value: int) -> tuple[float, float]:
+    """Mean of per-step mean rewards and its standard error, from the pooled Bernoulli variance."""
+    mean = sum(values) / len(values)
+    count = len(values) * samples_per_value
+    return mean, math.sqrt(max(mean * (1 - mean), 0.0) / count)
+
+
+def table_header() -> str:
+    return " ".join(f"{c:>8}" for c in TABLE_COLUMNS)
+
+
+def table_row(values: tuple) -> str:
+    cells = []
+    for value in values:
+        if value is None:
+            cells.append(f"{'-':>8}")
+        elif isinstance(value, float):
+            small = value != 0 and abs(value) < 1e-3
+            cells.append(f"{value:>8.1e}" if small else f"{value:>8.4f}" if abs(value) < 100 else f"{value:>8.1f}")
+        else:
+            cells.append(f"{value:>8}")
+    return " ".join(cells)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as file:
+        return [json.loads(line) for line in file if line.strip()]
+
+
+def plot_curves(metrics_path: Path, png_path: Path) -> None:
+    """Reward (student and hinted teacher), the three loss channels and pseudo-gradient norm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    inner = [r for r in records if r["event"] == "inner"]
+    outer = [r for r in records if r["event"] == "outer"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    by_step: dict[int, list[dict]] = {}
+    for r in inner:
+        by_step.setdefault(r["step"], []).append(r)
+    steps = sorted(by_step)
+
+    def mean_of(key: str) -> list[float]:
+        return [sum(r[key] or 0.0 for r in by_step[s]) / len(by_step[s]) for s in steps]
+
+    axes[0].plot(steps, mean_of("reward"), label="student reward")
+    if any(r.get("teacher_reward") is not None for r in inner):
+        axes[0].plot(steps, mean_of("teacher_reward"), label="hinted teacher reward")
+    axes[0].set(xlabel="inner step", title="sampled reward (mean over replicas)")
+    for key in ("grpo", "sdpo", "dpo", "loss"):
+        axes[1].plot(steps, mean_of(key), label=key)
+    axes[1].set(xlabel="inner step", title="loss channels")
+    axes[2].plot([r["outer_step"] for r in outer], [r["pseudo_grad_norm"] for r in outer], marker="o")
+    axes[2].set(xlabel="outer step", title="pseudo-gradient norm")
+    for ax in axes[:2]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)

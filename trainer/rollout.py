@@ -1,0 +1,227 @@
+"""Turn tasks into one training batch: G samples per prompt, rewards, advantages, the hinted
+teacher's context for the same tokens, and DPO pairs.
+
+Layout follows the loss library: prompts LEFT-padded (as `generate` wants them), completions
+RIGHT-padded, so the teacher can re-score exactly the student's completion tokens behind a
+different (hinted) prompt. Generation is the only sampling; everything else is bookkeeping.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from trainer.losses import ComposerBatch, PolicyBatch, TeacherReplayBuffer, group_advantages
+from trainer.tasks import Task, sibling_hint
+
+
+@dataclass
+class RolloutStats:
+    reward: float  # mean checker reward of the student's samples
+    teacher_reward: float | None  # same prompts sampled with the hint in context (None: not measured)
+    solved_groups: float  # fraction of prompts with at least one correct sample
+    completion_tokens: int
+    new_pairs: int
+
+
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, user_messages: list[str], max_length: int) -> list[list[int]]:
+    """Token ids of each message as a one-turn chat that ends where the assistant starts."""
+    rendered = []
+    for text in user_messages:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        if len(ids) > max_length:
+            raise ValueError(
+                f"prompt of {len(ids)} tokens exceeds rollout.max_prompt_length={max_length}: {text[:80]!r}"
+            )
+        rendered.append(list(ids))
+    return rendered
+
+
+def pad(sequences: list[list[int]], pad_id: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack ragged id lists into (ids, 0/1 mask)."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def sample(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One sampled completion per prompt -> (prompt_ids, prompt_mask, completion_ids, completion_mask).
+
+    The completion mask covers the tokens up to and including the first EOS; what `generate`
+    emits after it is padding.
+    """
+    prompt_ids, prompt_mask = pad(prompts, tokenizer.pad_token_id, left=True)
+    was_training = model.training
+    model.eval()
+    out = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model.train(was_training)
+    completion_ids = out[:, prompt_ids.shape[1]:]
+    is_eos = completion_ids == tokenizer.eos_token_id
+    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+    completion_mask = (~after_eos).long()
+    completion_ids = completion_ids.masked_fill(after_eos, tokenizer.pad_token_id)
+    return prompt_ids, prompt_mask, completion_ids, completion_mask
+
+
+def decode_completions(tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    return [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask)]
+
+
+def rollout(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: list[Task],
+    *,
+    group_size: int,
+    max_prompt_length: int,
+    max_completion_length: int,
+    temperature: float,
+    hint_level: int,
+    sibling_hints: bool,
+    with_teacher: bool,
+    replay: TeacherReplayBuffer | None,
+    mine_sibling_pairs: bool,
+    pairs_per_step: int,
+    pair_id_prefix: str,
+    rng: random.Random,
+) -> tuple[ComposerBatch, RolloutStats]:
+    """Sample, score and package one batch; see the module docstring for the layout."""
+    prompts = chat_prompt_ids(tokenizer, [task.prompt() for task in tasks], max_prompt_length)
+    repeated = [ids for ids in prompts for _ in range(group_size)]
+    prompt_ids, prompt_mask, completion_ids, completion_mask = sample(
+        model, tokenizer, repeated, max_new_tokens=max_completion_length, temperature=temperature
+    )
+    texts = decode_completions(tokenizer, completion_ids, completion_mask)
+    rewards = torch.tensor(
+        [tasks[row // group_size].reward(text) for row, text in enumerate(texts)], dtype=torch.float32
+    )
+    correct = rewards.view(len(tasks), group_size) > 0
+
+    policy = PolicyBatch(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        advantages=group_advantages(rewards, group_size),
+    )
+    teacher_reward = None
+    if with_teacher:
+        hints = _teacher_hints(tasks, texts, correct, hint_level=hint_level, use_siblings=sibling_hints)
+        hinted = chat_prompt_ids(
+            tokenizer, [tasks[row // group_size].prompt(hint) for row, hint in enumerate(hints)],
+            max_prompt_length,
+        )
+        policy.teacher_prompt_ids, policy.teacher_prompt_mask = pad(hinted, tokenizer.pad_token_id, left=True)
+        teacher_reward = _teacher_reward(model, tokenizer, tasks, hint_level, max_prompt_length,
+                                         max_completion_length, temperature)
+
+    new_pairs = 0
+    if replay is not None and mine_sibling_pairs:
+        new_pairs = _add_sibling_pairs(replay, prompts, completion_ids, completion_mask, correct,
+                                       group_size=group_size, id_prefix=pair_id_prefix)
+    preference = None
+    if replay is not None and len(replay) > 0:
+        generator = torch.Generator().manual_seed(rng.getrandbits(63))
+        preference = replay.sample(min(pairs_per_step, len(replay)), generator=generator)
+
+    stats = RolloutStats(
+        reward=rewards.mean().item(),
+        teacher_reward=teacher_reward,
+        solved_groups=correct.any(dim=1).float().mean().item(),
+        completion_tokens=int(completion_mask.sum()),
+        new_pairs=new_pairs,
+    )
+    return ComposerBatch(policy=policy, preference=preference), stats
+
+
+def _teacher_hints(
+    tasks: list[Task], texts: list[str], correct: torch.Tensor, *, hint_level: int, use_siblings: bool
+) -> list[str]:
+    """Per row: a correct sibling's answer when one exists (not the row itself), else the task hint."""
+    group_size = correct.shape[1]
+    hints = []
+    for row, text in enumerate(texts):
+        group, member = divmod(row, group_size)
+        siblings = [j for j in range(group_size) if j != member and correct[group, j]]
+        if use_siblings and siblings:
+            hints.append(sibling_hint(texts[group * group_size + siblings[0]]))
+        else:
+            hints.append(tasks[group].hints[hint_level])
+    return hints
+
+
+def _teacher_reward(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: list[Task],
+    hint_level: int,
+    max_prompt_length: int,
+    max_completion_length: int,
+    temperature: float,
+) -> float:
+    """How often the hinted policy (the SDPO teacher) solves the same prompts: one sample each."""
+    hinted = chat_prompt_ids(tokenizer, [task.prompt(task.hints[hint_level]) for task in tasks], max_prompt_length)
+    _, _, ids, mask = sample(model, tokenizer, hinted, max_new_tokens=max_completion_length, temperature=temperature)
+    texts = decode_completions(tokenizer, ids, mask)
+    return sum(task.reward(text) for task, text in zip(tasks, texts)) / len(tasks)
+
+
+def _add_sibling_pairs(
+    replay: TeacherReplayBuffer,
+    prompts: list[list[int]],
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    correct: torch.Tensor,
+    *,
+    group_size: int,
+    id_prefix: str,
+) -> int:
+    """One (correct, incorrect) pair per prompt whose samples disagree."""
+    added = 0
+    for group, prompt in enumerate(prompts):
+        good = correct[group].nonzero().flatten()
+        bad = (~correct[group]).nonzero().flatten()
+        if len(good) == 0 or len(bad) == 0:
+            continue
+        chosen = _response(completion_ids, completion_mask, group * group_size + int(good[0]))
+        rejected = _response(completion_ids, completion_mask, group * group_size + int(bad[0]))
+        replay.add(
+            f"{id_prefix}-{group}",
+            prompt + chosen, [0] * len(prompt) + [1] * len(chosen),
+            prompt + rejected, [0] * len(prompt) + [1] * len(rejected),
+        )
+        added += 1
+    return added
+
+
+def _response(ids: torch.Tensor, mask: torch.Tensor, row: int) -> list[int]:
+    return ids[row][mask[row].bool()].tolist()
