@@ -1,0 +1,587 @@
+"""DiLoCo over torch.distributed: replicas train alone for H inner steps, then exchange one
+pseudo-gradient and take an outer (Nesterov) step on a shared global copy.
+
+Why this shape: replicas on loosely connected machines can afford one exchange every H steps,
+not one per step (DiLoCo, arXiv 2311.08105). Streaming fragments spread that exchange over the H
+steps and overlap it with compute (Streaming DiLoCo, arXiv 2501.18512); blockwise int8/int4
+payloads cut it further (INTELLECT-1, arXiv 2412.01152). Two additions of ours: a replica whose
+pseudo-gradient is non-finite is left out of the average instead of poisoning every replica, and
+compression is carried as raw bytes (all-gather of uint8), so it runs on any backend and can never
+silently become fp32.
+
+Usage (the caller owns the inner loop)::
+
+    diloco = DiLoCo(model, adamw, sync_every=100, group=outer_group, compression="int8")
+    for batch in data:
+        loss(model, batch).backward(); adamw.step(); adamw.zero_grad()
+        if diloco.step():            # True when a (fragment) sync ran at this step
+            log(diloco.outer_step, diloco.last_pseudo_grad_norm, diloco.last_participants)
+
+This module is a library: no config objects, no file I/O, no logging set-up (it only emits
+warnings through ``logging.getLogger(__name__)``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "COMPRESSIONS",
+    "QUANT_BLOCK",
+    "DiLoCo",
+    "decode",
+    "encode",
+    "payload_bytes",
+    "parameters_hash",
+]
+
+logger = logging.getLogger(__name__)
+
+COMPRESSIONS = ("none", "bf16", "int8", "int4")
+# Elements sharing one fp32 absmax scale: 4 scale bytes per 128 values (3 % overhead at int8).
+QUANT_BLOCK = 128
+_LEVELS = {"int8": 127, "int4": 7}  # symmetric code range [-levels, levels]
+_INT4_OFFSET = 8  # int4 codes are stored as unsigned nibbles q + 8 in [1, 15]
+# Which tensor device each collective backend can run on; anything else is refused up front.
+_BACKEND_DEVICE = {"gloo": "cpu", "nccl": "cuda"}
+
+OuterOptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+
+
+def encode(values: torch.Tensor, compression: str) -> torch.Tensor:
+    """Encode a flat fp32 tensor as the uint8 payload that goes on the wire.
+
+    Layouts: ``none`` raw fp32 bytes; ``bf16`` raw bf16 bytes; ``int8``/``int4`` one fp32 absmax
+    scale per ``QUANT_BLOCK`` values followed by the codes (int8: one byte each; int4: two per byte,
+    low nibble first). Codes round to nearest, so each value is off by at most half a step
+    (``absmax / (2 * levels)`` of its block).
+    """
+    _check_compression(compression)
+    flat = values.detach().reshape(-1).to(torch.float32).contiguous()
+    if compression == "none":
+        return flat.view(torch.uint8)
+    if compression == "bf16":
+        return flat.to(torch.bfloat16).view(torch.uint8)
+    levels = _LEVELS[compression]
+    numel = flat.numel()
+    blocks = _pad(flat, _num_blocks(numel) * QUANT_BLOCK).view(-1, QUANT_BLOCK)
+    scales = blocks.abs().amax(dim=1) / levels
+    divisor = torch.where(scales > 0, scales, torch.ones_like(scales))  # all-zero block -> codes 0
+    codes = (
+        torch.round(blocks / divisor[:, None]).clamp_(-levels, levels).to(torch.int8).reshape(-1)
+    )
+    if compression == "int8":
+        packed = codes[:numel].view(torch.uint8)
+    else:
+        nibbles = (codes[: numel + numel % 2] + _INT4_OFFSET).to(torch.uint8).view(-1, 2)
+        packed = nibbles[:, 0] | (nibbles[:, 1] << 4)
+    return torch.cat([scales.view(torch.uint8), packed])
+
+
+def decode(payload: torch.Tensor, compression: str, numel: int) -> torch.Tensor:
+    """Inverse of :func:`encode`: the fp32 values (length ``numel``) a payload stands for."""
+    _check_compression(compression)
+    expected = payload_bytes(numel, compression)
+    if payload.dtype != torch.uint8 or payload.numel() != expected:
+        raise ValueError(
+            f"decode({compression!r}, numel={numel}): expected {expected} uint8 bytes, "
+            f"got {payload.numel()} of {payload.dtype}"
+        )
+    if compression == "none":
+        return payload.view(torch.float32).clone()
+    if compression == "bf16":
+        return payload.view(torch.bfloat16).to(torch.float32)
+    num_blocks = _num_blocks(numel)
+    scales = payload[: 4 * num_blocks].view(torch.float32)
+    packed = payload[4 * num_blocks :]
+    if compression == "int8":
+        codes = packed.view(torch.int8).to(torch.float32)
+    else:
+        low = (packed & 0x0F).to(torch.int16) - _INT4_OFFSET
+        high = (packed >> 4).to(torch.int16) - _INT4_OFFSET
+        codes = torch.stack([low, high], dim=1).reshape(-1)[:numel].to(torch.float32)
+    blocks = _pad(codes, num_blocks * QUANT_BLOCK).view(-1, QUANT_BLOCK)
+    return (blocks * scales[:, None]).reshape(-1)[:numel]
+
+
+def payload_bytes(numel: int, compression: str) -> int:
+    """Bytes :func:`encode` produces for ``numel`` values (what one replica puts on the wire)."""
+    _check_compression(compression)
+    if compression == "none":
+        return 4 * numel
+    if compression == "bf16":
+        return 2 * numel
+    codes = numel if compression == "int8" else (numel + 1) // 2
+    return 4 * _num_blocks(numel) + codes
+
+
+def parameters_hash(module: nn.Module | Iterable[torch.Tensor]) -> str:
+    """SHA-256 hex digest of every parameter's bytes in module order.
+
+    Why: equal digests prove replicas hold bit-identical weights without shipping the weights.
+    Accepts a module (its ``parameters()``) or any iterable of tensors, e.g.
+    ``DiLoCo.global_parameters()``.
+    """
+    tensors = module.parameters() if isinstance(module, nn.Module) else module
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        digest.update(raw.numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class _Exchange:
+    """One fragment's pseudo-gradient exchange, possibly still on the wire."""
+
+    fragment: int
+    finite: bool  # this replica's own pseudo-gradient was finite (and so was sent)
+    work: dist.Work | None  # None: group of one, nothing to wait for
+    buffers: list[torch.Tensor]  # "none": [fp32 sum buffer]; otherwise one payload per replica
+
+
+class DiLoCo:
+    """DiLoCo outer loop over a torch.distributed process group; call :meth:`step` after every
+    inner ``optimizer.step()``.
+
+    Args:
+        model: the replica's module; its trainable parameters (module order) are synced.
+        inner_optimizer: the caller's inner optimizer. DiLoCo only touches it to drop the state of
+            parameters a non-finite replica had to reset (stale NaN moments would re-poison them).
+        sync_every: H, inner steps between two syncs of the same parameters.
+        outer_optimizer: ``None`` for ``SGD(lr=0.7, momentum=0.9, nesterov=True)``, or a factory
+            ``f(params: list[Tensor]) -> torch.optim.Optimizer`` that builds any torch optimizer
+            over the global copy it is given, e.g. ``functools.partial(torch.optim.SGD, lr=1.0)``.
+            An optimizer *instance* is refused: it cannot exist before the global copy does.
+        group: process group of the replicas (rank k of every replica); ``None`` = the default
+            group, or a group of one when torch.distributed is not initialised.
+        fragments: split the parameters into this many contiguous, size-balanced groups in module
+            order; one fragment syncs every ``sync_every // fragments`` steps, round-robin.
+        fragment_delay: tau, start a fragment's exchange tau inner steps before it is applied
+            (asynchronous work handle) so communication overlaps compute.
+        fragment_alpha: after a sync the replica takes ``(1 - alpha) * global + alpha * local``.
+        compression: ``"none"`` (fp32 all-reduce), ``"bf16"``, ``"int8"``, ``"int4"`` (all-gather
+            of byte payloads, decoded and summed in fp32 on every replica).
+        error_feedback: keep each round's quantization residual and add it to the next round's
+            pseudo-gradient (lossy compressions only).
+        backup_device: where the fp32 global copy, outer optimizer state and wire buffers live.
+
+    Attributes read by the worker: ``outer_step`` (syncs so far, one per fragment sync, including
+    a round skipped because every replica was non-finite), ``bytes_sent`` (payload bytes this
+    replica handed to collectives), ``last_pseudo_grad_norm`` (L2 norm of the averaged
+    pseudo-gradient of the last sync; 0.0 if skipped), ``last_participants`` (replicas whose
+    pseudo-gradient entered that average), ``last_fragment`` (index of the last synced fragment).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_optimizer: torch.optim.Optimizer,
+        *,
+        sync_every: int,
+        outer_optimizer: OuterOptimizerFactory | None = None,
+        group: dist.ProcessGroup | None = None,
+        fragments: int = 1,
+        fragment_delay: int = 0,
+        fragment_alpha: float = 0.0,
+        compression: str = "none",
+        error_feedback: bool = False,
+        backup_device: str | torch.device = "cpu",
+    ) -> None:
+        if not isinstance(inner_optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"DiLoCo(inner_optimizer=...): expected a torch.optim.Optimizer, "
+                f"got {type(inner_optimizer).__name__}"
+            )
+        _check_schedule(sync_every, fragments, fragment_delay, fragment_alpha)
+        _check_compression(compression)
+        if error_feedback and compression == "none":
+            raise ValueError(
+                "DiLoCo(error_feedback=True): fp32 (compression='none') has no quantization "
+                "residual to feed back; choose compression 'bf16', 'int8' or 'int4'"
+            )
+        self.model = model
+        self.inner_optimizer = inner_optimizer
+        self.sync_every = sync_every
+        self.fragments = fragments
+        self.fragment_delay = fragment_delay
+        self.fragment_alpha = float(fragment_alpha)
+        self.compression = compression
+        self.error_feedback = error_feedback
+        self.backup_device = torch.device(backup_device)
+        self.group = _resolve_group(group, self.backup_device)
+
+        self._local = [p for p in model.parameters() if p.requires_grad]
+        if not self._local:
+            raise ValueError("DiLoCo(model=...): the model has no trainable parameters to sync")
+        if fragments > len(self._local):
+            raise ValueError(
+                f"DiLoCo(fragments={fragments}): the model has only {len(self._local)} trainable "
+                f"parameter tensors; a fragment needs at least one"
+            )
+        self._fragment_ranges = _split_contiguous([p.numel() for p in self._local], fragments)
+        self._broadcast_initial_parameters()
+        self._global = [
+            nn.Parameter(p.detach().to(self.backup_device, torch.float32, copy=True))
+            for p in self._local
+        ]
+        self.outer_optimizer = _build_outer_optimizer(outer_optimizer, self._global)
+        self._residuals = (
+            [
+                torch.zeros(self._fragment_numel(f), device=self.backup_device)
+                for f in range(fragments)
+            ]
+            if error_feedback
+            else []
+        )
+
+        self._inner_step = 0
+        self._in_flight: _Exchange | None = None
+        self.outer_step = 0
+        self.bytes_sent = 0
+        self.last_pseudo_grad_norm = 0.0
+        self.last_participants = 0
+        self.last_fragment = -1
+
+    # ----------------------------------------------------------------------------- public API
+
+    def global_parameters(self) -> list[torch.Tensor]:
+        """The fp32 global copy (module order, on ``backup_device``) the outer optimizer steps."""
+        return list(self._global)
+
+    def fragment_parameters(self, fragment: int) -> list[torch.Tensor]:
+        """The model's own parameters that fragment ``fragment`` covers, in module order."""
+        return [self._local[i] for i in self._fragment_ranges[fragment]]
+
+    def step(self) -> bool:
+        """Advance one inner step; start and/or apply a fragment sync when one is due.
+
+        Returns True when a sync was applied at this step (after it, the synced fragment of
+        every replica holds the new global values, mixed with its own by ``fragment_alpha``).
+        """
+        self._inner_step += 1
+        interval = self.sync_every // self.fragments
+        if (self._inner_step + self.fragment_delay) % interval == 0:
+            self._start_exchange(self._fragment_due(self._inner_step + self.fragment_delay))
+        if self._inner_step % interval == 0:
+            self._apply(self._fragment_due(self._inner_step))
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        """A snapshot (plain tensors and Python values, ``torch.save``-able) of everything DiLoCo
+        needs to resume bit-exactly: settings, counters, global copy, outer optimizer state and
+        error-feedback residuals. The model and inner optimizer are the caller's to save.
+        """
+        if self._in_flight is not None:
+            raise RuntimeError(
+                f"DiLoCo.state_dict(): fragment {self._in_flight.fragment} is still being "
+                f"exchanged (fragment_delay={self.fragment_delay}); save right after step() "
+                f"returns True, when nothing is in flight"
+            )
+        return {
+            "settings": self._settings(),
+            "inner_step": self._inner_step,
+            "outer_step": self.outer_step,
+            "bytes_sent": self.bytes_sent,
+            "global_parameters": [g.detach().clone() for g in self._global],
+            "outer_optimizer": copy.deepcopy(self.outer_optimizer.state_dict()),
+            "residuals": [r.clone() for r in self._residuals],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; settings and parameter shapes must match."""
+        for key, value in self._settings().items():
+            saved = state["settings"].get(key)
+            if saved != value:
+                raise ValueError(
+                    f"DiLoCo.load_state_dict: settings[{key!r}] is {saved!r} in the checkpoint "
+                    f"but {value!r} here; build DiLoCo with the checkpoint's settings"
+                )
+        saved_globals = state["global_parameters"]
+        shapes = [tuple(g.shape) for g in self._global]
+        saved_shapes = [tuple(t.shape) for t in saved_globals]
+        if saved_shapes != shapes:
+            raise ValueError(
+                f"DiLoCo.load_state_dict: global_parameters shapes {saved_shapes} do not match "
+                f"the model's trainable parameters {shapes}"
+            )
+        if self._in_flight is not None:
+            raise RuntimeError("DiLoCo.load_state_dict(): an exchange is in flight; load first")
+        with torch.no_grad():
+            for target, saved in zip(self._global, saved_globals):
+                target.copy_(saved)
+        self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+        for target, saved in zip(self._residuals, state["residuals"]):
+            target.copy_(saved)
+        self._inner_step = int(state["inner_step"])
+        self.outer_step = int(state["outer_step"])
+        self.bytes_sent = int(state["bytes_sent"])
+
+    # ---------------------------------------------------------------------------- internals
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "sync_every": self.sync_every,
+            "fragments": self.fragments,
+            "fragment_delay": self.fragment_delay,
+            "fragment_alpha": self.fragment_alpha,
+            "compression": self.compression,
+            "error_feedback": self.error_feedback,
+        }
+
+    def _fragment_due(self, inner_step: int) -> int:
+        """Fragment synced at ``inner_step``: 0, 1, ..., F-1, 0, ... every H/F steps."""
+        return (inner_step // (self.sync_every // self.fragments) - 1) % self.fragments
+
+    def _fragment_numel(self, fragment: int) -> int:
+        return sum(self._local[i].numel() for i in self._fragment_ranges[fragment])
+
+    def _world(self) -> int:
+        return 1 if self.group is None else dist.get_world_size(self.group)
+
+    def _broadcast_initial_parameters(self) -> None:
+        """Start every replica from the group's first rank, whatever seed each one used."""
+        if self.group is None or self._world() == 1:
+            return
+        with torch.no_grad():
+            flat = torch.cat(
+                [p.detach().to(self.backup_device, torch.float32).reshape(-1) for p in self._local]
+            )
+            dist.broadcast(flat, src=dist.get_global_rank(self.group, 0), group=self.group)
+            offset = 0
+            for p in self._local:
+                p.copy_(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+
+    def _start_exchange(self, fragment: int) -> None:
+        indices = self._fragment_ranges[fragment]
+        with torch.no_grad():
+            # Sign: global-before minus local-after, so the outer step moves towards the replicas.
+            pseudo = torch.cat(
+                [
+                    (
+                        self._global[i] - self._local[i].to(self.backup_device, torch.float32)
+                    ).reshape(-1)
+                    for i in indices
+                ]
+            )
+        finite = bool(torch.isfinite(pseudo).all())
+        if not finite:
+            logger.warning(
+                "DiLoCo sync %d, fragment %d: this replica's pseudo-gradient is non-finite; it is "
+                "left out of the average and will reset to the global values",
+                self.outer_step + 1,
+                fragment,
+            )
+            pseudo.zero_()
+        elif self.error_feedback:
+            pseudo += self._residuals[fragment]
+
+        if self.compression == "none":  # fp32 sums exactly in an all-reduce; the flag counts
+            sent = torch.cat([pseudo, pseudo.new_tensor([float(finite)])])
+        else:  # integers would overflow a sum: gather the bytes, decode and add in fp32
+            payload = encode(pseudo, self.compression)
+            if finite and self.error_feedback:
+                self._residuals[fragment] = pseudo - decode(
+                    payload, self.compression, pseudo.numel()
+                )
+            sent = torch.cat([payload, payload.new_tensor([int(finite)])])  # trailing flag byte
+        buffers, work = [sent], None
+        if self.group is not None:
+            self.bytes_sent += sent.numel() * sent.element_size()
+            if self.compression == "none":
+                work = dist.all_reduce(sent, group=self.group, async_op=True)
+            else:
+                buffers = [torch.empty_like(sent) for _ in range(self._world())]
+                work = dist.all_gather(buffers, sent, group=self.group, async_op=True)
+        self._in_flight = _Exchange(fragment, finite, work, buffers)
+
+    def _finish_exchange(self, exchange: _Exchange) -> tuple[torch.Tensor | None, int]:
+        """Wait for the exchange; return the mean over finite replicas (None if there are none)."""
+        if exchange.work is not None:
+            exchange.work.wait()
+        numel = self._fragment_numel(exchange.fragment)
+        if self.compression == "none":
+            summed = exchange.buffers[0]
+            participants = int(summed[-1].item())
+            total = summed[:-1]
+        else:
+            total = torch.zeros(numel, device=self.backup_device)
+            participants = 0
+            for payload in exchange.buffers:  # rank order: every replica sums identically
+                if int(payload[-1].item()) == 1:
+                    total += decode(payload[:-1], self.compression, numel)
+                    participants += 1
+        if participants == 0:
+            return None, 0
+        return total / participants, participants
+
+    def _apply(self, fragment: int) -> None:
+        exchange = self._in_flight
+        assert exchange is not None and exchange.fragment == fragment, "exchange schedule broken"
+        self._in_flight = None
+        mean, participants = self._finish_exchange(exchange)
+        indices = self._fragment_ranges[fragment]
+        if mean is None:
+            logger.warning(
+                "DiLoCo sync %d, fragment %d: every replica's pseudo-gradient is non-finite; "
+                "outer step skipped, global copy unchanged",
+                self.outer_step + 1,
+                fragment,
+            )
+            self.last_pseudo_grad_norm = 0.0
+        else:
+            if participants < self._world():
+                logger.warning(
+                    "DiLoCo sync %d, fragment %d: averaged %d of %d replicas (others non-finite)",
+                    self.outer_step + 1,
+                    fragment,
+                    participants,
+                    self._world(),
+                )
+            offset = 0
+            for i in indices:
+                target = self._global[i]
+                target.grad = mean[offset : offset + target.numel()].view_as(target)
+                offset += target.numel()
+            self.outer_optimizer.step()
+            for i in indices:  # parameters without .grad are skipped by the next fragment's step
+                self._global[i].grad = None
+            self.last_pseudo_grad_norm = float(mean.norm())
+        self._adopt_global(indices, healthy=exchange.finite)
+        self.last_participants = participants
+        self.last_fragment = fragment
+        self.outer_step += 1
+
+    def _adopt_global(self, indices: range, healthy: bool) -> None:
+        """Replace the fragment's local values with the global ones (mixed by alpha if healthy)."""
+        healthy = healthy and all(bool(torch.isfinite(self._local[i]).all()) for i in indices)
+        with torch.no_grad():
+            for i in indices:
+                local, target = self._local[i], self._global[i]
+                if healthy and self.fragment_alpha > 0:
+                    mixed = torch.lerp(
+                        target, local.to(self.backup_device, torch.float32), self.fragment_alpha
+                    )
+                    local.copy_(mixed)
+                else:
+                    local.copy_(target)
+                if not healthy:
+                    self.inner_optimizer.state.pop(local, None)
+
+
+# --------------------------------------------------------------------------------- helpers
+
+
+def _check_compression(compression: str) -> None:
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"DiLoCo(compression={compression!r}): choose one of {COMPRESSIONS}")
+
+
+def _check_schedule(sync_every: int, fragments: int, fragment_delay: int, alpha: float) -> None:
+    for name, value, low in (
+        ("sync_every", sync_every, 1),
+        ("fragments", fragments, 1),
+        ("fragment_delay", fragment_delay, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"DiLoCo({name}={value!r}): must be an integer >= {low}")
+    if sync_every % fragments:
+        raise ValueError(
+            f"DiLoCo(sync_every={sync_every}, fragments={fragments}): sync_every must be "
+            f"divisible by fragments so each fragment syncs once per sync_every"
+        )
+    if fragment_delay >= sync_every // fragments:
+        raise ValueError(
+            f"DiLoCo(fragment_delay={fragment_delay}): must be < sync_every / fragments = "
+            f"{sync_every // fragments}, or one fragment's exchange would overlap the next"
+        )
+    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"DiLoCo(fragment_alpha={alpha!r}): must be a number in [0, 1]")
+
+
+def _resolve_group(
+    group: dist.ProcessGroup | None, device: torch.device
+) -> dist.ProcessGroup | None:
+    """The group to talk over (None = group of one), refusing devices its backend cannot use."""
+    if not dist.is_available() or not dist.is_initialized():
+        if group is not None:
+            raise ValueError(
+                "DiLoCo(group=...): torch.distributed is not initialised; call "
+                "init_process_group first, or pass group=None for a single replica"
+            )
+        return None
+    group = dist.group.WORLD if group is None else group
+    if group == dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError("DiLoCo(group=...): this rank is not a member of the given group")
+    backend = str(dist.get_backend(group))
+    if ":" in backend:  # e.g. "cpu:gloo,cuda:nccl": one backend per device type
+        devices = {pair.split(":")[0] for pair in backend.split(",")}
+    else:
+        devices = {_BACKEND_DEVICE.get(backend)}
+    if device.type not in devices:
+        raise ValueError(
+            f"DiLoCo(backup_device={str(device)!r}): the group's backend {backend!r} cannot run "
+            f"collectives on {device.type} tensors; use backup_device='cpu' with gloo or a CUDA "
+            f"device with nccl"
+        )
+    return group
+
+
+def _build_outer_optimizer(
+    factory: OuterOptimizerFactory | None, params: list[nn.Parameter]
+) -> torch.optim.Optimizer:
+    if factory is None:
+        return torch.optim.SGD(params, lr=0.7, momentum=0.9, nesterov=True)
+    if isinstance(factory, torch.optim.Optimizer) or not callable(factory):
+        raise TypeError(
+            "DiLoCo(outer_optimizer=...): pass a factory params -> Optimizer, e.g. "
+            "functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True); an "
+            "optimizer instance cannot be built over the global copy before DiLoCo creates it"
+        )
+    optimizer = factory(list(params))
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"DiLoCo(outer_optimizer=...): the factory returned {type(optimizer).__name__}, "
+            f"not a torch.optim.Optimizer"
+        )
+    built_over = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if built_over != {id(p) for p in params}:
+        raise ValueError(
+            "DiLoCo(outer_optimizer=...): the factory must build the optimizer over exactly "
+            "the parameters it is given (the global copy)"
+        )
+    return optimizer
+
+
+def _split_contiguous(numels: list[int], parts: int) -> list[range]:
+    """Split indices 0..n-1 into ``parts`` contiguous non-empty ranges of balanced total size."""
+    count, total = len(numels), sum(numels)
+    cumulative = list(itertools.accumulate(numels))
+    bounds = [0]
+    for k in range(1, parts):
+        cut = next(i + 1 for i, running in enumerate(cumulative) if running * parts >= k * total)
+        # Each range keeps at least one tensor, and leaves one for every range after it.
+        bounds.append(min(max(cut, bounds[-1] + 1), count - (parts - k)))
+    bounds.append(count)
+    return [range(bounds[k], bounds[k + 1]) for k in range(parts)]
+
+
+def _num_blocks(numel: int) -> int:
+    return math.ceil(numel / QUANT_BLOCK)
+
+
+def _pad(flat: torch.Tensor, length: int) -> torch.Tensor:
+    return torch.nn.functional.pad(flat, (0, length - flat.numel()))
