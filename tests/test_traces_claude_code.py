@@ -29,6 +29,18 @@ def test_parallel_tool_calls_split_over_lines_are_one_turn(tmp_path):
     assert [m.tool_call_id for m in example.messages[2:4]] == ["t1", "t2"]
 
 
+def test_duplicate_of_a_merged_split_line_is_a_duplicate_line(tmp_path):
+    log = ClaudeLog()
+    log.user("u1", "Read it")
+    log.assistant("a1", "Reading.", message_id="msg_1")
+    log.assistant("a1b", None, tool_uses=(("t1", "Read", {"path": "a.py"}),), message_id="msg_1")
+    lines = log.lines()
+    path = log.write(tmp_path / "dup-split.jsonl", [*lines, lines[2]])
+    examples, report = ingest(path)
+    assert report.issues == {"duplicate_line": 1} and report.normalized == {"split_message_merged": 1}
+    assert [c.id for c in examples[0].messages[1].tool_calls] == ["t1"]
+
+
 def test_rewind_gives_one_example_per_leaf_sharing_the_prefix(tmp_path):
     log = ClaudeLog()
     log.user("u1", "Rename foo to bar")

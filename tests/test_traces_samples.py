@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from tests.traces_fixtures import TRACES_DIR, requires_samples
-from trainer.traces import COMPACT_SUMMARY, TraceFormatError, TraceIngester
+from trainer.traces import COMPACT_SUMMARY, TraceFormatError, TraceIngester, detect_format
 
 pytestmark = requires_samples
 
@@ -33,6 +33,11 @@ def roles(example):
 
 def tool_calls(example):
     return sum(len(m.tool_calls) for m in example.messages)
+
+
+def test_formats_are_detected_from_the_first_bytes():
+    assert [detect_format(p) for p in (SIDECHAIN, DAG, OPENHANDS_RENAME, OPENHANDS_BASIC, SWE_PYDICOM,
+                                       SWE_MARSHMALLOW)] == ["claude_code"] * 2 + ["openhands"] * 2 + ["swe_agent"] * 2
 
 
 def test_sidechain_session_lenient():

@@ -78,6 +78,7 @@ class _Session:
     session_id: str
     nodes: dict[str, _Node] = field(default_factory=dict)
     alias: dict[str, str] = field(default_factory=dict)  # uuid of a merged split line -> kept uuid
+    merged_digests: dict[str, int] = field(default_factory=dict)  # uuid of a merged split line -> its hash
     by_message_id: dict[tuple[bool, str], _Node] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -147,10 +148,9 @@ class _Reader:
         if session_id is None:
             return
         session = self.sessions.setdefault(session_id, _Session(session_id))
-        uuid = session.alias.get(uuid, uuid)
-        if uuid in session.nodes:
-            same = session.nodes[uuid].digest == digest
-            ctx.problem("duplicate_line" if same else "duplicate_uuid", f"uuid {uuid}", line=line)
+        if uuid in session.nodes or uuid in session.merged_digests:
+            known = session.nodes[uuid].digest if uuid in session.nodes else session.merged_digests[uuid]
+            ctx.problem("duplicate_line" if known == digest else "duplicate_uuid", f"uuid {uuid}", line=line)
             return
         node = _Node(uuid, record, line, source, digest)
         for name, key in (("cwd", "cwd"), ("git_branch", "gitBranch"), ("version", "version")):
@@ -192,6 +192,7 @@ class _Reader:
             if not duplicate:
                 kept.blocks.append(block)
         session.alias[node.uuid] = kept.uuid
+        session.merged_digests[node.uuid] = node.digest
         ctx.normalized("split_message_merged")
         return True
 
@@ -276,6 +277,8 @@ class _Reader:
                 examples.append((example, root, path))
         self._link_sidechains(session, examples, call_owner, problem_at)
         examples.sort(key=lambda item: item[1].sidechain)  # main thread first, then subagents
+        for node in session.nodes.values():  # parent <-> child links are cycles: free the tree now
+            node.up, node.children = None, []
         for example, _, _ in examples:
             yield example
 

@@ -95,8 +95,9 @@ class PairMiner:
 
     def _fork_pairs(self, session: list[TraceExample]) -> Iterator[PreferencePair]:
         seen: set[str] = set()
+        keys = {id(e): [m.key() for m in e.messages] for e in session} if len(session) > 1 else {}
         for first, second in combinations(session, 2):
-            shared = _shared_prefix(first.messages, second.messages)
+            shared = _shared_prefix(keys[id(first)], keys[id(second)])
             if shared in (0, len(first.messages), len(second.messages)):
                 continue  # separate threads, or one contains the other: no fork between them
             if first.messages[shared].role != "assistant" or second.messages[shared].role != "assistant":
@@ -115,6 +116,7 @@ class PairMiner:
     def _outcome_pairs(self, task: str, attempts: list[TraceExample]) -> Iterator[PreferencePair]:
         resolved = [e for e in attempts if _task_and_verdict(e)[1]]
         failed = [e for e in attempts if not _task_and_verdict(e)[1]]
+        keys = {id(e): [m.key() for m in e.messages[:_first_assistant(e.messages) or 0]] for e in attempts}
         made = 0
         for good in resolved:
             for bad in failed:
@@ -123,7 +125,7 @@ class PairMiner:
                     continue
                 prompt_length = _first_assistant(good.messages)
                 if (prompt_length in (None, 0) or prompt_length != _first_assistant(bad.messages)
-                        or _shared_prefix(good.messages, bad.messages) < prompt_length):
+                        or keys[id(good)] != keys[id(bad)]):
                     self.skipped["outcome_prompt_mismatch"] += 1
                     continue
                 made += 1
@@ -142,10 +144,11 @@ def _first_assistant(messages: list[Message]) -> int | None:
     return next((i for i, m in enumerate(messages) if m.role == "assistant"), None)
 
 
-def _shared_prefix(a: list[Message], b: list[Message]) -> int:
+def _shared_prefix(a: list[tuple], b: list[tuple]) -> int:
+    """How many leading messages (by `Message.key`) two conversations share."""
     n = 0
     for x, y in zip(a, b, strict=False):
-        if x.key() != y.key():
+        if x != y:
             break
         n += 1
     return n
