@@ -217,6 +217,17 @@ def test_known_structural_entries_are_silent(tmp_path):
     assert examples[0].metadata["title"] == "Running the test suite"
 
 
+def test_format_detection_looks_past_bookkeeping_lines(tmp_path):
+    log = basic_session()
+    snapshot = {"type": "file-history-snapshot", "messageId": "m0", "snapshot": {}, "isSnapshotUpdate": False}
+    path = log.write(tmp_path / "s.jsonl", [json.dumps(snapshot).encode(), *log.lines()])
+    assert detect_format(path) == "claude_code"
+    one_line = write_json(tmp_path / "run.json", {"messages": [{"role": "user", "content": "hi"}]})
+    one_line.write_text(json.dumps(json.loads(one_line.read_text())))  # a single-line JSON document
+    assert detect_format(one_line) == "openai"
+    assert [e.messages[0].content for e in TraceIngester(strict=True).ingest(one_line)] == ["hi"]
+
+
 def test_empty_file(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_bytes(b"")

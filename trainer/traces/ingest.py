@@ -16,6 +16,7 @@ from .swe_agent import read_swe_agent
 TRACE_SUFFIXES = frozenset({".jsonl", ".json", ".traj"})
 HEAD_BYTES = 1 << 16
 CLAUDE_CODE_KEYS = frozenset({"parentUuid", "sessionId", "leafUuid", "isSidechain"})
+CLAUDE_CODE_BOOKKEEPING = frozenset({"file-history-snapshot", "summary", "queue-operation"})
 
 
 def detect_format(path: str | Path) -> str:
@@ -27,23 +28,25 @@ def detect_format(path: str | Path) -> str:
         head = handle.read(HEAD_BYTES).decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
     if not head:
         raise TraceFormatError(path, 1, "empty_file")
-    first_line = head.split("\n", 1)[0]
-    try:
-        record = json.loads(first_line)
-    except json.JSONDecodeError:
-        record = None
-    if isinstance(record, dict):  # a JSONL file, or a JSON document on a single line
-        if CLAUDE_CODE_KEYS & record.keys():
+    lines = head.split("\n")
+    for line in lines[:-1] if len(lines) > 1 else lines:  # the last piece may be cut by HEAD_BYTES
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break  # not JSONL (a pretty-printed document) or a line longer than the head
+        if not isinstance(record, dict):
+            break
+        if CLAUDE_CODE_KEYS & record.keys() or record.get("type") in CLAUDE_CODE_BOOKKEEPING:
             return "claude_code"
         if "messages" in record:
             return "openai"
         if "trajectory" in record or "history" in record:
             return "swe_agent"
-    if isinstance(record, list) or head.startswith("["):
+    if head.startswith("["):
         if '"action"' in head or '"observation"' in head:
             return "openhands"
-    elif head.startswith("{"):  # a pretty-printed document, or a first line too long to read here
-        if any(f'"{key}"' in first_line for key in CLAUDE_CODE_KEYS):
+    elif head.startswith("{"):
+        if any(f'"{key}"' in lines[0] for key in CLAUDE_CODE_KEYS):
             return "claude_code"
         if '"trajectory"' in head or '"history"' in head:
             return "swe_agent"
