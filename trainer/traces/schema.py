@@ -16,8 +16,6 @@ from typing import Any
 
 FORMATS = ("claude_code", "openhands", "swe_agent", "openai")
 
-ROLES = ("system", "user", "assistant", "tool")
-
 # Message.kind: what a message means beyond its role. Mining reads these instead of format quirks.
 MESSAGE = "message"
 COMPACT_SUMMARY = "compact_summary"  # the summary that replaced the context after a compaction
