@@ -68,3 +68,12 @@ def test_module_entry_point(tmp_path):
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1].split() == ["total", "1", "4", "1", "4", "1", "0"]
+
+
+def test_progress_reports_every_byte_read(tmp_path):
+    basic_session().write(tmp_path / "s.jsonl")
+    write_jsonl(tmp_path / "chat.jsonl", [openai_attempt("A", "patch", True)] * 3)
+    (tmp_path / "run.traj").write_text(json.dumps({"history": [{"role": "user", "content": "x"}]}, indent=2))
+    seen: list[int] = []
+    list(TraceIngester(progress=seen.append).ingest(tmp_path))
+    assert sum(seen) == sum(p.stat().st_size for p in tmp_path.iterdir())
