@@ -699,6 +699,19 @@ class TeacherReplayBuffer:
         )
         return PreferenceBatch(**{name: tensor.to(self.device) for name, tensor in tensors.items()})
 
+    def state_dict(self) -> dict[str, Any]:
+        """The pairs with their cached reference log-probs: a resumed run never re-scores them."""
+        return {
+            "pairs": {pair_id: dict(vars(pair)) for pair_id, pair in self._pairs.items()},
+            "pending": list(self._pending),
+            "reference_forward_passes": self.reference_forward_passes,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pairs = {pair_id: _StoredPair(**fields) for pair_id, fields in state["pairs"].items()}
+        self._pending = list(state["pending"])
+        self.reference_forward_passes = state["reference_forward_passes"]
+
     @torch.no_grad()
     def _score_pending(self) -> None:
         model_device = next(self.reference_model.parameters()).device

@@ -193,6 +193,11 @@ def train(config: Config) -> dict:
               f"rounds={config.rounds}, alpha={alpha}, beta={beta}", flush=True)
         print(table_header(), flush=True)
 
+    # Forwards of the policy inside the loss (student, teacher-as-policy, DPO): the cost of the
+    # channels, logged so that alpha = 0 / beta = 0 runs show that they skipped their passes.
+    forward_calls = [0]
+    model.register_forward_pre_hook(lambda *_: forward_calls.__setitem__(0, forward_calls[0] + 1))
+
     # ---- the loop ------------------------------------------------------------------------
     rounds_seen = []
     for round_index in range(start_round, config.rounds):
@@ -216,6 +221,7 @@ def train(config: Config) -> dict:
                 pairs_per_step=config.loss.dpo_pairs_per_step,
                 pair_id_prefix=f"r{topo.replica_id}-{topo.local_rank}-s{step}", rng=rng,
             )
+            forwards_before = forward_calls[0]
             out = composer_total_loss(
                 model, batch, alpha=alpha, beta=beta, teacher=teacher, loss_type=config.loss.loss_type,
                 epsilon_low=config.loss.epsilon_low, epsilon_high=config.loss.epsilon_high,
@@ -238,6 +244,8 @@ def train(config: Config) -> dict:
                 reward=stats.reward, teacher_reward=stats.teacher_reward, solved=stats.solved_groups,
                 lr=inner_optimizer.param_groups[0]["lr"], tokens_per_s=stats.completion_tokens / elapsed,
                 pairs=len(replay) if replay is not None else 0, synced=synced,
+                loss_forwards=forward_calls[0] - forwards_before,
+                reference_forwards=replay.reference_forward_passes if replay is not None else 0,
                 **{k: v for k, v in out.metrics.items()},
             ))
             bar.set_postfix(reward=f"{stats.reward:.3f}", loss=f"{out.metrics['loss']:.4f}")
