@@ -15,7 +15,7 @@ largest session, not the size of the file.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,10 @@ class _Spawn:
     prompt: str
     called_at: str | None
     answered_at: str | None = None
+
+
+# An example with the root of its tree and its path of entries, while the session is being linked.
+_Built = tuple[TraceExample, _Node, list[_Node]]
 
 
 def read_claude_code(main: FileContext, subagents: Sequence[FileContext] = ()) -> Iterator[TraceExample]:
@@ -251,7 +255,7 @@ class _Reader:
         self.flushed.add(session_id)
         reported: set[tuple] = set()
 
-        def problem_at(source: int):
+        def problem_at(source: int) -> Callable[..., None]:
             def problem(reason: str, detail: str = "", *, line: int | None = None, key: str | None = None) -> None:
                 if (reason, source, line, detail) not in reported:  # shared prefixes are built once per leaf
                     reported.add((reason, source, line, detail))
@@ -259,7 +263,7 @@ class _Reader:
             return problem
 
         roots = _link(session, problem_at)
-        examples: list[tuple[TraceExample, _Node, list[_Node]]] = []
+        examples: list[_Built] = []
         call_owner: dict[str, str] = {}  # tool_use id -> first example whose path holds the call
         for root in roots:
             for leaf in _content_leaves(root):
@@ -275,6 +279,7 @@ class _Reader:
                     for tool_use_id in node.tool_use_ids:
                         call_owner.setdefault(tool_use_id, example.id)
                 examples.append((example, root, path))
+        _link_compactions(examples)
         self._link_sidechains(session, examples, call_owner, problem_at)
         examples.sort(key=lambda item: item[1].sidechain)  # main thread first, then subagents
         for node in session.nodes.values():  # parent <-> child links are cycles: free the tree now
@@ -302,8 +307,8 @@ class _Reader:
             session_id=session.session_id, messages=messages, metadata=metadata,
         )
 
-    def _link_sidechains(self, session: _Session, examples: list, call_owner: dict[str, str],
-                         problem_at) -> None:
+    def _link_sidechains(self, session: _Session, examples: list[_Built], call_owner: dict[str, str],
+                         problem_at: Callable[[int], Callable[..., None]]) -> None:
         """Tie each subagent thread to its spawning call: by agentId, then prompt, then time window."""
         spawns: dict[str, _Spawn] = {}
         by_agent: dict[str, str] = {}
@@ -317,12 +322,8 @@ class _Reader:
                     spawns[block[1]].answered_at = node.timestamp
                     if node.spawned_agent:
                         by_agent[node.spawned_agent] = block[1]
-        owner_of_root: dict[int, str] = {}  # compaction roots point to the example they continue
+        owner_of_root: dict[int, str] = {}  # id(thread root) -> spawning tool_use id ("" if none found)
         for example, root, path in examples:
-            if root.boundary is not None:
-                logical = root.boundary.get("logical_parent")
-                continued = next((e.id for e, _, p in examples if any(n.uuid == logical for n in p)), None)
-                example.metadata["compaction"]["continues"] = continued
             if not root.sidechain:
                 continue
             if id(root) not in owner_of_root:
@@ -339,6 +340,15 @@ class _Reader:
             if example.messages[0].role != "user" and spawns[tool_use_id].prompt:
                 problem_at(root.source)("missing_sidechain_prompt", f"thread rooted at {root.uuid}", line=root.line)
                 example.messages.insert(0, Message("user", spawns[tool_use_id].prompt, synthetic=True))
+
+
+def _link_compactions(examples: list[_Built]) -> None:
+    """A compaction starts a new root; record which example it continues (via logicalParentUuid)."""
+    for example, root, _ in examples:
+        if root.boundary is not None:
+            logical = root.boundary.get("logical_parent")
+            continued = next((e.id for e, _, path in examples if any(n.uuid == logical for n in path)), None)
+            example.metadata["compaction"]["continues"] = continued
 
 
 def _find_spawn(root: _Node, path: list[_Node], spawns: dict[str, _Spawn],
