@@ -1,0 +1,251 @@
+"""The in-cluster side of the orchestrator (`python -m orchestrator.coordinator`).
+
+It hosts the rendezvous store on port 29400 for the whole run, so that the death of any worker,
+the one holding rank 0 included, leaves the survivors a live store to re-rendezvous on (upstream
+pytorch issue 135712). It publishes the world size, follows `metrics.jsonl`, waits until every
+replica has finished, writes `cluster.json`, and exits with the run's status.
+
+World size: COMPOSER_WORKERS when the host orchestrator set it; otherwise (Compose) the number of
+worker containers of this Compose project, counted through the Docker socket. In that case it
+also restarts dead workers, since no host process is there to do it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import signal
+import socket
+import sys
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from torch.distributed import TCPStore
+
+from orchestrator.cluster import (
+    KEY_NNODES,
+    KEY_RDZV_ID,
+    TRAINER_USER,
+    COMPOSE_PROJECT,
+    COMPOSE_SERVICE,
+    ClusterError,
+    RunSettings,
+    compose_replica_index,
+    key_done,
+    key_replica_of,
+    key_starts,
+)
+from orchestrator.progress import MetricsTail, RunProgress, missing_outer_steps
+
+POLL_S = 1.0
+PROGRESS_EVERY_S = 20.0
+
+
+def log(message: str) -> None:
+    print(f"[coordinator] {message}", flush=True)
+
+
+def compose_worker_labels(client: Any) -> dict[str, str]:
+    """The labels that select this Compose project's worker containers."""
+    own = client.containers.get(socket.gethostname())
+    project = own.labels.get(COMPOSE_PROJECT)
+    if not project:
+        raise ClusterError("COMPOSER_WORKERS is unset and this container was not started by Compose")
+    return {COMPOSE_PROJECT: project, COMPOSE_SERVICE: "worker"}
+
+
+def count_workers(client: Any, labels: dict[str, str], settle_s: float = 3.0, timeout_s: float = 120.0) -> int:
+    """Worker containers of the project, once their number has held still for `settle_s`.
+
+    Compose creates every container of `up --scale worker=N` before it starts the first, so the
+    count is exact almost at once; the settling only guards against a slow daemon.
+    """
+    filters = {"label": [f"{key}={value}" for key, value in labels.items()]}
+    deadline = time.monotonic() + timeout_s
+    count, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now = len(client.containers.list(all=True, filters=filters))
+        if now != count:
+            count, since = now, time.monotonic()
+        elif count > 0 and time.monotonic() - since >= settle_s:
+            return count
+        time.sleep(0.5)
+    raise ClusterError(f"no stable set of worker containers with labels {labels} after {timeout_s:.0f} s")
+
+
+def hand_over(path: Path, uid: int, gid: int) -> None:
+    """chown -R: the trainer writes the run as a non-root user; the host user gets it back."""
+    for directory, _, files in os.walk(path):
+        os.chown(directory, uid, gid)
+        for name in files:
+            os.chown(os.path.join(directory, name), uid, gid)
+
+
+def trainer_account() -> pwd.struct_passwd | None:
+    """The image's non-root trainer user, when this process (root in the image) must hand the
+    run directory to it; None outside the image or when not root."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(TRAINER_USER)
+    except KeyError:
+        return None
+
+
+def cluster_summary(
+    run_dir: Path, progress: RunProgress, *, finished: bool, reason: str
+) -> dict[str, Any]:
+    """The run as the coordinator saw it, checked against the trainer's own summary.json."""
+    summary_path = run_dir / "summary.json"
+    trainer_summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    expected = int(trainer_summary.get("outer_steps", 0))
+    missing = missing_outer_steps(progress.outer_steps, expected)
+    hashes = trainer_summary.get("replica_hashes") or []
+    hashes_agree = len(hashes) > 0 and len(set(hashes)) == 1
+    ok = finished and trainer_summary.get("status") == "ok" and not missing and hashes_agree
+    if finished and not ok:
+        if trainer_summary.get("status") != "ok":
+            reason = f"{summary_path} says status {trainer_summary.get('status')!r}"
+        elif missing:
+            reason = f"outer steps {missing} missing from metrics.jsonl"
+        else:
+            reason = f"replica hashes differ: {hashes}"
+    return {
+        "status": "ok" if ok else "failed",
+        "reason": "" if ok else reason,
+        "outer_steps": expected,
+        "outer_steps_seen": len(progress.outer_steps),
+        "missing_outer_steps": missing,
+        "resumes": progress.resumes,
+        "replica_hashes_agree": hashes_agree,
+        "final_param_hash": trainer_summary.get("final_param_hash"),
+    }
+
+
+class Coordinator:
+    def __init__(self, settings: RunSettings, env: dict[str, str]) -> None:
+        self.settings = settings
+        self.run_dir = Path(settings.run_dir)
+        self.started = time.time()
+        self.stop_requested = False
+        self.supervisor = None
+        self.docker = None
+        if not env.get("COMPOSER_WORKERS"):
+            import docker  # only the Compose coordinator, which holds the socket, needs the SDK
+
+            try:
+                self.docker = docker.from_env()
+                self.docker.ping()
+            except docker.errors.DockerException as error:
+                raise ClusterError(
+                    f"COMPOSER_WORKERS is unset and the Docker socket does not answer ({error}): "
+                    "mount /var/run/docker.sock into the coordinator or set COMPOSER_WORKERS"
+                ) from error
+        self.fixed_workers = int(env["COMPOSER_WORKERS"]) if env.get("COMPOSER_WORKERS") else None
+        self.worker_restarts = int(env.get("COMPOSER_WORKER_RESTARTS") or 3)
+
+    def run(self) -> int:
+        store = TCPStore(
+            "127.0.0.1", self.settings.port, is_master=True, wait_for_workers=False,
+            timeout=timedelta(seconds=60),
+        )
+        log(f"rendezvous store on port {self.settings.port}")
+        if self.fixed_workers is not None:
+            nnodes = self.fixed_workers
+        else:
+            from orchestrator.supervisor import WorkerSupervisor
+
+            labels = compose_worker_labels(self.docker)
+            nnodes = count_workers(self.docker, labels)
+            self.supervisor = WorkerSupervisor(self.docker, labels, self.worker_restarts)
+        if nnodes < 1:
+            raise ClusterError(f"a run needs at least one worker, got {nnodes}")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        trainer = trainer_account()
+        if trainer is not None:
+            hand_over(self.run_dir, trainer.pw_uid, trainer.pw_gid)
+        rdzv_id = f"{self.settings.run}-{uuid.uuid4().hex[:8]}"
+        store.set(KEY_RDZV_ID, rdzv_id)
+        store.set(KEY_NNODES, str(nnodes))
+        log(f"run {self.settings.run}: {nnodes} workers, config {self.settings.config}, rendezvous id {rdzv_id}")
+        try:
+            finished, reason = self._follow(store, nnodes)
+            return self._finish(store, nnodes, rdzv_id, finished, reason)
+        finally:
+            if trainer is not None:
+                owner = self.run_dir.parent.stat()
+                hand_over(self.run_dir, owner.st_uid, owner.st_gid)
+
+    def _follow(self, store: TCPStore, nnodes: int) -> tuple[bool, str]:
+        self.tail = MetricsTail(self.run_dir / "metrics.jsonl")
+        self.progress = RunProgress()
+        done_keys = [key_done(replica) for replica in range(nnodes)]
+        last_line_at = 0.0
+        while not self.stop_requested:
+            for record in self.progress.update(self.tail.read()):
+                log(f"outer step {record['outer_step']}: {self.progress.line()}")
+                last_line_at = time.monotonic()
+            if time.monotonic() - last_line_at > PROGRESS_EVERY_S:
+                log(self.progress.line())
+                last_line_at = time.monotonic()
+            if self.supervisor is not None:
+                self._publish_replica_indices(store)
+                for event in self.supervisor.poll():
+                    log(str(event))
+                if self.supervisor.failed:
+                    self.supervisor.stop_all()
+                    return False, f"gave up on workers {sorted(self.supervisor.given_up)}"
+            if store.check(done_keys):
+                return True, ""
+            time.sleep(POLL_S)
+        return False, "stopped before the run finished"
+
+    def _publish_replica_indices(self, store: TCPStore) -> None:
+        """Tells each worker container its replica index: Compose knows it, the container not."""
+        for container in self.supervisor.workers():
+            store.set(key_replica_of(container.id[:12]), str(compose_replica_index(container.labels)))
+
+    def _finish(self, store: TCPStore, nnodes: int, rdzv_id: str, finished: bool, reason: str) -> int:
+        self.progress.update(self.tail.read())
+        report = cluster_summary(self.run_dir, self.progress, finished=finished, reason=reason)
+        starts = {replica: int(store.add(key_starts(replica), 0)) for replica in range(nnodes)}
+        report |= {
+            "run": self.settings.run,
+            "config": self.settings.config,
+            "rdzv_id": rdzv_id,
+            "workers": nnodes,
+            "restarts": {str(replica): max(count - 1, 0) for replica, count in starts.items()},
+            "seconds": round(time.time() - self.started, 1),
+            "first_outer_step_s": (
+                round(self.progress.first_outer_at - self.started, 1) if self.progress.first_outer_at else None
+            ),
+        }
+        if self.run_dir.exists():
+            partial = self.run_dir / "cluster.json.tmp"
+            partial.write_text(json.dumps(report, indent=2) + "\n")
+            partial.replace(self.run_dir / "cluster.json")
+        log(f"run {report['status']}: {json.dumps(report)}")
+        return 0 if report["status"] == "ok" else 1
+
+
+def main() -> int:
+    try:
+        coordinator = Coordinator(RunSettings.from_env(), dict(os.environ))
+
+        def request_stop(_signum: int, _frame: Any) -> None:
+            coordinator.stop_requested = True
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+        return coordinator.run()
+    except ClusterError as error:
+        log(f"error: {error}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""The orchestrator's pure parts: naming, settings, the torchrun command line, metrics following."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from orchestrator.cluster import COMPOSE_NUMBER, ClusterError, RunSettings, compose_replica_index, torchrun_command
+from orchestrator.progress import MetricsTail, RunProgress, human_bytes, missing_outer_steps
+
+
+@pytest.mark.parametrize(("number", "replica"), [("1", 0), ("8", 7), ("12", 11)])
+def test_replica_index_comes_from_the_compose_container_number(number: str, replica: int) -> None:
+    assert compose_replica_index({COMPOSE_NUMBER: number, "com.docker.compose.service": "worker"}) == replica
+
+
+@pytest.mark.parametrize("labels", [{}, {COMPOSE_NUMBER: "0"}, {COMPOSE_NUMBER: "x"}])
+def test_a_container_without_a_replica_number_is_refused_with_the_label_named(labels: dict[str, str]) -> None:
+    with pytest.raises(ClusterError, match=COMPOSE_NUMBER):
+        compose_replica_index(labels)
+
+
+def test_settings_default_to_the_smoke_config_and_name_the_run_after_it() -> None:
+    settings = RunSettings.from_env({})
+    assert settings.config == "configs/smoke.yaml"
+    assert settings.run == "smoke"
+    assert settings.run_dir == PurePosixPath("/app/runs/smoke")
+    assert (settings.coordinator, settings.port, settings.max_restarts) == ("coordinator", 29400, 3)
+
+
+def test_settings_read_overrides_and_reject_a_non_integer_with_its_name() -> None:
+    settings = RunSettings.from_env(
+        {"COMPOSER_CONFIG": "configs/test.yaml", "COMPOSER_SET": "rounds=2  dist_timeout_s=30",
+         "COMPOSER_RUN": "kill", "COMPOSER_RUNS_ROOT": "/tmp/r"}
+    )
+    assert settings.overrides == ("rounds=2", "dist_timeout_s=30")
+    assert settings.run_dir == PurePosixPath("/tmp/r/kill")
+    with pytest.raises(ClusterError, match="COMPOSER_RDZV_PORT='x29400'"):
+        RunSettings.from_env({"COMPOSER_RDZV_PORT": "x29400"})
+
+
+def test_torchrun_command_is_one_fixed_size_node_on_the_coordinators_store() -> None:
+    settings = RunSettings.from_env({"COMPOSER_CONFIG": "configs/test.yaml", "COMPOSER_SET": "rounds=2 seed=3"})
+    command = torchrun_command(settings, nnodes=4, rdzv_id="test-1a2b", local_addr="172.18.0.5")
+    assert command == [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=4", "--nproc-per-node=1", "--rdzv-backend=c10d",
+        "--rdzv-endpoint=coordinator:29400", "--rdzv-id=test-1a2b", "--max-restarts=3",
+        "--local-addr=172.18.0.5", "-m", "trainer.worker", "--config", "configs/test.yaml",
+        "--set", "rounds=2", "--set", "seed=3",
+    ]
+
+
+def test_metrics_tail_holds_back_a_half_written_line(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    tail = MetricsTail(path)
+    assert tail.read() == []  # no file yet
+    first = json.dumps({"event": "inner", "round": 0, "step": 0, "loss": 0.5})
+    second = json.dumps({"event": "outer", "outer_step": 1, "round": 0})
+    path.write_text(first + "\n" + second[:10])
+    assert tail.read() == [json.loads(first)]
+    with path.open("a") as file:
+        file.write(second[10:] + "\n")
+    assert tail.read() == [json.loads(second)]
+    assert tail.read() == []
+
+
+def test_metrics_tail_names_the_file_of_a_broken_line(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("{not json}\n")
+    with pytest.raises(ValueError, match="metrics.jsonl"):
+        MetricsTail(path).read()
+
+
+def test_progress_counts_outer_steps_across_a_resume() -> None:
+    progress = RunProgress()
+    records = [
+        {"event": "inner", "round": 0, "step": 1, "loss": 0.75, "grpo": 0.5, "sdpo": 0.2, "dpo": 0.05, "reward": 0.25},
+        {"event": "outer", "outer_step": 1, "round": 0, "bytes_sent": 3 * 2**20, "replicas": 4},
+        {"event": "outer", "outer_step": 2, "round": 1, "bytes_sent": 3 * 2**20, "replicas": 4},
+        {"event": "resume", "outer_step": 1, "round": 1},
+        {"event": "outer", "outer_step": 2, "round": 1, "bytes_sent": 3 * 2**20, "replicas": 4},
+        {"event": "outer", "outer_step": 4, "round": 3, "bytes_sent": 3 * 2**20, "replicas": 4},
+    ]
+    new_outer = progress.update(records)
+    assert [r["outer_step"] for r in new_outer] == [1, 2, 2, 4]
+    assert progress.outer_steps == {1, 2, 4} and progress.resumes == 1
+    assert missing_outer_steps(progress.outer_steps, expected=4) == [3]
+    assert missing_outer_steps({1, 2, 3}, expected=3) == []
+    assert progress.line() == (
+        "round 0 step 1 | loss 0.7500 (grpo 0.5000 sdpo 0.2000 dpo 0.0500) | reward 0.250 | "
+        "outer 4 | sent 3.0 MB | replicas 4 | resumes 1"
+    )
+
+
+def test_human_bytes() -> None:
+    assert [human_bytes(n) for n in (512, 1536, 5 * 2**30, 3 * 2**40)] == ["512 B", "1.5 KB", "5.0 GB", "3072.0 GB"]
