@@ -123,7 +123,8 @@ def test_rollout_old_logps_give_ratio_one(model_and_tokenizer):
     assert out.metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
     assert out.metrics["clip_fraction"] == 0.0
     batch.policy.old_logps = None
-    assert composer_total_loss(model, batch, alpha=0.0, beta=0.0).grpo.item() == pytest.approx(out.grpo.item(), abs=1e-6)
+    on_policy = composer_total_loss(model, batch, alpha=0.0, beta=0.0)
+    assert on_policy.grpo.item() == pytest.approx(out.grpo.item(), abs=1e-6)
 
 
 # ---------------------------------------------------------------------------- forwards per channel
@@ -140,7 +141,8 @@ def test_a_zero_weight_skips_its_channel_forward(model_and_tokenizer, alpha, bet
     assert (out.sdpo.item() == 0.0) == (alpha == 0.0)
     assert (out.dpo.item() == 0.0) == (beta == 0.0)
     assert ("dpo_reward_margin" in out.metrics) == (beta > 0)
-    assert out.total.item() == pytest.approx(out.grpo.item() + alpha * out.sdpo.item() + beta * out.dpo.item(), abs=1e-6)
+    weighted = out.grpo.item() + alpha * out.sdpo.item() + beta * out.dpo.item()
+    assert out.total.item() == pytest.approx(weighted, abs=1e-6)
 
 
 def test_teacher_scores_only_rows_with_sdpo_weight(model_and_tokenizer):
@@ -337,3 +339,17 @@ def test_replay_buffer_rejects_a_reused_id_and_oversampling(model_and_tokenizer)
         buffer.add("p1", [5, 6, 9], [0, 1, 1], [5, 6, 8], [0, 1, 1])
     with pytest.raises(ValueError, match="cannot sample 2 pairs .* holding 1"):
         buffer.sample(2)
+
+
+def test_replay_buffer_state_dict_resumes_without_rescoring(model_and_tokenizer, tmp_path):
+    model, tokenizer = model_and_tokenizer
+    buffer = replay_buffer(model, tokenizer, batch_size=3)  # 3 pairs scored, 1 pending
+    torch.save(buffer.state_dict(), tmp_path / "replay.pt")
+    restored = TeacherReplayBuffer(copy.deepcopy(model), pad_token_id=tokenizer.pad_token_id, batch_size=3)
+    restored.load_state_dict(torch.load(tmp_path / "replay.pt"))
+    assert len(restored) == 4 and restored.reference_forward_passes == 1
+    original = buffer.sample(4, generator=torch.Generator().manual_seed(3))
+    resumed = restored.sample(4, generator=torch.Generator().manual_seed(3))
+    assert restored.reference_forward_passes == buffer.reference_forward_passes == 2  # only the pending pair
+    for name in vars(original):
+        torch.testing.assert_close(getattr(resumed, name), getattr(original, name), atol=1e-5, rtol=0)

@@ -380,7 +380,8 @@ def completion_logits(
     """(B, C, V) logits that predict each completion token behind its (left-padded) prompt.
 
     Position ids come from the attention mask, as in HF `generate`, so log-probs recomputed here
-    match the sampler's exactly. Only the C logits needed are projected to the vocabulary.
+    match the sampler's exactly. Only the C logits needed are projected to the vocabulary
+    (`logits_to_keep`, which every Hugging Face causal LM accepts).
     """
     if prompt_ids.dim() != 2 or completion_ids.dim() != 2:
         raise ValueError("prompt_ids and completion_ids must be (B, P) and (B, C)")
@@ -519,7 +520,9 @@ def _sdpo_channel(
         raise ValueError("the SDPO channel (alpha > 0) needs PolicyBatch.teacher_prompt_ids and teacher_prompt_mask")
     batch = policy.completion_ids.shape[0]
     if policy.teacher_prompt_ids.shape[0] != batch:
-        raise ValueError(f"PolicyBatch.teacher_prompt_ids has {policy.teacher_prompt_ids.shape[0]} rows, expected {batch}")
+        raise ValueError(
+            f"PolicyBatch.teacher_prompt_ids has {policy.teacher_prompt_ids.shape[0]} rows, expected {batch}"
+        )
     rows = slice(None)
     if policy.sdpo_weight is not None:
         _check_shape("PolicyBatch.sdpo_weight", policy.sdpo_weight, (batch,))
@@ -662,7 +665,9 @@ class TeacherReplayBuffer:
             ("rejected", pair.rejected_ids, pair.rejected_loss_mask),
         ):
             if ids.shape != loss_mask.shape:
-                raise ValueError(f"pair {pair_id!r}: {side}_ids has {len(ids)} tokens but {side}_loss_mask {len(loss_mask)}")
+                raise ValueError(
+                    f"pair {pair_id!r}: {side}_ids has {len(ids)} tokens but {side}_loss_mask {len(loss_mask)}"
+                )
             if not ((loss_mask == 0) | (loss_mask == 1)).all():
                 raise ValueError(f"pair {pair_id!r}: {side}_loss_mask must be 0/1")
             if loss_mask[0] or not loss_mask.any():
@@ -718,9 +723,10 @@ class TeacherReplayBuffer:
         with _eval_mode(self.reference_model):
             while self._pending:
                 chunk = [self._pairs[pair_id] for pair_id in self._pending[: self.batch_size]]
-                sequences = [p.chosen_ids for p in chunk] + [p.rejected_ids for p in chunk]
-                ids, attention = _pad_right(sequences, self.pad_token_id)
-                loss_mask, _ = _pad_right([p.chosen_loss_mask for p in chunk] + [p.rejected_loss_mask for p in chunk], 0)
+                ids, attention = _pad_right([p.chosen_ids for p in chunk] + [p.rejected_ids for p in chunk],
+                                            self.pad_token_id)
+                loss_mask, _ = _pad_right([p.chosen_loss_mask for p in chunk] + [p.rejected_loss_mask for p in chunk],
+                                          0)
                 ids, attention = ids.to(model_device), attention.to(model_device)
                 logits = self.reference_model(input_ids=ids, attention_mask=attention, use_cache=False).logits
                 self.reference_forward_passes += 1
