@@ -8,6 +8,7 @@ import io
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from tests.integration._diloco_harness import (
@@ -55,6 +56,17 @@ def _diloco(**kwargs) -> tuple[nn.Module, torch.optim.Optimizer, DiLoCo]:
 def test_invalid_settings_raise_value_error_naming_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):
         _diloco(**kwargs)
+
+
+def test_backend_that_cannot_use_the_backup_device_is_refused(tmp_path):
+    """Gloo buffers live on the CPU; a CUDA backup_device must fail loudly, not fall back."""
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                            world_size=1)
+    try:
+        with pytest.raises(ValueError, match=r"backup_device='cuda'.*'gloo'"):
+            _diloco(backup_device="cuda")
+    finally:
+        dist.destroy_process_group()
 
 
 def test_outer_optimizer_must_be_a_factory_over_the_given_parameters():
