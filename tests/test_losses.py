@@ -218,12 +218,6 @@ def test_sdpo_loss_every_alpha_branch(alpha, expected):
     close(sdpo_loss(student, teacher, mask, alpha=alpha), expected)
 
 
-def test_sdpo_jsd_hand_values_are_not_degenerate():
-    # Guards the table above: the branches give four different numbers.
-    values = {round(jsd(S0, T0, a), 6) for a in (0.25, 0.5)} | {round(kl(T0, S0), 6), round(kl(S0, T0), 6)}
-    assert len(values) == 4
-
-
 # V = 4: S = (.4, .3, .2, .1), T = (.1, .2, .3, .4). The student's top 2 are ids 0 and 1.
 S4, T4 = (0.4, 0.3, 0.2, 0.1), (0.1, 0.2, 0.3, 0.4)
 
