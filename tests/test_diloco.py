@@ -58,13 +58,19 @@ def test_invalid_settings_raise_value_error_naming_the_argument(kwargs, message)
         _diloco(**kwargs)
 
 
-def test_backend_that_cannot_use_the_backup_device_is_refused(tmp_path):
-    """Gloo buffers live on the CPU; a CUDA backup_device must fail loudly, not fall back."""
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
-                            world_size=1)
+def test_backend_that_cannot_hold_either_device_is_refused(tmp_path):
+    """Gloo runs collectives on CPU tensors only: a backup copy and a model that both live
+    elsewhere (here the meta device) must fail loudly, never fall back."""
+    dist.init_process_group(
+        "gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1
+    )
     try:
-        with pytest.raises(ValueError, match=r"backup_device='cuda'.*'gloo'"):
-            _diloco(backup_device="cuda")
+        with torch.device("meta"):
+            model = make_model(seed=0)
+        with pytest.raises(ValueError, match=r"backup_device='meta'.*'gloo'"):
+            DiLoCo(model, make_inner(model), sync_every=4, backup_device="meta")
+        cpu_model = make_model(seed=0)  # the same group is fine for CPU tensors
+        DiLoCo(cpu_model, make_inner(cpu_model), sync_every=4)
     finally:
         dist.destroy_process_group()
 
@@ -100,7 +106,7 @@ def test_one_replica_h1_outer_sgd_lr1_is_plain_inner_training():
     model, inner, diloco = _diloco(sync_every=1, outer_optimizer=NO_MOMENTUM_SGD)
     train(model, inner, diloco, start=0, stop=30, data_seed=0)
     assert diloco.outer_step == 30
-    for expected, got in zip(plain.parameters(), model.parameters()):
+    for expected, got in zip(plain.parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
     damped, damped_inner, damped_diloco = _diloco(
@@ -118,7 +124,10 @@ def test_pseudo_gradient_norm_is_of_global_minus_local():
     model(inputs).sum().backward()
     inner.step()
     expected = torch.cat(
-        [(g - p.detach()).reshape(-1) for g, p in zip(global_before, model.parameters())]
+        [
+            (g - p.detach()).reshape(-1)
+            for g, p in zip(global_before, model.parameters(), strict=True)
+        ]
     ).norm()
     assert diloco.step()
     assert diloco.last_pseudo_grad_norm == pytest.approx(float(expected), rel=1e-6)
@@ -143,7 +152,7 @@ def _reference_streaming(model, inner, diloco_like, *, sync_every, fragments, de
             ]
         if step % interval == 0:
             fragment = (step // interval - 1) % fragments
-            for p, pseudo in zip(groups[fragment], pending.pop(fragment)):
+            for p, pseudo in zip(groups[fragment], pending.pop(fragment), strict=True):
                 global_copy[index_of[id(p)]].grad = pseudo
             outer.step()
             outer.zero_grad(set_to_none=True)
@@ -196,9 +205,9 @@ def test_streaming_matches_longhand_reference(fragments, delay, alpha):
         alpha=alpha,
         steps=steps,
     )
-    for got, expected in zip(diloco.global_parameters(), ref_global):
+    for got, expected in zip(diloco.global_parameters(), ref_global, strict=True):
         torch.testing.assert_close(got, expected.detach(), rtol=0, atol=1e-6)
-    for got, expected in zip(model.parameters(), ref_model.parameters()):
+    for got, expected in zip(model.parameters(), ref_model.parameters(), strict=True):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
@@ -214,7 +223,9 @@ def test_a_fragment_sync_touches_only_that_fragments_global_values():
     before = [g.detach().clone() for g in diloco.global_parameters()]
     train(model, inner, diloco, start=0, stop=2, data_seed=0)  # fragment 0 syncs at step 2
     first = len(diloco.fragment_parameters(0))
-    changed = [not torch.equal(a, b) for a, b in zip(before, diloco.global_parameters())]
+    changed = [
+        not torch.equal(a, b) for a, b in zip(before, diloco.global_parameters(), strict=True)
+    ]
     assert changed == [True] * first + [False] * (len(changed) - first)
 
 
@@ -328,7 +339,9 @@ def test_non_finite_single_replica_skips_the_outer_step_and_resets_to_global():
     train(model, inner, diloco, start=2, stop=4, data_seed=0, after_inner=poison)
     assert diloco.outer_step == 2 and diloco.last_participants == 0
     assert diloco.last_pseudo_grad_norm == 0.0
-    for before, after, local in zip(global_before, diloco.global_parameters(), model.parameters()):
+    for before, after, local in zip(
+        global_before, diloco.global_parameters(), model.parameters(), strict=True
+    ):
         assert torch.equal(after, before)
         assert torch.equal(local, after)
     assert inner.state.get(model[0].weight, {}) == {}

@@ -175,7 +175,9 @@ class DiLoCo:
             of byte payloads, decoded and summed in fp32 on every replica).
         error_feedback: keep each round's quantization residual and add it to the next round's
             pseudo-gradient (lossy compressions only).
-        backup_device: where the fp32 global copy, outer optimizer state and wire buffers live.
+        backup_device: where the fp32 global copy and outer optimizer state live (and the
+            exchanged buffers, if the backend can use it: with NCCL and a CPU backup they are
+            staged on the model's CUDA device).
 
     Attributes read by the worker: ``outer_step`` (syncs so far, one per fragment sync, including
     a round skipped because every replica was non-finite), ``bytes_sent`` (payload bytes this
@@ -220,7 +222,7 @@ class DiLoCo:
         self.compression = compression
         self.error_feedback = error_feedback
         self.backup_device = torch.device(backup_device)
-        self.group = _resolve_group(group, self.backup_device)
+        self.group = _resolve_group(group)
 
         self._local = [p for p in model.parameters() if p.requires_grad]
         if not self._local:
@@ -230,6 +232,7 @@ class DiLoCo:
                 f"DiLoCo(fragments={fragments}): the model has only {len(self._local)} trainable "
                 f"parameter tensors; a fragment needs at least one"
             )
+        self._wire_device = _wire_device(self.group, self.backup_device, self._local[0].device)
         self._fragment_ranges = _split_contiguous([p.numel() for p in self._local], fragments)
         self._broadcast_initial_parameters()
         self._global = [
@@ -320,10 +323,10 @@ class DiLoCo:
         if self._in_flight is not None:
             raise RuntimeError("DiLoCo.load_state_dict(): an exchange is in flight; load first")
         with torch.no_grad():
-            for target, saved in zip(self._global, saved_globals):
+            for target, saved in zip(self._global, saved_globals, strict=True):
                 target.copy_(saved)
         self.outer_optimizer.load_state_dict(state["outer_optimizer"])
-        for target, saved in zip(self._residuals, state["residuals"]):
+        for target, saved in zip(self._residuals, state["residuals"], strict=True):
             target.copy_(saved)
         self._inner_step = int(state["inner_step"])
         self.outer_step = int(state["outer_step"])
@@ -357,7 +360,7 @@ class DiLoCo:
             return
         with torch.no_grad():
             flat = torch.cat(
-                [p.detach().to(self.backup_device, torch.float32).reshape(-1) for p in self._local]
+                [p.detach().to(self._wire_device, torch.float32).reshape(-1) for p in self._local]
             )
             dist.broadcast(flat, src=dist.get_global_rank(self.group, 0), group=self.group)
             offset = 0
@@ -398,6 +401,7 @@ class DiLoCo:
                     payload, self.compression, pseudo.numel()
                 )
             sent = torch.cat([payload, payload.new_tensor([int(finite)])])  # trailing flag byte
+        sent = sent.to(self._wire_device)  # a no-op unless NCCL stages a CPU backup on CUDA
         buffers, work = [sent], None
         if self.group is not None:
             self.bytes_sent += sent.numel() * sent.element_size()
@@ -412,15 +416,16 @@ class DiLoCo:
         """Wait for the exchange; return the mean over finite replicas (None if there are none)."""
         if exchange.work is not None:
             exchange.work.wait()
+        buffers = [buffer.to(self.backup_device) for buffer in exchange.buffers]
         numel = self._fragment_numel(exchange.fragment)
         if self.compression == "none":
-            summed = exchange.buffers[0]
+            summed = buffers[0]
             participants = int(summed[-1].item())
             total = summed[:-1]
         else:
             total = torch.zeros(numel, device=self.backup_device)
             participants = 0
-            for payload in exchange.buffers:  # rank order: every replica sums identically
+            for payload in buffers:  # rank order: every replica sums identically
                 if int(payload[-1].item()) == 1:
                     total += decode(payload[:-1], self.compression, numel)
                     participants += 1
@@ -512,10 +517,8 @@ def _check_schedule(sync_every: int, fragments: int, fragment_delay: int, alpha:
         raise ValueError(f"DiLoCo(fragment_alpha={alpha!r}): must be a number in [0, 1]")
 
 
-def _resolve_group(
-    group: dist.ProcessGroup | None, device: torch.device
-) -> dist.ProcessGroup | None:
-    """The group to talk over (None = group of one), refusing devices its backend cannot use."""
+def _resolve_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    """The group to talk over; None means a group of one (torch.distributed not initialised)."""
     if not dist.is_available() or not dist.is_initialized():
         if group is not None:
             raise ValueError(
@@ -526,18 +529,30 @@ def _resolve_group(
     group = dist.group.WORLD if group is None else group
     if group == dist.GroupMember.NON_GROUP_MEMBER:
         raise ValueError("DiLoCo(group=...): this rank is not a member of the given group")
+    return group
+
+
+def _wire_device(
+    group: dist.ProcessGroup | None, backup_device: torch.device, model_device: torch.device
+) -> torch.device:
+    """Where exchanged tensors must live: the backup device if the group's backend can run
+    collectives there (no copies), else the model's device (e.g. NCCL with a CPU backup), else
+    a clear error instead of a silent fallback."""
+    if group is None:
+        return backup_device
     backend = str(dist.get_backend(group))
     if ":" in backend:  # e.g. "cpu:gloo,cuda:nccl": one backend per device type
-        devices = {pair.split(":")[0] for pair in backend.split(",")}
+        usable = {pair.split(":")[0] for pair in backend.split(",")}
     else:
-        devices = {_BACKEND_DEVICE.get(backend)}
-    if device.type not in devices:
-        raise ValueError(
-            f"DiLoCo(backup_device={str(device)!r}): the group's backend {backend!r} cannot run "
-            f"collectives on {device.type} tensors; use backup_device='cpu' with gloo or a CUDA "
-            f"device with nccl"
-        )
-    return group
+        usable = {_BACKEND_DEVICE.get(backend)}
+    for device in (backup_device, model_device):
+        if device.type in usable:
+            return device
+    raise ValueError(
+        f"DiLoCo(backup_device={str(backup_device)!r}): the group's backend {backend!r} cannot "
+        f"run collectives on {backup_device.type} tensors nor on the model's "
+        f"{model_device.type} tensors; use gloo for CPU tensors or nccl for CUDA tensors"
+    )
 
 
 def _build_outer_optimizer(

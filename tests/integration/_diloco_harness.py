@@ -138,43 +138,39 @@ def sign(rank: int, world: int) -> dict:
     }
 
 
-def agreement(rank: int, world: int, *, configs: list[dict], rounds: int) -> list[list[dict]]:
-    """Different data per rank; a record at every sync and at every inner step in between."""
-    results = []
-    for config in configs:
-        model = make_model(seed=0)
-        inner = make_inner(model)
-        diloco = DiLoCo(model, inner, sync_every=SYNC_EVERY, **config)
-        records: list[dict] = []
+def agreement(rank: int, world: int, *, configs: list[dict], rounds: int) -> list[dict]:
+    """Different data per rank; a record at every sync."""
+    return [_record_syncs(rank, config, rounds) for config in configs]
 
-        def record(step: int) -> None:
-            fragment = diloco.last_fragment
-            records.append(
-                {
-                    "step": step + 1,  # inner steps taken so far
-                    "fragment": fragment,
-                    "fragment_local": _clone(diloco.fragment_parameters(fragment)),
-                    "model_hash": parameters_hash(model),
-                    "global_hash": parameters_hash(diloco.global_parameters()),
-                    "bytes_sent": diloco.bytes_sent,
-                    "outer_step": diloco.outer_step,
-                    "participants": diloco.last_participants,
-                    "norm": diloco.last_pseudo_grad_norm,
-                }
-            )
 
-        train(
-            model, inner, diloco, start=0, stop=rounds * SYNC_EVERY, data_seed=rank, on_sync=record
-        )
-        fragments = [_clone(diloco.fragment_parameters(f)) for f in range(diloco.fragments)]
-        results.append(
+def _record_syncs(rank: int, config: dict, rounds: int) -> dict:
+    model = make_model(seed=0)
+    inner = make_inner(model)
+    diloco = DiLoCo(model, inner, sync_every=SYNC_EVERY, **config)
+    records: list[dict] = []
+
+    def record(step: int) -> None:
+        fragment = diloco.last_fragment
+        records.append(
             {
-                "records": records,
-                "fragments": fragments,
-                "global": _clone(diloco.global_parameters()),
+                "step": step + 1,  # inner steps taken so far
+                "fragment": fragment,
+                "fragment_local": _clone(diloco.fragment_parameters(fragment)),
+                "model_hash": parameters_hash(model),
+                "global_hash": parameters_hash(diloco.global_parameters()),
+                "bytes_sent": diloco.bytes_sent,
+                "outer_step": diloco.outer_step,
+                "participants": diloco.last_participants,
+                "norm": diloco.last_pseudo_grad_norm,
             }
         )
-    return results
+
+    train(model, inner, diloco, start=0, stop=rounds * SYNC_EVERY, data_seed=rank, on_sync=record)
+    return {
+        "records": records,
+        "fragments": [_clone(diloco.fragment_parameters(f)) for f in range(diloco.fragments)],
+        "global": _clone(diloco.global_parameters()),
+    }
 
 
 def nan_guard(rank: int, world: int, *, compression: str) -> dict:

@@ -58,7 +58,7 @@ def two_replicas(tmp_path_factory):
 
 def _assert_all_equal(tensors_a: list[torch.Tensor], tensors_b: list[torch.Tensor]) -> None:
     assert len(tensors_a) == len(tensors_b)
-    for a, b in zip(tensors_a, tensors_b):
+    for a, b in zip(tensors_a, tensors_b, strict=True):
         assert torch.equal(a, b)
 
 
@@ -105,7 +105,7 @@ def test_replicas_agree_after_every_sync_and_each_fragment_syncs_once_per_round(
     for start in range(0, len(synced), fragments):
         assert sorted(synced[start : start + fragments]) == list(range(fragments))
 
-    for sync_0, sync_1 in zip(*records):
+    for sync_0, sync_1 in zip(*records, strict=True):
         assert sync_0["global_hash"] == sync_1["global_hash"]
         assert sync_0["participants"] == sync_1["participants"] == 2
         assert sync_0["norm"] == sync_1["norm"] > 0
@@ -146,7 +146,7 @@ def test_resume_in_fresh_processes_is_bit_exact(two_replicas, tmp_path):
             },
         ),
     )
-    for before, after in zip(two_replicas["straight"], resumed):
+    for before, after in zip(two_replicas["straight"], resumed, strict=True):
         _assert_all_equal(after["model"], before["model"])
         _assert_all_equal(after["global"], before["global"])
         assert after["bytes_sent"] == before["bytes_sent"] > 0
@@ -161,14 +161,16 @@ def nan_runs(tmp_path_factory):
         tmp_path_factory.mktemp("diloco-nan"),
         *(("nan_guard", {"compression": compression}) for compression in compressions),
     )
-    return dict(zip(compressions, results))
+    return dict(zip(compressions, results, strict=True))
 
 
 @pytest.mark.parametrize("compression", ["none", "int8"])
 def test_nan_replica_is_left_out_and_all_nan_round_is_skipped(nan_runs, compression):
     """Acceptance 7 with three replicas; the healthy two are re-run alone as a sub-group."""
     ranks = nan_runs[compression]
-    round_1, round_2, round_3 = (list(s) for s in zip(*(rank["syncs"] for rank in ranks)))
+    round_1, round_2, round_3 = (
+        list(s) for s in zip(*(rank["syncs"] for rank in ranks), strict=True)
+    )
 
     # Round 1: the NaN replica is left out; the global equals the healthy replicas' alone.
     assert [s["participants"] for s in round_1] == [2, 2, 2]
@@ -183,7 +185,7 @@ def test_nan_replica_is_left_out_and_all_nan_round_is_skipped(nan_runs, compress
     assert [s["participants"] for s in round_2] == [3, 3, 3]
 
     # Round 3: every replica non-finite, so the outer step is skipped and nothing moves.
-    for before, after in zip(round_2, round_3):
+    for before, after in zip(round_2, round_3, strict=True):
         assert after["participants"] == 0 and after["norm"] == 0.0
         _assert_all_equal(after["global"], before["global"])
         _assert_all_equal(after["model"], after["global"])
