@@ -6,8 +6,8 @@ not one per step (DiLoCo, arXiv 2311.08105). Streaming fragments spread that exc
 steps and overlap it with compute (Streaming DiLoCo, arXiv 2501.18512); blockwise int8/int4
 payloads cut it further (INTELLECT-1, arXiv 2412.01152). Two additions of ours: a replica whose
 pseudo-gradient is non-finite is left out of the average instead of poisoning every replica, and
-compression is carried as raw bytes (all-gather of uint8), so it runs on any backend and can never
-silently become fp32.
+compression is carried as raw bytes (all-gather of uint8), so it runs on Gloo and NCCL alike and
+can never silently become fp32.
 
 Usage (the caller owns the inner loop)::
 
