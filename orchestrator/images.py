@@ -69,6 +69,16 @@ def ensure_image(
             return image
     except docker.errors.ImageNotFound:
         pass
+    try:
+        client.images.get(base_image)
+    except docker.errors.ImageNotFound:
+        try:
+            client.images.pull(base_image)
+        except docker.errors.APIError as error:
+            raise ImageBuildError(
+                f"base image {base_image} is not here and cannot be pulled ({error.explanation}); "
+                "`bash compose/provision.sh --image-only` builds one offline"
+            ) from error
     log(f"image {tag}: building on {base_image}")
     tail: list[str] = []
     for chunk in client.api.build(

@@ -45,9 +45,10 @@ class MetricsTail:
 
 @dataclass
 class RunProgress:
-    """What a person watching a run wants to see, folded from metrics records."""
+    """What a person watching a run wants to see, folded from metrics records: the means over
+    every replica's inner steps of the latest round, and the latest outer step."""
 
-    last_inner: dict[str, Any] | None = None
+    round_records: list[dict[str, Any]] = field(default_factory=list)
     last_outer: dict[str, Any] | None = None
     outer_steps: set[int] = field(default_factory=set)
     resumes: int = 0
@@ -59,7 +60,9 @@ class RunProgress:
         for record in records:
             event = record.get("event")
             if event == "inner":
-                self.last_inner = record
+                if self.round_records and self.round_records[0].get("round") != record.get("round"):
+                    self.round_records = []
+                self.round_records.append(record)
             elif event == "outer":
                 self.last_outer = record
                 self.outer_steps.add(int(record["outer_step"]))
@@ -70,18 +73,22 @@ class RunProgress:
                 self.resumes += 1
         return outer
 
+    def mean(self, key: str) -> float | None:
+        values = [r[key] for r in self.round_records if _is_number(r.get(key))]
+        return sum(values) / len(values) if values else None
+
     def line(self) -> str:
         parts = []
-        inner = self.last_inner
-        if inner is not None:
-            parts.append(f"round {inner.get('round')} step {inner.get('step')}")
-            losses = " ".join(
-                f"{name} {inner[name]:.4f}" for name in ("grpo", "sdpo", "dpo") if _is_number(inner.get(name))
+        if self.round_records:
+            parts.append(f"round {self.round_records[0].get('round')}")
+            loss = self.mean("loss")
+            channels = " ".join(
+                f"{name} {self.mean(name):.4f}" for name in ("grpo", "sdpo", "dpo") if self.mean(name) is not None
             )
-            if _is_number(inner.get("loss")):
-                parts.append(f"loss {inner['loss']:.4f} ({losses})" if losses else f"loss {inner['loss']:.4f}")
-            if _is_number(inner.get("reward")):
-                parts.append(f"reward {inner['reward']:.3f}")
+            if loss is not None:
+                parts.append(f"loss {loss:.4f} ({channels})" if channels else f"loss {loss:.4f}")
+            if self.mean("reward") is not None:
+                parts.append(f"reward {self.mean('reward'):.3f}")
         outer = self.last_outer
         if outer is not None:
             parts.append(f"outer {outer['outer_step']}")

@@ -74,15 +74,18 @@ def test_metrics_tail_names_the_file_of_a_broken_line(tmp_path: Path) -> None:
         MetricsTail(path).read()
 
 
-def test_progress_counts_outer_steps_across_a_resume() -> None:
+def test_progress_averages_the_latest_round_and_counts_outer_steps_across_a_resume() -> None:
     progress = RunProgress()
+    inner = {"event": "inner", "grpo": 0.5, "sdpo": 0.2, "dpo": 0.05}
     records = [
-        {"event": "inner", "round": 0, "step": 1, "loss": 0.75, "grpo": 0.5, "sdpo": 0.2, "dpo": 0.05, "reward": 0.25},
-        {"event": "outer", "outer_step": 1, "round": 0, "bytes_sent": 3 * 2**20, "replicas": 4},
-        {"event": "outer", "outer_step": 2, "round": 1, "bytes_sent": 3 * 2**20, "replicas": 4},
+        inner | {"round": 0, "step": 0, "replica": 0, "loss": 9.0, "reward": 0.0},
+        {"event": "outer", "outer_step": 1, "round": 0, "bytes_sent": 3 * 2**20, "replicas": 2},
+        inner | {"round": 1, "step": 2, "replica": 0, "loss": 0.5, "reward": 0.25},
+        inner | {"round": 1, "step": 2, "replica": 1, "loss": 1.0, "reward": 0.75, "dpo": 0.15},
+        {"event": "outer", "outer_step": 2, "round": 1, "bytes_sent": 3 * 2**20, "replicas": 2},
         {"event": "resume", "outer_step": 1, "round": 1},
-        {"event": "outer", "outer_step": 2, "round": 1, "bytes_sent": 3 * 2**20, "replicas": 4},
-        {"event": "outer", "outer_step": 4, "round": 3, "bytes_sent": 3 * 2**20, "replicas": 4},
+        {"event": "outer", "outer_step": 2, "round": 1, "bytes_sent": 3 * 2**20, "replicas": 2},
+        {"event": "outer", "outer_step": 4, "round": 3, "bytes_sent": 3 * 2**20, "replicas": 2},
     ]
     new_outer = progress.update(records)
     assert [r["outer_step"] for r in new_outer] == [1, 2, 2, 4]
@@ -90,9 +93,10 @@ def test_progress_counts_outer_steps_across_a_resume() -> None:
     assert missing_outer_steps(progress.outer_steps, expected=4) == [3]
     assert missing_outer_steps({1, 2, 3}, expected=3) == []
     assert progress.line() == (
-        "round 0 step 1 | loss 0.7500 (grpo 0.5000 sdpo 0.2000 dpo 0.0500) | reward 0.250 | "
-        "outer 4 | sent 3.0 MB | replicas 4 | resumes 1"
+        "round 1 | loss 0.7500 (grpo 0.5000 sdpo 0.2000 dpo 0.1000) | reward 0.500 | "
+        "outer 4 | sent 3.0 MB | replicas 2 | resumes 1"
     )
+    assert RunProgress().line() == "waiting for the first step"
 
 
 def test_human_bytes() -> None:
