@@ -31,11 +31,12 @@ bench: venv
 	@set -e; for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f; done
 
 image: venv
-	bash compose/provision.sh --image-only
-
-docker-up: venv
 	bash compose/provision.sh
-	docker compose up --scale worker=$(WORKERS)
+
+# `compose up` returns 0 whatever happened; the coordinator's exit status is the run's.
+docker-up: image
+	COMPOSER_CONFIG=$(CONFIG) docker compose up --scale worker=$(WORKERS)
+	@exit $$(docker inspect -f '{{.State.ExitCode}}' $$(docker compose ps -aq coordinator))
 
 docker-down:
 	docker compose down --remove-orphans

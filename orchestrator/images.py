@@ -92,5 +92,6 @@ def ensure_image(
         if text.startswith("Step "):
             log(text.rstrip())
     image = client.images.get(tag)
+    client.images.prune(filters={"dangling": True, "label": SOURCE_LABEL})  # the builds this one replaced
     log(f"image {tag}: built, {image.attrs['Size'] / 2**20:.0f} MiB")
     return image

@@ -79,6 +79,7 @@ def main() -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda received, _frame: child.send_signal(received))
     code = child.wait()
+    code = 128 - code if code < 0 else code  # killed by signal N: exit 128 + N, as a shell would
     if code == 0:
         store.set(key_done(replica), str(start))
     print(f"[node] replica {replica}: torchrun exited {code}", flush=True)
