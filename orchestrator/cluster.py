@@ -71,8 +71,8 @@ class RunSettings:
             run=env.get("COMPOSER_RUN") or run_name(config),
             overrides=tuple(env.get("COMPOSER_SET", "").split()),
             coordinator=env.get("COMPOSER_COORDINATOR") or "coordinator",
-            port=_int_env(env, "COMPOSER_RDZV_PORT", RDZV_PORT),
-            max_restarts=_int_env(env, "COMPOSER_MAX_RESTARTS", 3),
+            port=int_env(env, "COMPOSER_RDZV_PORT", RDZV_PORT),
+            max_restarts=int_env(env, "COMPOSER_MAX_RESTARTS", 3),
             nproc_per_node=env.get("COMPOSER_NPROC_PER_NODE") or "1",
             runs_root=PurePosixPath(env.get("COMPOSER_RUNS_ROOT") or RUNS_MOUNT),
         )
@@ -82,7 +82,8 @@ class RunSettings:
         return self.runs_root / self.run
 
 
-def _int_env(env: dict[str, str], key: str, default: int) -> int:
+def int_env(env: dict[str, str], key: str, default: int) -> int:
+    """An integer setting from the environment; a bad value is an error that names the variable."""
     raw = env.get(key)
     if not raw:
         return default

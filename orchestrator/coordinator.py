@@ -24,6 +24,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import docker
 from torch.distributed import TCPStore
 
 from orchestrator.cluster import (
@@ -35,11 +36,13 @@ from orchestrator.cluster import (
     ClusterError,
     RunSettings,
     compose_replica_index,
+    int_env,
     key_done,
     key_replica_of,
     key_starts,
 )
 from orchestrator.progress import MetricsTail, RunProgress, missing_outer_steps
+from orchestrator.supervisor import WorkerSupervisor
 
 POLL_S = 1.0
 PROGRESS_EVERY_S = 20.0
@@ -49,7 +52,7 @@ def log(message: str) -> None:
     print(f"[coordinator] {message}", flush=True)
 
 
-def compose_worker_labels(client: Any) -> dict[str, str]:
+def compose_worker_labels(client: docker.DockerClient) -> dict[str, str]:
     """The labels that select this Compose project's worker containers."""
     own = client.containers.get(socket.gethostname())
     project = own.labels.get(COMPOSE_PROJECT)
@@ -58,7 +61,7 @@ def compose_worker_labels(client: Any) -> dict[str, str]:
     return {COMPOSE_PROJECT: project, COMPOSE_SERVICE: "worker"}
 
 
-def count_workers(client: Any, labels: dict[str, str], settle_s: float = 3.0, timeout_s: float = 120.0) -> int:
+def count_workers(client: docker.DockerClient, labels: dict[str, str], settle_s: float = 3.0, timeout_s: float = 120.0) -> int:
     """Worker containers of the project, once their number has held still for `settle_s`.
 
     Compose creates every container of `up --scale worker=N` before it starts the first, so the
@@ -132,11 +135,11 @@ class Coordinator:
         self.run_dir = Path(settings.run_dir)
         self.started = time.time()
         self.stop_requested = False
-        self.supervisor = None
-        self.docker = None
-        if not env.get("COMPOSER_WORKERS"):
-            import docker  # only the Compose coordinator, which holds the socket, needs the SDK
-
+        self.supervisor: WorkerSupervisor | None = None
+        self.fixed_workers = int_env(env, "COMPOSER_WORKERS", 0) or None
+        self.worker_restarts = int_env(env, "COMPOSER_WORKER_RESTARTS", 3)
+        self.docker: docker.DockerClient | None = None
+        if self.fixed_workers is None:
             try:
                 self.docker = docker.from_env()
                 self.docker.ping()
@@ -145,8 +148,6 @@ class Coordinator:
                     f"COMPOSER_WORKERS is unset and the Docker socket does not answer ({error}): "
                     "mount /var/run/docker.sock into the coordinator or set COMPOSER_WORKERS"
                 ) from error
-        self.fixed_workers = int(env["COMPOSER_WORKERS"]) if env.get("COMPOSER_WORKERS") else None
-        self.worker_restarts = int(env.get("COMPOSER_WORKER_RESTARTS") or 3)
 
     def run(self) -> int:
         store = TCPStore(
@@ -157,8 +158,6 @@ class Coordinator:
         if self.fixed_workers is not None:
             nnodes = self.fixed_workers
         else:
-            from orchestrator.supervisor import WorkerSupervisor
-
             labels = compose_worker_labels(self.docker)
             nnodes = count_workers(self.docker, labels)
             self.supervisor = WorkerSupervisor(self.docker, labels, self.worker_restarts)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path, PurePosixPath
 
 import pytest
 
 from orchestrator.cluster import COMPOSE_NUMBER, ClusterError, RunSettings, compose_replica_index, torchrun_command
+from orchestrator.coordinator import cluster_summary
 from orchestrator.progress import MetricsTail, RunProgress, human_bytes, missing_outer_steps
 
 
@@ -101,3 +103,41 @@ def test_progress_averages_the_latest_round_and_counts_outer_steps_across_a_resu
 
 def test_human_bytes() -> None:
     assert [human_bytes(n) for n in (512, 1536, 5 * 2**30, 3 * 2**40)] == ["512 B", "1.5 KB", "5.0 GB", "3072.0 GB"]
+
+
+def _write_run(run_dir: Path, outer_steps: list[int], summary: dict) -> RunProgress:
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    progress = RunProgress()
+    progress.update([{"event": "outer", "outer_step": step, "round": step - 1} for step in outer_steps])
+    return progress
+
+
+def test_cluster_summary_accepts_a_run_with_every_outer_step_and_agreeing_replicas(tmp_path: Path) -> None:
+    summary = {"status": "ok", "outer_steps": 3, "replica_hashes": ["ab", "ab"], "final_param_hash": "ab"}
+    progress = _write_run(tmp_path / "run", [1, 2, 2, 3], summary)  # step 2 repeated after a resume
+    report = cluster_summary(tmp_path / "run", progress, finished=True, reason="")
+    assert (report["status"], report["missing_outer_steps"], report["outer_steps_seen"]) == ("ok", [], 3)
+
+
+@pytest.mark.parametrize(
+    ("steps", "summary", "reason"),
+    [
+        ([1, 3], {"status": "ok", "outer_steps": 3, "replica_hashes": ["ab", "ab"]}, r"outer steps \[2\] missing"),
+        ([1, 2], {"status": "ok", "outer_steps": 2, "replica_hashes": ["ab", "cd"]}, "replica hashes differ"),
+        ([1], {"status": "error", "outer_steps": 1, "replica_hashes": ["ab"]}, "summary.json says status 'error'"),
+    ],
+)
+def test_cluster_summary_fails_a_run_that_lost_a_step_diverged_or_failed(
+    tmp_path: Path, steps: list[int], summary: dict, reason: str
+) -> None:
+    progress = _write_run(tmp_path / "run", steps, summary)
+    report = cluster_summary(tmp_path / "run", progress, finished=True, reason="")
+    assert report["status"] == "failed"
+    assert re.search(reason, report["reason"])
+
+
+def test_cluster_summary_of_an_unfinished_run_keeps_the_coordinators_reason(tmp_path: Path) -> None:
+    progress = _write_run(tmp_path / "run", [1], {"status": "ok", "outer_steps": 1, "replica_hashes": ["ab"]})
+    report = cluster_summary(tmp_path / "run", progress, finished=False, reason="gave up on workers ['w-1']")
+    assert (report["status"], report["reason"]) == ("failed", "gave up on workers ['w-1']")
