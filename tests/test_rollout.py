@@ -24,7 +24,7 @@ def policy():
 def run(policy, tasks, **overrides):
     model, tokenizer, _ = policy
     kwargs = dict(group_size=G, max_prompt_length=64, max_completion_length=3, temperature=1.0, hint_level=2,
-                  sibling_hints=True, with_teacher=True, replay=None, mine_sibling_pairs=False,
+                  sibling_hints=True, teacher=model, replay=None, mine_sibling_pairs=False,
                   pairs_per_step=4, pair_id_prefix="t", rng=random.Random(0))
     kwargs.update(overrides)
     torch.manual_seed(0)

@@ -30,6 +30,7 @@ def _require(ok: bool, key: str, message: str) -> None:
 @dataclass
 class ModelConfig:
     name: str = "tiny"  # "tiny" builds a random Qwen2 offline; anything else is a hub name or path
+    tokenizer: str | None = None  # hub name or path; default: the model's (tiny: trained on the tasks)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Shape of the tiny model (ignored for hub models).
     hidden_size: int = 128
@@ -40,6 +41,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for key in ("hidden_size", "num_layers", "num_heads", "vocab_size"):
             _require(getattr(self, key) >= 1, f"model.{key}", "must be >= 1")
+        _require(self.name != "tiny" or self.tokenizer is None, "model.tokenizer",
+                 "the tiny model trains its own tokenizer on the tasks; leave model.tokenizer unset")
         _require(self.hidden_size % self.num_heads == 0, "model.hidden_size",
                  f"must be divisible by model.num_heads ({self.num_heads})")
 
@@ -146,6 +149,7 @@ class Config:
     seed: int = 0
     rounds: int = 10  # outer steps; the run takes rounds * diloco.sync_every inner steps
     run_dir: str | None = None  # default runs/<name>; $COMPOSER_RUN_DIR overrides both
+    checkpoint_dir: str | None = None  # default <run_dir>/checkpoints; must be shared by all replicas
     replica_size: int | None = None  # ranks per replica; default: one torchrun node
     dist_timeout_s: float = 600.0  # collective timeout: how long survivors wait for a dead peer
     keep_checkpoints: int = 2

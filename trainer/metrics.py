@@ -27,11 +27,27 @@ class MetricsLog:
         self._file.close()
 
 
-def mean_and_error(values: list[float], samples_per_value: int) -> tuple[float, float]:
-    """Mean of per-step mean rewards and its standard error, from the pooled Bernoulli variance."""
+def mean_and_error(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of per-step mean rewards.
+
+    Measured from the spread of the steps themselves, so it holds every source of sampling noise
+    (which prompts were drawn, which completions were sampled), not only the Bernoulli part.
+    """
     mean = sum(values) / len(values)
-    count = len(values) * samples_per_value
-    return mean, math.sqrt(max(mean * (1 - mean), 0.0) / count)
+    if len(values) < 2:
+        return mean, float("nan")
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(variance / len(values))
+
+
+def reward_rise(step_rewards_by_round: list[list[float]]) -> dict[str, float]:
+    """Last quarter of the rounds against the first: the rise and how many standard errors it is."""
+    span = max(1, len(step_rewards_by_round) // 4)
+    first, first_error = mean_and_error([r for rnd in step_rewards_by_round[:span] for r in rnd])
+    last, last_error = mean_and_error([r for rnd in step_rewards_by_round[-span:] for r in rnd])
+    noise = math.hypot(first_error, last_error)
+    return dict(reward_first=first, reward_last=last, reward_rise=last - first,
+                reward_rise_sigmas=(last - first) / noise if noise > 0 else float("nan"))
 
 
 def table_header() -> str:

@@ -139,10 +139,10 @@ def tiny_model_and_tokenizer(
 
 
 def pretrained_model_and_tokenizer(
-    name: str, *, dtype: str = "float32"
+    name: str, *, tokenizer_name: str | None = None, dtype: str = "float32"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Any hub model by name (or a local path); the tokenizer is left-padded for generation."""
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or name)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -107,14 +107,18 @@ def rollout(
     temperature: float,
     hint_level: int,
     sibling_hints: bool,
-    with_teacher: bool,
+    teacher: PreTrainedModel | None,
     replay: TeacherReplayBuffer | None,
     mine_sibling_pairs: bool,
     pairs_per_step: int,
     pair_id_prefix: str,
     rng: random.Random,
 ) -> tuple[ComposerBatch, RolloutStats]:
-    """Sample, score and package one batch; see the module docstring for the layout."""
+    """Sample, score and package one batch; see the module docstring for the layout.
+
+    `teacher` is the SDPO teacher's model (the policy itself, or an EMA copy); with it the batch
+    gets the hinted prompts and the stats the teacher's own reward. None: no SDPO channel.
+    """
     prompts = chat_prompt_ids(tokenizer, [task.prompt() for task in tasks], max_prompt_length)
     repeated = [ids for ids in prompts for _ in range(group_size)]
     prompt_ids, prompt_mask, completion_ids, completion_mask = sample(
@@ -134,14 +138,14 @@ def rollout(
         advantages=group_advantages(rewards, group_size),
     )
     teacher_reward = None
-    if with_teacher:
+    if teacher is not None:
         hints = _teacher_hints(tasks, texts, correct, hint_level=hint_level, use_siblings=sibling_hints)
         hinted = chat_prompt_ids(
             tokenizer, [tasks[row // group_size].prompt(hint) for row, hint in enumerate(hints)],
             max_prompt_length,
         )
         policy.teacher_prompt_ids, policy.teacher_prompt_mask = pad(hinted, tokenizer.pad_token_id, left=True)
-        teacher_reward = _teacher_reward(model, tokenizer, tasks, hint_level, max_prompt_length,
+        teacher_reward = _teacher_reward(teacher, tokenizer, tasks, hint_level, max_prompt_length,
                                          max_completion_length, temperature)
 
     new_pairs = 0

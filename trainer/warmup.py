@@ -1,8 +1,9 @@
 """Supervised warm-up: a random tiny model gets a non-zero reward to learn from.
 
 Part of the recipe for tiny models only (real instruct models start well above zero, so
-`optim.sft_steps` is 0 for them). Half of each batch carries the task's hint in the prompt, so the
-hinted teacher of SDPO has learnt to read a hint before RL starts.
+`optim.sft_steps` is 0 for them). Half of each batch carries a hint in the prompt, in the forms the
+SDPO teacher will read (the task's hint, a correct sibling's answer), so the hinted teacher has
+learnt to read a hint before RL starts.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trainer.rollout import chat_prompt_ids, pad
-from trainer.tasks import AdditionTasks
+from trainer.tasks import AdditionTasks, Task, sibling_hint
 
 
 def supervised_warmup(
@@ -26,6 +27,7 @@ def supervised_warmup(
     batch_size: int,
     lr: float,
     hint_level: int,
+    sibling_hints: bool,
     max_prompt_length: int,
     rng: random.Random,
 ) -> list[float]:
@@ -35,11 +37,8 @@ def supervised_warmup(
     losses = []
     for _ in range(steps):
         batch = [tasks.sample(rng) for _ in range(batch_size)]
-        hinted = [rng.random() < 0.5 for _ in batch]
-        prompts = chat_prompt_ids(
-            tokenizer, [t.prompt(t.hints[hint_level] if h else None) for t, h in zip(batch, hinted)],
-            max_prompt_length,
-        )
+        prompts = chat_prompt_ids(tokenizer, [_warmup_prompt(t, hint_level, sibling_hints, rng) for t in batch],
+                                  max_prompt_length)
         answers = [tokenizer(t.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                    for t in batch]
         ids, mask = pad([p + a for p, a in zip(prompts, answers)], tokenizer.pad_token_id, left=False)
@@ -53,3 +52,12 @@ def supervised_warmup(
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+def _warmup_prompt(task: Task, hint_level: int, sibling_hints: bool, rng: random.Random) -> str:
+    """No hint half of the time; else the teacher's hint (a sibling's answer, if the run uses those)."""
+    if rng.random() < 0.5:
+        return task.prompt()
+    if sibling_hints and rng.random() < 0.5:
+        return task.prompt(sibling_hint(task.answer))
+    return task.prompt(task.hints[hint_level])

@@ -35,7 +35,7 @@ from trainer import checkpoint
 from trainer.config import Config, ConfigError, dump_config, load_config_or_exit
 from trainer.diloco import DiLoCo, parameters_hash
 from trainer.losses import EMATeacher, TeacherReplayBuffer, composer_total_loss
-from trainer.metrics import MetricsLog, mean_and_error, plot_curves, table_header, table_row
+from trainer.metrics import MetricsLog, mean_and_error, plot_curves, reward_rise, table_header, table_row
 from trainer.model import pretrained_model_and_tokenizer, tiny_model_and_tokenizer
 from trainer.rollout import rollout
 from trainer.tasks import make_tasks
@@ -115,7 +115,7 @@ def train(config: Config) -> dict:
     topo = init_distributed(config)
     lead = topo.rank == 0
     run_dir = Path(os.environ.get("COMPOSER_RUN_DIR") or config.run_dir or f"runs/{config.name}")
-    ckpt_root = run_dir / "checkpoints"
+    ckpt_root = Path(config.checkpoint_dir) if config.checkpoint_dir else run_dir / "checkpoints"
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     alpha, beta, rollout_cfg = config.loss.alpha, config.loss.beta, config.rollout
     H = config.diloco.sync_every
@@ -132,7 +132,8 @@ def train(config: Config) -> dict:
             cache_dir=run_dir,
         )
     else:
-        model, tokenizer = pretrained_model_and_tokenizer(config.model.name, dtype=config.model.dtype)
+        model, tokenizer = pretrained_model_and_tokenizer(config.model.name, tokenizer_name=config.model.tokenizer,
+                                                          dtype=config.model.dtype)
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     model.to(device)
 
@@ -142,7 +143,7 @@ def train(config: Config) -> dict:
         # Same seed on every rank: replicas finish the warm-up bit-identical, no sync needed.
         sft_losses = supervised_warmup(
             model, tokenizer, tasks, steps=config.optim.sft_steps, batch_size=config.optim.sft_batch_size,
-            lr=config.optim.sft_lr, hint_level=config.task.hint_level,
+            lr=config.optim.sft_lr, hint_level=config.task.hint_level, sibling_hints=config.task.sibling_hints,
             max_prompt_length=rollout_cfg.max_prompt_length, rng=random.Random(step_seed(config.seed, -1)),
         )
         if lead:
@@ -162,7 +163,8 @@ def train(config: Config) -> dict:
     diloco = DiLoCo(
         model, inner_optimizer, sync_every=H, group=topo.outer_group,
         outer_optimizer=functools.partial(torch.optim.SGD, lr=config.diloco.outer_lr,
-                                          momentum=config.diloco.outer_momentum, nesterov=True),
+                                          momentum=config.diloco.outer_momentum,
+                                          nesterov=config.diloco.outer_momentum > 0),
         fragments=config.diloco.fragments, fragment_delay=config.diloco.fragment_delay,
         fragment_alpha=config.diloco.fragment_alpha, compression=config.diloco.compression,
         error_feedback=config.diloco.error_feedback,
@@ -199,7 +201,7 @@ def train(config: Config) -> dict:
     model.register_forward_pre_hook(lambda *_: forward_calls.__setitem__(0, forward_calls[0] + 1))
 
     # ---- the loop ------------------------------------------------------------------------
-    rounds_seen = []
+    step_rewards_by_round: list[list[float]] = []  # for the reward-rise verdict at the end
     for round_index in range(start_round, config.rounds):
         round_start = time.perf_counter()
         records = []
@@ -217,7 +219,7 @@ def train(config: Config) -> dict:
                 group_size=rollout_cfg.group_size, max_prompt_length=rollout_cfg.max_prompt_length,
                 max_completion_length=rollout_cfg.max_completion_length, temperature=rollout_cfg.temperature,
                 hint_level=config.task.hint_level, sibling_hints=config.task.sibling_hints,
-                with_teacher=alpha > 0, replay=replay, mine_sibling_pairs=not config.task.traces,
+                teacher=None if alpha == 0 else teacher.module if teacher is not None else model, replay=replay, mine_sibling_pairs=not config.task.traces,
                 pairs_per_step=config.loss.dpo_pairs_per_step,
                 pair_id_prefix=f"r{topo.replica_id}-{topo.local_rank}-s{step}", rng=rng,
             )
@@ -268,10 +270,10 @@ def train(config: Config) -> dict:
                 replica_hashes=hashes, replicas=topo.replicas,
             )
             rewards = [r["reward"] for r in all_records]
-            reward, error = mean_and_error(rewards, rollout_cfg.prompts_per_step * rollout_cfg.group_size)
+            reward, error = mean_and_error(rewards)
             teacher_rewards = [r["teacher_reward"] for r in all_records if r["teacher_reward"] is not None]
             means = {k: sum(r[k] for r in all_records) / len(all_records) for k in ("grpo", "sdpo", "dpo")}
-            rounds_seen.append(dict(round=round_index, reward=reward, error=error, **means))
+            step_rewards_by_round.append(rewards)
             print(table_row((
                 round_index + 1, reward, error,
                 sum(teacher_rewards) / len(teacher_rewards) if teacher_rewards else None,
@@ -299,8 +301,8 @@ def train(config: Config) -> dict:
         replica_hashes=final_hashes, replicas_agree=len(set(final_hashes)) == 1,
     )
     if lead:
-        if len(rounds_seen) >= 2:
-            summary.update(_reward_rise(rounds_seen))
+        if len(step_rewards_by_round) >= 2:
+            summary.update(reward_rise(step_rewards_by_round))
             print(f"reward: first rounds {summary['reward_first']:.4f}, last rounds {summary['reward_last']:.4f}, "
                   f"rise {summary['reward_rise']:+.4f} = {summary['reward_rise_sigmas']:.1f} sigma", flush=True)
         metrics.close()
@@ -313,18 +315,6 @@ def train(config: Config) -> dict:
     if dist.is_initialized():
         dist.destroy_process_group()
     return summary
-
-
-def _reward_rise(rounds: list[dict]) -> dict:
-    """Mean reward of the first and last quarter of rounds and the rise in standard errors."""
-    span = max(1, len(rounds) // 4)
-    first, last = rounds[:span], rounds[-span:]
-    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
-    error = lambda rs: (sum(r["error"] ** 2 for r in rs) ** 0.5) / len(rs)  # noqa: E731
-    rise = mean(last, "reward") - mean(first, "reward")
-    noise = (error(first) ** 2 + error(last) ** 2) ** 0.5
-    return dict(reward_first=mean(first, "reward"), reward_last=mean(last, "reward"), reward_rise=rise,
-                reward_rise_sigmas=rise / noise if noise > 0 else float("inf"))
 
 
 def _fill_from_traces(replay: TeacherReplayBuffer, path: str, tokenizer, max_length: int) -> None:

@@ -1,0 +1,124 @@
+"""Framework overhead of the worker's inner step against a bare torch loop.
+
+Same tiny model (the smoke shape), same batch, same forward/backward/AdamW: the worker's step is
+`composer_total_loss` + clip + AdamW + `diloco.step()`; the bare loop is a hand-written Dr.GRPO
+step. With alpha = beta = 0 both do exactly one forward, so the ratio is pure overhead; the full
+three-channel step and the rollout (generation) are reported beside it to show where time goes.
+Writes bench/results/worker.md and .json.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from trainer.config import load_config
+from trainer.diloco import DiLoCo
+from trainer.losses import TeacherReplayBuffer, composer_total_loss
+from trainer.model import tiny_model_and_tokenizer
+from trainer.rollout import rollout
+from trainer.tasks import make_tasks
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+WARMUP, REPEATS = 3, 15
+
+
+def timed(step) -> float:
+    for _ in range(WARMUP):
+        step()
+    samples = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        step()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    config = load_config(REPO / "configs" / "smoke.yaml")
+    tasks = make_tasks(config.task.source, max_operand=config.task.max_operand)
+    model, tokenizer = tiny_model_and_tokenizer(
+        tasks.corpus(), vocab_size=config.model.vocab_size, hidden_size=config.model.hidden_size,
+        num_layers=config.model.num_layers, num_heads=config.model.num_heads, seed=0)
+    rng = random.Random(0)
+    torch.manual_seed(0)
+    replay = TeacherReplayBuffer(model, pad_token_id=tokenizer.pad_token_id)
+    r = config.rollout
+
+    def make_batch():
+        return rollout(
+            model, tokenizer, [tasks.sample(rng) for _ in range(r.prompts_per_step)], group_size=r.group_size,
+            max_prompt_length=r.max_prompt_length, max_completion_length=r.max_completion_length,
+            temperature=r.temperature, hint_level=config.task.hint_level, sibling_hints=True, teacher=model,
+            replay=replay, mine_sibling_pairs=True, pairs_per_step=config.loss.dpo_pairs_per_step,
+            pair_id_prefix=str(rng.random()), rng=rng)
+
+    rollout_seconds = timed(make_batch)
+    batch, _ = make_batch()
+    while batch.preference is None:  # a random model needs a few tries to disagree with itself
+        batch, _ = make_batch()
+    policy = batch.policy
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    diloco = DiLoCo(model, optimizer, sync_every=config.diloco.sync_every)
+
+    def worker_step(alpha: float, beta: float):
+        def step():
+            out = composer_total_loss(model, batch, alpha=alpha, beta=beta,
+                                      max_completion_length=r.max_completion_length)
+            optimizer.zero_grad(set_to_none=True)
+            out.total.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.max_grad_norm)
+            optimizer.step()
+            diloco.step()
+        return step
+
+    def bare_step():
+        ids = torch.cat([policy.prompt_ids, policy.completion_ids], dim=1)
+        mask = torch.cat([policy.prompt_mask, policy.completion_mask], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        logits = logits[:, policy.prompt_ids.shape[1] - 1:-1]
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, policy.completion_ids.unsqueeze(-1)).squeeze(-1)
+        ratio = torch.exp(logp - logp.detach())
+        loss = -(ratio * policy.advantages[:, None] * policy.completion_mask).sum() / policy.completion_mask.numel()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.max_grad_norm)
+        optimizer.step()
+
+    bare = timed(bare_step)
+    grpo_only = timed(worker_step(0.0, 0.0))
+    full = timed(worker_step(config.loss.alpha, config.loss.beta))
+    figures = dict(
+        model=f"Qwen2 tiny {config.model.num_layers}x{config.model.hidden_size}, "
+              f"{sum(p.numel() for p in model.parameters()):,} params",
+        batch=f"{policy.completion_ids.shape[0]} rollouts x {policy.completion_ids.shape[1]} completion tokens, "
+              f"{batch.preference.chosen_ids.shape[0]} DPO pairs",
+        bare_torch_step_s=bare, worker_step_grpo_only_s=grpo_only, overhead_ratio=grpo_only / bare,
+        worker_step_three_channels_s=full, rollout_s=rollout_seconds, threads=1,
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "worker.json").write_text(json.dumps(figures, indent=2))
+    (RESULTS / "worker.md").write_text(
+        "# Worker inner step vs a bare torch loop\n\n"
+        f"{figures['model']}; {figures['batch']}; median of {REPEATS} steps, 1 thread.\n\n"
+        "| step | seconds |\n|---|---|\n"
+        f"| bare torch Dr.GRPO step (forward, backward, clip, AdamW) | {bare:.4f} |\n"
+        f"| worker step, alpha = beta = 0 (same single forward) | {grpo_only:.4f} |\n"
+        f"| **framework overhead ratio** | **{grpo_only / bare:.3f}** |\n"
+        f"| worker step, all three channels (alpha={config.loss.alpha}, beta={config.loss.beta}) | {full:.4f} |\n"
+        f"| rollout: generate {r.group_size} x {r.prompts_per_step} + teacher reward + pairs | {rollout_seconds:.4f} |\n"
+    )
+    print((RESULTS / "worker.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+import json
+import math
+
+from trainer.metrics import MetricsLog, mean_and_error, plot_curves, read_metrics, reward_rise, table_row
+
+
+def test_mean_and_error_by_hand():
+    mean, error = mean_and_error([0.2, 0.4, 0.6])
+    assert math.isclose(mean, 0.4)
+    assert math.isclose(error, math.sqrt(((0.04 + 0 + 0.04) / 2) / 3))
+    assert math.isnan(mean_and_error([0.5])[1])
+
+
+def test_reward_rise_compares_first_and_last_quarter():
+    rounds = [[0.1, 0.3], [0.5, 0.5], [0.5, 0.5], [0.6, 0.8]]
+    verdict = reward_rise(rounds)
+    assert math.isclose(verdict["reward_first"], 0.2) and math.isclose(verdict["reward_last"], 0.7)
+    error = math.sqrt(0.02 / 2)  # both windows: values 0.1 apart from their mean
+    assert math.isclose(verdict["reward_rise_sigmas"], 0.5 / math.hypot(error, error))
+
+
+def test_log_table_and_curves(tmp_path):
+    log = MetricsLog(tmp_path / "run" / "metrics.jsonl")
+    for step in range(4):
+        for replica in (0, 1):
+            log.log("inner", step=step, replica=replica, reward=0.1 * step, teacher_reward=0.5, grpo=0.0,
+                    sdpo=0.1, dpo=0.69, loss=0.8)
+    log.log("outer", outer_step=1, pseudo_grad_norm=0.3)
+    log.close()
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert len(records) == 9 and records[-1] == {"event": "outer", "outer_step": 1, "pseudo_grad_norm": 0.3}
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["event"] == "inner"
+    plot_curves(tmp_path / "run" / "metrics.jsonl", tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert table_row((3, 0.25, None, 1.5e-5, 123.0)).split() == ["3", "0.2500", "-", "1.5e-05", "123.0"]
