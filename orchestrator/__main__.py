@@ -10,7 +10,7 @@ import docker
 
 from orchestrator import launcher
 from orchestrator.cluster import run_name
-from orchestrator.images import DEFAULT_IMAGE, ImageBuildError, ensure_image
+from orchestrator.images import DEFAULT_IMAGE, GPU_IMAGE, ImageBuildError, ensure_image
 
 
 def parser() -> argparse.ArgumentParser:
@@ -23,7 +23,7 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--run", help="run name (default: the config's file name); results land in RUNS_DIR/RUN")
     up.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key, repeatable (passed to trainer.worker)")
-    up.add_argument("--image", default=DEFAULT_IMAGE)
+    up.add_argument("--image", help=f"default: {DEFAULT_IMAGE}, or {GPU_IMAGE} with --gpus")
     up.add_argument("--runs-dir", type=Path, default=Path("runs"))
     up.add_argument("--max-restarts", type=int, default=3, help="torchrun restarts per worker (re-rendezvous)")
     up.add_argument("--worker-restarts", type=int, default=3, help="container restarts per worker")
@@ -44,8 +44,9 @@ def parser() -> argparse.ArgumentParser:
     down.add_argument("--run", help="default: every run")
 
     build = commands.add_parser("build", help="build the trainer image unless it is up to date")
-    build.add_argument("--image", default=DEFAULT_IMAGE)
+    build.add_argument("--image", help=f"default: {DEFAULT_IMAGE}, or {GPU_IMAGE} with --gpus")
     build.add_argument("--base-image", help="default: the one compose/provision.sh chose")
+    build.add_argument("--gpus", action="store_true", help="CUDA torch from the index, not the wheelhouse")
     build.add_argument("--rebuild", action="store_true")
     return root
 
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             return launcher.logs(client, args.run, args.target, follow=args.follow, tail=args.tail)
         if args.command == "down":
             return launcher.down(client, args.run)
-        ensure_image(client, tag=args.image, base_image=args.base_image, rebuild=args.rebuild)
+        ensure_image(client, tag=args.image or (GPU_IMAGE if args.gpus else DEFAULT_IMAGE),
+                     base_image=args.base_image, rebuild=args.rebuild, gpu=args.gpus)
         return 0
     except (ValueError, ImageBuildError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -14,6 +14,7 @@ import docker
 from docker.models.images import Image
 
 DEFAULT_IMAGE = "composer-replication:latest"
+GPU_IMAGE = "composer-replication:gpu"  # CUDA torch from the index, as compose/gpu.yml builds it
 DEFAULT_BASE_IMAGE = "python:3.11-slim"
 SOURCE_LABEL = "composer-replication.source-hash"
 # Written by compose/provision.sh: the base it chose (an offline debootstrap one here).
@@ -34,9 +35,9 @@ def recorded_base_image(root: Path) -> str:
     return record.read_text().strip() if record.exists() else DEFAULT_BASE_IMAGE
 
 
-def source_hash(root: Path, base_image: str) -> str:
-    """Hash of the image's inputs: the copied files, the wheel names and the base image."""
-    digest = hashlib.sha256(base_image.encode())
+def source_hash(root: Path, base_image: str, gpu: bool = False) -> str:
+    """Hash of the image's inputs: the copied files, the wheel names, the base image and flavour."""
+    digest = hashlib.sha256(f"{base_image} gpu={gpu}".encode())
     files = []
     for name in IMAGE_INPUTS:
         path = root / name
@@ -56,12 +57,17 @@ def ensure_image(
     tag: str = DEFAULT_IMAGE,
     base_image: str | None = None,
     rebuild: bool = False,
+    gpu: bool = False,
     log: Callable[[str], None] = print,
 ) -> Image:
-    """Returns the trainer image, building it when it is missing, stale, or `rebuild` is set."""
+    """Returns the trainer image, building it when it is missing, stale, or `rebuild` is set.
+
+    `gpu` installs the dependencies from the index even when there is a wheelhouse, whose torch
+    is the CPU build.
+    """
     root = repo_root()
     base_image = base_image or recorded_base_image(root)
-    wanted = source_hash(root, base_image)
+    wanted = source_hash(root, base_image, gpu)
     try:
         image = client.images.get(tag)
         if not rebuild and image.labels.get(SOURCE_LABEL) == wanted:
@@ -82,7 +88,7 @@ def ensure_image(
     log(f"image {tag}: building on {base_image}")
     tail: list[str] = []
     for chunk in client.api.build(
-        path=str(root), tag=tag, buildargs={"BASE_IMAGE": base_image},
+        path=str(root), tag=tag, buildargs={"BASE_IMAGE": base_image, "WHEELHOUSE": "off" if gpu else "auto"},
         labels={SOURCE_LABEL: wanted}, rm=True, forcerm=True, decode=True,
     ):
         if "error" in chunk:

@@ -17,7 +17,7 @@ import docker
 from docker.models.containers import Container
 
 from orchestrator.cluster import LABEL_REPLICA, LABEL_ROLE, LABEL_RUN, LABEL_RUNS_DIR, RUNS_MOUNT
-from orchestrator.images import DEFAULT_IMAGE, ensure_image, repo_root
+from orchestrator.images import DEFAULT_IMAGE, GPU_IMAGE, ensure_image, repo_root
 from orchestrator.progress import MetricsTail, RunProgress
 from orchestrator.supervisor import WorkerSupervisor
 
@@ -31,7 +31,7 @@ class UpOptions:
     config: str
     run: str
     overrides: list[str] = field(default_factory=list)
-    image: str = DEFAULT_IMAGE
+    image: str | None = None  # default: DEFAULT_IMAGE, or GPU_IMAGE with gpus
     runs_dir: Path = Path("runs")
     torch_restarts: int = 3
     worker_restarts: int = 3
@@ -64,7 +64,8 @@ def up(client: docker.DockerClient, options: UpOptions, out: Callable[[str], Non
     if options.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {options.workers}")
     config = container_config_path(options.config)
-    ensure_image(client, tag=options.image, rebuild=options.rebuild, log=out)
+    image = options.image or (GPU_IMAGE if options.gpus else DEFAULT_IMAGE)
+    ensure_image(client, tag=image, rebuild=options.rebuild, gpu=options.gpus, log=out)
     down(client, options.run, out=lambda _line: None)  # leftovers of an earlier run of this name
     runs_dir = options.runs_dir.resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -84,7 +85,7 @@ def up(client: docker.DockerClient, options: UpOptions, out: Callable[[str], Non
         "COMPOSER_MAX_RESTARTS": str(options.torch_restarts),
     }
     common = {
-        "image": options.image,
+        "image": image,
         "volumes": {
             volume.name: {"bind": str(RUNS_MOUNT), "mode": "rw"},
             str(repo_root() / "configs"): {"bind": "/app/configs", "mode": "ro"},  # edits need no rebuild
@@ -115,7 +116,7 @@ def up(client: docker.DockerClient, options: UpOptions, out: Callable[[str], Non
             **common,
             **gpu,
         ).start()
-    out(f"run {options.run}: {options.workers} workers on {options.image}, config {config}, "
+    out(f"run {options.run}: {options.workers} workers on {image}, config {config}, "
         f"results in {runs_dir / options.run}")
     supervisor = WorkerSupervisor(
         client, labels | {LABEL_ROLE: "worker"}, max_restarts=options.worker_restarts
