@@ -69,6 +69,7 @@ def up(client: docker.DockerClient, options: UpOptions, out: Callable[[str], Non
     down(client, options.run, out=lambda _line: None)  # leftovers of an earlier run of this name
     runs_dir = options.runs_dir.resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
+    (runs_dir / options.run / "cluster.json").unlink(missing_ok=True)  # an earlier run's verdict
     labels = {LABEL_RUN: options.run}
     network = client.networks.create(
         resource_name(options.run, "net"), driver="bridge", internal=True, labels=labels
@@ -158,6 +159,8 @@ def _watch(coordinator: Container, supervisor: WorkerSupervisor, run_dir: Path, 
         time.sleep(POLL_S)
     progress.update(tail.read())
     code = int(coordinator.attrs["State"]["ExitCode"])
+    if code != 0:  # without their rendezvous store the workers cannot finish
+        supervisor.stop_all()
     report_path = run_dir / "cluster.json"
     if report_path.exists():
         report = json.loads(report_path.read_text())
