@@ -17,7 +17,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Validate the config before torchrun starts any process: one error line, exit status 2.
 smoke: venv
+	$(BIN)/python -m trainer.config $(CONFIG)
 	$(BIN)/torchrun --standalone --nproc-per-node=2 -m trainer.worker --config $(CONFIG)
 
 test: venv
