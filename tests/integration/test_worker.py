@@ -47,10 +47,14 @@ def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
+# The EMA teacher and the DPO replay buffer are the state a resume is most likely to lose.
+RESUMABLE = ("rounds=6", "loss.teacher=ema")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted")
-    finish(torchrun(run_dir, "rounds=6"))
+    finish(torchrun(run_dir, *RESUMABLE))
     return run_dir
 
 
@@ -70,8 +74,8 @@ def test_replicas_agree_after_every_outer_step(uninterrupted):
     assert done["final_param_hash"] == outer[-1]["param_hash"]
     assert (uninterrupted / "curves.png").stat().st_size > 10_000
     # all three channels did work on this run (pairs come from disagreeing siblings)
-    assert all(r["loss_forwards"] >= 2 for r in inner)
     assert any(r["dpo"] != 0 for r in inner) and all(r["sdpo"] > 0 for r in inner)
+    assert all(r["teacher_reward"] is not None for r in inner)
 
 
 def _children(pid: int) -> list[int]:
@@ -83,7 +87,7 @@ def _children(pid: int) -> list[int]:
 
 def test_sigkill_mid_round_resumes_bit_exact(uninterrupted, tmp_path):
     run_dir = tmp_path / "killed"
-    process = torchrun(run_dir, "rounds=6", max_restarts=2)
+    process = torchrun(run_dir, *RESUMABLE, max_restarts=2)
     sealed = run_dir / "checkpoints" / "step-000002" / "COMPLETE"
     deadline = time.time() + 300
     while not sealed.exists():
