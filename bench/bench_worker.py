@@ -29,15 +29,16 @@ RESULTS = REPO / "bench" / "results"
 WARMUP, REPEATS = 3, 15
 
 
-def timed(step) -> float:
-    for _ in range(WARMUP):
-        step()
-    samples = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        step()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+def interleaved(steps: dict) -> dict[str, float]:
+    """Median seconds per step of each variant, run in turn so machine load hits all alike."""
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for repeat in range(WARMUP + REPEATS):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if repeat >= WARMUP:
+                samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main() -> None:
@@ -60,7 +61,7 @@ def main() -> None:
             replay=replay, mine_sibling_pairs=True, pairs_per_step=config.loss.dpo_pairs_per_step,
             pair_id_prefix=str(rng.random()), rng=rng)
 
-    rollout_seconds = timed(make_batch)
+    rollout_seconds = interleaved({"rollout": make_batch})["rollout"]
     batch, _ = make_batch()
     while batch.preference is None:  # a random model needs a few tries to disagree with itself
         batch, _ = make_batch()
@@ -94,9 +95,9 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.max_grad_norm)
         optimizer.step()
 
-    bare = timed(bare_step)
-    grpo_only = timed(worker_step(0.0, 0.0))
-    full = timed(worker_step(config.loss.alpha, config.loss.beta))
+    seconds = interleaved({"bare": bare_step, "grpo_only": worker_step(0.0, 0.0),
+                           "full": worker_step(config.loss.alpha, config.loss.beta)})
+    bare, grpo_only, full = seconds["bare"], seconds["grpo_only"], seconds["full"]
     figures = dict(
         model=f"Qwen2 tiny {config.model.num_layers}x{config.model.hidden_size}, "
               f"{sum(p.numel() for p in model.parameters()):,} params",
@@ -109,7 +110,7 @@ def main() -> None:
     (RESULTS / "worker.json").write_text(json.dumps(figures, indent=2))
     (RESULTS / "worker.md").write_text(
         "# Worker inner step vs a bare torch loop\n\n"
-        f"{figures['model']}; {figures['batch']}; median of {REPEATS} steps, 1 thread.\n\n"
+        f"{figures['model']}; {figures['batch']}; median of {REPEATS} steps each, variants interleaved, 1 thread.\n\n"
         "| step | seconds |\n|---|---|\n"
         f"| bare torch Dr.GRPO step (forward, backward, clip, AdamW) | {bare:.4f} |\n"
         f"| worker step, alpha = beta = 0 (same single forward) | {grpo_only:.4f} |\n"

@@ -27,7 +27,9 @@ def worker_command(*overrides: str) -> list[str]:
 def torchrun(run_dir: Path, *overrides: str, max_restarts: int = 0) -> subprocess.Popen:
     command = [TORCHRUN, "--standalone", "--nproc-per-node=2", f"--max-restarts={max_restarts}",
                *worker_command(*overrides)]
-    env = {**os.environ, "COMPOSER_RUN_DIR": str(run_dir)}
+    # Restarted workers must not share torchrun's rendezvous store: they could read the dead
+    # attempt's addresses and fail to connect (pytorch/pytorch#135712).
+    env = {**os.environ, "COMPOSER_RUN_DIR": str(run_dir), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
