@@ -38,13 +38,13 @@ def first_outer_step_seen(metrics: Path) -> bool:
 
 
 def node_ready_times(client: docker.DockerClient, project: str) -> list[float]:
-    """When each worker's launcher got its replica index and world size (its `[node]` line)."""
+    """When each worker container was ready to rendezvous (its launcher's first `[node]` line)."""
     times = []
     for container in client.containers.list(all=True, filters={"label": [
         f"com.docker.compose.project={project}", "com.docker.compose.service=worker"]}):
         for line in container.logs(timestamps=True).decode(errors="replace").splitlines():
             stamp, _, text = line.partition(" ")
-            if text.startswith("[node] replica"):
+            if text.startswith("[node] "):
                 times.append(datetime.fromisoformat(stamp[:26] + "+00:00").timestamp())
                 break
     return sorted(times)
@@ -116,7 +116,9 @@ def main() -> int:
         "",
         "Seconds from `compose up` (containers created, nothing running) to: all containers started; the "
         "first outer DiLoCo step in metrics.jsonl; the run's end (coordinator exited). Rendezvous spread: "
-        "seconds between the first and the last worker container ready to rendezvous.",
+        "seconds between the first and the last worker container ready to rendezvous. On a machine "
+        "shared with other work these seconds vary with its load: all containers together compete as "
+        "one cgroup (cgroup v1, cpu.shares 1024) against each host process.",
         "",
         "| workers | started | first outer step | rendezvous spread | whole run | status | replicas agree |",
         "| ---: | ---: | ---: | ---: | ---: | --- | --- |",

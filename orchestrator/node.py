@@ -54,6 +54,7 @@ def main() -> int:
     address = container_address()
     store = connect_store(settings.coordinator, settings.port, timeout_s=STORE_WAIT_S)
     store.set_timeout(timedelta(seconds=STORE_WAIT_S))
+    print(f"[node] {socket.gethostname()} at {address}: joined the coordinator's store", flush=True)
     replica = replica_index(store, env)
     start = store.add(key_starts(replica), 1)
     nnodes = int(store.get(KEY_NNODES))
