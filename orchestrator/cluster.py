@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from torch.distributed import TCPStore
 
 RDZV_PORT = 29400
-RUNS_MOUNT = PurePosixPath("/app/runs")  # in the image; COMPOSER_RUNS_ROOT moves it (tests on the host)
+RUNS_MOUNT = PurePosixPath("/app/runs")  # in the image; COMPOSER_RUNS_ROOT moves it outside one
 TRAINER_USER = "trainer"
 
 # Store keys, under one prefix so that they never meet torchrun's rendezvous keys.
