@@ -138,7 +138,7 @@ def train(config: Config) -> dict:
     model.to(device)
 
     # ---- warm-up (fresh runs only) and the frozen DPO reference ----------------------------
-    resume_from = checkpoint.latest_complete(ckpt_root)
+    resume_from = gather(checkpoint.latest_complete(ckpt_root))[0]  # rank 0's view decides for all
     if resume_from is None and config.optim.sft_steps:
         # Same seed on every rank: replicas finish the warm-up bit-identical, no sync needed.
         sft_losses = supervised_warmup(
