@@ -41,7 +41,7 @@ class WorkerSupervisor:
         self.given_up: set[str] = set()
         self._stopped_on_purpose: set[str] = set()
         self._dead_seen: set[str] = set()
-        self._events_since = int(time.time())
+        self._events_since = time.time()
 
     def workers(self) -> list[Container]:
         return sorted(self.client.containers.list(all=True, filters=self.filters), key=lambda c: c.name)
@@ -81,9 +81,11 @@ class WorkerSupervisor:
                 container.stop(timeout=timeout_s)
 
     def _read_stop_events(self) -> None:
-        until = int(time.time())
+        # Fractional seconds: a whole-second `until` would hide the latest second's events.
+        until = time.time()
         for event in self.client.events(
-            since=self._events_since, until=until, filters=self.filters | {"event": ["stop"]}, decode=True
+            since=f"{self._events_since:.6f}", until=f"{until:.6f}",
+            filters=self.filters | {"event": ["stop"]}, decode=True,
         ):
             self._stopped_on_purpose.add(event["Actor"]["Attributes"]["name"])
         self._events_since = until

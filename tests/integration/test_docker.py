@@ -23,7 +23,9 @@ import docker  # noqa: E402
 from testcontainers.compose import DockerCompose  # noqa: E402
 from testcontainers.core.container import DockerContainer  # noqa: E402
 
+from orchestrator.cluster import LABEL_RUN  # noqa: E402
 from orchestrator.images import DEFAULT_IMAGE, ensure_image, repo_root  # noqa: E402
+from orchestrator.supervisor import WorkerSupervisor  # noqa: E402
 from trainer.checkpoint import latest_complete  # noqa: E402
 
 pytestmark = [pytest.mark.docker, pytest.mark.integration]
@@ -93,6 +95,31 @@ def test_image_runs_the_trainer_as_a_non_root_user_without_the_wheelhouse(image:
         out = container.logs().decode().split()
     assert out[:2] == ["10001", "False"]
     assert out[2].startswith("2.13.0")
+
+
+def test_supervisor_restarts_a_crashing_worker_a_bounded_number_of_times_and_spares_a_stopped_one(
+    client: docker.DockerClient, image: str
+) -> None:
+    labels = {LABEL_RUN: f"pytest-supervisor-{uuid.uuid4().hex[:6]}"}
+    crasher = DockerContainer(image).with_command(["python", "-c", "import time; time.sleep(1); raise SystemExit(3)"])
+    stopped = DockerContainer(image).with_command(["python", "-c", "import time; time.sleep(600)"])
+    with crasher.with_kwargs(labels=labels), stopped.with_kwargs(labels=labels):
+        supervisor = WorkerSupervisor(client, labels, max_restarts=2)
+        stopped.get_wrapped_container().stop(timeout=1)  # as `compose down` or Ctrl-C would
+        events = []
+        deadline = time.monotonic() + 120
+        while not supervisor.failed:
+            assert time.monotonic() < deadline, f"no give-up in time: {events}"
+            events += supervisor.poll()
+            time.sleep(0.5)
+        events += supervisor.poll()
+        crasher_name = crasher.get_wrapped_container().name
+        stopped_state = client.containers.get(stopped.get_wrapped_container().id).attrs["State"]
+    assert [(e.kind, e.name, e.exit_code, e.restarts) for e in events] == [
+        ("restarted", crasher_name, 3, 1), ("restarted", crasher_name, 3, 2), ("gave_up", crasher_name, 3, 2),
+    ]
+    assert stopped_state["Status"] == "exited" and stopped_state["ExitCode"] != 0
+    assert supervisor.given_up == {crasher_name}
 
 
 @pytest.mark.parametrize("workers", [2, 4])
