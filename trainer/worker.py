@@ -116,7 +116,8 @@ def train(config: Config) -> dict:
     lead = topo.rank == 0
     run_dir = Path(os.environ.get("COMPOSER_RUN_DIR") or config.run_dir or f"runs/{config.name}")
     ckpt_root = Path(config.checkpoint_dir) if config.checkpoint_dir else run_dir / "checkpoints"
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    if "OMP_NUM_THREADS" not in os.environ:  # an explicit setting (torchrun, compose) wins
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     alpha, beta, rollout_cfg = config.loss.alpha, config.loss.beta, config.rollout
     H = config.diloco.sync_every
 
