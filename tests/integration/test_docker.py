@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,7 @@ def image(client: docker.DockerClient) -> str:
 
 
 @pytest.fixture
-def run_name(request: pytest.FixtureRequest) -> str:
+def run_name(request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh run under runs/, removed afterwards (the tests read what they need first)."""
     name = f"pytest-{request.node.name.split('[')[0][5:25].replace('_', '-')}-{uuid.uuid4().hex[:6]}"
     yield name
@@ -66,7 +67,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def test_compose_file_validates_and_keeps_the_socket_away_from_workers() -> None:
+def test_compose_file_validates_and_keeps_the_socket_away_from_workers(client: docker.DockerClient) -> None:
     for files in (["docker-compose.yml"], ["docker-compose.yml", "compose/gpu.yml"]):
         compose = DockerCompose(context=ROOT, compose_file_name=files)
         config = compose.get_config()
