@@ -12,6 +12,7 @@ from trainer.losses import (
     dpo_loss,
     group_advantages,
     grpo_loss,
+    pad_sequences,
     sdpo_loss,
     sequence_logps,
     token_logps,
@@ -351,3 +352,10 @@ def test_ema_teacher_update_moves_rate_of_the_way_to_the_student():
 def test_ema_teacher_rejects_bad_rate():
     with pytest.raises(ValueError, match="rate=0"):
         EMATeacher(nn.Linear(1, 1), rate=0)
+
+
+def test_pad_left_and_right():
+    ids, mask = pad_sequences([[1, 2, 3], [4]], 0, left=True)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_sequences([[1, 2, 3], [4]], 0, left=False)
+    assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]

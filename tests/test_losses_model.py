@@ -15,6 +15,7 @@ from trainer.losses import (
     PolicyBatch,
     TeacherReplayBuffer,
     completion_logits,
+    pad_sequences,
     composer_total_loss,
     dpo_loss,
     grpo_loss,
@@ -37,16 +38,6 @@ def model_and_tokenizer(tmp_path_factory):
     return model, tokenizer
 
 
-def pad(rows, pad_id, *, left):
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        span = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[i, span], mask[i, span] = torch.tensor(row), 1
-    return ids, mask
-
-
 def chat(tokenizer, text):
     return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                               tokenize=True, return_dict=True)["input_ids"])
@@ -58,9 +49,9 @@ def answer(tokenizer, text):
 
 def policy_batch(model, tokenizer, *, snapshot_old_logps=True):
     """Four rollouts: prompts of different lengths (left pad), answers of different lengths (right pad)."""
-    prompt_ids, prompt_mask = pad([chat(tokenizer, q) for q in QUESTIONS], tokenizer.pad_token_id, left=True)
-    completion_ids, completion_mask = pad([answer(tokenizer, a) for a in ANSWERS], tokenizer.pad_token_id, left=False)
-    teacher_ids, teacher_mask = pad([chat(tokenizer, q + HINT) for q in QUESTIONS], tokenizer.pad_token_id, left=True)
+    prompt_ids, prompt_mask = pad_sequences([chat(tokenizer, q) for q in QUESTIONS], tokenizer.pad_token_id, left=True)
+    completion_ids, completion_mask = pad_sequences([answer(tokenizer, a) for a in ANSWERS], tokenizer.pad_token_id, left=False)
+    teacher_ids, teacher_mask = pad_sequences([chat(tokenizer, q + HINT) for q in QUESTIONS], tokenizer.pad_token_id, left=True)
     old_logps = None
     if snapshot_old_logps:  # what the rollout does: score the samples with the sampling policy
         with torch.no_grad():

@@ -7,7 +7,7 @@ import torch
 
 from trainer.losses import TeacherReplayBuffer, composer_total_loss
 from trainer.model import tiny_model_and_tokenizer
-from trainer.rollout import chat_prompt_ids, pad, rollout
+from trainer.rollout import chat_prompt_ids, rollout
 from trainer.tasks import AdditionTasks, Task
 
 G = 4
@@ -29,13 +29,6 @@ def run(policy, tasks, **overrides):
     kwargs.update(overrides)
     torch.manual_seed(0)
     return rollout(model, tokenizer, tasks, **kwargs)
-
-
-def test_pad_left_and_right():
-    ids, mask = pad([[1, 2, 3], [4]], 0, left=True)
-    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    ids, mask = pad([[1, 2, 3], [4]], 0, left=False)
-    assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
 def test_prompt_longer_than_limit_is_an_error(policy):

@@ -39,6 +39,7 @@ __all__ = [
     "token_logps",
     "sequence_logps",
     "completion_logits",
+    "pad_sequences",
     "compose_loss",
     "composer_total_loss",
     "EMATeacher",
@@ -606,15 +607,20 @@ def _as_sequence(name: str, pair_id: str, values: Any) -> Tensor:
     return tensor
 
 
-def _pad_right(sequences: Sequence[Tensor], value: int) -> tuple[Tensor, Tensor]:
-    """Stack 1-D tensors into (B, max_len) right-padded with `value`, plus the 0/1 attention mask."""
+def pad_sequences(sequences: Sequence[Sequence[int] | Tensor], value: int, *, left: bool = False) -> tuple[Tensor, Tensor]:
+    """Stack ragged 1-D id sequences into (B, max_len) padded with `value`, plus the 0/1 mask.
+
+    `left=True` is the layout `generate` and the prompt fields of `PolicyBatch` want; right
+    padding is for completions and full DPO sequences.
+    """
     width = max(len(seq) for seq in sequences)
     ids = torch.full((len(sequences), width), value, dtype=torch.long)
-    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = seq
-        attention[row, : len(seq)] = 1
-    return ids, attention
+        span = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, span] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
 
 
 @contextmanager
@@ -692,10 +698,10 @@ class TeacherReplayBuffer:
         self._score_pending()
         ids = list(self._pairs)
         pairs = [self._pairs[ids[i]] for i in torch.randperm(len(ids), generator=generator)[:n].tolist()]
-        chosen_ids, chosen_attention = _pad_right([p.chosen_ids for p in pairs], self.pad_token_id)
-        rejected_ids, rejected_attention = _pad_right([p.rejected_ids for p in pairs], self.pad_token_id)
-        chosen_loss, _ = _pad_right([p.chosen_loss_mask for p in pairs], 0)
-        rejected_loss, _ = _pad_right([p.rejected_loss_mask for p in pairs], 0)
+        chosen_ids, chosen_attention = pad_sequences([p.chosen_ids for p in pairs], self.pad_token_id)
+        rejected_ids, rejected_attention = pad_sequences([p.rejected_ids for p in pairs], self.pad_token_id)
+        chosen_loss, _ = pad_sequences([p.chosen_loss_mask for p in pairs], 0)
+        rejected_loss, _ = pad_sequences([p.rejected_loss_mask for p in pairs], 0)
         tensors = dict(
             chosen_ids=chosen_ids, chosen_attention_mask=chosen_attention, chosen_loss_mask=chosen_loss,
             rejected_ids=rejected_ids, rejected_attention_mask=rejected_attention, rejected_loss_mask=rejected_loss,
@@ -723,9 +729,9 @@ class TeacherReplayBuffer:
         with _eval_mode(self.reference_model):
             while self._pending:
                 chunk = [self._pairs[pair_id] for pair_id in self._pending[: self.batch_size]]
-                ids, attention = _pad_right([p.chosen_ids for p in chunk] + [p.rejected_ids for p in chunk],
+                ids, attention = pad_sequences([p.chosen_ids for p in chunk] + [p.rejected_ids for p in chunk],
                                             self.pad_token_id)
-                loss_mask, _ = _pad_right([p.chosen_loss_mask for p in chunk] + [p.rejected_loss_mask for p in chunk],
+                loss_mask, _ = pad_sequences([p.chosen_loss_mask for p in chunk] + [p.rejected_loss_mask for p in chunk],
                                           0)
                 ids, attention = ids.to(model_device), attention.to(model_device)
                 logits = self.reference_model(input_ids=ids, attention_mask=attention, use_cache=False).logits

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trainer.losses import ComposerBatch, PolicyBatch, TeacherReplayBuffer, group_advantages
+from trainer.losses import ComposerBatch, PolicyBatch, TeacherReplayBuffer, group_advantages, pad_sequences
 from trainer.tasks import Task, sibling_hint
 
 
@@ -34,25 +34,13 @@ def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, user_messages: list[str]
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
         )
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # transformers 5 returns a BatchEncoding
         if len(ids) > max_length:
             raise ValueError(
                 f"prompt of {len(ids)} tokens exceeds rollout.max_prompt_length={max_length}: {text[:80]!r}"
             )
         rendered.append(list(ids))
     return rendered
-
-
-def pad(sequences: list[list[int]], pad_id: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack ragged id lists into (ids, 0/1 mask)."""
-    width = max(len(seq) for seq in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        span = slice(width - len(seq), width) if left else slice(0, len(seq))
-        ids[row, span] = torch.tensor(seq, dtype=torch.long)
-        mask[row, span] = 1
-    return ids, mask
 
 
 @torch.no_grad()
@@ -69,7 +57,7 @@ def sample(
     The completion mask covers the tokens up to and including the first EOS; what `generate`
     emits after it is padding.
     """
-    prompt_ids, prompt_mask = pad(prompts, tokenizer.pad_token_id, left=True)
+    prompt_ids, prompt_mask = pad_sequences(prompts, tokenizer.pad_token_id, left=True)
     was_training = model.training
     model.eval()
     out = model.generate(
@@ -144,7 +132,7 @@ def rollout(
             tokenizer, [tasks[row // group_size].prompt(hint) for row, hint in enumerate(hints)],
             max_prompt_length,
         )
-        policy.teacher_prompt_ids, policy.teacher_prompt_mask = pad(hinted, tokenizer.pad_token_id, left=True)
+        policy.teacher_prompt_ids, policy.teacher_prompt_mask = pad_sequences(hinted, tokenizer.pad_token_id, left=True)
         teacher_reward = _teacher_reward(teacher, tokenizer, tasks, hint_level, max_prompt_length,
                                          max_completion_length, temperature)
 

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trainer.rollout import chat_prompt_ids, pad
+from trainer.losses import pad_sequences
+from trainer.rollout import chat_prompt_ids
 from trainer.tasks import AdditionTasks, Task, sibling_hint
 
 
@@ -41,7 +42,7 @@ def supervised_warmup(
                                   max_prompt_length)
         answers = [tokenizer(t.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                    for t in batch]
-        ids, mask = pad([p + a for p, a in zip(prompts, answers)], tokenizer.pad_token_id, left=False)
+        ids, mask = pad_sequences([p + a for p, a in zip(prompts, answers)], tokenizer.pad_token_id, left=False)
         labels = ids.masked_fill(mask == 0, -100)
         for row, prompt in enumerate(prompts):
             labels[row, : len(prompt)] = -100

@@ -36,7 +36,7 @@ from trainer.config import Config, ConfigError, dump_config, load_config_or_exit
 from trainer.diloco import DiLoCo, parameters_hash
 from trainer.losses import EMATeacher, TeacherReplayBuffer, composer_total_loss
 from trainer.metrics import MetricsLog, mean_and_error, plot_curves, reward_rise, table_header, table_row
-from trainer.model import pretrained_model_and_tokenizer, tiny_model_and_tokenizer
+from trainer.model import cached_tokenizer, pretrained_model_and_tokenizer, tiny_model_and_tokenizer
 from trainer.rollout import rollout
 from trainer.tasks import make_tasks
 from trainer.warmup import supervised_warmup
@@ -124,11 +124,12 @@ def train(config: Config) -> dict:
     # ---- model and tasks -------------------------------------------------------------------
     tasks = make_tasks(config.task.source, max_operand=config.task.max_operand)
     if config.model.name == "tiny":
+        corpus = tasks.corpus()
         if lead:  # train the tokenizer once; the others read the saved copy
-            tiny_model_and_tokenizer(tasks.corpus(), vocab_size=config.model.vocab_size, cache_dir=run_dir)
+            cached_tokenizer(corpus, vocab_size=config.model.vocab_size, cache_dir=run_dir)
         barrier()
         model, tokenizer = tiny_model_and_tokenizer(
-            tasks.corpus(), vocab_size=config.model.vocab_size, hidden_size=config.model.hidden_size,
+            corpus, vocab_size=config.model.vocab_size, hidden_size=config.model.hidden_size,
             num_layers=config.model.num_layers, num_heads=config.model.num_heads, seed=config.seed,
             cache_dir=run_dir,
         )
