@@ -27,11 +27,8 @@ RUNTIME_ARGS = frozenset({"thought", "impl_source", "translated_ipython_code", "
 
 
 def read_openhands(ctx: FileContext) -> Iterator[TraceExample]:
-    events = load_json_document(ctx.path, ctx)
+    events = load_json_document(ctx.path, ctx, expect=(list, "a list of events"))
     if events is None:
-        return
-    if not isinstance(events, list):
-        ctx.problem("invalid_record", f"expected a list of events, got {type(events).__name__}")
         return
     builder = ConversationBuilder(ctx.problem)
     call_of_event: dict[Any, str] = {}  # action event id -> tool call id, for observations linked by `cause`

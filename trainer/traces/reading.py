@@ -175,8 +175,11 @@ def iter_jsonl(path: Path, ctx: FileContext) -> Iterator[tuple[int, dict[str, An
                 yield line_no, value, digest
 
 
-def load_json_document(path: Path, ctx: FileContext) -> Any | None:
-    """A whole-file JSON document (OpenHands, SWE-agent), repaired like a JSONL line; None if unusable."""
+def load_json_document(path: Path, ctx: FileContext, *, expect: tuple[type, str] | None = None) -> Any | None:
+    """A whole-file JSON document (OpenHands, SWE-agent), repaired like a JSONL line; None if unusable.
+
+    `expect=(type, description)` also counts a document of another type as an invalid record.
+    """
     raw = path.read_bytes()
     ctx.lines_read(raw.count(b"\n") + (0 if raw.endswith(b"\n") or not raw else 1))
     if ctx.progress is not None:
@@ -197,4 +200,7 @@ def load_json_document(path: Path, ctx: FileContext) -> Any | None:
         value, changed = _replace_lone_surrogates(value)
         if changed:
             ctx.problem("lone_surrogate")
+    if expect is not None and not isinstance(value, expect[0]):
+        ctx.problem("invalid_record", f"expected {expect[1]}, got {type(value).__name__}")
+        return None
     return value

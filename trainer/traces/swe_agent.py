@@ -22,11 +22,8 @@ FORMAT = "swe_agent"
 
 
 def read_swe_agent(ctx: FileContext) -> Iterator[TraceExample]:
-    document = load_json_document(ctx.path, ctx)
+    document = load_json_document(ctx.path, ctx, expect=(dict, "an object"))
     if document is None:
-        return
-    if not isinstance(document, dict):
-        ctx.problem("invalid_record", f"expected an object, got {type(document).__name__}")
         return
     trajectory = document.get("trajectory") if isinstance(document.get("trajectory"), list) else []
     history, where = _context(document, trajectory)
