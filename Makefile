@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed-stamp
 CONFIG  ?= configs/smoke.yaml
 WORKERS ?= 8
 
-.PHONY: venv smoke test test-fast bench image docker-up docker-down clean
+.PHONY: venv smoke test lint format test-fast bench image docker-up docker-down clean
 
 # (Re)create the venv whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -22,8 +22,17 @@ smoke: venv
 	$(BIN)/python -m trainer.config $(CONFIG)
 	$(BIN)/torchrun --standalone --nproc-per-node=2 -m trainer.worker --config $(CONFIG)
 
-test: venv
+# The lint and format check first: CI runs `make test`, so it runs these too (`make format` fixes).
+test: venv lint
 	$(BIN)/python -m pytest tests
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # Everything but the Docker tests: the inner loop while developing.
 test-fast: venv

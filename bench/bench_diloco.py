@@ -82,9 +82,7 @@ def _ddp_bytes_per_step() -> int:
     ddp = DistributedDataParallel(model)
     counted = {"bytes": 0}
 
-    def counting_allreduce(
-        state: dict, bucket: dist.GradBucket
-    ) -> torch.futures.Future[torch.Tensor]:
+    def counting_allreduce(state: dict, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         state["bytes"] += bucket.buffer().numel() * bucket.buffer().element_size()
         return default_hooks.allreduce_hook(None, bucket)
 
@@ -203,9 +201,7 @@ def _markdown(results: dict) -> str:
         "|---|---|---|",
     ]
     for name, row in results["diloco"].items():
-        lines.append(
-            f"| {name} | {row['syncs_per_outer_step']} | {row['step_seconds_per_outer_step']:.3f} |"
-        )
+        lines.append(f"| {name} | {row['syncs_per_outer_step']} | {row['step_seconds_per_outer_step']:.3f} |")
     lines += [
         "",
         "## Collective time vs payload size (loopback Gloo, 2 processes)",

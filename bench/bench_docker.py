@@ -40,8 +40,9 @@ def first_outer_step_seen(metrics: Path) -> bool:
 def node_ready_times(client: docker.DockerClient, project: str) -> list[float]:
     """When each worker container was ready to rendezvous (its launcher's first `[node]` line)."""
     times = []
-    for container in client.containers.list(all=True, filters={"label": [
-        f"com.docker.compose.project={project}", "com.docker.compose.service=worker"]}):
+    for container in client.containers.list(
+        all=True, filters={"label": [f"com.docker.compose.project={project}", "com.docker.compose.service=worker"]}
+    ):
         for line in container.logs(timestamps=True).decode(errors="replace").splitlines():
             stamp, _, text = line.partition(" ")
             if text.startswith("[node] "):
@@ -55,14 +56,22 @@ def measure(client: docker.DockerClient, workers: int) -> dict:
     run_dir = ROOT / "runs" / run
     shutil.rmtree(run_dir, ignore_errors=True)
     env = os.environ | {
-        "COMPOSE_PROJECT_NAME": project, "COMPOSER_CONFIG": CONFIG, "COMPOSER_RUN": run,
-        "COMPOSER_IMAGE": DEFAULT_IMAGE, "COMPOSE_BAKE": "false",
+        "COMPOSE_PROJECT_NAME": project,
+        "COMPOSER_CONFIG": CONFIG,
+        "COMPOSER_RUN": run,
+        "COMPOSER_IMAGE": DEFAULT_IMAGE,
+        "COMPOSE_BAKE": "false",
     }
     compose = ["docker", "compose", "-f", str(ROOT / "docker-compose.yml")]
     try:
         start = time.time()
-        subprocess.run([*compose, "up", "--detach", "--scale", f"worker={workers}"], env=env, cwd=ROOT,
-                       check=True, capture_output=True)
+        subprocess.run(
+            [*compose, "up", "--detach", "--scale", f"worker={workers}"],
+            env=env,
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
         started = time.time()
         first_outer = None
         coordinator = client.containers.get(f"{project}-coordinator-1")
@@ -104,8 +113,13 @@ def main() -> int:
     for row in rows:
         print(json.dumps(row))
     size_mib = image.attrs["Size"] / 2**20
-    result = {"image": DEFAULT_IMAGE, "image_size_mib": round(size_mib), "config": CONFIG, "cpus": os.cpu_count(),
-              "runs": rows}
+    result = {
+        "image": DEFAULT_IMAGE,
+        "image_size_mib": round(size_mib),
+        "config": CONFIG,
+        "cpus": os.cpu_count(),
+        "runs": rows,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "docker.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [

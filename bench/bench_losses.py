@@ -46,8 +46,7 @@ ALPHA, BETA = 0.5, 0.5
 TOP_K = 64
 # Model and batch for part 1: a small Qwen2 with a real-sized vocabulary, so the logits dominate
 # as they do for Qwen (V = 150k) at scale.
-MODEL = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2)
+MODEL = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 ROLLOUTS, PROMPT, HINTED_PROMPT, COMPLETION, PAIRS, PAIR_LENGTH = 8, 32, 48, 64, 4, 96
 # Part 2: random logits.
 SDPO_SHAPE = (4, 128, VOCAB)
@@ -99,18 +98,24 @@ def random_batch(generator: torch.Generator) -> ComposerBatch:
     pair_mask = ragged_mask(2 * PAIRS, PAIR_LENGTH, left=False)
     loss_mask = pair_mask * (torch.arange(PAIR_LENGTH) >= PAIR_LENGTH // 3)
     policy = PolicyBatch(
-        prompt_ids=ids(ROLLOUTS, PROMPT), prompt_mask=ragged_mask(ROLLOUTS, PROMPT, left=True),
-        completion_ids=ids(ROLLOUTS, COMPLETION), completion_mask=ragged_mask(ROLLOUTS, COMPLETION, left=False),
+        prompt_ids=ids(ROLLOUTS, PROMPT),
+        prompt_mask=ragged_mask(ROLLOUTS, PROMPT, left=True),
+        completion_ids=ids(ROLLOUTS, COMPLETION),
+        completion_mask=ragged_mask(ROLLOUTS, COMPLETION, left=False),
         advantages=torch.randn(ROLLOUTS, generator=generator),
         teacher_prompt_ids=ids(ROLLOUTS, HINTED_PROMPT),
         teacher_prompt_mask=ragged_mask(ROLLOUTS, HINTED_PROMPT, left=True),
     )
     pair_ids = ids(2 * PAIRS, PAIR_LENGTH)
     preference = PreferenceBatch(
-        chosen_ids=pair_ids[:PAIRS], chosen_attention_mask=pair_mask[:PAIRS], chosen_loss_mask=loss_mask[:PAIRS],
-        rejected_ids=pair_ids[PAIRS:], rejected_attention_mask=pair_mask[PAIRS:],
+        chosen_ids=pair_ids[:PAIRS],
+        chosen_attention_mask=pair_mask[:PAIRS],
+        chosen_loss_mask=loss_mask[:PAIRS],
+        rejected_ids=pair_ids[PAIRS:],
+        rejected_attention_mask=pair_mask[PAIRS:],
         rejected_loss_mask=loss_mask[PAIRS:],
-        ref_chosen_logps=torch.zeros(PAIRS), ref_rejected_logps=torch.zeros(PAIRS),
+        ref_chosen_logps=torch.zeros(PAIRS),
+        ref_rejected_logps=torch.zeros(PAIRS),
     )
     return ComposerBatch(policy=policy, preference=preference)
 
@@ -126,12 +131,14 @@ def separate_steps(model: torch.nn.Module, batch: ComposerBatch, top_k: int | No
     policy, pairs = batch.policy, batch.preference
     student = (policy.prompt_ids, policy.prompt_mask, policy.completion_ids, policy.completion_mask)
     logits = completion_logits(model, *student)
-    grpo_loss(token_logps(logits, policy.completion_ids), policy.old_logps, policy.advantages,
-              policy.completion_mask).backward()
+    grpo_loss(
+        token_logps(logits, policy.completion_ids), policy.old_logps, policy.advantages, policy.completion_mask
+    ).backward()
     del logits
     with torch.no_grad():
-        teacher = completion_logits(model, policy.teacher_prompt_ids, policy.teacher_prompt_mask,
-                                    policy.completion_ids, policy.completion_mask)
+        teacher = completion_logits(
+            model, policy.teacher_prompt_ids, policy.teacher_prompt_mask, policy.completion_ids, policy.completion_mask
+        )
     (ALPHA * sdpo_loss(completion_logits(model, *student), teacher, policy.completion_mask, top_k=top_k)).backward()
     del teacher
     sides = [
@@ -152,7 +159,7 @@ def bench_composed(generator: torch.Generator) -> list[dict]:
     rows = []
     for top_k in (None, TOP_K):
         for name, step in (("composer_total_loss", composed_step), ("separate passes", separate_steps)):
-            result = measure(lambda: step(model, batch, top_k))
+            result = measure(lambda step=step, top_k=top_k: step(model, batch, top_k))
             rows.append({"how": name, "sdpo_top_k": top_k, **result})
     return rows
 
@@ -163,9 +170,11 @@ def bench_sdpo(generator: torch.Generator) -> list[dict]:
     mask = torch.ones(SDPO_SHAPE[:2])
     rows = []
     for top_k, add_tail in ((None, True), (TOP_K, True), (TOP_K, False)):
-        def step() -> None:
+
+        def step(top_k: int | None = top_k, add_tail: bool = add_tail) -> None:
             student.grad = None
             sdpo_loss(student, teacher, mask, alpha=0.5, top_k=top_k, add_tail=add_tail).backward()
+
         rows.append({"top_k": top_k, "add_tail": add_tail, **measure(step)})
     return rows
 
@@ -174,10 +183,18 @@ def write_results(composed: list[dict], sdpo: list[dict]) -> None:
     logits_mib = torch.Size(SDPO_SHAPE).numel() * 4 / 2**20
     setup = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at the end",
+        f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at the end",
         "model": {"vocab_size": VOCAB, **MODEL},
-        "batch": {"rollouts": ROLLOUTS, "prompt": PROMPT, "hinted_prompt": HINTED_PROMPT, "completion": COMPLETION,
-                  "pairs": PAIRS, "pair_length": PAIR_LENGTH, "alpha": ALPHA, "beta": BETA},
+        "batch": {
+            "rollouts": ROLLOUTS,
+            "prompt": PROMPT,
+            "hinted_prompt": HINTED_PROMPT,
+            "completion": COMPLETION,
+            "pairs": PAIRS,
+            "pair_length": PAIR_LENGTH,
+            "alpha": ALPHA,
+            "beta": BETA,
+        },
         "sdpo_logits_shape": list(SDPO_SHAPE),
         "repeats": REPEATS,
     }
@@ -200,15 +217,21 @@ def write_results(composed: list[dict], sdpo: list[dict]) -> None:
         "",
         "| how | SDPO top-k | fwd+bwd wall (s) | CPU (s) | peak (MiB) |",
         "|---|---|---|---|---|",
-        *(f"| {r['how']} | {r['sdpo_top_k'] or 'full vocab'} | {r['seconds']:.3f} | {r['cpu_seconds']:.3f} | "
-          f"{r['peak_mib']:.0f} |" for r in composed),
+        *(
+            f"| {r['how']} | {r['sdpo_top_k'] or 'full vocab'} | {r['seconds']:.3f} | {r['cpu_seconds']:.3f} | "
+            f"{r['peak_mib']:.0f} |"
+            for r in composed
+        ),
         "",
         f"## sdpo_loss at V = {VOCAB}, logits {tuple(SDPO_SHAPE)} (one logits tensor = {logits_mib:.0f} MiB)",
         "",
         "| top-k | tail bucket | fwd+bwd wall (s) | CPU (s) | peak (MiB) | peak vs full vocab |",
         "|---|---|---|---|---|---|",
-        *(f"| {r['top_k'] or 'full vocab'} | {'yes' if r['add_tail'] else 'no'} | {r['seconds']:.3f} | "
-          f"{r['cpu_seconds']:.3f} | {r['peak_mib']:.0f} | {r['peak_mib'] / full['peak_mib']:.2f}x |" for r in sdpo),
+        *(
+            f"| {r['top_k'] or 'full vocab'} | {'yes' if r['add_tail'] else 'no'} | {r['seconds']:.3f} | "
+            f"{r['cpu_seconds']:.3f} | {r['peak_mib']:.0f} | {r['peak_mib'] / full['peak_mib']:.2f}x |"
+            for r in sdpo
+        ),
         "",
     ]
     (RESULTS / "losses.md").write_text("\n".join(lines))

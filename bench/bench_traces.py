@@ -68,11 +68,22 @@ print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_max
 
 
 def _entry(session: str, uuid: str, parent: str | None, kind: str, clock: int, **fields) -> str:
-    return json.dumps({
-        "parentUuid": parent, "isSidechain": False, "userType": "external", "cwd": "/work/project",
-        "sessionId": session, "version": "2.0.46", "gitBranch": "main", "type": kind, "uuid": uuid,
-        "timestamp": f"2025-11-19T{clock // 3600 % 24:02d}:{clock // 60 % 60:02d}:{clock % 60:02d}.000Z", **fields,
-    }, ensure_ascii=False)
+    return json.dumps(
+        {
+            "parentUuid": parent,
+            "isSidechain": False,
+            "userType": "external",
+            "cwd": "/work/project",
+            "sessionId": session,
+            "version": "2.0.46",
+            "gitBranch": "main",
+            "type": kind,
+            "uuid": uuid,
+            "timestamp": f"2025-11-19T{clock // 3600 % 24:02d}:{clock // 60 % 60:02d}:{clock % 60:02d}.000Z",
+            **fields,
+        },
+        ensure_ascii=False,
+    )
 
 
 def _turn(session: str, turn: int, parent: str | None) -> tuple[list[str], str]:
@@ -86,22 +97,82 @@ def _turn(session: str, turn: int, parent: str | None) -> tuple[list[str], str]:
     message_id = f"msg_{session}_{turn}"
     lines = [
         _entry(session, ids[0], parent, "user", clock, message={"role": "user", "content": content}),
-        _entry(session, ids[1], ids[0], "assistant", clock + 1, requestId=f"req_{turn}", message={
-            "id": message_id, "role": "assistant", "model": "claude-sonnet-4-5-20250929", "usage": usage,
-            "content": [{"type": "thinking", "thinking": "I should read the file first.", "signature": "x" * 200},
-                        {"type": "text", "text": "Let me read the pipeline module."}]}),
-        _entry(session, ids[2], ids[1], "assistant", clock + 2, requestId=f"req_{turn}", message={
-            "id": message_id, "role": "assistant", "model": "claude-sonnet-4-5-20250929", "usage": usage,
-            "content": [{"type": "tool_use", "id": f"toolu_{turn}", "name": "Read",
-                         "input": {"file_path": "/work/project/pipeline.py"}}]}),
-        _entry(session, ids[3], ids[2], "user", clock + 3,
-               message={"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"toolu_{turn}",
-                                                     "content": FILE_TEXT}]},
-               toolUseResult={"type": "text", "file": {"filePath": "/work/project/pipeline.py", "content": FILE_TEXT,
-                                                       "numLines": 160, "startLine": 1, "totalLines": 160}}),
-        _entry(session, ids[4], ids[3], "assistant", clock + 4, requestId=f"req_{turn}b", message={
-            "id": f"{message_id}b", "role": "assistant", "model": "claude-sonnet-4-5-20250929", "usage": usage,
-            "content": [{"type": "text", "text": f"Step {turn} adds one to the previous value."}]}),
+        _entry(
+            session,
+            ids[1],
+            ids[0],
+            "assistant",
+            clock + 1,
+            requestId=f"req_{turn}",
+            message={
+                "id": message_id,
+                "role": "assistant",
+                "model": "claude-sonnet-4-5-20250929",
+                "usage": usage,
+                "content": [
+                    {"type": "thinking", "thinking": "I should read the file first.", "signature": "x" * 200},
+                    {"type": "text", "text": "Let me read the pipeline module."},
+                ],
+            },
+        ),
+        _entry(
+            session,
+            ids[2],
+            ids[1],
+            "assistant",
+            clock + 2,
+            requestId=f"req_{turn}",
+            message={
+                "id": message_id,
+                "role": "assistant",
+                "model": "claude-sonnet-4-5-20250929",
+                "usage": usage,
+                "content": [
+                    {
+                        "type": "tool_use",
+                        "id": f"toolu_{turn}",
+                        "name": "Read",
+                        "input": {"file_path": "/work/project/pipeline.py"},
+                    }
+                ],
+            },
+        ),
+        _entry(
+            session,
+            ids[3],
+            ids[2],
+            "user",
+            clock + 3,
+            message={
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": f"toolu_{turn}", "content": FILE_TEXT}],
+            },
+            toolUseResult={
+                "type": "text",
+                "file": {
+                    "filePath": "/work/project/pipeline.py",
+                    "content": FILE_TEXT,
+                    "numLines": 160,
+                    "startLine": 1,
+                    "totalLines": 160,
+                },
+            },
+        ),
+        _entry(
+            session,
+            ids[4],
+            ids[3],
+            "assistant",
+            clock + 4,
+            requestId=f"req_{turn}b",
+            message={
+                "id": f"{message_id}b",
+                "role": "assistant",
+                "model": "claude-sonnet-4-5-20250929",
+                "usage": usage,
+                "content": [{"type": "text", "text": f"Step {turn} adds one to the previous value."}],
+            },
+        ),
     ]
     return lines, ids[4]
 
@@ -123,8 +194,7 @@ def generate(path: Path, size_mb: int, *, one_session: bool) -> None:
 
 
 def run_child(code: str, *args: str) -> dict:
-    result = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, check=True)
     return json.loads(result.stdout)
 
 
@@ -141,11 +211,20 @@ def memory_rows(workdir: Path) -> list[dict]:
                 measured["python_peak_mb"] = run_child(INGEST_CHILD, str(path), "trace")["python_peak_mb"]
             finally:
                 path.unlink()
-            rows.append({"layout": "one session" if one_session else "many sessions", "file_mb": actual / MB,
-                         "mb_per_s": actual / MB / measured["seconds"], **measured})
-            print(f"{rows[-1]['layout']:>13} {actual / MB:7.0f} MB: peak RSS {measured['peak_rss_mb']:6.1f} MB, "
-                  f"Python peak {measured['python_peak_mb']:6.1f} MB, {rows[-1]['mb_per_s']:5.1f} MB/s, "
-                  f"{measured['examples']} examples", flush=True)
+            rows.append(
+                {
+                    "layout": "one session" if one_session else "many sessions",
+                    "file_mb": actual / MB,
+                    "mb_per_s": actual / MB / measured["seconds"],
+                    **measured,
+                }
+            )
+            print(
+                f"{rows[-1]['layout']:>13} {actual / MB:7.0f} MB: peak RSS {measured['peak_rss_mb']:6.1f} MB, "
+                f"Python peak {measured['python_peak_mb']:6.1f} MB, {rows[-1]['mb_per_s']:5.1f} MB/s, "
+                f"{measured['examples']} examples",
+                flush=True,
+            )
     return rows
 
 
@@ -160,14 +239,20 @@ def pairs_row(workdir: Path) -> dict:
         log.user("u0", "Hi " * 50)
         log.assistant("a0", "Hello, what should I work on? " * 10)
         log.user("u1", f"Rename symbol_{n} everywhere in the package " * 5)
-        log.assistant("a1", "Rewriting every file from scratch. " * 20,
-                      tool_uses=(("t1", "Bash", {"command": "rm -rf src && git init"}),))
+        log.assistant(
+            "a1",
+            "Rewriting every file from scratch. " * 20,
+            tool_uses=(("t1", "Bash", {"command": "rm -rf src && git init"}),),
+        )
         log.tool_result("r1", "t1", "The user doesn't want to proceed with this tool use.", is_error=True)
         log.user("i1", "[Request interrupted by user for tool use]")
         log._clock += 600
         log.user("u1b", f"Rename symbol_{n} everywhere in the package " * 5, parent="a0")
-        log.assistant("a1b", "Using a targeted sed. " * 20,
-                      tool_uses=(("t2", "Bash", {"command": f"sed -i s/symbol_{n}/renamed/ src/*.py"}),))
+        log.assistant(
+            "a1b",
+            "Using a targeted sed. " * 20,
+            tool_uses=(("t2", "Bash", {"command": f"sed -i s/symbol_{n}/renamed/ src/*.py"}),),
+        )
         log.tool_result("r2", "t2", "")
         log.assistant("a2b", "Renamed in 12 files.")
         lines += log.lines()
@@ -179,16 +264,25 @@ def pairs_row(workdir: Path) -> dict:
     start = time.perf_counter()
     tokens = [render_pair(pair, tokenizer, max_length=1024) for pair in pairs]
     render_seconds = time.perf_counter() - start
-    return {"sessions": FORK_SESSIONS, "pairs": len(pairs), "file_mb": path.stat().st_size / MB,
-            "ingest_and_mine_s": mine_seconds, "pairs_per_s": len(pairs) / mine_seconds,
-            "render_ms_per_pair": 1000 * render_seconds / len(pairs),
-            "mean_tokens_per_side": sum(len(t.chosen_ids) + len(t.rejected_ids) for t in tokens) / 2 / len(tokens)}
+    return {
+        "sessions": FORK_SESSIONS,
+        "pairs": len(pairs),
+        "file_mb": path.stat().st_size / MB,
+        "ingest_and_mine_s": mine_seconds,
+        "pairs_per_s": len(pairs) / mine_seconds,
+        "render_ms_per_pair": 1000 * render_seconds / len(pairs),
+        "mean_tokens_per_side": sum(len(t.chosen_ids) + len(t.rejected_ids) for t in tokens) / 2 / len(tokens),
+    }
 
 
 def write_report(baseline: dict, rows: list[dict], pairs: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    figures = {"machine": f"{platform.machine()}, {platform.python_version()}", "baseline": baseline,
-               "memory": rows, "pairs": pairs}
+    figures = {
+        "machine": f"{platform.machine()}, {platform.python_version()}",
+        "baseline": baseline,
+        "memory": rows,
+        "pairs": pairs,
+    }
     (RESULTS / "traces.json").write_text(json.dumps(figures, indent=1) + "\n")
     many = [r for r in rows if r["layout"] == "many sessions"]
     growth = many[-1]["peak_rss_mb"] - many[0]["peak_rss_mb"]
@@ -206,9 +300,11 @@ def write_report(baseline: dict, rows: list[dict], pairs: dict) -> None:
         "| largest example text (MB) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    lines += [f"| {r['layout']} | {r['file_mb']:.0f} | {r['peak_rss_mb']:.1f} | {r['python_peak_mb']:.1f} "
-              f"| {r['mb_per_s']:.1f} | {r['examples']} | {r['messages']} | {r['largest_example_text_mb']:.2f} |"
-              for r in rows]
+    lines += [
+        f"| {r['layout']} | {r['file_mb']:.0f} | {r['peak_rss_mb']:.1f} | {r['python_peak_mb']:.1f} "
+        f"| {r['mb_per_s']:.1f} | {r['examples']} | {r['messages']} | {r['largest_example_text_mb']:.2f} |"
+        for r in rows
+    ]
     lines += [
         "",
         "Python peak: the largest amount of memory Python objects held at once (tracemalloc, a second run).",

@@ -46,8 +46,13 @@ def main() -> None:
     config = load_config(REPO / "configs" / "smoke.yaml")
     tasks = make_tasks(config.task.source, max_operand=config.task.max_operand)
     model, tokenizer = tiny_model_and_tokenizer(
-        tasks.corpus(), vocab_size=config.model.vocab_size, hidden_size=config.model.hidden_size,
-        num_layers=config.model.num_layers, num_heads=config.model.num_heads, seed=0)
+        tasks.corpus(),
+        vocab_size=config.model.vocab_size,
+        hidden_size=config.model.hidden_size,
+        num_layers=config.model.num_layers,
+        num_heads=config.model.num_heads,
+        seed=0,
+    )
     rng = random.Random(0)
     torch.manual_seed(0)
     replay = TeacherReplayBuffer(model, pad_token_id=tokenizer.pad_token_id)
@@ -55,11 +60,22 @@ def main() -> None:
 
     def make_batch():
         return rollout(
-            model, tokenizer, [tasks.sample(rng) for _ in range(r.prompts_per_step)], group_size=r.group_size,
-            max_prompt_length=r.max_prompt_length, max_completion_length=r.max_completion_length,
-            temperature=r.temperature, hint_level=config.task.hint_level, sibling_hints=True, teacher=model,
-            replay=replay, mine_sibling_pairs=True, pairs_per_step=config.loss.dpo_pairs_per_step,
-            pair_id_prefix=str(rng.random()), rng=rng)
+            model,
+            tokenizer,
+            [tasks.sample(rng) for _ in range(r.prompts_per_step)],
+            group_size=r.group_size,
+            max_prompt_length=r.max_prompt_length,
+            max_completion_length=r.max_completion_length,
+            temperature=r.temperature,
+            hint_level=config.task.hint_level,
+            sibling_hints=True,
+            teacher=model,
+            replay=replay,
+            mine_sibling_pairs=True,
+            pairs_per_step=config.loss.dpo_pairs_per_step,
+            pair_id_prefix=str(rng.random()),
+            rng=rng,
+        )
 
     rollout_seconds = interleaved({"rollout": make_batch})["rollout"]
     batch, _ = make_batch()
@@ -72,13 +88,15 @@ def main() -> None:
 
     def worker_step(alpha: float, beta: float):
         def step():
-            out = composer_total_loss(model, batch, alpha=alpha, beta=beta,
-                                      max_completion_length=r.max_completion_length)
+            out = composer_total_loss(
+                model, batch, alpha=alpha, beta=beta, max_completion_length=r.max_completion_length
+            )
             optimizer.zero_grad(set_to_none=True)
             out.total.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.max_grad_norm)
             optimizer.step()
             diloco.step()
+
         return step
 
     def bare_step():
@@ -86,7 +104,7 @@ def main() -> None:
         mask = torch.cat([policy.prompt_mask, policy.completion_mask], dim=1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        logits = logits[:, policy.prompt_ids.shape[1] - 1:-1]
+        logits = logits[:, policy.prompt_ids.shape[1] - 1 : -1]
         logp = torch.log_softmax(logits.float(), -1).gather(-1, policy.completion_ids.unsqueeze(-1)).squeeze(-1)
         ratio = torch.exp(logp - logp.detach())
         loss = -(ratio * policy.advantages[:, None] * policy.completion_mask).sum() / policy.completion_mask.numel()
@@ -95,16 +113,25 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.max_grad_norm)
         optimizer.step()
 
-    seconds = interleaved({"bare": bare_step, "grpo_only": worker_step(0.0, 0.0),
-                           "full": worker_step(config.loss.alpha, config.loss.beta)})
+    seconds = interleaved(
+        {
+            "bare": bare_step,
+            "grpo_only": worker_step(0.0, 0.0),
+            "full": worker_step(config.loss.alpha, config.loss.beta),
+        }
+    )
     bare, grpo_only, full = seconds["bare"], seconds["grpo_only"], seconds["full"]
     figures = dict(
         model=f"Qwen2 tiny {config.model.num_layers}x{config.model.hidden_size}, "
-              f"{sum(p.numel() for p in model.parameters()):,} params",
+        f"{sum(p.numel() for p in model.parameters()):,} params",
         batch=f"{policy.completion_ids.shape[0]} rollouts x {policy.completion_ids.shape[1]} completion tokens, "
-              f"{batch.preference.chosen_ids.shape[0]} DPO pairs",
-        bare_torch_step_s=bare, worker_step_grpo_only_s=grpo_only, overhead_ratio=grpo_only / bare,
-        worker_step_three_channels_s=full, rollout_s=rollout_seconds, threads=1,
+        f"{batch.preference.chosen_ids.shape[0]} DPO pairs",
+        bare_torch_step_s=bare,
+        worker_step_grpo_only_s=grpo_only,
+        overhead_ratio=grpo_only / bare,
+        worker_step_three_channels_s=full,
+        rollout_s=rollout_seconds,
+        threads=1,
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "worker.json").write_text(json.dumps(figures, indent=2))
@@ -116,7 +143,7 @@ def main() -> None:
         f"| worker step, alpha = beta = 0 (same single forward) | {grpo_only:.4f} |\n"
         f"| **framework overhead ratio** | **{grpo_only / bare:.3f}** |\n"
         f"| worker step, all three channels (alpha={config.loss.alpha}, beta={config.loss.beta}) | {full:.4f} |\n"
-        f"| rollout: generate {r.group_size} x {r.prompts_per_step} + teacher reward + pairs | {rollout_seconds:.4f} |\n"
+        f"| rollout: generate{r.group_size}x{r.prompts_per_step} + teacher reward + pairs | {rollout_seconds:.4f} |\n"
     )
     print((RESULTS / "worker.md").read_text())
 

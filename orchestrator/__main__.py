@@ -21,8 +21,14 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, required=True, help="containers = DiLoCo replicas")
     up.add_argument("--config", required=True, help="config file, relative to the repository (e.g. configs/smoke.yaml)")
     up.add_argument("--run", help="run name (default: the config's file name); results land in RUNS_DIR/RUN")
-    up.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config key, repeatable (passed to trainer.worker)")
+    up.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, repeatable (passed to trainer.worker)",
+    )
     up.add_argument("--image", help=f"default: {DEFAULT_IMAGE}, or {GPU_IMAGE} with --gpus")
     up.add_argument("--runs-dir", type=Path, default=Path("runs"))
     up.add_argument("--max-restarts", type=int, default=3, help="torchrun restarts per worker (re-rendezvous)")
@@ -65,10 +71,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: --config {args.config}: no such file", file=sys.stderr)
                 return 2
             options = launcher.UpOptions(
-                workers=args.workers, config=args.config, run=args.run or run_name(args.config),
-                overrides=args.overrides, image=args.image, runs_dir=args.runs_dir,
-                torch_restarts=args.max_restarts, worker_restarts=args.worker_restarts,
-                threads=args.threads, gpus=args.gpus, rebuild=args.rebuild,
+                workers=args.workers,
+                config=args.config,
+                run=args.run or run_name(args.config),
+                overrides=args.overrides,
+                image=args.image,
+                runs_dir=args.runs_dir,
+                torch_restarts=args.max_restarts,
+                worker_restarts=args.worker_restarts,
+                threads=args.threads,
+                gpus=args.gpus,
+                rebuild=args.rebuild,
             )
             return launcher.up(client, options)
         if args.command == "status":
@@ -77,8 +90,13 @@ def main(argv: list[str] | None = None) -> int:
             return launcher.logs(client, args.run, args.target, follow=args.follow, tail=args.tail)
         if args.command == "down":
             return launcher.down(client, args.run)
-        ensure_image(client, tag=args.image or (GPU_IMAGE if args.gpus else DEFAULT_IMAGE),
-                     base_image=args.base_image, rebuild=args.rebuild, gpu=args.gpus)
+        ensure_image(
+            client,
+            tag=args.image or (GPU_IMAGE if args.gpus else DEFAULT_IMAGE),
+            base_image=args.base_image,
+            rebuild=args.rebuild,
+            gpu=args.gpus,
+        )
         return 0
     except (ValueError, ImageBuildError) as error:
         print(f"error: {error}", file=sys.stderr)

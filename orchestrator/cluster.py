@@ -116,16 +116,16 @@ def compose_replica_index(labels: dict[str, str]) -> int:
     return int(number) - 1
 
 
-def torchrun_command(
-    settings: RunSettings, *, nnodes: int, rdzv_id: str, local_addr: str
-) -> list[str]:
+def torchrun_command(settings: RunSettings, *, nnodes: int, rdzv_id: str, local_addr: str) -> list[str]:
     """One torchrun node per container: fixed N nodes, the coordinator's store for rendezvous.
 
     torchrun is run as `python -m torch.distributed.run` (the same program) with this Python, so
     that it needs no PATH set-up.
     """
     command = [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
         f"--nnodes={nnodes}",
         f"--nproc-per-node={settings.nproc_per_node}",
         "--rdzv-backend=c10d",

@@ -28,11 +28,11 @@ import docker
 from torch.distributed import TCPStore
 
 from orchestrator.cluster import (
+    COMPOSE_PROJECT,
+    COMPOSE_SERVICE,
     KEY_NNODES,
     KEY_RDZV_ID,
     TRAINER_USER,
-    COMPOSE_PROJECT,
-    COMPOSE_SERVICE,
     ClusterError,
     RunSettings,
     compose_replica_index,
@@ -61,7 +61,9 @@ def compose_worker_labels(client: docker.DockerClient) -> dict[str, str]:
     return {COMPOSE_PROJECT: project, COMPOSE_SERVICE: "worker"}
 
 
-def count_workers(client: docker.DockerClient, labels: dict[str, str], settle_s: float = 3.0, timeout_s: float = 120.0) -> int:
+def count_workers(
+    client: docker.DockerClient, labels: dict[str, str], settle_s: float = 3.0, timeout_s: float = 120.0
+) -> int:
     """Worker containers of the project, once their number has held still for `settle_s`.
 
     Compose creates every container of `up --scale worker=N` before it starts the first, so the
@@ -99,9 +101,7 @@ def trainer_account() -> pwd.struct_passwd | None:
         return None
 
 
-def cluster_summary(
-    run_dir: Path, progress: RunProgress, *, finished: bool, reason: str
-) -> dict[str, Any]:
+def cluster_summary(run_dir: Path, progress: RunProgress, *, finished: bool, reason: str) -> dict[str, Any]:
     """The run as the coordinator saw it, checked against the trainer's own summary.json."""
     summary_path = run_dir / "summary.json"
     trainer_summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
@@ -151,7 +151,10 @@ class Coordinator:
 
     def run(self) -> int:
         store = TCPStore(
-            "127.0.0.1", self.settings.port, is_master=True, wait_for_workers=False,
+            "127.0.0.1",
+            self.settings.port,
+            is_master=True,
+            wait_for_workers=False,
             timeout=timedelta(seconds=60),
         )
         log(f"rendezvous store on port {self.settings.port}")

@@ -88,8 +88,13 @@ def ensure_image(
     log(f"image {tag}: building on {base_image}")
     tail: list[str] = []
     for chunk in client.api.build(
-        path=str(root), tag=tag, buildargs={"BASE_IMAGE": base_image, "WHEELHOUSE": "off" if gpu else "auto"},
-        labels={SOURCE_LABEL: wanted}, rm=True, forcerm=True, decode=True,
+        path=str(root),
+        tag=tag,
+        buildargs={"BASE_IMAGE": base_image, "WHEELHOUSE": "off" if gpu else "auto"},
+        labels={SOURCE_LABEL: wanted},
+        rm=True,
+        forcerm=True,
+        decode=True,
     ):
         if "error" in chunk:
             raise ImageBuildError(f"docker build of {tag} failed: {chunk['error'].strip()}\n" + "".join(tail[-20:]))

@@ -71,11 +71,10 @@ def up(client: docker.DockerClient, options: UpOptions, out: Callable[[str], Non
     runs_dir.mkdir(parents=True, exist_ok=True)
     (runs_dir / options.run / "cluster.json").unlink(missing_ok=True)  # an earlier run's verdict
     labels = {LABEL_RUN: options.run}
-    network = client.networks.create(
-        resource_name(options.run, "net"), driver="bridge", internal=True, labels=labels
-    )
+    network = client.networks.create(resource_name(options.run, "net"), driver="bridge", internal=True, labels=labels)
     volume = client.volumes.create(
-        resource_name(options.run, "runs"), driver="local",
+        resource_name(options.run, "runs"),
+        driver="local",
         driver_opts={"type": "none", "o": "bind", "device": str(runs_dir)},
         labels=labels | {LABEL_RUNS_DIR: str(runs_dir)},
     )
@@ -108,7 +107,8 @@ def up(client: docker.DockerClient, options: UpOptions, out: Callable[[str], Non
     for replica in range(options.workers):
         client.containers.create(
             name=resource_name(options.run, f"worker-{replica}"),
-            environment=env | {
+            environment=env
+            | {
                 "COMPOSER_REPLICA_ID": str(replica),
                 "OMP_NUM_THREADS": str(options.threads),
                 "COMPOSER_NPROC_PER_NODE": "gpu" if options.gpus else "1",
@@ -117,11 +117,10 @@ def up(client: docker.DockerClient, options: UpOptions, out: Callable[[str], Non
             **common,
             **gpu,
         ).start()
-    out(f"run {options.run}: {options.workers} workers on {image}, config {config}, "
-        f"results in {runs_dir / options.run}")
-    supervisor = WorkerSupervisor(
-        client, labels | {LABEL_ROLE: "worker"}, max_restarts=options.worker_restarts
+    out(
+        f"run {options.run}: {options.workers} workers on {image}, config {config}, results in {runs_dir / options.run}"
     )
+    supervisor = WorkerSupervisor(client, labels | {LABEL_ROLE: "worker"}, max_restarts=options.worker_restarts)
     try:
         return _watch(coordinator, supervisor, runs_dir / options.run, out)
     except KeyboardInterrupt:
@@ -199,14 +198,21 @@ def status(client: docker.DockerClient, run: str | None, out: Callable[[str], No
 
 
 def logs(
-    client: docker.DockerClient, run: str, target: str, *, follow: bool, tail: int,
+    client: docker.DockerClient,
+    run: str,
+    target: str,
+    *,
+    follow: bool,
+    tail: int,
     out: Callable[[str], None] = print,
 ) -> int:
     """`target` is `coordinator`, a worker's replica index, or `all`."""
     containers = run_containers(client, run)
     if target != "all":
-        role_match = (lambda c: c.labels.get(LABEL_ROLE) == "coordinator") if target == "coordinator" else (
-            lambda c: c.labels.get(LABEL_REPLICA) == target
+        role_match = (
+            (lambda c: c.labels.get(LABEL_ROLE) == "coordinator")
+            if target == "coordinator"
+            else (lambda c: c.labels.get(LABEL_REPLICA) == target)
         )
         containers = [c for c in containers if role_match(c)]
     if not containers:

@@ -84,8 +84,10 @@ class WorkerSupervisor:
         # Fractional seconds: a whole-second `until` would hide the latest second's events.
         until = time.time()
         for event in self.client.events(
-            since=f"{self._events_since:.6f}", until=f"{until:.6f}",
-            filters=self.filters | {"event": ["stop"]}, decode=True,
+            since=f"{self._events_since:.6f}",
+            until=f"{until:.6f}",
+            filters=self.filters | {"event": ["stop"]},
+            decode=True,
         ):
             self._stopped_on_purpose.add(event["Actor"]["Attributes"]["name"])
         self._events_since = until

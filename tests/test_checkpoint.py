@@ -20,7 +20,7 @@ def test_round_trip_and_completion(tmp_path):
     checkpoint.mark_complete(tmp_path, 4, {"round": 3}, keep=2)
     assert checkpoint.latest_complete(tmp_path) == 4
     assert checkpoint.load_replica(tmp_path, 4, 1, restored) == state
-    for a, b in zip(model.state_dict().values(), restored.state_dict().values()):
+    for a, b in zip(model.state_dict().values(), restored.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert restored[1].weight is restored[0].weight
     assert not list(tmp_path.rglob(".*tmp*"))  # no temporary files left behind

@@ -61,9 +61,7 @@ def test_invalid_settings_raise_value_error_naming_the_argument(kwargs, message)
 def test_backend_that_cannot_hold_either_device_is_refused(tmp_path):
     """Gloo runs collectives on CPU tensors only: a backup copy and a model that both live
     elsewhere (here the meta device) must fail loudly, never fall back."""
-    dist.init_process_group(
-        "gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1
-    )
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
         with torch.device("meta"):
             model = make_model(seed=0)
@@ -124,10 +122,7 @@ def test_pseudo_gradient_norm_is_of_global_minus_local():
     model(inputs).sum().backward()
     inner.step()
     expected = torch.cat(
-        [
-            (g - p.detach()).reshape(-1)
-            for g, p in zip(global_before, model.parameters(), strict=True)
-        ]
+        [(g - p.detach()).reshape(-1) for g, p in zip(global_before, model.parameters(), strict=True)]
     ).norm()
     assert diloco.step()
     assert diloco.last_pseudo_grad_norm == pytest.approx(float(expected), rel=1e-6)
@@ -147,9 +142,7 @@ def _reference_streaming(model, inner, diloco_like, *, sync_every, fragments, de
         train(model, inner, None, start=step - 1, stop=step, data_seed=0)
         if (step + delay) % interval == 0:
             fragment = ((step + delay) // interval - 1) % fragments
-            pending[fragment] = [
-                global_copy[index_of[id(p)]].detach() - p.detach() for p in groups[fragment]
-            ]
+            pending[fragment] = [global_copy[index_of[id(p)]].detach() - p.detach() for p in groups[fragment]]
         if step % interval == 0:
             fragment = (step // interval - 1) % fragments
             for p, pseudo in zip(groups[fragment], pending.pop(fragment), strict=True):
@@ -186,9 +179,7 @@ def test_streaming_matches_longhand_reference(fragments, delay, alpha):
         on_sync=lambda step: synced.append((step + 1, diloco.last_fragment)),
     )
     interval = sync_every // fragments
-    assert synced == [
-        (s, (s // interval - 1) % fragments) for s in range(interval, steps + 1, interval)
-    ]
+    assert synced == [(s, (s // interval - 1) % fragments) for s in range(interval, steps + 1, interval)]
 
     ref_model = make_model(seed=0)
     ref_inner = make_inner(ref_model)
@@ -223,9 +214,7 @@ def test_a_fragment_sync_touches_only_that_fragments_global_values():
     before = [g.detach().clone() for g in diloco.global_parameters()]
     train(model, inner, diloco, start=0, stop=2, data_seed=0)  # fragment 0 syncs at step 2
     first = len(diloco.fragment_parameters(0))
-    changed = [
-        not torch.equal(a, b) for a, b in zip(before, diloco.global_parameters(), strict=True)
-    ]
+    changed = [not torch.equal(a, b) for a, b in zip(before, diloco.global_parameters(), strict=True)]
     assert changed == [True] * first + [False] * (len(changed) - first)
 
 
@@ -339,9 +328,7 @@ def test_non_finite_single_replica_skips_the_outer_step_and_resets_to_global():
     train(model, inner, diloco, start=2, stop=4, data_seed=0, after_inner=poison)
     assert diloco.outer_step == 2 and diloco.last_participants == 0
     assert diloco.last_pseudo_grad_norm == 0.0
-    for before, after, local in zip(
-        global_before, diloco.global_parameters(), model.parameters(), strict=True
-    ):
+    for before, after, local in zip(global_before, diloco.global_parameters(), model.parameters(), strict=True):
         assert torch.equal(after, before)
         assert torch.equal(local, after)
     assert inner.state.get(model[0].weight, {}) == {}
@@ -380,9 +367,7 @@ def test_state_dict_round_trips_through_torch_save_and_resumes_bit_exactly():
     resumed_diloco.load_state_dict(saved["diloco"])
     train(resumed, resumed_inner, resumed_diloco, start=8, stop=16, data_seed=0)
     assert parameters_hash(resumed) == parameters_hash(straight)
-    assert parameters_hash(resumed_diloco.global_parameters()) == parameters_hash(
-        straight_diloco.global_parameters()
-    )
+    assert parameters_hash(resumed_diloco.global_parameters()) == parameters_hash(straight_diloco.global_parameters())
     assert resumed_diloco.outer_step == straight_diloco.outer_step == 8
 
 

@@ -154,8 +154,14 @@ def test_grpo_loss_k3_kl_penalty():
 def test_grpo_loss_kl_bias_correction_multiplies_by_ratio(bias_correction, factor):
     # ratio = exp(0 - (-ln2)) = 2, A = 0 (no policy-gradient term), k3(ln2 - 0) = 1 - ln2.
     loss = grpo_loss(
-        torch.zeros(1, 1), torch.tensor([[-LN2]]), torch.zeros(1), torch.ones(1, 1), loss_type="bnpo",
-        ref_logp=torch.tensor([[LN2]]), kl_beta=0.1, kl_bias_correction=bias_correction,
+        torch.zeros(1, 1),
+        torch.tensor([[-LN2]]),
+        torch.zeros(1),
+        torch.ones(1, 1),
+        loss_type="bnpo",
+        ref_logp=torch.tensor([[LN2]]),
+        kl_beta=0.1,
+        kl_bias_correction=bias_correction,
     )
     close(loss, 0.1 * (1 - LN2) * factor)
 
@@ -187,11 +193,11 @@ S0, T0, S1, T1 = (0.5, 0.5), (0.8, 0.2), (0.9, 0.1), (0.3, 0.7)
 
 
 def kl(p, q):
-    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
 
 
 def jsd(s, t, alpha):
-    m = [(1 - alpha) * si + alpha * ti for si, ti in zip(s, t)]
+    m = [(1 - alpha) * si + alpha * ti for si, ti in zip(s, t, strict=True)]
     return alpha * kl(t, m) + (1 - alpha) * kl(s, m)
 
 
@@ -260,7 +266,13 @@ def test_sdpo_forward_kl_gradient_is_student_minus_teacher_probs():
     student.requires_grad_(True)
     teacher.requires_grad_(True)
     sdpo_loss(student, teacher, mask, alpha=0.0).backward()
-    expected = [[[(s - t) / 2 for s, t in zip(S0, T0)], [(s - t) / 2 for s, t in zip(S1, T1)], [0.0, 0.0]]]
+    expected = [
+        [
+            [(s - t) / 2 for s, t in zip(S0, T0, strict=True)],
+            [(s - t) / 2 for s, t in zip(S1, T1, strict=True)],
+            [0.0, 0.0],
+        ]
+    ]
     close_all(student.grad, expected)
     assert teacher.grad is None  # the teacher is a constant
 
@@ -290,8 +302,12 @@ def test_dpo_loss_hand_value(smoothing):
     # Delta = (-1 - -1.5) - (-2 - -1.5) = 1; beta * Delta = 0.1.
     policy_chosen = torch.tensor([-1.0], requires_grad=True)
     losses, chosen, rejected = dpo_loss(
-        policy_chosen, torch.tensor([-2.0]), torch.tensor([-1.5]), torch.tensor([-1.5]),
-        beta=0.1, label_smoothing=smoothing,
+        policy_chosen,
+        torch.tensor([-2.0]),
+        torch.tensor([-1.5]),
+        torch.tensor([-1.5]),
+        beta=0.1,
+        label_smoothing=smoothing,
     )
     softplus = lambda x: math.log1p(math.exp(x))  # -log sigmoid(x) = softplus(-x)  # noqa: E731
     close(losses, (1 - smoothing) * softplus(-0.1) + smoothing * softplus(0.1))

@@ -15,10 +15,10 @@ from trainer.losses import (
     PolicyBatch,
     TeacherReplayBuffer,
     completion_logits,
-    pad_sequences,
     composer_total_loss,
     dpo_loss,
     grpo_loss,
+    pad_sequences,
     sdpo_loss,
     sequence_logps,
     token_logps,
@@ -39,8 +39,11 @@ def model_and_tokenizer(tmp_path_factory):
 
 
 def chat(tokenizer, text):
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                              tokenize=True, return_dict=True)["input_ids"])
+    return list(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+    )
 
 
 def answer(tokenizer, text):
@@ -50,8 +53,12 @@ def answer(tokenizer, text):
 def policy_batch(model, tokenizer, *, snapshot_old_logps=True):
     """Four rollouts: prompts of different lengths (left pad), answers of different lengths (right pad)."""
     prompt_ids, prompt_mask = pad_sequences([chat(tokenizer, q) for q in QUESTIONS], tokenizer.pad_token_id, left=True)
-    completion_ids, completion_mask = pad_sequences([answer(tokenizer, a) for a in ANSWERS], tokenizer.pad_token_id, left=False)
-    teacher_ids, teacher_mask = pad_sequences([chat(tokenizer, q + HINT) for q in QUESTIONS], tokenizer.pad_token_id, left=True)
+    completion_ids, completion_mask = pad_sequences(
+        [answer(tokenizer, a) for a in ANSWERS], tokenizer.pad_token_id, left=False
+    )
+    teacher_ids, teacher_mask = pad_sequences(
+        [chat(tokenizer, q + HINT) for q in QUESTIONS], tokenizer.pad_token_id, left=True
+    )
     old_logps = None
     if snapshot_old_logps:  # what the rollout does: score the samples with the sampling policy
         with torch.no_grad():
@@ -59,19 +66,29 @@ def policy_batch(model, tokenizer, *, snapshot_old_logps=True):
                 completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask), completion_ids
             )
     return PolicyBatch(
-        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-        completion_mask=completion_mask, advantages=torch.tensor([1.0, -1.0, 0.5, -0.5]),
-        old_logps=old_logps, teacher_prompt_ids=teacher_ids, teacher_prompt_mask=teacher_mask,
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        advantages=torch.tensor([1.0, -1.0, 0.5, -0.5]),
+        old_logps=old_logps,
+        teacher_prompt_ids=teacher_ids,
+        teacher_prompt_mask=teacher_mask,
     )
 
 
 def replay_buffer(model, tokenizer, **kwargs):
     buffer = TeacherReplayBuffer(copy.deepcopy(model), pad_token_id=tokenizer.pad_token_id, **kwargs)
-    for i, (q, good, bad) in enumerate(zip(QUESTIONS, ANSWERS, WRONG)):
+    for i, (q, good, bad) in enumerate(zip(QUESTIONS, ANSWERS, WRONG, strict=True)):
         prompt = chat(tokenizer, q)
         chosen, rejected = answer(tokenizer, good), answer(tokenizer, bad)
-        buffer.add(f"pair-{i}", prompt + chosen, [0] * len(prompt) + [1] * len(chosen),
-                   prompt + rejected, [0] * len(prompt) + [1] * len(rejected))
+        buffer.add(
+            f"pair-{i}",
+            prompt + chosen,
+            [0] * len(prompt) + [1] * len(chosen),
+            prompt + rejected,
+            [0] * len(prompt) + [1] * len(rejected),
+        )
     return buffer
 
 
@@ -103,7 +120,7 @@ def test_completion_logits_left_padding_gives_the_unpadded_logits(model_and_toke
         prompt = torch.tensor([chat(tokenizer, QUESTIONS[row])])
         completion = torch.tensor([answer(tokenizer, ANSWERS[row])])
         # The plain causal-LM view: the logits at position t predict token t + 1.
-        full = model(input_ids=torch.cat([prompt, completion], dim=1)).logits[0, prompt.shape[1] - 1: -1]
+        full = model(input_ids=torch.cat([prompt, completion], dim=1)).logits[0, prompt.shape[1] - 1 : -1]
         torch.testing.assert_close(padded[row, : completion.shape[1]], full, atol=1e-5, rtol=1e-5)
 
 
@@ -121,8 +138,9 @@ def test_rollout_old_logps_give_ratio_one(model_and_tokenizer):
 # ---------------------------------------------------------------------------- forwards per channel
 
 
-@pytest.mark.parametrize("alpha, beta, forwards", [(0.5, 0.2, [4, 4, 6]), (0.0, 0.2, [4, 6]), (0.5, 0.0, [4, 4]),
-                                                   (0.0, 0.0, [4])])
+@pytest.mark.parametrize(
+    "alpha, beta, forwards", [(0.5, 0.2, [4, 4, 6]), (0.0, 0.2, [4, 6]), (0.5, 0.0, [4, 4]), (0.0, 0.0, [4])]
+)
 def test_a_zero_weight_skips_its_channel_forward(model_and_tokenizer, alpha, beta, forwards):
     model, tokenizer = model_and_tokenizer
     batch = composer_batch(model, tokenizer)
@@ -146,10 +164,16 @@ def test_teacher_scores_only_rows_with_sdpo_weight(model_and_tokenizer):
     assert counter.batch_sizes == [4, 2]
     rows = [0, 2]
     with torch.no_grad():
-        student = completion_logits(model, policy.prompt_ids, policy.prompt_mask, policy.completion_ids,
-                                    policy.completion_mask)[rows]
-        teacher = completion_logits(model, policy.teacher_prompt_ids[rows], policy.teacher_prompt_mask[rows],
-                                    policy.completion_ids[rows], policy.completion_mask[rows])
+        student = completion_logits(
+            model, policy.prompt_ids, policy.prompt_mask, policy.completion_ids, policy.completion_mask
+        )[rows]
+        teacher = completion_logits(
+            model,
+            policy.teacher_prompt_ids[rows],
+            policy.teacher_prompt_mask[rows],
+            policy.completion_ids[rows],
+            policy.completion_mask[rows],
+        )
     expected = sdpo_loss(student, teacher, policy.completion_mask[rows], alpha=0.3)
     assert out.sdpo.item() == pytest.approx(expected.item(), abs=1e-6)
     assert out.sdpo.item() > 0  # hinted and plain prompts differ, so the teacher differs
@@ -194,21 +218,33 @@ def test_sdpo_needs_the_hinted_prompt(model_and_tokenizer):
 def separate_channels(model, batch, *, loss_type, sdpo_top_k):
     """The three channels each with its own forwards, straight from the primitives."""
     policy, pairs = batch.policy, batch.preference
-    logits = completion_logits(model, policy.prompt_ids, policy.prompt_mask, policy.completion_ids,
-                               policy.completion_mask)
-    grpo = grpo_loss(token_logps(logits, policy.completion_ids), policy.old_logps, policy.advantages,
-                     policy.completion_mask, loss_type=loss_type)
+    logits = completion_logits(
+        model, policy.prompt_ids, policy.prompt_mask, policy.completion_ids, policy.completion_mask
+    )
+    grpo = grpo_loss(
+        token_logps(logits, policy.completion_ids),
+        policy.old_logps,
+        policy.advantages,
+        policy.completion_mask,
+        loss_type=loss_type,
+    )
     with torch.no_grad():
-        teacher = completion_logits(model, policy.teacher_prompt_ids, policy.teacher_prompt_mask,
-                                    policy.completion_ids, policy.completion_mask)
-    student = completion_logits(model, policy.prompt_ids, policy.prompt_mask, policy.completion_ids,
-                                policy.completion_mask)
+        teacher = completion_logits(
+            model, policy.teacher_prompt_ids, policy.teacher_prompt_mask, policy.completion_ids, policy.completion_mask
+        )
+    student = completion_logits(
+        model, policy.prompt_ids, policy.prompt_mask, policy.completion_ids, policy.completion_mask
+    )
     sdpo = sdpo_loss(student, teacher, policy.completion_mask, alpha=0.5, top_k=sdpo_top_k)
-    chosen = sequence_logps(model(input_ids=pairs.chosen_ids, attention_mask=pairs.chosen_attention_mask).logits,
-                            pairs.chosen_ids, pairs.chosen_loss_mask)
+    chosen = sequence_logps(
+        model(input_ids=pairs.chosen_ids, attention_mask=pairs.chosen_attention_mask).logits,
+        pairs.chosen_ids,
+        pairs.chosen_loss_mask,
+    )
     rejected = sequence_logps(
         model(input_ids=pairs.rejected_ids, attention_mask=pairs.rejected_attention_mask).logits,
-        pairs.rejected_ids, pairs.rejected_loss_mask,
+        pairs.rejected_ids,
+        pairs.rejected_loss_mask,
     )
     dpo = dpo_loss(chosen, rejected, pairs.ref_chosen_logps, pairs.ref_rejected_logps, beta=0.1)[0].mean()
     return grpo, sdpo, dpo
@@ -261,8 +297,9 @@ def test_five_adamw_steps_with_all_channels_lower_the_loss(model_and_tokenizer):
 
 
 def test_quickstart_prints_a_falling_loss_curve():
-    result = subprocess.run([sys.executable, "examples/quickstart.py"], cwd=REPO, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "examples/quickstart.py"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     totals = [float(line.split("total=")[1].split()[0]) for line in result.stdout.splitlines() if "total=" in line]
     assert len(totals) == 5 and all(math.isfinite(t) for t in totals)
@@ -282,8 +319,13 @@ def test_replay_buffer_scores_each_pair_once_in_batches(model_and_tokenizer):
         buffer.sample(2)
     prompt = chat(tokenizer, QUESTIONS[0])
     chosen, rejected = answer(tokenizer, ANSWERS[0]), answer(tokenizer, WRONG[0])
-    buffer.add("pair-0", prompt + chosen, [0] * len(prompt) + [1] * len(chosen),
-               prompt + rejected, [0] * len(prompt) + [1] * len(rejected))
+    buffer.add(
+        "pair-0",
+        prompt + chosen,
+        [0] * len(prompt) + [1] * len(chosen),
+        prompt + rejected,
+        [0] * len(prompt) + [1] * len(rejected),
+    )
     assert len(buffer) == 4 and buffer.reference_forward_passes == 2  # never per step, never per re-add
     again = buffer.sample(4, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(again.ref_chosen_logps, first.ref_chosen_logps)
@@ -299,9 +341,9 @@ def test_replay_buffer_reference_logps_match_an_unpadded_forward(model_and_token
             (pairs.rejected_ids, pairs.rejected_attention_mask, pairs.rejected_loss_mask, pairs.ref_rejected_logps),
         ):
             length = int(attention[row].sum())
-            seq = ids[row: row + 1, :length]
+            seq = ids[row : row + 1, :length]
             with torch.no_grad():
-                expected = sequence_logps(model(input_ids=seq).logits, seq, loss_mask[row: row + 1, :length])
+                expected = sequence_logps(model(input_ids=seq).logits, seq, loss_mask[row : row + 1, :length])
             assert ref[row].item() == pytest.approx(expected.item(), abs=1e-4)
             assert ref[row].item() < 0
 

@@ -23,8 +23,17 @@ def test_log_table_and_curves(tmp_path):
     log = MetricsLog(tmp_path / "run" / "metrics.jsonl")
     for step in range(4):
         for replica in (0, 1):
-            log.log("inner", step=step, replica=replica, reward=0.1 * step, teacher_reward=0.5, grpo=0.0,
-                    sdpo=0.1, dpo=0.69, loss=0.8)
+            log.log(
+                "inner",
+                step=step,
+                replica=replica,
+                reward=0.1 * step,
+                teacher_reward=0.5,
+                grpo=0.0,
+                sdpo=0.1,
+                dpo=0.69,
+                loss=0.8,
+            )
     log.log("outer", outer_step=1, pseudo_grad_norm=0.3)
     log.close()
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")

@@ -35,8 +35,12 @@ def test_settings_default_to_the_smoke_config_and_name_the_run_after_it() -> Non
 
 def test_settings_read_overrides_and_reject_a_non_integer_with_its_name() -> None:
     settings = RunSettings.from_env(
-        {"COMPOSER_CONFIG": "configs/test.yaml", "COMPOSER_SET": "rounds=2  dist_timeout_s=30",
-         "COMPOSER_RUN": "kill", "COMPOSER_RUNS_ROOT": "/tmp/r"}
+        {
+            "COMPOSER_CONFIG": "configs/test.yaml",
+            "COMPOSER_SET": "rounds=2  dist_timeout_s=30",
+            "COMPOSER_RUN": "kill",
+            "COMPOSER_RUNS_ROOT": "/tmp/r",
+        }
     )
     assert settings.overrides == ("rounds=2", "dist_timeout_s=30")
     assert settings.run_dir == PurePosixPath("/tmp/r/kill")
@@ -48,10 +52,24 @@ def test_torchrun_command_is_one_fixed_size_node_on_the_coordinators_store() -> 
     settings = RunSettings.from_env({"COMPOSER_CONFIG": "configs/test.yaml", "COMPOSER_SET": "rounds=2 seed=3"})
     command = torchrun_command(settings, nnodes=4, rdzv_id="test-1a2b", local_addr="172.18.0.5")
     assert command == [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=4", "--nproc-per-node=1", "--rdzv-backend=c10d",
-        "--rdzv-endpoint=coordinator:29400", "--rdzv-id=test-1a2b", "--max-restarts=3",
-        "--local-addr=172.18.0.5", "-m", "trainer.worker", "--config", "configs/test.yaml",
-        "--set", "rounds=2", "--set", "seed=3",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=4",
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=coordinator:29400",
+        "--rdzv-id=test-1a2b",
+        "--max-restarts=3",
+        "--local-addr=172.18.0.5",
+        "-m",
+        "trainer.worker",
+        "--config",
+        "configs/test.yaml",
+        "--set",
+        "rounds=2",
+        "--set",
+        "seed=3",
     ]
 
 

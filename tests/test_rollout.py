@@ -16,16 +16,28 @@ G = 4
 @pytest.fixture(scope="module")
 def policy():
     tasks = AdditionTasks(9)
-    model, tokenizer = tiny_model_and_tokenizer(tasks.corpus(), vocab_size=400, hidden_size=32, num_layers=1,
-                                                num_heads=2)
+    model, tokenizer = tiny_model_and_tokenizer(
+        tasks.corpus(), vocab_size=400, hidden_size=32, num_layers=1, num_heads=2
+    )
     return model, tokenizer, tasks
 
 
 def run(policy, tasks, **overrides):
     model, tokenizer, _ = policy
-    kwargs = dict(group_size=G, max_prompt_length=64, max_completion_length=3, temperature=1.0, hint_level=2,
-                  sibling_hints=True, teacher=model, replay=None, mine_sibling_pairs=False,
-                  pairs_per_step=4, pair_id_prefix="t", rng=random.Random(0))
+    kwargs = dict(
+        group_size=G,
+        max_prompt_length=64,
+        max_completion_length=3,
+        temperature=1.0,
+        hint_level=2,
+        sibling_hints=True,
+        teacher=model,
+        replay=None,
+        mine_sibling_pairs=False,
+        pairs_per_step=4,
+        pair_id_prefix="t",
+        rng=random.Random(0),
+    )
     kwargs.update(overrides)
     torch.manual_seed(0)
     return rollout(model, tokenizer, tasks, **kwargs)
@@ -46,7 +58,7 @@ def test_batch_layout_masks_and_advantages(policy):
     # prompts are left-padded: the last column is always a real token
     assert bool(p.prompt_mask[:, -1].all())
     # completions: mask covers the tokens up to and including the first EOS, nothing after
-    for ids, mask in zip(p.completion_ids.tolist(), p.completion_mask.tolist()):
+    for ids, mask in zip(p.completion_ids.tolist(), p.completion_mask.tolist(), strict=True):
         valid = sum(mask)
         assert mask == [1] * valid + [0] * (len(mask) - valid)
         assert tokenizer.eos_token_id not in ids[: valid - 1]
@@ -82,8 +94,9 @@ class EvenLengthTask(Task):
 def test_sibling_pairs_fill_the_replay_buffer(policy):
     model, tokenizer, tasks = policy
     replay = TeacherReplayBuffer(model, pad_token_id=tokenizer.pad_token_id)
-    prompts = [EvenLengthTask(t.question, t.answer, t.hints) for t in
-               (tasks.sample(random.Random(i)) for i in range(16))]
+    prompts = [
+        EvenLengthTask(t.question, t.answer, t.hints) for t in (tasks.sample(random.Random(i)) for i in range(16))
+    ]
     batch, stats = run(policy, prompts, replay=replay, mine_sibling_pairs=True, group_size=8)
     assert stats.new_pairs == len(replay)
     completions = tokenizer.batch_decode(batch.policy.completion_ids, skip_special_tokens=True)
@@ -92,8 +105,9 @@ def test_sibling_pairs_fill_the_replay_buffer(policy):
     assert stats.new_pairs == mixed_groups >= 4
     pref = batch.preference
     assert pref.chosen_ids.shape[0] == 4  # pairs_per_step
-    for chosen, rejected, c_mask, r_mask in zip(pref.chosen_ids, pref.rejected_ids, pref.chosen_loss_mask,
-                                                pref.rejected_loss_mask):
+    for chosen, rejected, c_mask, r_mask in zip(
+        pref.chosen_ids, pref.rejected_ids, pref.chosen_loss_mask, pref.rejected_loss_mask, strict=True
+    ):
         chosen_text = tokenizer.decode(chosen[c_mask.bool()], skip_special_tokens=True)
         rejected_text = tokenizer.decode(rejected[r_mask.bool()], skip_special_tokens=True)
         assert len(chosen_text) % 2 == 0 and len(rejected_text) % 2 == 1

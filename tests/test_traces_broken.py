@@ -116,7 +116,8 @@ def test_fifty_megabyte_line_with_a_base64_image(tmp_path):
     log = basic_session()
     payload = "A" * (50 * 1024 * 1024)
     log.entries[0]["message"]["content"].append(
-        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": payload}})
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": payload}}
+    )
     path = log.write(tmp_path / "big.jsonl")
     assert path.stat().st_size > 50 * 1024 * 1024
     for strict in (False, True):  # an image is no problem: strict mode accepts it too
@@ -193,8 +194,13 @@ def test_tool_call_left_open_at_the_end_is_not_an_issue(tmp_path):
 
 def test_unknown_entry_type_keeps_the_chain(tmp_path):
     log = basic_session()
-    mystery = {"type": "hologram", "uuid": "h1", "parentUuid": "a1", "sessionId": "sess-1",
-               "timestamp": "2025-11-19T10:00:02.500Z"}
+    mystery = {
+        "type": "hologram",
+        "uuid": "h1",
+        "parentUuid": "a1",
+        "sessionId": "sess-1",
+        "timestamp": "2025-11-19T10:00:02.500Z",
+    }
     log.entries.insert(2, mystery)
     log.entries[3]["parentUuid"] = "h1"  # the tool result hangs off the unknown entry
     path = log.write(tmp_path / "unknown.jsonl")
@@ -245,14 +251,25 @@ def test_unknown_format(tmp_path):
 
 
 def test_invalid_and_odd_openai_records(tmp_path):
-    path = write_jsonl(tmp_path / "chat.jsonl", [
-        {"messages": [{"role": "user", "content": "hi"},
-                      {"role": "assistant", "tool_calls": [
-                          {"id": "c1", "type": "function", "function": {"name": "ls", "arguments": "{not json"}}]},
-                      {"role": "tool", "tool_call_id": "c1", "content": "a.txt"},
-                      {"role": "narrator", "content": "meanwhile"}]},
-        {"no_messages": True},
-    ])
+    path = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {"id": "c1", "type": "function", "function": {"name": "ls", "arguments": "{not json"}}
+                        ],
+                    },
+                    {"role": "tool", "tool_call_id": "c1", "content": "a.txt"},
+                    {"role": "narrator", "content": "meanwhile"},
+                ]
+            },
+            {"no_messages": True},
+        ],
+    )
     examples, report = ingest(path)
     assert report.issues == {"invalid_tool_arguments": 1, "unknown_role": 1, "invalid_record": 1}
     (example,) = examples
@@ -269,11 +286,14 @@ def test_truncated_json_document(tmp_path):
 
 
 def test_unknown_openhands_event(tmp_path):
-    path = write_json(tmp_path / "oh.json", [
-        {"id": 0, "source": "user", "action": "message", "args": {"content": "hello"}},
-        {"id": 1, "source": "environment", "action": "teleport", "args": {}},
-        {"id": 2, "source": "agent", "action": "message", "args": {"content": "hi"}},
-    ])
+    path = write_json(
+        tmp_path / "oh.json",
+        [
+            {"id": 0, "source": "user", "action": "message", "args": {"content": "hello"}},
+            {"id": 1, "source": "environment", "action": "teleport", "args": {}},
+            {"id": 2, "source": "agent", "action": "message", "args": {"content": "hi"}},
+        ],
+    )
     examples, report = ingest(path)
     assert report.issues == {"unknown_event_type": 1}
     assert [m.content for m in examples[0].messages] == ["hello", "hi"]
@@ -284,30 +304,63 @@ def test_unknown_openhands_event(tmp_path):
 def test_directory_of_mixed_formats(tmp_path):
     folder = tmp_path / "logs"
     basic_session("claude-a").write(folder / "project" / "claude-a.jsonl")
-    write_jsonl(folder / "chats.jsonl", [
-        {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
-        {"messages": [{"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]},
-    ])
-    write_json(folder / "openhands.json", [
-        {"id": 0, "source": "user", "action": "message", "args": {"content": "hello"}},
-        {"id": 1, "source": "agent", "action": "run", "args": {"command": "ls", "thought": "Look first."},
-         "tool_call_metadata": {"function_name": "execute_bash", "tool_call_id": "t1"}},
-        {"id": 2, "source": "agent", "observation": "run", "cause": 1, "content": "boom",
-         "extras": {"metadata": {"exit_code": 2}}, "tool_call_metadata": {"tool_call_id": "t1"}},
-    ])
-    write_json(folder / "nested" / "task.traj", {
-        "history": [{"role": "system", "content": "You fix bugs."}, {"role": "user", "content": "Fix it"},
-                    {"role": "assistant", "content": "Done"}],
-        "info": {"exit_status": "submitted", "submission": "diff"}, "trajectory": [{"state": "not json"}]})
+    write_jsonl(
+        folder / "chats.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+            {"messages": [{"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]},
+        ],
+    )
+    write_json(
+        folder / "openhands.json",
+        [
+            {"id": 0, "source": "user", "action": "message", "args": {"content": "hello"}},
+            {
+                "id": 1,
+                "source": "agent",
+                "action": "run",
+                "args": {"command": "ls", "thought": "Look first."},
+                "tool_call_metadata": {"function_name": "execute_bash", "tool_call_id": "t1"},
+            },
+            {
+                "id": 2,
+                "source": "agent",
+                "observation": "run",
+                "cause": 1,
+                "content": "boom",
+                "extras": {"metadata": {"exit_code": 2}},
+                "tool_call_metadata": {"tool_call_id": "t1"},
+            },
+        ],
+    )
+    write_json(
+        folder / "nested" / "task.traj",
+        {
+            "history": [
+                {"role": "system", "content": "You fix bugs."},
+                {"role": "user", "content": "Fix it"},
+                {"role": "assistant", "content": "Done"},
+            ],
+            "info": {"exit_status": "submitted", "submission": "diff"},
+            "trajectory": [{"state": "not json"}],
+        },
+    )
     (folder / "README.txt").write_text("not a trace")
     (folder / "empty.json").write_text("")
     (folder / ".hidden.jsonl").write_text("ignored")
     examples, report = ingest(folder)
     assert {f: (r.files, r.examples, r.messages, r.tool_calls) for f, r in report.by_format.items()} == {
-        "claude_code": (1, 1, 4, 1), "openai": (1, 2, 4, 0), "openhands": (1, 1, 3, 1), "swe_agent": (1, 1, 3, 0)}
+        "claude_code": (1, 1, 4, 1),
+        "openai": (1, 2, 4, 0),
+        "openhands": (1, 1, 3, 1),
+        "swe_agent": (1, 1, 3, 0),
+    }
     assert report.files == 5 and report.issues == {"empty_file": 1, "invalid_state": 1}
     openhands = next(e for e in examples if e.format == "openhands")
     assert openhands.messages[1].content == "Look first."
     assert openhands.messages[2].is_error  # exit code 2
     assert [detect_format(folder / n) for n in ("chats.jsonl", "openhands.json", "project/claude-a.jsonl")] == [
-        "openai", "openhands", "claude_code"]
+        "openai",
+        "openhands",
+        "claude_code",
+    ]

@@ -45,8 +45,9 @@ def test_rewind_gives_one_example_per_leaf_sharing_the_prefix(tmp_path):
     log = ClaudeLog()
     log.user("u1", "Rename foo to bar")
     log.assistant("a1", "Renaming.", tool_uses=(("t1", "Edit", {"old": "foo", "new": "bar"}),))
-    log.tool_result("r1", "t1", "The user doesn't want to proceed with this tool use. The tool use was rejected.",
-                    is_error=True)
+    log.tool_result(
+        "r1", "t1", "The user doesn't want to proceed with this tool use. The tool use was rejected.", is_error=True
+    )
     log.user("i1", "[Request interrupted by user for tool use]")
     log.user("u1b", "Rename foo to bar", parent=None)  # rewound to the start and asked again
     log.assistant("a1b", "Renamed with sed.")
@@ -63,9 +64,15 @@ def test_rewind_gives_one_example_per_leaf_sharing_the_prefix(tmp_path):
 def test_interleaved_sidechains_link_by_agent_id_prompt_and_time(tmp_path):
     log = ClaudeLog()
     log.user("u1", "Investigate twice")
-    log.assistant("a1", None, tool_uses=(("task1", "Task", {"prompt": "Look at the parser", "description": "p"}),
-                                         ("task2", "Task", {"prompt": "Look at the lexer", "description": "l"})),
-                  message_id="msg_spawn")
+    log.assistant(
+        "a1",
+        None,
+        tool_uses=(
+            ("task1", "Task", {"prompt": "Look at the parser", "description": "p"}),
+            ("task2", "Task", {"prompt": "Look at the lexer", "description": "l"}),
+        ),
+        message_id="msg_spawn",
+    )
     # Thread 1: carries agentId, and its result names that agent.
     log.user("s1u", "Look at the parser", parent=None, isSidechain=True, agentId="agent-p")
     log.assistant("s1a", "The parser is fine.", isSidechain=True, agentId="agent-p")
@@ -80,7 +87,10 @@ def test_interleaved_sidechains_link_by_agent_id_prompt_and_time(tmp_path):
     main, parser, lexer = examples
     assert [m.role for m in main.messages] == ["user", "assistant", "tool", "tool", "assistant"]
     assert (parser.parent_id, parser.metadata["parent_tool_call_id"], parser.metadata["agent_id"]) == (
-        main.id, "task1", "agent-p")
+        main.id,
+        "task1",
+        "agent-p",
+    )
     assert (lexer.parent_id, lexer.metadata["parent_tool_call_id"]) == (main.id, "task2")
     assert [m.content for m in lexer.messages] == ["Look at the lexer", "The lexer drops tabs."]
 
@@ -88,7 +98,8 @@ def test_interleaved_sidechains_link_by_agent_id_prompt_and_time(tmp_path):
 def test_subagent_files_are_read_with_their_session(tmp_path):
     session = basic_session("sess-9")
     session.entries[1]["message"]["content"].append(
-        {"type": "tool_use", "id": "task1", "name": "Task", "input": {"prompt": "Check CI"}})
+        {"type": "tool_use", "id": "task1", "name": "Task", "input": {"prompt": "Check CI"}}
+    )
     session.tool_result("rt", "task1", "CI is green.", parent="r1", toolUseResult={"agentId": "abc123"})
     session.entries[3]["parentUuid"] = "rt"
     main_path = session.write(tmp_path / "proj" / "sess-9.jsonl")

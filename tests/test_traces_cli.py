@@ -35,11 +35,15 @@ def test_mine_writes_trl_style_pairs_and_rewards(tmp_path, capsys):
     (pair,) = [json.loads(line) for line in pairs.read_text().splitlines()]
     assert [m["content"] for m in pair["prompt"]] == ["Hi", "Hello", "Rename foo to bar"]
     assert pair["rejected"][0]["tool_calls"] == [
-        {"type": "function", "id": "t1", "function": {"name": "Edit", "arguments": {"old": "foo", "new": "bar"}}}]
+        {"type": "function", "id": "t1", "function": {"name": "Edit", "arguments": {"old": "foo", "new": "bar"}}}
+    ]
     assert pair["reason"] == "tool call refused by the user"
     (reward,) = [json.loads(line) for line in rewards.read_text().splitlines()]
-    assert reward == {"example_id": "claude_code:sess-1:i1", "reward": -1.0,
-                      "signals": {"refusals": 1, "interruptions": 1}}
+    assert reward == {
+        "example_id": "claude_code:sess-1:i1",
+        "reward": -1.0,
+        "signals": {"refusals": 1, "interruptions": 1},
+    }
     assert "pairs: 1 (fork 1)" in capsys.readouterr().out
 
 
@@ -64,8 +68,13 @@ def test_nothing_readable_exits_non_zero(tmp_path, capsys):
 
 def test_module_entry_point(tmp_path):
     path = basic_session().write(tmp_path / "s.jsonl")
-    result = subprocess.run([sys.executable, "-m", "trainer.traces", "ingest", str(path)], cwd=REPO,
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.traces", "ingest", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1].split() == ["total", "1", "4", "1", "4", "1", "0"]
 

@@ -27,8 +27,11 @@ def test_refused_branch_is_rejected(tmp_path):
     pairs, miner = pairs_from(forked_session(tmp_path, refuse=True, interrupt=True))
     (pair,) = pairs
     assert [m.content for m in pair.prompt] == ["Hi", "Hello", "Rename foo to bar"]
-    assert [(m.role, m.content) for m in pair.chosen] == [("assistant", "Using sed."), ("tool", ""),
-                                                          ("assistant", "Done.")]
+    assert [(m.role, m.content) for m in pair.chosen] == [
+        ("assistant", "Using sed."),
+        ("tool", ""),
+        ("assistant", "Done."),
+    ]
     assert [m.role for m in pair.rejected] == ["assistant", "tool"]  # up to the interruption
     assert pair.rejected[0].tool_calls[0].name == "Edit"
     assert (pair.source, pair.reason) == ("fork", "tool call refused by the user")
@@ -71,17 +74,22 @@ def test_fork_deeper_in_a_branch_is_mined_once(tmp_path):
 
 
 def test_outcome_pairs_resolved_against_unresolved(tmp_path):
-    path = write_jsonl(tmp_path / "attempts.jsonl", [
-        openai_attempt("A", "good patch", True),
-        openai_attempt("B", "only attempt", True),
-        openai_attempt("A", "bad patch", False),
-        openai_attempt("A", "other good patch", True),
-        openai_attempt("C", "x", True),
-        openai_attempt("C", "y", False, system="A different system prompt."),
-    ])
+    path = write_jsonl(
+        tmp_path / "attempts.jsonl",
+        [
+            openai_attempt("A", "good patch", True),
+            openai_attempt("B", "only attempt", True),
+            openai_attempt("A", "bad patch", False),
+            openai_attempt("A", "other good patch", True),
+            openai_attempt("C", "x", True),
+            openai_attempt("C", "y", False, system="A different system prompt."),
+        ],
+    )
     pairs, miner = pairs_from(path)
     assert [(p.chosen[0].content, p.rejected[0].content) for p in pairs] == [
-        ("good patch", "bad patch"), ("other good patch", "bad patch")]
+        ("good patch", "bad patch"),
+        ("other good patch", "bad patch"),
+    ]
     for pair in pairs:
         assert [m.role for m in pair.prompt] == ["system", "user"] and pair.prompt[1].content == "Fix A"
         assert [m.role for m in pair.chosen] == ["assistant", "tool", "assistant"]  # the whole attempt
@@ -93,11 +101,18 @@ def test_outcome_pairs_resolved_against_unresolved(tmp_path):
 
 def test_outcome_pairs_from_swe_agent_runs(tmp_path):
     for name, resolved, action in (("run1", True, "edit 1:1\nfixed\nend_of_edit"), ("run2", False, "rm -rf src")):
-        write_json(tmp_path / name / "django__django-1.traj", {
-            "history": [{"role": "system", "content": "SETTING"}, {"role": "user", "content": "ISSUE: bug"},
-                        {"role": "assistant", "content": action}],
-            "info": {"exit_status": "submitted", "submission": "diff", "resolved": resolved},
-            "replay_config": {"problem_statement": {"id": "django__django-1"}}})
+        write_json(
+            tmp_path / name / "django__django-1.traj",
+            {
+                "history": [
+                    {"role": "system", "content": "SETTING"},
+                    {"role": "user", "content": "ISSUE: bug"},
+                    {"role": "assistant", "content": action},
+                ],
+                "info": {"exit_status": "submitted", "submission": "diff", "resolved": resolved},
+                "replay_config": {"problem_statement": {"id": "django__django-1"}},
+            },
+        )
     (pair,), _ = pairs_from(tmp_path)
     assert pair.chosen[0].content.startswith("edit 1:1") and pair.rejected[0].content == "rm -rf src"
     assert pair.reason == "resolved vs unresolved on django__django-1"
@@ -140,13 +155,31 @@ def call(call_id, name):
 
 
 def test_rewards_from_unpaired_signals():
-    fixed = example_with([call("1", "pytest"), Message("tool", "2 failed", tool_call_id="1", is_error=True),
-                          call("2", "pytest"), Message("tool", "all passed", tool_call_id="2")])
-    refused = example_with([call("1", "rm"), Message("tool", "no", tool_call_id="1", is_error=True, kind="refusal"),
-                            Message("user", "[Request interrupted by user]", kind="interruption")])
-    mixed = example_with([call("1", "pytest"), Message("tool", "failed", tool_call_id="1", is_error=True),
-                          call("2", "lint"), Message("tool", "failed", tool_call_id="2", is_error=True),
-                          call("3", "pytest"), Message("tool", "passed", tool_call_id="3")])
+    fixed = example_with(
+        [
+            call("1", "pytest"),
+            Message("tool", "2 failed", tool_call_id="1", is_error=True),
+            call("2", "pytest"),
+            Message("tool", "all passed", tool_call_id="2"),
+        ]
+    )
+    refused = example_with(
+        [
+            call("1", "rm"),
+            Message("tool", "no", tool_call_id="1", is_error=True, kind="refusal"),
+            Message("user", "[Request interrupted by user]", kind="interruption"),
+        ]
+    )
+    mixed = example_with(
+        [
+            call("1", "pytest"),
+            Message("tool", "failed", tool_call_id="1", is_error=True),
+            call("2", "lint"),
+            Message("tool", "failed", tool_call_id="2", is_error=True),
+            call("3", "pytest"),
+            Message("tool", "passed", tool_call_id="3"),
+        ]
+    )
     quiet = example_with([Message("user", "hi"), Message("assistant", "hello")])
     for example, name in ((fixed, "fixed"), (refused, "refused"), (mixed, "mixed"), (quiet, "quiet")):
         example.id = name

@@ -54,18 +54,25 @@ def test_render_uses_the_chat_template_with_hf_tool_calls(tiny):
 def make_pair(chosen_text="Two files.", rejected_text="I refuse to look."):
     messages = conversation()
     return PreferencePair(
-        id="pair-test", prompt=messages[:2],
+        id="pair-test",
+        prompt=messages[:2],
         chosen=[messages[2], messages[3], Message("assistant", chosen_text)],
         rejected=[Message("assistant", rejected_text)],
-        source="fork", reason="test", chosen_example_id="a", rejected_example_id="b")
+        source="fork",
+        reason="test",
+        chosen_example_id="a",
+        rejected_example_id="b",
+    )
 
 
 def test_render_pair_masks_exactly_the_responses(tiny):
     _, tokenizer = tiny
     pair = make_pair()
     tokens = render_pair(pair, tokenizer)
-    prompt_text = "<|im_start|>system\nYou fix bugs.<|im_end|>\n<|im_start|>user\nList the files<|im_end|>\n" \
-                  "<|im_start|>assistant\n"
+    prompt_text = (
+        "<|im_start|>system\nYou fix bugs.<|im_end|>\n<|im_start|>user\nList the files<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     n = len(prompt_ids)
     assert tokens.pair_id == "pair-test"
@@ -86,8 +93,8 @@ def test_render_pair_truncates_the_prompt_first(tiny):
     assert n > budget // 2 and chosen_len > budget and rejected_len < budget // 2
     cut = render_pair(make_pair(), tokenizer, max_length=budget)
     keep = budget // 2
-    assert cut.chosen_ids == full.chosen_ids[n - keep: n] + full.chosen_ids[n: n + keep]
-    assert cut.rejected_ids == full.rejected_ids[n - keep:]
+    assert cut.chosen_ids == full.chosen_ids[n - keep : n] + full.chosen_ids[n : n + keep]
+    assert cut.rejected_ids == full.rejected_ids[n - keep :]
     assert cut.chosen_loss_mask == [0] * keep + [1] * keep
     # Room for the whole prompt: only the chosen response is cut.
     budget = n + chosen_len - 4
@@ -101,9 +108,14 @@ def test_replay_buffer_filled_from_ingested_traces(tiny, tmp_path):
     """Acceptance 5: ingest -> mine -> render -> reference log-probs cached once -> finite DPO loss."""
     reference, tokenizer = tiny
     forked_session(tmp_path / "claude", interrupt=True)
-    write_jsonl(tmp_path / "attempts" / "runs.jsonl", [
-        openai_attempt("A", "good patch", True), openai_attempt("A", "bad patch", False),
-        openai_attempt("A", "another good patch", True)])
+    write_jsonl(
+        tmp_path / "attempts" / "runs.jsonl",
+        [
+            openai_attempt("A", "good patch", True),
+            openai_attempt("A", "bad patch", False),
+            openai_attempt("A", "another good patch", True),
+        ],
+    )
     pairs = list(mine_pairs(TraceIngester(strict=True).ingest(tmp_path)))
     assert [p.source for p in pairs] == ["fork", "outcome", "outcome"]
 
@@ -122,8 +134,10 @@ def test_replay_buffer_filled_from_ingested_traces(tiny, tmp_path):
         with torch.no_grad():
             chosen = model(input_ids=batch.chosen_ids, attention_mask=batch.chosen_attention_mask).logits
             rejected = model(input_ids=batch.rejected_ids, attention_mask=batch.rejected_attention_mask).logits
-        return (sequence_logps(chosen, batch.chosen_ids, batch.chosen_loss_mask),
-                sequence_logps(rejected, batch.rejected_ids, batch.rejected_loss_mask))
+        return (
+            sequence_logps(chosen, batch.chosen_ids, batch.chosen_loss_mask),
+            sequence_logps(rejected, batch.rejected_ids, batch.rejected_loss_mask),
+        )
 
     # Policy == reference: every log-ratio is 0, so each loss is exactly -log sigmoid(0) = log 2.
     losses, _, _ = dpo_loss(*policy_logps(reference), batch.ref_chosen_logps, batch.ref_rejected_logps)

@@ -36,8 +36,9 @@ def tool_calls(example):
 
 
 def test_formats_are_detected_from_the_first_bytes():
-    assert [detect_format(p) for p in (SIDECHAIN, DAG, OPENHANDS_RENAME, OPENHANDS_BASIC, SWE_PYDICOM,
-                                       SWE_MARSHMALLOW)] == ["claude_code"] * 2 + ["openhands"] * 2 + ["swe_agent"] * 2
+    assert [
+        detect_format(p) for p in (SIDECHAIN, DAG, OPENHANDS_RENAME, OPENHANDS_BASIC, SWE_PYDICOM, SWE_MARSHMALLOW)
+    ] == ["claude_code"] * 2 + ["openhands"] * 2 + ["swe_agent"] * 2
 
 
 def test_sidechain_session_lenient():
@@ -57,7 +58,10 @@ def test_sidechain_session_lenient():
     assert roles(main) == ["assistant", "tool", "assistant"]
     task = main.messages[0].tool_calls[0]
     assert (task.id, task.name, task.arguments["subagent_type"]) == (
-        "toolu_01JA2mLseQCAW3MdwPE4qWEk", "Task", "general-purpose")
+        "toolu_01JA2mLseQCAW3MdwPE4qWEk",
+        "Task",
+        "general-purpose",
+    )
     assert main.messages[1].tool_call_id == task.id
     assert main.messages[1].content == "Perfect! Now I have a complete understanding. Let ..."
     assert main.parent_id is None and main.metadata["is_sidechain"] is False
@@ -73,8 +77,12 @@ def test_sidechain_session_lenient():
     merged = side.messages[1]
     assert merged.content == "I'll research how `data-border-color` is used thro..."
     assert [(c.id, c.name, c.arguments) for c in merged.tool_calls] == [
-        ("toolu_01BWgwmyj8gGuqFNHMPqqtN2", "Grep",
-         {"pattern": "data-border-color", "output_mode": "files_with_matches"})]
+        (
+            "toolu_01BWgwmyj8gGuqFNHMPqqtN2",
+            "Grep",
+            {"pattern": "data-border-color", "output_mode": "files_with_matches"},
+        )
+    ]
 
 
 def test_sidechain_session_strict_names_the_first_dangling_parent():
@@ -96,12 +104,22 @@ def test_rewind_fork_and_compaction(strict):
     first, second, compacted = examples
     assert [m.content for m in first.messages] == ["Start", "Ready", "First attempt", "First answer"]
     assert [m.content for m in second.messages] == [
-        "Start", "Ready", "Second attempt", "Second answer", "Keep going", "Kept going"]
+        "Start",
+        "Ready",
+        "Second attempt",
+        "Second answer",
+        "Keep going",
+        "Kept going",
+    ]
     assert first.messages[:2] == second.messages[:2]
     assert [m.kind for m in compacted.messages] == [COMPACT_SUMMARY, "message", "message"]
     assert compacted.messages[0].content.startswith("This session is being continued")
     assert compacted.metadata["compaction"] == {
-        "logical_parent": "b2a2", "trigger": "auto", "preTokens": 150000, "continues": "claude_code:s1:b2a2"}
+        "logical_parent": "b2a2",
+        "trigger": "auto",
+        "preTokens": 150000,
+        "continues": "claude_code:s1:b2a2",
+    }
     assert {e.session_id for e in examples} == {"s1"}
 
 
@@ -173,8 +191,11 @@ def test_swe_agent_function_calling(strict):
     assert open_call.arguments == {"path": "src/marshmallow/fields.py", "line_number": 1474}
     # The replayed demonstration reuses call ids (call_5iDd... answers four separate calls); each
     # result still follows its own call.
-    assert all(example.messages[i + 1].tool_call_id == m.tool_calls[0].id
-               for i, m in enumerate(example.messages) if m.tool_calls)
+    assert all(
+        example.messages[i + 1].tool_call_id == m.tool_calls[0].id
+        for i, m in enumerate(example.messages)
+        if m.tool_calls
+    )
     assert example.outcome["instance_id"] == "marshmallow-code__marshmallow-1867"
     assert example.outcome["exit_status"] == "submitted"
     assert example.metadata["model"] == "gpt-4o" and example.metadata["cwd"] == "/testbed"
@@ -186,6 +207,9 @@ def test_whole_directory_lenient_sums_the_files():
     # SWE-agent 1 + 1.
     assert (report.files, report.examples, report.messages, report.tool_calls) == (6, 9, 80, 19)
     assert {f: (r.files, r.examples) for f, r in report.by_format.items()} == {
-        "claude_code": (2, 5), "openhands": (2, 2), "swe_agent": (2, 2)}
+        "claude_code": (2, 5),
+        "openhands": (2, 2),
+        "swe_agent": (2, 2),
+    }
     assert len({e.id for e in examples}) == 9
     assert sum(1 for e in examples if e.parent_id) == 1  # one sidechain

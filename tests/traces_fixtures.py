@@ -13,9 +13,7 @@ from typing import Any
 import pytest
 
 TRACES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "traces"
-requires_samples = pytest.mark.skipif(
-    not TRACES_DIR.is_dir(), reason=f"the real trace samples are not at {TRACES_DIR}"
-)
+requires_samples = pytest.mark.skipif(not TRACES_DIR.is_dir(), reason=f"the real trace samples are not at {TRACES_DIR}")
 
 
 PREVIOUS = object()  # parent marker: link to the entry written just before
@@ -34,9 +32,16 @@ class ClaudeLog:
             parent = self.entries[-1]["uuid"] if self.entries else None
         self._clock += 1
         entry = {
-            "parentUuid": parent, "isSidechain": False, "userType": "external", "cwd": "/repo",
-            "sessionId": self.session_id, "version": "2.0.46", "gitBranch": "main", "type": kind,
-            "uuid": uuid, "timestamp": f"2025-11-19T10:{self._clock // 60:02d}:{self._clock % 60:02d}.000Z",
+            "parentUuid": parent,
+            "isSidechain": False,
+            "userType": "external",
+            "cwd": "/repo",
+            "sessionId": self.session_id,
+            "version": "2.0.46",
+            "gitBranch": "main",
+            "type": kind,
+            "uuid": uuid,
+            "timestamp": f"2025-11-19T10:{self._clock // 60:02d}:{self._clock % 60:02d}.000Z",
         }
         entry.update(extra)
         self.entries.append(entry)
@@ -44,24 +49,36 @@ class ClaudeLog:
 
     def user(self, uuid: str, text: str, *, parent: Any = PREVIOUS, **extra: Any) -> dict[str, Any]:
         content = [{"type": "text", "text": text}]
-        return self._entry("user", uuid, parent,
-                           {"message": {"role": "user", "content": content}, **extra})
+        return self._entry("user", uuid, parent, {"message": {"role": "user", "content": content}, **extra})
 
-    def assistant(self, uuid: str, text: str | None = None, *, tool_uses: tuple = (), message_id: str | None = None,
-                  parent: Any = PREVIOUS, **extra: Any) -> dict[str, Any]:
+    def assistant(
+        self,
+        uuid: str,
+        text: str | None = None,
+        *,
+        tool_uses: tuple = (),
+        message_id: str | None = None,
+        parent: Any = PREVIOUS,
+        **extra: Any,
+    ) -> dict[str, Any]:
         content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text is not None else []
         content += [{"type": "tool_use", "id": tid, "name": name, "input": args} for tid, name, args in tool_uses]
-        message = {"id": message_id or f"msg_{uuid}", "type": "message", "role": "assistant",
-                   "model": "claude-sonnet-4-5-20250929", "content": content, "stop_reason": "end_turn",
-                   "usage": {"input_tokens": 3, "output_tokens": 5}}
-        return self._entry("assistant", uuid, parent,
-                           {"message": message, "requestId": f"req_{uuid}", **extra})
+        message = {
+            "id": message_id or f"msg_{uuid}",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-sonnet-4-5-20250929",
+            "content": content,
+            "stop_reason": "end_turn",
+            "usage": {"input_tokens": 3, "output_tokens": 5},
+        }
+        return self._entry("assistant", uuid, parent, {"message": message, "requestId": f"req_{uuid}", **extra})
 
-    def tool_result(self, uuid: str, tool_use_id: str, content: Any, *, is_error: bool = False,
-                    parent: Any = PREVIOUS, **extra: Any) -> dict[str, Any]:
+    def tool_result(
+        self, uuid: str, tool_use_id: str, content: Any, *, is_error: bool = False, parent: Any = PREVIOUS, **extra: Any
+    ) -> dict[str, Any]:
         block = {"type": "tool_result", "tool_use_id": tool_use_id, "content": content, "is_error": is_error}
-        return self._entry("user", uuid, parent,
-                           {"message": {"role": "user", "content": [block]}, **extra})
+        return self._entry("user", uuid, parent, {"message": {"role": "user", "content": [block]}, **extra})
 
     def raw(self, entry: dict[str, Any]) -> dict[str, Any]:
         self.entries.append(entry)
@@ -122,10 +139,20 @@ def forked_session(tmp_path, *, refuse: bool = False, interrupt: bool = False, r
 
 
 def openai_attempt(task, answer, resolved, *, system="You fix bugs."):
-    return {"instance_id": task, "resolved": resolved, "messages": [
-        {"role": "system", "content": system},
-        {"role": "user", "content": f"Fix {task}"},
-        {"role": "assistant", "content": answer,
-         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "apply", "arguments": '{"patch": 1}'}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": "applied"},
-        {"role": "assistant", "content": "Submitted."}]}
+    return {
+        "instance_id": task,
+        "resolved": resolved,
+        "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": f"Fix {task}"},
+            {
+                "role": "assistant",
+                "content": answer,
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "apply", "arguments": '{"patch": 1}'}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": "applied"},
+            {"role": "assistant", "content": "Submitted."},
+        ],
+    }

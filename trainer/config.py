@@ -41,10 +41,16 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for key in ("hidden_size", "num_layers", "num_heads", "vocab_size"):
             _require(getattr(self, key) >= 1, f"model.{key}", "must be >= 1")
-        _require(self.name != "tiny" or self.tokenizer is None, "model.tokenizer",
-                 "the tiny model trains its own tokenizer on the tasks; leave model.tokenizer unset")
-        _require(self.hidden_size % self.num_heads == 0, "model.hidden_size",
-                 f"must be divisible by model.num_heads ({self.num_heads})")
+        _require(
+            self.name != "tiny" or self.tokenizer is None,
+            "model.tokenizer",
+            "the tiny model trains its own tokenizer on the tasks; leave model.tokenizer unset",
+        )
+        _require(
+            self.hidden_size % self.num_heads == 0,
+            "model.hidden_size",
+            f"must be divisible by model.num_heads ({self.num_heads})",
+        )
 
 
 @dataclass
@@ -95,8 +101,11 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         _require(self.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
-        _require(self.group_size >= 2, "rollout.group_size",
-                 f"must be >= 2 (group advantages need siblings), got {self.group_size}")
+        _require(
+            self.group_size >= 2,
+            "rollout.group_size",
+            f"must be >= 2 (group advantages need siblings), got {self.group_size}",
+        )
         _require(self.max_prompt_length >= 1, "rollout.max_prompt_length", "must be >= 1")
         _require(self.max_completion_length >= 1, "rollout.max_completion_length", "must be >= 1")
         _require(self.temperature > 0, "rollout.temperature", "must be > 0")
@@ -136,10 +145,16 @@ class DiLoCoConfig:
         _require(self.outer_lr > 0, "diloco.outer_lr", "must be > 0")
         _require(0 <= self.outer_momentum < 1, "diloco.outer_momentum", "must be in [0, 1)")
         _require(self.fragments >= 1, "diloco.fragments", "must be >= 1")
-        _require(self.sync_every % self.fragments == 0, "diloco.fragments",
-                 f"must divide diloco.sync_every ({self.sync_every})")
-        _require(0 <= self.fragment_delay < self.sync_every // self.fragments, "diloco.fragment_delay",
-                 "must be >= 0 and < sync_every / fragments")
+        _require(
+            self.sync_every % self.fragments == 0,
+            "diloco.fragments",
+            f"must divide diloco.sync_every ({self.sync_every})",
+        )
+        _require(
+            0 <= self.fragment_delay < self.sync_every // self.fragments,
+            "diloco.fragment_delay",
+            "must be >= 0 and < sync_every / fragments",
+        )
         _require(0 <= self.fragment_alpha <= 1, "diloco.fragment_alpha", "must be in [0, 1]")
 
 
@@ -194,8 +209,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         return _build(Config, data, prefix="")
     except ConfigError as error:
         key = str(error).split(":", 1)[0]
-        line = lines.get(key) or next(
-            (n for k, n in lines.items() if n and key.startswith(k + ".")), None)
+        line = lines.get(key) or next((n for k, n in lines.items() if n and key.startswith(k + ".")), None)
         where = f"{path}:{line}" if line else str(path)
         raise ConfigError(f"{where}: {error}") from None
 

@@ -78,9 +78,7 @@ def encode(values: torch.Tensor, compression: str) -> torch.Tensor:
     blocks = _pad(flat, _num_blocks(numel) * QUANT_BLOCK).view(-1, QUANT_BLOCK)
     scales = blocks.abs().amax(dim=1) / levels
     divisor = torch.where(scales > 0, scales, torch.ones_like(scales))  # all-zero block -> codes 0
-    codes = (
-        torch.round(blocks / divisor[:, None]).clamp_(-levels, levels).to(torch.int8).reshape(-1)
-    )
+    codes = torch.round(blocks / divisor[:, None]).clamp_(-levels, levels).to(torch.int8).reshape(-1)
     if compression == "int8":
         packed = codes[:numel].view(torch.uint8)
     else:
@@ -203,8 +201,7 @@ class DiLoCo:
     ) -> None:
         if not isinstance(inner_optimizer, torch.optim.Optimizer):
             raise TypeError(
-                f"DiLoCo(inner_optimizer=...): expected a torch.optim.Optimizer, "
-                f"got {type(inner_optimizer).__name__}"
+                f"DiLoCo(inner_optimizer=...): expected a torch.optim.Optimizer, got {type(inner_optimizer).__name__}"
             )
         _check_schedule(sync_every, fragments, fragment_delay, fragment_alpha)
         _check_compression(compression)
@@ -235,16 +232,10 @@ class DiLoCo:
         self._wire_device = _wire_device(self.group, self.backup_device, self._local[0].device)
         self._fragment_ranges = _split_contiguous([p.numel() for p in self._local], fragments)
         self._broadcast_initial_parameters()
-        self._global = [
-            nn.Parameter(p.detach().to(self.backup_device, torch.float32, copy=True))
-            for p in self._local
-        ]
+        self._global = [nn.Parameter(p.detach().to(self.backup_device, torch.float32, copy=True)) for p in self._local]
         self.outer_optimizer = _build_outer_optimizer(outer_optimizer, self._global)
         self._residuals = (
-            [
-                torch.zeros(self._fragment_numel(f), device=self.backup_device)
-                for f in range(fragments)
-            ]
+            [torch.zeros(self._fragment_numel(f), device=self.backup_device) for f in range(fragments)]
             if error_feedback
             else []
         )
@@ -359,9 +350,7 @@ class DiLoCo:
         if self.group is None or self._world() == 1:
             return
         with torch.no_grad():
-            flat = torch.cat(
-                [p.detach().to(self._wire_device, torch.float32).reshape(-1) for p in self._local]
-            )
+            flat = torch.cat([p.detach().to(self._wire_device, torch.float32).reshape(-1) for p in self._local])
             dist.broadcast(flat, src=dist.get_global_rank(self.group, 0), group=self.group)
             offset = 0
             for p in self._local:
@@ -373,12 +362,7 @@ class DiLoCo:
         with torch.no_grad():
             # Sign: global-before minus local-after, so the outer step moves towards the replicas.
             pseudo = torch.cat(
-                [
-                    (
-                        self._global[i] - self._local[i].to(self.backup_device, torch.float32)
-                    ).reshape(-1)
-                    for i in indices
-                ]
+                [(self._global[i] - self._local[i].to(self.backup_device, torch.float32)).reshape(-1) for i in indices]
             )
         finite = bool(torch.isfinite(pseudo).all())
         if not finite:
@@ -397,9 +381,7 @@ class DiLoCo:
         else:  # integers would overflow a sum: gather the bytes, decode and add in fp32
             payload = encode(pseudo, self.compression)
             if finite and self.error_feedback:
-                self._residuals[fragment] = pseudo - decode(
-                    payload, self.compression, pseudo.numel()
-                )
+                self._residuals[fragment] = pseudo - decode(payload, self.compression, pseudo.numel())
             sent = torch.cat([payload, payload.new_tensor([int(finite)])])  # trailing flag byte
         sent = sent.to(self._wire_device)  # a no-op unless NCCL stages a CPU backup on CUDA
         buffers, work = [sent], None
@@ -477,9 +459,7 @@ class DiLoCo:
             for i in indices:
                 local, target = self._local[i], self._global[i]
                 if healthy and self.fragment_alpha > 0:
-                    mixed = torch.lerp(
-                        target, local.to(self.backup_device, torch.float32), self.fragment_alpha
-                    )
+                    mixed = torch.lerp(target, local.to(self.backup_device, torch.float32), self.fragment_alpha)
                     local.copy_(mixed)
                 else:
                     local.copy_(target)
@@ -555,9 +535,7 @@ def _wire_device(
     )
 
 
-def _build_outer_optimizer(
-    factory: OuterOptimizerFactory | None, params: list[nn.Parameter]
-) -> torch.optim.Optimizer:
+def _build_outer_optimizer(factory: OuterOptimizerFactory | None, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     if factory is None:
         return torch.optim.SGD(params, lr=0.7, momentum=0.9, nesterov=True)
     if isinstance(factory, torch.optim.Optimizer) or not callable(factory):
@@ -569,8 +547,7 @@ def _build_outer_optimizer(
     optimizer = factory(list(params))
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
-            f"DiLoCo(outer_optimizer=...): the factory returned {type(optimizer).__name__}, "
-            f"not a torch.optim.Optimizer"
+            f"DiLoCo(outer_optimizer=...): the factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer"
         )
     built_over = {id(p) for group in optimizer.param_groups for p in group["params"]}
     if built_over != {id(p) for p in params}:

@@ -474,13 +474,24 @@ def composer_total_loss(
     )
     logp = token_logps(student_logits, policy.completion_ids)
     grpo = grpo_loss(
-        logp, policy.old_logps, policy.advantages, mask,
-        loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-        ref_logp=policy.ref_logps, kl_beta=kl_beta, max_completion_length=max_completion_length,
+        logp,
+        policy.old_logps,
+        policy.advantages,
+        mask,
+        loss_type=loss_type,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        ref_logp=policy.ref_logps,
+        kl_beta=kl_beta,
+        max_completion_length=max_completion_length,
     )
     ratio_mean, clip_fraction = _ratio_stats(
-        logp, policy.old_logps, policy.advantages, mask,
-        epsilon_low, epsilon_low if epsilon_high is None else epsilon_high,
+        logp,
+        policy.old_logps,
+        policy.advantages,
+        mask,
+        epsilon_low,
+        epsilon_low if epsilon_high is None else epsilon_high,
     )
     zero = grpo.new_zeros(())
     metrics = {"ratio_mean": ratio_mean, "clip_fraction": clip_fraction}
@@ -497,8 +508,12 @@ def composer_total_loss(
         pairs = batch.preference
         chosen_logps, rejected_logps = _preference_logps(model, pairs)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
-            chosen_logps, rejected_logps, pairs.ref_chosen_logps, pairs.ref_rejected_logps,
-            beta=dpo_beta, label_smoothing=label_smoothing,
+            chosen_logps,
+            rejected_logps,
+            pairs.ref_chosen_logps,
+            pairs.ref_rejected_logps,
+            beta=dpo_beta,
+            label_smoothing=label_smoothing,
         )
         dpo = losses.mean()
         metrics.update(
@@ -607,7 +622,9 @@ def _as_sequence(name: str, pair_id: str, values: Any) -> Tensor:
     return tensor
 
 
-def pad_sequences(sequences: Sequence[Sequence[int] | Tensor], value: int, *, left: bool = False) -> tuple[Tensor, Tensor]:
+def pad_sequences(
+    sequences: Sequence[Sequence[int] | Tensor], value: int, *, left: bool = False
+) -> tuple[Tensor, Tensor]:
     """Stack ragged 1-D id sequences into (B, max_len) padded with `value`, plus the 0/1 mask.
 
     `left=True` is the layout `generate` and the prompt fields of `PolicyBatch` want; right
@@ -642,8 +659,9 @@ class TeacherReplayBuffer:
     `reference_forward_passes` counts reference forwards, so callers can check the cost.
     """
 
-    def __init__(self, reference_model: nn.Module, *, pad_token_id: int, device: str | torch.device = "cpu",
-                 batch_size: int = 8) -> None:
+    def __init__(
+        self, reference_model: nn.Module, *, pad_token_id: int, device: str | torch.device = "cpu", batch_size: int = 8
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"TeacherReplayBuffer batch_size={batch_size} must be >= 1")
         self.reference_model = reference_model
@@ -657,8 +675,9 @@ class TeacherReplayBuffer:
     def __len__(self) -> int:
         return len(self._pairs)
 
-    def add(self, pair_id: str, chosen_ids: Any, chosen_loss_mask: Any, rejected_ids: Any,
-            rejected_loss_mask: Any) -> None:
+    def add(
+        self, pair_id: str, chosen_ids: Any, chosen_loss_mask: Any, rejected_ids: Any, rejected_loss_mask: Any
+    ) -> None:
         """Store one pair of full sequences (1-D); loss masks mark each sequence's response tokens."""
         pair = _StoredPair(
             _as_sequence("chosen_ids", pair_id, chosen_ids),
@@ -703,8 +722,12 @@ class TeacherReplayBuffer:
         chosen_loss, _ = pad_sequences([p.chosen_loss_mask for p in pairs], 0)
         rejected_loss, _ = pad_sequences([p.rejected_loss_mask for p in pairs], 0)
         tensors = dict(
-            chosen_ids=chosen_ids, chosen_attention_mask=chosen_attention, chosen_loss_mask=chosen_loss,
-            rejected_ids=rejected_ids, rejected_attention_mask=rejected_attention, rejected_loss_mask=rejected_loss,
+            chosen_ids=chosen_ids,
+            chosen_attention_mask=chosen_attention,
+            chosen_loss_mask=chosen_loss,
+            rejected_ids=rejected_ids,
+            rejected_attention_mask=rejected_attention,
+            rejected_loss_mask=rejected_loss,
             ref_chosen_logps=torch.tensor([p.ref_chosen_logp for p in pairs]),
             ref_rejected_logps=torch.tensor([p.ref_rejected_logp for p in pairs]),
         )
@@ -729,14 +752,16 @@ class TeacherReplayBuffer:
         with _eval_mode(self.reference_model):
             while self._pending:
                 chunk = [self._pairs[pair_id] for pair_id in self._pending[: self.batch_size]]
-                ids, attention = pad_sequences([p.chosen_ids for p in chunk] + [p.rejected_ids for p in chunk],
-                                            self.pad_token_id)
-                loss_mask, _ = pad_sequences([p.chosen_loss_mask for p in chunk] + [p.rejected_loss_mask for p in chunk],
-                                          0)
+                ids, attention = pad_sequences(
+                    [p.chosen_ids for p in chunk] + [p.rejected_ids for p in chunk], self.pad_token_id
+                )
+                loss_mask, _ = pad_sequences(
+                    [p.chosen_loss_mask for p in chunk] + [p.rejected_loss_mask for p in chunk], 0
+                )
                 ids, attention = ids.to(model_device), attention.to(model_device)
                 logits = self.reference_model(input_ids=ids, attention_mask=attention, use_cache=False).logits
                 self.reference_forward_passes += 1
                 logps = sequence_logps(logits, ids, loss_mask.to(model_device)).float().cpu().tolist()
-                for pair, chosen, rejected in zip(chunk, logps[: len(chunk)], logps[len(chunk):]):
+                for pair, chosen, rejected in zip(chunk, logps[: len(chunk)], logps[len(chunk) :], strict=True):
                     pair.ref_chosen_logp, pair.ref_rejected_logp = chosen, rejected
                 del self._pending[: len(chunk)]

@@ -46,8 +46,12 @@ def reward_rise(step_rewards_by_round: list[list[float]]) -> dict[str, float]:
     first, first_error = mean_and_error([r for rnd in step_rewards_by_round[:span] for r in rnd])
     last, last_error = mean_and_error([r for rnd in step_rewards_by_round[-span:] for r in rnd])
     noise = math.hypot(first_error, last_error)
-    return dict(reward_first=first, reward_last=last, reward_rise=last - first,
-                reward_rise_sigmas=(last - first) / noise if noise > 0 else float("nan"))
+    return dict(
+        reward_first=first,
+        reward_last=last,
+        reward_rise=last - first,
+        reward_rise_sigmas=(last - first) / noise if noise > 0 else float("nan"),
+    )
 
 
 def table_header() -> str:

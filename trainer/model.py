@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -50,7 +50,7 @@ DEFAULT_CORPUS = (
     "What is 12 + 7? Answer: 19",
     "Hint: add the ones first, then the tens.",
     "The quick brown fox jumps over the lazy dog. def main(): return 0",
-    "<tool_call>{\"name\": \"bash\", \"arguments\": {\"command\": \"ls -la\"}}</tool_call>",
+    '<tool_call>{"name": "bash", "arguments": {"command": "ls -la"}}</tool_call>',
     "system user assistant tool error fixed tests passed failed",
 )
 
@@ -69,9 +69,7 @@ def train_tokenizer(corpus: Iterable[str], *, vocab_size: int = 512) -> PreTrain
         show_progress=False,
     )
     tokenizer.train_from_iterator(list(corpus), trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN, bos_token=None
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN, bos_token=None)
     fast.chat_template = CHAT_TEMPLATE
     fast.padding_side = "left"  # prompts are left-padded for generation
     return fast

@@ -72,7 +72,7 @@ def sample(
         eos_token_id=tokenizer.eos_token_id,
     )
     model.train(was_training)
-    completion_ids = out[:, prompt_ids.shape[1]:]
+    completion_ids = out[:, prompt_ids.shape[1] :]
     is_eos = completion_ids == tokenizer.eos_token_id
     after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
     completion_mask = (~after_eos).long()
@@ -81,7 +81,7 @@ def sample(
 
 
 def decode_completions(tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
-    return [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask)]
+    return [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask, strict=True)]
 
 
 def rollout(
@@ -129,17 +129,20 @@ def rollout(
     if teacher is not None:
         hints = _teacher_hints(tasks, texts, correct, hint_level=hint_level, use_siblings=sibling_hints)
         hinted = chat_prompt_ids(
-            tokenizer, [tasks[row // group_size].prompt(hint) for row, hint in enumerate(hints)],
+            tokenizer,
+            [tasks[row // group_size].prompt(hint) for row, hint in enumerate(hints)],
             max_prompt_length,
         )
         policy.teacher_prompt_ids, policy.teacher_prompt_mask = pad_sequences(hinted, tokenizer.pad_token_id, left=True)
-        teacher_reward = _teacher_reward(teacher, tokenizer, tasks, hint_level, max_prompt_length,
-                                         max_completion_length, temperature)
+        teacher_reward = _teacher_reward(
+            teacher, tokenizer, tasks, hint_level, max_prompt_length, max_completion_length, temperature
+        )
 
     new_pairs = 0
     if replay is not None and mine_sibling_pairs:
-        new_pairs = _add_sibling_pairs(replay, prompts, completion_ids, completion_mask, correct,
-                                       group_size=group_size, id_prefix=pair_id_prefix)
+        new_pairs = _add_sibling_pairs(
+            replay, prompts, completion_ids, completion_mask, correct, group_size=group_size, id_prefix=pair_id_prefix
+        )
     preference = None
     if replay is not None and len(replay) > 0:
         generator = torch.Generator().manual_seed(rng.getrandbits(63))
@@ -161,7 +164,7 @@ def _teacher_hints(
     """Per row: a correct sibling's answer when one exists (not the row itself), else the task hint."""
     group_size = correct.shape[1]
     hints = []
-    for row, text in enumerate(texts):
+    for row in range(len(texts)):
         group, member = divmod(row, group_size)
         siblings = [j for j in range(group_size) if j != member and correct[group, j]]
         if use_siblings and siblings:
@@ -184,7 +187,7 @@ def _teacher_reward(
     hinted = chat_prompt_ids(tokenizer, [task.prompt(task.hints[hint_level]) for task in tasks], max_prompt_length)
     _, _, ids, mask = sample(model, tokenizer, hinted, max_new_tokens=max_completion_length, temperature=temperature)
     texts = decode_completions(tokenizer, ids, mask)
-    return sum(task.reward(text) for task, text in zip(tasks, texts)) / len(tasks)
+    return sum(task.reward(text) for task, text in zip(tasks, texts, strict=True)) / len(tasks)
 
 
 def _add_sibling_pairs(
@@ -208,8 +211,10 @@ def _add_sibling_pairs(
         rejected = _response(completion_ids, completion_mask, group * group_size + int(bad[0]))
         replay.add(
             f"{id_prefix}-{group}",
-            prompt + chosen, [0] * len(prompt) + [1] * len(chosen),
-            prompt + rejected, [0] * len(prompt) + [1] * len(rejected),
+            prompt + chosen,
+            [0] * len(prompt) + [1] * len(chosen),
+            prompt + rejected,
+            [0] * len(prompt) + [1] * len(rejected),
         )
         added += 1
     return added

@@ -38,11 +38,13 @@ def supervised_warmup(
     losses = []
     for _ in range(steps):
         batch = [tasks.sample(rng) for _ in range(batch_size)]
-        prompts = chat_prompt_ids(tokenizer, [_warmup_prompt(t, hint_level, sibling_hints, rng) for t in batch],
-                                  max_prompt_length)
-        answers = [tokenizer(t.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                   for t in batch]
-        ids, mask = pad_sequences([p + a for p, a in zip(prompts, answers)], tokenizer.pad_token_id, left=False)
+        prompts = chat_prompt_ids(
+            tokenizer, [_warmup_prompt(t, hint_level, sibling_hints, rng) for t in batch], max_prompt_length
+        )
+        answers = [tokenizer(t.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in batch]
+        ids, mask = pad_sequences(
+            [p + a for p, a in zip(prompts, answers, strict=True)], tokenizer.pad_token_id, left=False
+        )
         labels = ids.masked_fill(mask == 0, -100)
         for row, prompt in enumerate(prompts):
             labels[row, : len(prompt)] = -100

@@ -93,7 +93,7 @@ def average_gradients(model: torch.nn.Module, group: dist.ProcessGroup | None) -
     flat /= dist.get_world_size(group)
     offset = 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
 
 
@@ -129,13 +129,18 @@ def train(config: Config) -> dict:
             cached_tokenizer(corpus, vocab_size=config.model.vocab_size, cache_dir=run_dir)
         barrier()
         model, tokenizer = tiny_model_and_tokenizer(
-            corpus, vocab_size=config.model.vocab_size, hidden_size=config.model.hidden_size,
-            num_layers=config.model.num_layers, num_heads=config.model.num_heads, seed=config.seed,
+            corpus,
+            vocab_size=config.model.vocab_size,
+            hidden_size=config.model.hidden_size,
+            num_layers=config.model.num_layers,
+            num_heads=config.model.num_heads,
+            seed=config.seed,
             cache_dir=run_dir,
         )
     else:
-        model, tokenizer = pretrained_model_and_tokenizer(config.model.name, tokenizer_name=config.model.tokenizer,
-                                                          dtype=config.model.dtype)
+        model, tokenizer = pretrained_model_and_tokenizer(
+            config.model.name, tokenizer_name=config.model.tokenizer, dtype=config.model.dtype
+        )
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     model.to(device)
 
@@ -144,13 +149,19 @@ def train(config: Config) -> dict:
     if resume_from is None and config.optim.sft_steps:
         # Same seed on every rank: replicas finish the warm-up bit-identical, no sync needed.
         sft_losses = supervised_warmup(
-            model, tokenizer, tasks, steps=config.optim.sft_steps, batch_size=config.optim.sft_batch_size,
-            lr=config.optim.sft_lr, hint_level=config.task.hint_level, sibling_hints=config.task.sibling_hints,
-            max_prompt_length=rollout_cfg.max_prompt_length, rng=random.Random(step_seed(config.seed, -1)),
+            model,
+            tokenizer,
+            tasks,
+            steps=config.optim.sft_steps,
+            batch_size=config.optim.sft_batch_size,
+            lr=config.optim.sft_lr,
+            hint_level=config.task.hint_level,
+            sibling_hints=config.task.sibling_hints,
+            max_prompt_length=rollout_cfg.max_prompt_length,
+            rng=random.Random(step_seed(config.seed, -1)),
         )
         if lead:
-            print(f"warm-up: {len(sft_losses)} SFT steps, loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f}",
-                  flush=True)
+            print(f"warm-up: {len(sft_losses)} SFT steps, loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f}", flush=True)
     reference = None
     if beta > 0:
         reference = copy.deepcopy(model).requires_grad_(False).eval()
@@ -163,12 +174,20 @@ def train(config: Config) -> dict:
     # ---- optimizers, DiLoCo, teacher, DPO replay ------------------------------------------
     inner_optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     diloco = DiLoCo(
-        model, inner_optimizer, sync_every=H, group=topo.outer_group,
-        outer_optimizer=functools.partial(torch.optim.SGD, lr=config.diloco.outer_lr,
-                                          momentum=config.diloco.outer_momentum,
-                                          nesterov=config.diloco.outer_momentum > 0),
-        fragments=config.diloco.fragments, fragment_delay=config.diloco.fragment_delay,
-        fragment_alpha=config.diloco.fragment_alpha, compression=config.diloco.compression,
+        model,
+        inner_optimizer,
+        sync_every=H,
+        group=topo.outer_group,
+        outer_optimizer=functools.partial(
+            torch.optim.SGD,
+            lr=config.diloco.outer_lr,
+            momentum=config.diloco.outer_momentum,
+            nesterov=config.diloco.outer_momentum > 0,
+        ),
+        fragments=config.diloco.fragments,
+        fragment_delay=config.diloco.fragment_delay,
+        fragment_alpha=config.diloco.fragment_alpha,
+        compression=config.diloco.compression,
         error_feedback=config.diloco.error_feedback,
     )
     teacher = EMATeacher(model, rate=config.loss.ema_rate) if alpha > 0 and config.loss.teacher == "ema" else None
@@ -193,8 +212,11 @@ def train(config: Config) -> dict:
         if resume_from is not None:
             metrics.log("resume", outer_step=resume_from, round=start_round, world_size=topo.world_size)
             print(f"resumed from checkpoint step-{resume_from:06d} (round {start_round})", flush=True)
-        print(f"{topo.replicas} replicas x {topo.world_size // topo.replicas} ranks, H={H}, "
-              f"rounds={config.rounds}, alpha={alpha}, beta={beta}", flush=True)
+        print(
+            f"{topo.replicas} replicas x {topo.world_size // topo.replicas} ranks, H={H}, "
+            f"rounds={config.rounds}, alpha={alpha}, beta={beta}",
+            flush=True,
+        )
         print(table_header(), flush=True)
 
     # Forwards of the policy inside the loss (student, teacher-as-policy, DPO): the cost of the
@@ -207,8 +229,9 @@ def train(config: Config) -> dict:
     for round_index in range(start_round, config.rounds):
         round_start = time.perf_counter()
         records = []
-        bar = tqdm(total=H, desc=f"round {round_index + 1}/{config.rounds}", leave=False, disable=not lead,
-                   file=sys.stderr)
+        bar = tqdm(
+            total=H, desc=f"round {round_index + 1}/{config.rounds}", leave=False, disable=not lead, file=sys.stderr
+        )
         for step_in_round in range(H):
             step = round_index * H + step_in_round
             seed = step_seed(config.seed, topo.replica_id, topo.local_rank, step)
@@ -217,20 +240,35 @@ def train(config: Config) -> dict:
             step_start = time.perf_counter()
 
             batch, stats = rollout(
-                model, tokenizer, [tasks.sample(rng) for _ in range(rollout_cfg.prompts_per_step)],
-                group_size=rollout_cfg.group_size, max_prompt_length=rollout_cfg.max_prompt_length,
-                max_completion_length=rollout_cfg.max_completion_length, temperature=rollout_cfg.temperature,
-                hint_level=config.task.hint_level, sibling_hints=config.task.sibling_hints,
-                teacher=None if alpha == 0 else teacher.module if teacher is not None else model, replay=replay, mine_sibling_pairs=not config.task.traces,
+                model,
+                tokenizer,
+                [tasks.sample(rng) for _ in range(rollout_cfg.prompts_per_step)],
+                group_size=rollout_cfg.group_size,
+                max_prompt_length=rollout_cfg.max_prompt_length,
+                max_completion_length=rollout_cfg.max_completion_length,
+                temperature=rollout_cfg.temperature,
+                hint_level=config.task.hint_level,
+                sibling_hints=config.task.sibling_hints,
+                teacher=None if alpha == 0 else teacher.module if teacher is not None else model,
+                replay=replay,
+                mine_sibling_pairs=not config.task.traces,
                 pairs_per_step=config.loss.dpo_pairs_per_step,
-                pair_id_prefix=f"r{topo.replica_id}-{topo.local_rank}-s{step}", rng=rng,
+                pair_id_prefix=f"r{topo.replica_id}-{topo.local_rank}-s{step}",
+                rng=rng,
             )
             forwards_before = forward_calls[0]
             out = composer_total_loss(
-                model, batch, alpha=alpha, beta=beta, teacher=teacher, loss_type=config.loss.loss_type,
-                epsilon_low=config.loss.epsilon_low, epsilon_high=config.loss.epsilon_high,
+                model,
+                batch,
+                alpha=alpha,
+                beta=beta,
+                teacher=teacher,
+                loss_type=config.loss.loss_type,
+                epsilon_low=config.loss.epsilon_low,
+                epsilon_high=config.loss.epsilon_high,
                 max_completion_length=rollout_cfg.max_completion_length,
-                sdpo_jsd_alpha=config.loss.sdpo_jsd_alpha, sdpo_top_k=config.loss.sdpo_top_k,
+                sdpo_jsd_alpha=config.loss.sdpo_jsd_alpha,
+                sdpo_top_k=config.loss.sdpo_top_k,
                 dpo_beta=config.loss.dpo_beta,
             )
             inner_optimizer.zero_grad(set_to_none=True)
@@ -243,15 +281,24 @@ def train(config: Config) -> dict:
             synced = diloco.step()
 
             elapsed = time.perf_counter() - step_start
-            records.append(dict(
-                round=round_index, step=step, replica=topo.replica_id, rank=topo.rank,
-                reward=stats.reward, teacher_reward=stats.teacher_reward, solved=stats.solved_groups,
-                lr=inner_optimizer.param_groups[0]["lr"], tokens_per_s=stats.completion_tokens / elapsed,
-                pairs=len(replay) if replay is not None else 0, synced=synced,
-                loss_forwards=forward_calls[0] - forwards_before,
-                reference_forwards=replay.reference_forward_passes if replay is not None else 0,
-                **{k: v for k, v in out.metrics.items()},
-            ))
+            records.append(
+                dict(
+                    round=round_index,
+                    step=step,
+                    replica=topo.replica_id,
+                    rank=topo.rank,
+                    reward=stats.reward,
+                    teacher_reward=stats.teacher_reward,
+                    solved=stats.solved_groups,
+                    lr=inner_optimizer.param_groups[0]["lr"],
+                    tokens_per_s=stats.completion_tokens / elapsed,
+                    pairs=len(replay) if replay is not None else 0,
+                    synced=synced,
+                    loss_forwards=forward_calls[0] - forwards_before,
+                    reference_forwards=replay.reference_forward_passes if replay is not None else 0,
+                    **{k: v for k, v in out.metrics.items()},
+                )
+            )
             bar.set_postfix(reward=f"{stats.reward:.3f}", loss=f"{out.metrics['loss']:.4f}")
             bar.update()
         bar.close()
@@ -266,22 +313,38 @@ def train(config: Config) -> dict:
                 metrics.log("inner", **record)
             hashes = [view["hash"] for view in everyone][:: topo.world_size // topo.replicas]
             metrics.log(
-                "outer", outer_step=diloco.outer_step, round=round_index,
-                pseudo_grad_norm=diloco.last_pseudo_grad_norm, participants=diloco.last_participants,
-                bytes_sent=sum(v["bytes_sent"] for v in everyone), param_hash=hashes[0],
-                replica_hashes=hashes, replicas=topo.replicas,
+                "outer",
+                outer_step=diloco.outer_step,
+                round=round_index,
+                pseudo_grad_norm=diloco.last_pseudo_grad_norm,
+                participants=diloco.last_participants,
+                bytes_sent=sum(v["bytes_sent"] for v in everyone),
+                param_hash=hashes[0],
+                replica_hashes=hashes,
+                replicas=topo.replicas,
             )
             rewards = [r["reward"] for r in all_records]
             reward, error = mean_and_error(rewards)
             teacher_rewards = [r["teacher_reward"] for r in all_records if r["teacher_reward"] is not None]
             means = {k: sum(r[k] for r in all_records) / len(all_records) for k in ("grpo", "sdpo", "dpo")}
             step_rewards_by_round.append(rewards)
-            print(table_row((
-                round_index + 1, reward, error,
-                sum(teacher_rewards) / len(teacher_rewards) if teacher_rewards else None,
-                means["grpo"], means["sdpo"], means["dpo"], diloco.last_pseudo_grad_norm,
-                sum(v["bytes_sent"] for v in everyone) / 1e6, time.perf_counter() - round_start,
-            )), flush=True)
+            print(
+                table_row(
+                    (
+                        round_index + 1,
+                        reward,
+                        error,
+                        sum(teacher_rewards) / len(teacher_rewards) if teacher_rewards else None,
+                        means["grpo"],
+                        means["sdpo"],
+                        means["dpo"],
+                        diloco.last_pseudo_grad_norm,
+                        sum(v["bytes_sent"] for v in everyone) / 1e6,
+                        time.perf_counter() - round_start,
+                    )
+                ),
+                flush=True,
+            )
 
         # ---- checkpoint: every replica saves its share, then rank 0 seals the folder ----------
         if topo.local_rank == 0:
@@ -298,15 +361,24 @@ def train(config: Config) -> dict:
     # ---- the end ---------------------------------------------------------------------------
     final_hashes = gather(parameters_hash(model))[:: topo.world_size // topo.replicas]
     summary = dict(
-        status="ok", name=config.name, outer_steps=diloco.outer_step, rounds=config.rounds,
-        replicas=topo.replicas, world_size=topo.world_size, final_param_hash=final_hashes[0],
-        replica_hashes=final_hashes, replicas_agree=len(set(final_hashes)) == 1,
+        status="ok",
+        name=config.name,
+        outer_steps=diloco.outer_step,
+        rounds=config.rounds,
+        replicas=topo.replicas,
+        world_size=topo.world_size,
+        final_param_hash=final_hashes[0],
+        replica_hashes=final_hashes,
+        replicas_agree=len(set(final_hashes)) == 1,
     )
     if lead:
         if len(step_rewards_by_round) >= 2:
             summary.update(reward_rise(step_rewards_by_round))
-            print(f"reward: first rounds {summary['reward_first']:.4f}, last rounds {summary['reward_last']:.4f}, "
-                  f"rise {summary['reward_rise']:+.4f} = {summary['reward_rise_sigmas']:.1f} sigma", flush=True)
+            print(
+                f"reward: first rounds {summary['reward_first']:.4f}, last rounds {summary['reward_last']:.4f}, "
+                f"rise {summary['reward_rise']:+.4f} = {summary['reward_rise_sigmas']:.1f} sigma",
+                flush=True,
+            )
         metrics.close()
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
         tmp = run_dir / ".summary.json.tmp"
@@ -331,8 +403,13 @@ def _fill_from_traces(replay: TeacherReplayBuffer, path: str, tokenizer, max_len
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.worker", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a dotted config key, e.g. --set diloco.sync_every=8 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a dotted config key, e.g. --set diloco.sync_every=8 (repeatable)",
+    )
     args = parser.parse_args(argv)
     config = load_config_or_exit(args.config, args.set)
     summary = train(config)

@@ -28,9 +28,7 @@ NO_MOMENTUM_SGD = functools.partial(torch.optim.SGD, lr=1.0, momentum=0.0)
 def make_model(seed: int = 0) -> nn.Module:
     """Six parameter tensors of uneven sizes, so fragments and quantization blocks are exercised."""
     torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(6, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 3)
-    )
+    return nn.Sequential(nn.Linear(6, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 3))
 
 
 def make_batch(data_seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,9 +80,7 @@ def run_ranks(world: int, tmp_path: Path, *jobs: Job) -> list[list[Any]]:
 def _entry(rank: int, world: int, out_dir: str, jobs: list[Job]) -> None:
     torch.set_num_threads(1)
     store = dist.FileStore(str(Path(out_dir) / "store"), world)
-    dist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=120)
-    )
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
         results = [SCENARIOS[scenario](rank, world, **kwargs) for scenario, kwargs in jobs]
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -128,9 +124,7 @@ def sign(rank: int, world: int) -> dict:
         if step == SYNC_EVERY - 1:
             captured["locals"] = _clone(list(model.parameters()))
 
-    train(
-        model, inner, diloco, start=0, stop=SYNC_EVERY, data_seed=rank, after_inner=capture_locals
-    )
+    train(model, inner, diloco, start=0, stop=SYNC_EVERY, data_seed=rank, after_inner=capture_locals)
     return {
         "global_before": global_before,
         "locals": captured["locals"],
@@ -216,9 +210,7 @@ def nan_guard(rank: int, world: int, *, compression: str) -> dict:
     if rank != nan_rank:
         model_b = make_model(seed=0)
         inner_b = make_inner(model_b)
-        diloco_b = DiLoCo(
-            model_b, inner_b, sync_every=SYNC_EVERY, compression=compression, group=healthy_group
-        )
+        diloco_b = DiLoCo(model_b, inner_b, sync_every=SYNC_EVERY, compression=compression, group=healthy_group)
         train(model_b, inner_b, diloco_b, start=0, stop=SYNC_EVERY, data_seed=rank)
         healthy_global = _clone(diloco_b.global_parameters())
     return {"syncs": syncs, "healthy_global": healthy_global}

@@ -62,9 +62,7 @@ def _assert_all_equal(tensors_a: list[torch.Tensor], tensors_b: list[torch.Tenso
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize(
-    "index", range(len(IDENTICAL_DATA_CONFIGS)), ids=["fp32", "int8-ef", "bf16-streaming-alpha"]
-)
+@pytest.mark.parametrize("index", range(len(IDENTICAL_DATA_CONFIGS)), ids=["fp32", "int8-ef", "bf16-streaming-alpha"])
 def test_two_replicas_on_identical_data_end_identical_to_one_replica(two_replicas, index):
     """Acceptance 2: each rank started from its own seed; DiLoCo broadcast rank 0's weights."""
     model = make_model(seed=0)
@@ -168,9 +166,7 @@ def nan_runs(tmp_path_factory):
 def test_nan_replica_is_left_out_and_all_nan_round_is_skipped(nan_runs, compression):
     """Acceptance 7 with three replicas; the healthy two are re-run alone as a sub-group."""
     ranks = nan_runs[compression]
-    round_1, round_2, round_3 = (
-        list(s) for s in zip(*(rank["syncs"] for rank in ranks), strict=True)
-    )
+    round_1, round_2, round_3 = (list(s) for s in zip(*(rank["syncs"] for rank in ranks), strict=True))
 
     # Round 1: the NaN replica is left out; the global equals the healthy replicas' alone.
     assert [s["participants"] for s in round_1] == [2, 2, 2]

@@ -117,7 +117,9 @@ def test_supervisor_restarts_a_crashing_worker_a_bounded_number_of_times_and_spa
         crasher_name = crasher.get_wrapped_container().name
         stopped_state = client.containers.get(stopped.get_wrapped_container().id).attrs["State"]
     assert [(e.kind, e.name, e.exit_code, e.restarts) for e in events] == [
-        ("restarted", crasher_name, 3, 1), ("restarted", crasher_name, 3, 2), ("gave_up", crasher_name, 3, 2),
+        ("restarted", crasher_name, 3, 1),
+        ("restarted", crasher_name, 3, 2),
+        ("gave_up", crasher_name, 3, 2),
     ]
     assert stopped_state["Status"] == "exited" and stopped_state["ExitCode"] != 0
     assert supervisor.given_up == {crasher_name}
@@ -130,8 +132,12 @@ def test_compose_up_scale_runs_to_the_end_with_identical_replicas(
     # DockerCompose has no scale argument but passes the environment on: WORKERS feeds
     # deploy.replicas, exactly as `--scale worker=N` would.
     for key, value in {
-        "COMPOSE_PROJECT_NAME": run_name, "WORKERS": str(workers), "COMPOSER_CONFIG": CONFIG,
-        "COMPOSER_RUN": run_name, "COMPOSER_IMAGE": image, "COMPOSE_BAKE": "false",
+        "COMPOSE_PROJECT_NAME": run_name,
+        "WORKERS": str(workers),
+        "COMPOSER_CONFIG": CONFIG,
+        "COMPOSER_RUN": run_name,
+        "COMPOSER_IMAGE": image,
+        "COMPOSE_BAKE": "false",
     }.items():
         monkeypatch.setenv(key, value)
     compose = DockerCompose(context=ROOT, wait=False)
@@ -141,8 +147,9 @@ def test_compose_up_scale_runs_to_the_end_with_identical_replicas(
             assert time.monotonic() < deadline, "the run did not finish in time"
             time.sleep(2)
         logs = "".join(compose.get_logs())
-        worker_states = {c.Name: (c.State, c.ExitCode) for c in compose.get_containers(include_all=True)
-                         if c.Service == "worker"}
+        worker_states = {
+            c.Name: (c.State, c.ExitCode) for c in compose.get_containers(include_all=True) if c.Service == "worker"
+        }
     assert coordinator.ExitCode == 0, logs[-4000:]
     assert worker_states == {f"{run_name}-worker-{i}": ("exited", 0) for i in range(1, workers + 1)}
 
@@ -166,8 +173,20 @@ def test_orchestrator_restarts_a_killed_worker_and_loses_no_outer_step(
 ) -> None:
     run_dir = ROOT / "runs" / run_name
     command = [
-        sys.executable, "-m", "orchestrator", "up", "--workers", "2", "--config", CONFIG, "--run", run_name,
-        "--image", image, "--set", "dist_timeout_s=30",
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "up",
+        "--workers",
+        "2",
+        "--config",
+        CONFIG,
+        "--run",
+        run_name,
+        "--image",
+        image,
+        "--set",
+        "dist_timeout_s=30",
     ]
     up = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -183,8 +202,12 @@ def test_orchestrator_restarts_a_killed_worker_and_loses_no_outer_step(
     finally:
         if up.poll() is None:
             up.kill()
-        subprocess.run([sys.executable, "-m", "orchestrator", "down", "--run", run_name], cwd=ROOT, check=False,
-                       capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "orchestrator", "down", "--run", run_name],
+            cwd=ROOT,
+            check=False,
+            capture_output=True,
+        )
     assert up.returncode == 0, output
     assert f"worker composer-{run_name}-worker-{rank0_replica} died (exit 137); restarted (1 so far)" in output
 

@@ -25,13 +25,17 @@ def worker_command(*overrides: str) -> list[str]:
 
 
 def torchrun(run_dir: Path, *overrides: str, max_restarts: int = 0) -> subprocess.Popen:
-    command = [TORCHRUN, "--standalone", "--nproc-per-node=2", f"--max-restarts={max_restarts}",
-               *worker_command(*overrides)]
+    command = [
+        TORCHRUN,
+        "--standalone",
+        "--nproc-per-node=2",
+        f"--max-restarts={max_restarts}",
+        *worker_command(*overrides),
+    ]
     # Restarted workers must not share torchrun's rendezvous store: they could read the dead
     # attempt's addresses and fail to connect (pytorch/pytorch#135712).
     env = {**os.environ, "COMPOSER_RUN_DIR": str(run_dir), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(process: subprocess.Popen, timeout: float = 600) -> str:
@@ -110,8 +114,9 @@ def test_sigkill_mid_round_resumes_bit_exact(uninterrupted, tmp_path):
 def test_a_channel_switched_off_costs_no_forward(tmp_path, channel):
     run_dir = tmp_path / "run"
     env = {**os.environ, "COMPOSER_RUN_DIR": str(run_dir)}
-    result = subprocess.run([PYTHON, *worker_command(channel, "rounds=2")], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [PYTHON, *worker_command(channel, "rounds=2")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     inner = records(run_dir, "inner")
     assert len(inner) == 4

@@ -1,8 +1,8 @@
 """Real agent logs -> `TraceExample`s -> preference pairs -> token ids for the DPO channel.
 
-    examples = TraceIngester().ingest("logs/")          # Claude Code, OpenHands, SWE-agent, OpenAI
-    pairs = mine_pairs(examples)                        # outcome pairs and rewound/interrupted forks
-    tokens = render_pair(next(pairs), tokenizer)        # chat template, loss mask on the responses
+examples = TraceIngester().ingest("logs/")          # Claude Code, OpenHands, SWE-agent, OpenAI
+pairs = mine_pairs(examples)                        # outcome pairs and rewound/interrupted forks
+tokens = render_pair(next(pairs), tokenizer)        # chat template, loss mask on the responses
 """
 
 from .ingest import TraceIngester, detect_format
@@ -22,7 +22,22 @@ from .schema import (
 )
 
 __all__ = [
-    "COMPACT_SUMMARY", "FORMATS", "INTERRUPTION", "ISSUE_REASONS", "REFUSAL", "ExampleReward", "IngestReport",
-    "Message", "PreferencePair", "TokenizedPair", "ToolCall", "TraceExample", "TraceFormatError", "TraceIngester",
-    "detect_format", "mine_pairs", "render", "render_pair",
+    "COMPACT_SUMMARY",
+    "FORMATS",
+    "INTERRUPTION",
+    "ISSUE_REASONS",
+    "REFUSAL",
+    "ExampleReward",
+    "IngestReport",
+    "Message",
+    "PreferencePair",
+    "TokenizedPair",
+    "ToolCall",
+    "TraceExample",
+    "TraceFormatError",
+    "TraceIngester",
+    "detect_format",
+    "mine_pairs",
+    "render",
+    "render_pair",
 ]

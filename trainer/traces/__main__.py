@@ -25,8 +25,9 @@ from .schema import FORMATS, ISSUE_REASONS, IngestReport, TraceExample, TraceFor
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     total_bytes = sum(_input_bytes(Path(p)) for p in args.paths)
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=args.command, file=sys.stderr,
-              delay=0.5, disable=None) as bar:
+    with tqdm(
+        total=total_bytes, unit="B", unit_scale=True, desc=args.command, file=sys.stderr, delay=0.5, disable=None
+    ) as bar:
         ingester = TraceIngester(args.format, strict=args.strict, progress=bar.update)
         try:
             if args.command == "ingest":
@@ -52,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer.traces", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("ingest", "turn traces into TraceExample JSONL"),
-                            ("mine", "mine preference pairs (and per-example rewards) from traces")):
+    for name, help_text in (
+        ("ingest", "turn traces into TraceExample JSONL"),
+        ("mine", "mine preference pairs (and per-example rewards) from traces"),
+    ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("paths", nargs="+", metavar="PATH", help="trace files or directories")
         command.add_argument("--format", default="auto", choices=("auto", *FORMATS))
@@ -80,10 +83,16 @@ def _examples(ingester: TraceIngester, paths: list[str]) -> Iterator[TraceExampl
 
 def _pair_record(pair: Any) -> dict[str, Any]:
     """TRL's conversational preference layout: prompt/chosen/rejected as chat-template messages."""
-    return {"id": pair.id, "source": pair.source, "reason": pair.reason,
-            "chosen_example_id": pair.chosen_example_id, "rejected_example_id": pair.rejected_example_id,
-            "prompt": hf_messages(pair.prompt), "chosen": hf_messages(pair.chosen),
-            "rejected": hf_messages(pair.rejected)}
+    return {
+        "id": pair.id,
+        "source": pair.source,
+        "reason": pair.reason,
+        "chosen_example_id": pair.chosen_example_id,
+        "rejected_example_id": pair.rejected_example_id,
+        "prompt": hf_messages(pair.prompt),
+        "chosen": hf_messages(pair.chosen),
+        "rejected": hf_messages(pair.rejected),
+    }
 
 
 def _write_jsonl(path: Path | None, records: Iterable[dict[str, Any]]) -> None:
@@ -104,27 +113,40 @@ def _write_jsonl(path: Path | None, records: Iterable[dict[str, Any]]) -> None:
 
 def _summary(report: IngestReport) -> str:
     columns = ("files", "lines", "examples", "messages", "tool_calls")
-    rows = [(name, *(getattr(r, c) for c in columns), sum(r.issues.values()))
-            for name, r in sorted(report.by_format.items())]
+    rows = [
+        (name, *(getattr(r, c) for c in columns), sum(r.issues.values()))
+        for name, r in sorted(report.by_format.items())
+    ]
     rows.append(("total", *(getattr(report, c) for c in columns), sum(report.issues.values())))
     header = ("format", *columns, "issues")
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(cell).ljust(w) if i == 0 else str(cell).rjust(w)
-                       for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
-             for row in [header, *rows]]
-    for title, counts in (("issues (skipped or repaired)", report.issues),
-                          ("normalized (by design)", report.normalized)):
+    lines = [
+        "  ".join(
+            str(cell).ljust(w) if i == 0 else str(cell).rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in [header, *rows]
+    ]
+    for title, counts in (
+        ("issues (skipped or repaired)", report.issues),
+        ("normalized (by design)", report.normalized),
+    ):
         if counts:
             lines += ["", f"{title}:"]
-            lines += [f"  {reason:<26} {n:>8}  {ISSUE_REASONS.get(reason, '')}".rstrip()
-                      for reason, n in sorted(counts.items())]
+            lines += [
+                f"  {reason:<26} {n:>8}  {ISSUE_REASONS.get(reason, '')}".rstrip()
+                for reason, n in sorted(counts.items())
+            ]
     return "\n".join(lines)
 
 
 def _mining_summary(miner: PairMiner) -> str:
     by_source = ", ".join(f"{source} {n}" for source, n in sorted(miner.by_source.items()))
-    lines = ["", f"pairs: {sum(miner.by_source.values())}" + (f" ({by_source})" if by_source else ""),
-             f"per-example rewards: {len(miner.rewards)}"]
+    lines = [
+        "",
+        f"pairs: {sum(miner.by_source.values())}" + (f" ({by_source})" if by_source else ""),
+        f"per-example rewards: {len(miner.rewards)}",
+    ]
     if miner.skipped:
         lines.append("not paired: " + ", ".join(f"{k} {v}" for k, v in sorted(miner.skipped.items())))
     return "\n".join(lines)

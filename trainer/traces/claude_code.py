@@ -27,10 +27,20 @@ from .schema import COMPACT_SUMMARY, INTERRUPTION, MESSAGE, REFUSAL, Message, To
 FORMAT = "claude_code"
 
 # Entries that take part in the parent chain (or carry bookkeeping) but hold no conversation.
-STRUCTURAL_TYPES = frozenset({
-    "system", "progress", "attachment", "agent-setting", "pr-link", "ai-title", "custom-title",
-    "permission-mode", "file-history-snapshot", "queue-operation",
-})
+STRUCTURAL_TYPES = frozenset(
+    {
+        "system",
+        "progress",
+        "attachment",
+        "agent-setting",
+        "pr-link",
+        "ai-title",
+        "custom-title",
+        "permission-mode",
+        "file-history-snapshot",
+        "queue-operation",
+    }
+)
 SPAWN_TOOLS = frozenset({"Task", "Agent"})
 INTERRUPTION_PREFIX = "[Request interrupted by user"
 REFUSAL_PREFIXES = (
@@ -43,8 +53,24 @@ CLIENT_SYNTHETIC_MODEL = "<synthetic>"  # API-error notices Claude Code writes a
 class _Node:
     """One entry of the tree, reduced to what becomes messages."""
 
-    __slots__ = ("uuid", "parent", "line", "source", "sidechain", "agent_id", "spawned_agent", "role",
-                 "blocks", "model", "timestamp", "compact_summary", "boundary", "digest", "up", "children")
+    __slots__ = (
+        "uuid",
+        "parent",
+        "line",
+        "source",
+        "sidechain",
+        "agent_id",
+        "spawned_agent",
+        "role",
+        "blocks",
+        "model",
+        "timestamp",
+        "compact_summary",
+        "boundary",
+        "digest",
+        "up",
+        "children",
+    )
 
     def __init__(self, uuid: str, record: dict[str, Any], line: int, source: int, digest: int) -> None:
         self.uuid = uuid
@@ -260,6 +286,7 @@ class _Reader:
                 if (reason, source, line, detail) not in reported:  # shared prefixes are built once per leaf
                     reported.add((reason, source, line, detail))
                     self.contexts[source].problem(reason, detail, line=line, key=key)
+
             return problem
 
         roots = _link(session, problem_at)
@@ -287,8 +314,9 @@ class _Reader:
         for example, _, _ in examples:
             yield example
 
-    def _example(self, session: _Session, root: _Node, leaf: _Node, path: list[_Node],
-                 messages: list[Message]) -> TraceExample:
+    def _example(
+        self, session: _Session, root: _Node, leaf: _Node, path: list[_Node], messages: list[Message]
+    ) -> TraceExample:
         stamps = [node.timestamp for node in path if node.timestamp]
         metadata: dict[str, Any] = {
             "leaf_uuid": leaf.uuid,
@@ -303,12 +331,20 @@ class _Reader:
         if root.boundary is not None:
             metadata["compaction"] = dict(root.boundary)
         return TraceExample(
-            id=f"{FORMAT}:{session.session_id}:{leaf.uuid}", format=FORMAT,
-            session_id=session.session_id, messages=messages, metadata=metadata,
+            id=f"{FORMAT}:{session.session_id}:{leaf.uuid}",
+            format=FORMAT,
+            session_id=session.session_id,
+            messages=messages,
+            metadata=metadata,
         )
 
-    def _link_sidechains(self, session: _Session, examples: list[_Built], call_owner: dict[str, str],
-                         problem_at: Callable[[int], Callable[..., None]]) -> None:
+    def _link_sidechains(
+        self,
+        session: _Session,
+        examples: list[_Built],
+        call_owner: dict[str, str],
+        problem_at: Callable[[int], Callable[..., None]],
+    ) -> None:
         """Tie each subagent thread to its spawning call: by agentId, then prompt, then time window."""
         spawns: dict[str, _Spawn] = {}
         by_agent: dict[str, str] = {}
@@ -351,8 +387,7 @@ def _link_compactions(examples: list[_Built]) -> None:
             example.metadata["compaction"]["continues"] = continued
 
 
-def _find_spawn(root: _Node, path: list[_Node], spawns: dict[str, _Spawn],
-                by_agent: dict[str, str]) -> _Spawn | None:
+def _find_spawn(root: _Node, path: list[_Node], spawns: dict[str, _Spawn], by_agent: dict[str, str]) -> _Spawn | None:
     agent_id = next((n.agent_id for n in _subtree(root) if n.agent_id), None)
     if agent_id in by_agent:
         return spawns[by_agent[agent_id]]
@@ -363,8 +398,11 @@ def _find_spawn(root: _Node, path: list[_Node], spawns: dict[str, _Spawn],
     started = root.timestamp
     if started is None:
         return None
-    in_window = [s for s in spawns.values()
-                 if s.called_at and s.called_at <= started and (s.answered_at is None or started <= s.answered_at)]
+    in_window = [
+        s
+        for s in spawns.values()
+        if s.called_at and s.called_at <= started and (s.answered_at is None or started <= s.answered_at)
+    ]
     return in_window[0] if len(in_window) == 1 else None
 
 
@@ -475,19 +513,28 @@ def _node_messages(node: _Node) -> list[Message]:
     if node.role == "assistant":
         if not node.blocks:
             return []
-        return [Message(
-            "assistant",
-            "\n".join(b[1] for b in node.blocks if b[0] == "text"),
-            tool_calls=[ToolCall(b[1], b[2], b[3]) for b in node.blocks if b[0] == "tool_use"],
-            reasoning="\n".join(b[1] for b in node.blocks if b[0] == "thinking"),
-            timestamp=node.timestamp,
-        )]
+        return [
+            Message(
+                "assistant",
+                "\n".join(b[1] for b in node.blocks if b[0] == "text"),
+                tool_calls=[ToolCall(b[1], b[2], b[3]) for b in node.blocks if b[0] == "tool_use"],
+                reasoning="\n".join(b[1] for b in node.blocks if b[0] == "thinking"),
+                timestamp=node.timestamp,
+            )
+        ]
     if node.role != "user":
         return []
     messages = [
-        Message("tool", b[2], tool_call_id=b[1], is_error=b[3], timestamp=node.timestamp,
-                kind=REFUSAL if b[2].startswith(REFUSAL_PREFIXES) else MESSAGE)
-        for b in node.blocks if b[0] == "tool_result"
+        Message(
+            "tool",
+            b[2],
+            tool_call_id=b[1],
+            is_error=b[3],
+            timestamp=node.timestamp,
+            kind=REFUSAL if b[2].startswith(REFUSAL_PREFIXES) else MESSAGE,
+        )
+        for b in node.blocks
+        if b[0] == "tool_result"
     ]
     texts = [b[1] for b in node.blocks if b[0] == "text"]
     if texts:

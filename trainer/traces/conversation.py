@@ -54,9 +54,7 @@ class ConversationBuilder:
     def _close_pending(self, *, line: int | None, key: str | None) -> None:
         for call in self._pending.values():
             self._problem("missing_tool_result", f"{call.name} call {call.id!r}", line=line, key=key)
-            self.messages.append(
-                Message("tool", MISSING_RESULT_TEXT, tool_call_id=call.id, synthetic=True)
-            )
+            self.messages.append(Message("tool", MISSING_RESULT_TEXT, tool_call_id=call.id, synthetic=True))
         self._pending = {}
 
 

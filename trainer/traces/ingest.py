@@ -67,8 +67,9 @@ class TraceIngester:
     `progress`, if given, is called with the number of bytes consumed since its last call.
     """
 
-    def __init__(self, format: str = "auto", *, strict: bool = False,
-                 progress: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self, format: str = "auto", *, strict: bool = False, progress: Callable[[int], None] | None = None
+    ) -> None:
         if format != "auto" and format not in FORMATS:
             raise ValueError(f"unknown trace format {format!r}; expected 'auto' or one of {', '.join(FORMATS)}")
         self.format = format
@@ -121,8 +122,13 @@ def _file_groups(path: Path) -> Iterator[tuple[Path, list[Path]]]:
     if path.is_file():
         yield path, _subagent_files(path)
         return
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TRACE_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file()
+        and p.suffix in TRACE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
     claimed = {sub for f in files for sub in _subagent_files(f)}
     for file in files:
         if file not in claimed:

@@ -116,7 +116,7 @@ class PairMiner:
     def _outcome_pairs(self, task: str, attempts: list[TraceExample]) -> Iterator[PreferencePair]:
         resolved = [e for e in attempts if _task_and_verdict(e)[1]]
         failed = [e for e in attempts if not _task_and_verdict(e)[1]]
-        keys = {id(e): [m.key() for m in e.messages[:_first_assistant(e.messages) or 0]] for e in attempts}
+        keys = {id(e): [m.key() for m in e.messages[: _first_assistant(e.messages) or 0]] for e in attempts}
         made = 0
         for good in resolved:
             for bad in failed:
@@ -124,13 +124,23 @@ class PairMiner:
                     self.skipped["over_max_pairs_per_task"] += 1
                     continue
                 prompt_length = _first_assistant(good.messages)
-                if (prompt_length in (None, 0) or prompt_length != _first_assistant(bad.messages)
-                        or keys[id(good)] != keys[id(bad)]):
+                if (
+                    prompt_length in (None, 0)
+                    or prompt_length != _first_assistant(bad.messages)
+                    or keys[id(good)] != keys[id(bad)]
+                ):
                     self.skipped["outcome_prompt_mismatch"] += 1
                     continue
                 made += 1
-                yield _pair(good.messages[:prompt_length], good, bad, prompt_length, OUTCOME,
-                            f"resolved vs unresolved on {task}", whole=True)
+                yield _pair(
+                    good.messages[:prompt_length],
+                    good,
+                    bad,
+                    prompt_length,
+                    OUTCOME,
+                    f"resolved vs unresolved on {task}",
+                    whole=True,
+                )
 
 
 def _task_and_verdict(example: TraceExample) -> tuple[str | None, bool | None]:
@@ -168,8 +178,9 @@ def _turn_rejection(messages: list[Message], start: int) -> str | None:
     return None
 
 
-def _fork_verdict(first: TraceExample, second: TraceExample,
-                  shared: int) -> tuple[TraceExample, TraceExample, str] | None:
+def _fork_verdict(
+    first: TraceExample, second: TraceExample, shared: int
+) -> tuple[TraceExample, TraceExample, str] | None:
     first_no = _turn_rejection(first.messages, shared)
     second_no = _turn_rejection(second.messages, shared)
     if first_no and not second_no:
@@ -185,8 +196,16 @@ def _fork_verdict(first: TraceExample, second: TraceExample,
     return newer, older, "rewound by the user and answered again"
 
 
-def _pair(prompt: list[Message], chosen: TraceExample, rejected: TraceExample, shared: int, source: str,
-          reason: str, *, whole: bool = False) -> PreferencePair:
+def _pair(
+    prompt: list[Message],
+    chosen: TraceExample,
+    rejected: TraceExample,
+    shared: int,
+    source: str,
+    reason: str,
+    *,
+    whole: bool = False,
+) -> PreferencePair:
     def response(example: TraceExample) -> list[Message]:
         end = len(example.messages) if whole else _response_end(example.messages, shared)
         return example.messages[shared:end]
@@ -197,8 +216,14 @@ def _pair(prompt: list[Message], chosen: TraceExample, rejected: TraceExample, s
         digest.update(json.dumps([m.key() for m in part], ensure_ascii=False).encode("utf-8", "surrogatepass"))
         digest.update(b"\x00")
     return PreferencePair(
-        id=f"pair-{digest.hexdigest()[:20]}", prompt=prompt, chosen=chosen_messages, rejected=rejected_messages,
-        source=source, reason=reason, chosen_example_id=chosen.id, rejected_example_id=rejected.id,
+        id=f"pair-{digest.hexdigest()[:20]}",
+        prompt=prompt,
+        chosen=chosen_messages,
+        rejected=rejected_messages,
+        source=source,
+        reason=reason,
+        chosen_example_id=chosen.id,
+        rejected_example_id=rejected.id,
     )
 
 

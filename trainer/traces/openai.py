@@ -46,8 +46,11 @@ def _example(record: Any, ctx: FileContext, line: int | None) -> TraceExample | 
     session_id = str(record.get("id") or record.get("session_id") or f"{ctx.path.stem}:{line}")
     outcome = {k: record[k] for k in OUTCOME_FIELDS if k in record} or None
     return TraceExample(
-        id=f"{FORMAT}:{session_id}:{messages_digest(builder.messages)}", format=FORMAT, session_id=session_id,
-        messages=builder.messages, outcome=outcome,
+        id=f"{FORMAT}:{session_id}:{messages_digest(builder.messages)}",
+        format=FORMAT,
+        session_id=session_id,
+        messages=builder.messages,
+        outcome=outcome,
         metadata={"model": record.get("model"), "line": line},
     )
 
@@ -86,7 +89,10 @@ def openai_message(raw: Any, problem: ProblemFn, *, line: int | None = None, key
         calls.append(ToolCall(str(call.get("id") or f"call-{index}"), str(function.get("name", "")), arguments))
     tool_call_id = raw.get("tool_call_id")
     return Message(
-        role, content_text(raw.get("content")), tool_calls=calls,
+        role,
+        content_text(raw.get("content")),
+        tool_calls=calls,
         tool_call_id=str(tool_call_id) if tool_call_id is not None else None,
-        is_error=bool(raw.get("is_error")), reasoning=str(raw.get("reasoning_content") or ""),
+        is_error=bool(raw.get("is_error")),
+        reasoning=str(raw.get("reasoning_content") or ""),
     )

@@ -19,11 +19,24 @@ from .schema import REFUSAL, Message, ToolCall, TraceExample, messages_digest
 FORMAT = "openhands"
 
 # Events that never reach the LLM's context as a turn of their own.
-BOOKKEEPING_EVENTS = frozenset({"agent_state_changed", "change_agent_state", "null", "recall", "condensation",
-                                "condensation_request"})
+BOOKKEEPING_EVENTS = frozenset(
+    {"agent_state_changed", "change_agent_state", "null", "recall", "condensation", "condensation_request"}
+)
 # `args` entries that describe how OpenHands ran an action, not what the model asked for.
-RUNTIME_ARGS = frozenset({"thought", "impl_source", "translated_ipython_code", "confirmation_state",
-                          "security_risk", "is_input", "blocking", "hidden", "wait_for_response", "image_urls"})
+RUNTIME_ARGS = frozenset(
+    {
+        "thought",
+        "impl_source",
+        "translated_ipython_code",
+        "confirmation_state",
+        "security_risk",
+        "is_input",
+        "blocking",
+        "hidden",
+        "wait_for_response",
+        "image_urls",
+    }
+)
 
 
 def read_openhands(ctx: FileContext) -> Iterator[TraceExample]:
@@ -54,15 +67,28 @@ def read_openhands(ctx: FileContext) -> Iterator[TraceExample]:
         return
     session_id = ctx.path.stem
     yield TraceExample(
-        id=f"{FORMAT}:{session_id}:{messages_digest(builder.messages)}", format=FORMAT, session_id=session_id,
+        id=f"{FORMAT}:{session_id}:{messages_digest(builder.messages)}",
+        format=FORMAT,
+        session_id=session_id,
         messages=builder.messages,
-        metadata={"model": model, "first_timestamp": stamps[0] if stamps else None,
-                  "last_timestamp": stamps[-1] if stamps else None},
+        metadata={
+            "model": model,
+            "first_timestamp": stamps[0] if stamps else None,
+            "last_timestamp": stamps[-1] if stamps else None,
+        },
     )
 
 
-def _add_action(builder: ConversationBuilder, event: dict, metadata: dict | None, response: Any,
-                response_seen: set[str], call_of_event: dict, ctx: FileContext, key: str) -> None:
+def _add_action(
+    builder: ConversationBuilder,
+    event: dict,
+    metadata: dict | None,
+    response: Any,
+    response_seen: set[str],
+    call_of_event: dict,
+    ctx: FileContext,
+    key: str,
+) -> None:
     action = event["action"]
     args = event.get("args") if isinstance(event.get("args"), dict) else {}
     stamp = event.get("timestamp")
@@ -94,8 +120,9 @@ def _add_action(builder: ConversationBuilder, event: dict, metadata: dict | None
     builder.add(Message("assistant", _model_text(response, args), tool_calls=[call], timestamp=stamp), key=key)
 
 
-def _add_observation(builder: ConversationBuilder, event: dict, metadata: dict | None, call_of_event: dict,
-                     ctx: FileContext, key: str) -> None:
+def _add_observation(
+    builder: ConversationBuilder, event: dict, metadata: dict | None, call_of_event: dict, ctx: FileContext, key: str
+) -> None:
     observation = event["observation"]
     if observation in BOOKKEEPING_EVENTS:
         return
@@ -105,8 +132,14 @@ def _add_observation(builder: ConversationBuilder, event: dict, metadata: dict |
     exit_code = (extras.get("metadata") or {}).get("exit_code") if isinstance(extras.get("metadata"), dict) else None
     is_error = observation in ("error", "user_rejected") or (isinstance(exit_code, int) and exit_code != 0)
     builder.add(
-        Message("tool", str(event.get("content") or ""), tool_call_id=call_id, is_error=is_error,
-                kind=REFUSAL if observation == "user_rejected" else "message", timestamp=event.get("timestamp")),
+        Message(
+            "tool",
+            str(event.get("content") or ""),
+            tool_call_id=call_id,
+            is_error=is_error,
+            kind=REFUSAL if observation == "user_rejected" else "message",
+            timestamp=event.get("timestamp"),
+        ),
         key=key,
     )
 

@@ -21,16 +21,19 @@ _JSON_WHITESPACE = " \t\r\n"
 # A \uD800-\uDFFF escape in raw JSON text: only lines holding one can decode to a lone surrogate.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 # UTF-8 lead bytes read as cp1252 ('Â', 'Ã', 'â', ...) followed by a continuation byte read as cp1252.
-_MOJIBAKE = re.compile("[\u00c2-\u00f4][\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192"
-                       "\u02c6\u02dc\u2013\u2014\u2018-\u201e\u2020-\u2022\u2026\u2030\u2039\u203a"
-                       "\u20ac\u2122]")
+_MOJIBAKE = re.compile(
+    "[\u00c2-\u00f4][\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192"
+    "\u02c6\u02dc\u2013\u2014\u2018-\u201e\u2020-\u2022\u2026\u2030\u2039\u203a"
+    "\u20ac\u2122]"
+)
 
 
 class FileContext:
     """Where one file's problems go: counted in the report (lenient) or raised (strict)."""
 
-    def __init__(self, path: Path, fmt: str, report: IngestReport, *, strict: bool,
-                 progress: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self, path: Path, fmt: str, report: IngestReport, *, strict: bool, progress: Callable[[int], None] | None = None
+    ) -> None:
         self.path = path
         self.format = fmt
         self.report = report
@@ -51,8 +54,7 @@ class FileContext:
         self.report.add(self.format, lines=n)
 
 
-def repair_text(text: str, problem: Callable[..., None], *, line: int | None = None,
-                key: str | None = None) -> str:
+def repair_text(text: str, problem: Callable[..., None], *, line: int | None = None, key: str | None = None) -> str:
     """Undo UTF-8-read-as-cp1252 mojibake ('â†’' -> '→') when the whole string round-trips."""
     if not _MOJIBAKE.search(text):
         return text

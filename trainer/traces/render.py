@@ -43,8 +43,9 @@ def hf_messages(messages: list[Message]) -> list[dict[str, Any]]:
 
 
 def _template(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(hf_messages(messages), tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        hf_messages(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -71,21 +72,25 @@ def render_pair(pair: PreferencePair, tokenizer: Any, *, max_length: int | None 
     for side, messages in (("chosen", pair.chosen), ("rejected", pair.rejected)):
         full_text = _template(tokenizer, pair.prompt + messages)
         if not full_text.startswith(prompt_text):
-            raise ValueError(f"pair {pair.id}: the chat template does not render the prompt as a prefix of "
-                             f"prompt + {side}; the response tokens cannot be told apart")
-        response_ids = _encode(tokenizer, full_text[len(prompt_text):])
+            raise ValueError(
+                f"pair {pair.id}: the chat template does not render the prompt as a prefix of "
+                f"prompt + {side}; the response tokens cannot be told apart"
+            )
+        response_ids = _encode(tokenizer, full_text[len(prompt_text) :])
         if not response_ids or not prompt_ids:
             raise ValueError(f"pair {pair.id}: the {side} side renders to an empty prompt or response")
         responses.append(response_ids)
     if max_length is not None:
         longest = max(len(r) for r in responses)
         keep = min(len(prompt_ids), max(max_length // 2, max_length - longest))
-        prompt_ids = prompt_ids[len(prompt_ids) - keep:]
+        prompt_ids = prompt_ids[len(prompt_ids) - keep :]
         responses = [r[: max_length - keep] for r in responses]
     chosen, rejected = responses
     prompt_mask = [0] * len(prompt_ids)
     return TokenizedPair(
         pair_id=pair.id,
-        chosen_ids=prompt_ids + chosen, chosen_loss_mask=prompt_mask + [1] * len(chosen),
-        rejected_ids=prompt_ids + rejected, rejected_loss_mask=prompt_mask + [1] * len(rejected),
+        chosen_ids=prompt_ids + chosen,
+        chosen_loss_mask=prompt_mask + [1] * len(chosen),
+        rejected_ids=prompt_ids + rejected,
+        rejected_loss_mask=prompt_mask + [1] * len(rejected),
     )

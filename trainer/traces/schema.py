@@ -55,8 +55,9 @@ ISSUE_REASONS: dict[str, str] = {
 class TraceFormatError(ValueError):
     """A trace that strict mode refuses; the message names the file and the line (or key)."""
 
-    def __init__(self, path: str | Path, line: int | None, reason: str, detail: str = "",
-                 *, key: str | None = None) -> None:
+    def __init__(
+        self, path: str | Path, line: int | None, reason: str, detail: str = "", *, key: str | None = None
+    ) -> None:
         self.path = str(path)
         self.line = line
         self.reason = reason
@@ -107,8 +108,7 @@ class TraceExample:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TraceExample:
         messages = [
-            Message(**{**m, "tool_calls": [ToolCall(**c) for c in m.get("tool_calls", [])]})
-            for m in data["messages"]
+            Message(**{**m, "tool_calls": [ToolCall(**c) for c in m.get("tool_calls", [])]}) for m in data["messages"]
         ]
         return cls(**{**data, "messages": messages})
 

@@ -50,8 +50,11 @@ def read_swe_agent(ctx: FileContext) -> Iterator[TraceExample]:
             outcome[known] = info[known]
     session_id = ctx.path.stem
     yield TraceExample(
-        id=f"{FORMAT}:{session_id}:{messages_digest(builder.messages)}", format=FORMAT, session_id=session_id,
-        messages=builder.messages, outcome=outcome,
+        id=f"{FORMAT}:{session_id}:{messages_digest(builder.messages)}",
+        format=FORMAT,
+        session_id=session_id,
+        messages=builder.messages,
+        outcome=outcome,
         metadata={
             "model": ((replay.get("agent") or {}).get("model") or {}).get("name"),
             "environment": document.get("environment"),
