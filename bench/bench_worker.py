@@ -19,8 +19,9 @@ import torch
 
 from trainer.config import load_config
 from trainer.diloco import DiLoCo
-from trainer.losses import TeacherReplayBuffer, composer_total_loss
+from trainer.losses import ComposerBatch, composer_total_loss
 from trainer.model import tiny_model_and_tokenizer
+from trainer.replay import PreferenceFeed, PreferenceReplay
 from trainer.rollout import rollout
 from trainer.tasks import make_tasks
 
@@ -55,11 +56,13 @@ def main() -> None:
     )
     rng = random.Random(0)
     torch.manual_seed(0)
-    replay = TeacherReplayBuffer(model, pad_token_id=tokenizer.pad_token_id)
+    feed = PreferenceFeed(
+        PreferenceReplay(model, pad_token_id=tokenizer.pad_token_id), pairs_per_step=config.loss.dpo_pairs_per_step
+    )
     r = config.rollout
 
     def make_batch():
-        return rollout(
+        samples = rollout(
             model,
             tokenizer,
             [tasks.sample(rng) for _ in range(r.prompts_per_step)],
@@ -70,17 +73,14 @@ def main() -> None:
             hint_level=config.task.hint_level,
             sibling_hints=True,
             teacher=model,
-            replay=replay,
-            mine_sibling_pairs=True,
-            pairs_per_step=config.loss.dpo_pairs_per_step,
-            pair_id_prefix=str(rng.random()),
-            rng=rng,
         )
+        preference = feed.step(samples, id_prefix=str(rng.random()), rng=rng)
+        return ComposerBatch(policy=samples.policy, preference=preference)
 
     rollout_seconds = interleaved({"rollout": make_batch})["rollout"]
-    batch, _ = make_batch()
+    batch = make_batch()
     while batch.preference is None:  # a random model needs a few tries to disagree with itself
-        batch, _ = make_batch()
+        batch = make_batch()
     policy = batch.policy
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -143,7 +143,7 @@ def main() -> None:
         f"| worker step, alpha = beta = 0 (same single forward) | {grpo_only:.4f} |\n"
         f"| **framework overhead ratio** | **{grpo_only / bare:.3f}** |\n"
         f"| worker step, all three channels (alpha={config.loss.alpha}, beta={config.loss.beta}) | {full:.4f} |\n"
-        f"| rollout: generate{r.group_size}x{r.prompts_per_step} + teacher reward + pairs | {rollout_seconds:.4f} |\n"
+        f"| rollout: generate {r.group_size}x{r.prompts_per_step} + teacher reward + pairs | {rollout_seconds:.4f} |\n"
     )
     print((RESULTS / "worker.md").read_text())
 

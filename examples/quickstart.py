@@ -6,7 +6,7 @@ One batch, all three channels on:
 - GRPO: two candidate answers per question (in training they come from `generate`), a checker's
   0/1 reward, group-relative advantages, and the sampler's log-probs as `old_logps`;
 - SDPO: the same model with a hint in its prompt re-scores the failed answers' tokens;
-- DPO: (right, wrong) pairs whose reference log-probs a `TeacherReplayBuffer` scores once.
+- DPO: (right, wrong) pairs whose reference log-probs a `PreferenceReplay` scores once.
 """
 
 import copy
@@ -16,13 +16,13 @@ import torch
 from trainer.losses import (
     ComposerBatch,
     PolicyBatch,
-    TeacherReplayBuffer,
     completion_logits,
     composer_total_loss,
     group_advantages,
     token_logps,
 )
 from trainer.model import tiny_model_and_tokenizer
+from trainer.replay import PreferenceReplay
 
 # (question, hint, right answer, wrong answer)
 TASKS = [
@@ -82,7 +82,7 @@ def main() -> None:
     )
 
     # DPO pairs: reference log-probs from a frozen copy, computed once and cached by pair id.
-    replay = TeacherReplayBuffer(copy.deepcopy(model), pad_token_id=tokenizer.pad_token_id)
+    replay = PreferenceReplay(copy.deepcopy(model), pad_token_id=tokenizer.pad_token_id)
     for i, (question, _, right, wrong) in enumerate(TASKS):
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True, return_dict=True

@@ -4,15 +4,12 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from trainer.losses import (
-    EMATeacher,
     compose_loss,
     dpo_loss,
     group_advantages,
     grpo_loss,
-    pad_sequences,
     sdpo_loss,
     sequence_logps,
     token_logps,
@@ -339,39 +336,10 @@ def test_sequence_logps_shifts_and_masks():
     assert sequence_logps(logits, labels, torch.tensor([[0, 0, 1]])).tolist() == pytest.approx([math.log(4 / 6)])
 
 
-# ---------------------------------------------------------------------------- composition, EMA
+# ---------------------------------------------------------------------------- composition
 
 
 def test_compose_loss_weights_the_channels():
     close(compose_loss(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0), alpha=0.5, beta=0.1), 2.3)
     with pytest.raises(ValueError, match="alpha=-1"):
         compose_loss(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0), alpha=-1, beta=0.1)
-
-
-def test_ema_teacher_update_moves_rate_of_the_way_to_the_student():
-    student = nn.Linear(2, 1)
-    with torch.no_grad():
-        student.weight.copy_(torch.tensor([[1.0, 2.0]]))
-        student.bias.fill_(0.0)
-    teacher = EMATeacher(student, rate=0.25)
-    with torch.no_grad():
-        student.weight.copy_(torch.tensor([[5.0, -2.0]]))
-        student.bias.fill_(4.0)
-    teacher.update()
-    assert teacher.module.weight.tolist() == [[0.75 * 1 + 0.25 * 5, 0.75 * 2 + 0.25 * -2]]
-    assert teacher.module.bias.tolist() == [1.0]
-    assert student.weight.tolist() == [[5.0, -2.0]]  # the student is untouched
-    assert not any(p.requires_grad for p in teacher.module.parameters())
-    assert teacher(torch.tensor([[1.0, 1.0]])).item() == pytest.approx(2.0 + 1.0 + 1.0)
-
-
-def test_ema_teacher_rejects_bad_rate():
-    with pytest.raises(ValueError, match="rate=0"):
-        EMATeacher(nn.Linear(1, 1), rate=0)
-
-
-def test_pad_left_and_right():
-    ids, mask = pad_sequences([[1, 2, 3], [4]], 0, left=True)
-    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    ids, mask = pad_sequences([[1, 2, 3], [4]], 0, left=False)
-    assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]

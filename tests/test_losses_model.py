@@ -9,21 +9,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from trainer.batching import pad_sequences
 from trainer.losses import (
     ComposerBatch,
-    EMATeacher,
     PolicyBatch,
-    TeacherReplayBuffer,
     completion_logits,
     composer_total_loss,
     dpo_loss,
     grpo_loss,
-    pad_sequences,
     sdpo_loss,
     sequence_logps,
     token_logps,
 )
 from trainer.model import tiny_model_and_tokenizer
+from trainer.replay import PreferenceReplay
+from trainer.teacher import EMATeacher
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = ["What is 12 + 7?", "What is 3 + 4?", "Add 10 and 25.", "What is 2 + 2?"]
@@ -78,7 +78,7 @@ def policy_batch(model, tokenizer, *, snapshot_old_logps=True):
 
 
 def replay_buffer(model, tokenizer, **kwargs):
-    buffer = TeacherReplayBuffer(copy.deepcopy(model), pad_token_id=tokenizer.pad_token_id, **kwargs)
+    buffer = PreferenceReplay(copy.deepcopy(model), pad_token_id=tokenizer.pad_token_id, **kwargs)
     for i, (q, good, bad) in enumerate(zip(QUESTIONS, ANSWERS, WRONG, strict=True)):
         prompt = chat(tokenizer, q)
         chosen, rejected = answer(tokenizer, good), answer(tokenizer, bad)
@@ -304,85 +304,3 @@ def test_quickstart_prints_a_falling_loss_curve():
     totals = [float(line.split("total=")[1].split()[0]) for line in result.stdout.splitlines() if "total=" in line]
     assert len(totals) == 5 and all(math.isfinite(t) for t in totals)
     assert totals[-1] < totals[0], result.stdout
-
-
-# ---------------------------------------------------------------------------- TeacherReplayBuffer
-
-
-def test_replay_buffer_scores_each_pair_once_in_batches(model_and_tokenizer):
-    model, tokenizer = model_and_tokenizer
-    buffer = replay_buffer(model, tokenizer, batch_size=3)  # 4 pairs: one full batch scored on add
-    assert len(buffer) == 4 and buffer.reference_forward_passes == 1
-    first = buffer.sample(4, generator=torch.Generator().manual_seed(1))
-    assert buffer.reference_forward_passes == 2  # the leftover pair, scored when needed
-    for _ in range(3):
-        buffer.sample(2)
-    prompt = chat(tokenizer, QUESTIONS[0])
-    chosen, rejected = answer(tokenizer, ANSWERS[0]), answer(tokenizer, WRONG[0])
-    buffer.add(
-        "pair-0",
-        prompt + chosen,
-        [0] * len(prompt) + [1] * len(chosen),
-        prompt + rejected,
-        [0] * len(prompt) + [1] * len(rejected),
-    )
-    assert len(buffer) == 4 and buffer.reference_forward_passes == 2  # never per step, never per re-add
-    again = buffer.sample(4, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(again.ref_chosen_logps, first.ref_chosen_logps)
-
-
-def test_replay_buffer_reference_logps_match_an_unpadded_forward(model_and_tokenizer):
-    model, tokenizer = model_and_tokenizer
-    buffer = replay_buffer(model, tokenizer)
-    pairs = buffer.sample(4, generator=torch.Generator().manual_seed(0))
-    for row in range(4):
-        for ids, attention, loss_mask, ref in (
-            (pairs.chosen_ids, pairs.chosen_attention_mask, pairs.chosen_loss_mask, pairs.ref_chosen_logps),
-            (pairs.rejected_ids, pairs.rejected_attention_mask, pairs.rejected_loss_mask, pairs.ref_rejected_logps),
-        ):
-            length = int(attention[row].sum())
-            seq = ids[row : row + 1, :length]
-            with torch.no_grad():
-                expected = sequence_logps(model(input_ids=seq).logits, seq, loss_mask[row : row + 1, :length])
-            assert ref[row].item() == pytest.approx(expected.item(), abs=1e-4)
-            assert ref[row].item() < 0
-
-
-@pytest.mark.parametrize(
-    "chosen_mask, message",
-    [
-        ([1, 1, 1], "not the first token"),
-        ([0, 0, 0], "at least one response token"),
-        ([0, 2, 1], "must be 0/1"),
-        ([0, 1], "has 3 tokens but chosen_loss_mask 2"),
-    ],
-)
-def test_replay_buffer_rejects_bad_pairs(model_and_tokenizer, chosen_mask, message):
-    model, tokenizer = model_and_tokenizer
-    buffer = TeacherReplayBuffer(model, pad_token_id=tokenizer.pad_token_id)
-    with pytest.raises(ValueError, match=f"pair 'p1'.*{message}"):
-        buffer.add("p1", [5, 6, 7], chosen_mask, [5, 6, 8], [0, 1, 1])
-
-
-def test_replay_buffer_rejects_a_reused_id_and_oversampling(model_and_tokenizer):
-    model, tokenizer = model_and_tokenizer
-    buffer = TeacherReplayBuffer(model, pad_token_id=tokenizer.pad_token_id)
-    buffer.add("p1", [5, 6, 7], [0, 1, 1], [5, 6, 8], [0, 1, 1])
-    with pytest.raises(ValueError, match="'p1' was already added with different tokens"):
-        buffer.add("p1", [5, 6, 9], [0, 1, 1], [5, 6, 8], [0, 1, 1])
-    with pytest.raises(ValueError, match="cannot sample 2 pairs .* holding 1"):
-        buffer.sample(2)
-
-
-def test_replay_buffer_state_dict_resumes_without_rescoring(model_and_tokenizer, tmp_path):
-    model, tokenizer = model_and_tokenizer
-    buffer = replay_buffer(model, tokenizer, batch_size=3)  # 3 pairs scored, 1 pending
-    torch.save(buffer.state_dict(), tmp_path / "replay.pt")
-    restored = TeacherReplayBuffer(copy.deepcopy(model), pad_token_id=tokenizer.pad_token_id, batch_size=3)
-    restored.load_state_dict(torch.load(tmp_path / "replay.pt"))
-    assert len(restored) == 4 and restored.reference_forward_passes == 1
-    original = buffer.sample(4, generator=torch.Generator().manual_seed(3))
-    resumed = restored.sample(4, generator=torch.Generator().manual_seed(3))
-    assert restored.reference_forward_passes == buffer.reference_forward_passes == 2  # only the pending pair
-    for name in vars(original):
-        torch.testing.assert_close(getattr(resumed, name), getattr(original, name), atol=1e-5, rtol=0)

@@ -1,11 +1,10 @@
-"""Rollouts on a real tiny model: layout, masks, rewards, teacher context and sibling pairs."""
+"""Rollouts on a real tiny model: layout, masks, rewards and the teacher context."""
 
 import random
 
 import pytest
 import torch
 
-from trainer.losses import TeacherReplayBuffer, composer_total_loss
 from trainer.model import tiny_model_and_tokenizer
 from trainer.rollout import chat_prompt_ids, rollout
 from trainer.tasks import AdditionTasks, Task
@@ -32,11 +31,6 @@ def run(policy, tasks, **overrides):
         hint_level=2,
         sibling_hints=True,
         teacher=model,
-        replay=None,
-        mine_sibling_pairs=False,
-        pairs_per_step=4,
-        pair_id_prefix="t",
-        rng=random.Random(0),
     )
     kwargs.update(overrides)
     torch.manual_seed(0)
@@ -51,8 +45,8 @@ def test_prompt_longer_than_limit_is_an_error(policy):
 def test_batch_layout_masks_and_advantages(policy):
     model, tokenizer, tasks = policy
     prompts = [tasks.sample(random.Random(i)) for i in range(3)]
-    batch, stats = run(policy, prompts)
-    p = batch.policy
+    samples = run(policy, prompts)
+    p, stats = samples.policy, samples.stats
     assert p.prompt_ids.shape[0] == p.completion_ids.shape[0] == 3 * G
     assert p.completion_ids.shape[1] <= 3
     # prompts are left-padded: the last column is always a real token
@@ -72,7 +66,7 @@ def test_batch_layout_masks_and_advantages(policy):
 def test_teacher_reads_the_hint_and_a_correct_sibling(policy):
     model, tokenizer, _ = policy
     task = Task("What is 2+2?", "4", ("even", "between", "The answer is 4."))
-    batch, _ = run(policy, [task])
+    batch = run(policy, [task])
     teacher_text = tokenizer.batch_decode(batch.policy.teacher_prompt_ids, skip_special_tokens=True)
     student_text = tokenizer.batch_decode(batch.policy.prompt_ids, skip_special_tokens=True)
     assert all("Hint:" not in text for text in student_text)
@@ -82,34 +76,3 @@ def test_teacher_reads_the_hint_and_a_correct_sibling(policy):
         others_correct = [j for j in range(G) if j != row and correct[j]]
         expected = "A correct answer is" if others_correct else "Hint: The answer is 4."
         assert expected in text, (text, correct)
-
-
-class EvenLengthTask(Task):
-    """A checker a random model passes about half the time, so groups disagree."""
-
-    def reward(self, completion: str) -> float:
-        return float(len(completion) % 2 == 0)
-
-
-def test_sibling_pairs_fill_the_replay_buffer(policy):
-    model, tokenizer, tasks = policy
-    replay = TeacherReplayBuffer(model, pad_token_id=tokenizer.pad_token_id)
-    prompts = [
-        EvenLengthTask(t.question, t.answer, t.hints) for t in (tasks.sample(random.Random(i)) for i in range(16))
-    ]
-    batch, stats = run(policy, prompts, replay=replay, mine_sibling_pairs=True, group_size=8)
-    assert stats.new_pairs == len(replay)
-    completions = tokenizer.batch_decode(batch.policy.completion_ids, skip_special_tokens=True)
-    rewards = torch.tensor([prompts[i // 8].reward(c) for i, c in enumerate(completions)]).view(16, 8)
-    mixed_groups = int(((rewards.sum(1) > 0) & (rewards.sum(1) < 8)).sum())
-    assert stats.new_pairs == mixed_groups >= 4
-    pref = batch.preference
-    assert pref.chosen_ids.shape[0] == 4  # pairs_per_step
-    for chosen, rejected, c_mask, r_mask in zip(
-        pref.chosen_ids, pref.rejected_ids, pref.chosen_loss_mask, pref.rejected_loss_mask, strict=True
-    ):
-        chosen_text = tokenizer.decode(chosen[c_mask.bool()], skip_special_tokens=True)
-        rejected_text = tokenizer.decode(rejected[r_mask.bool()], skip_special_tokens=True)
-        assert len(chosen_text) % 2 == 0 and len(rejected_text) % 2 == 1
-    out = composer_total_loss(model, batch, alpha=0.5, beta=0.1)
-    assert torch.isfinite(out.total) and out.dpo.item() > 0

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from tests.traces_fixtures import forked_session, openai_attempt, write_jsonl
-from trainer.losses import TeacherReplayBuffer, dpo_loss, sequence_logps
+from trainer.losses import dpo_loss, sequence_logps
 from trainer.model import tiny_model_and_tokenizer
+from trainer.replay import PreferenceReplay
 from trainer.traces import (
     Message,
     PreferencePair,
@@ -119,7 +120,7 @@ def test_replay_buffer_filled_from_ingested_traces(tiny, tmp_path):
     pairs = list(mine_pairs(TraceIngester(strict=True).ingest(tmp_path)))
     assert [p.source for p in pairs] == ["fork", "outcome", "outcome"]
 
-    buffer = TeacherReplayBuffer(reference, pad_token_id=tokenizer.pad_token_id, batch_size=2)
+    buffer = PreferenceReplay(reference, pad_token_id=tokenizer.pad_token_id, batch_size=2)
     tokenized = [render_pair(p, tokenizer, max_length=256) for p in pairs]
     for t in tokenized:
         buffer.add(t.pair_id, t.chosen_ids, t.chosen_loss_mask, t.rejected_ids, t.rejected_loss_mask)

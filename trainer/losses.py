@@ -4,11 +4,11 @@ Pure tensor math plus the few model forwards the channels need. No config object
 no logging: tensors and modules in, tensors out.
 
 - Dr.GRPO / GRPO / BNPO / DAPO clipped policy gradient (`grpo_loss`, `group_advantages`);
-- SDPO hint self-distillation: the policy with a hint in its context (or an EMA of it) re-scores
-  the student's own completion tokens; token-level generalized JSD, optionally on the student's
-  top-K tokens plus one tail bucket (`sdpo_loss`, `EMATeacher`);
-- DPO on preference pairs whose reference log-probs are computed once and cached
-  (`dpo_loss`, `TeacherReplayBuffer`).
+- SDPO hint self-distillation: the policy with a hint in its context (or an EMA of it,
+  `trainer.teacher.EMATeacher`) re-scores the student's own completion tokens; token-level
+  generalized JSD, optionally on the student's top-K tokens plus one tail bucket (`sdpo_loss`);
+- DPO on preference pairs whose reference log-probs were computed once and cached
+  (`dpo_loss`; the pair store is `trainer.replay.PreferenceReplay`).
 
 Layout: prompts are LEFT-padded, completions RIGHT-padded, full DPO sequences RIGHT-padded; masks
 are 0/1. Per-token tensors are (B, T). Nothing here loops over tokens in Python.
@@ -16,10 +16,8 @@ are 0/1. Per-token tensors are (B, T). Nothing here loops over tokens in Python.
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,11 +37,8 @@ __all__ = [
     "token_logps",
     "sequence_logps",
     "completion_logits",
-    "pad_sequences",
     "compose_loss",
     "composer_total_loss",
-    "EMATeacher",
-    "TeacherReplayBuffer",
 ]
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -445,7 +440,7 @@ def composer_total_loss(
     *,
     alpha: float,
     beta: float,
-    teacher: EMATeacher | Callable[..., Any] | None = None,
+    teacher: Callable[..., Any] | None = None,
     loss_type: str = "dr_grpo",
     epsilon_low: float = 0.2,
     epsilon_high: float | None = None,
@@ -553,215 +548,3 @@ def _sdpo_channel(
             teacher, policy.teacher_prompt_ids[rows], policy.teacher_prompt_mask[rows], completion_ids, completion_mask
         )
     return sdpo_loss(student_logits[rows], teacher_logits, completion_mask, alpha=alpha, top_k=top_k)
-
-
-# --------------------------------------------------------------------------------------------
-# Teachers and the DPO replay store
-# --------------------------------------------------------------------------------------------
-
-
-class EMATeacher:
-    """A frozen copy of the student that trails it: teacher <- (1 - rate) teacher + rate student.
-
-    A slowly moving teacher keeps SDPO targets stable while the student changes. Pass the bare
-    model (not a DDP wrapper). Calling the teacher calls the copy; `state_dict` is the copy's, for
-    checkpoints.
-    """
-
-    def __init__(self, model: nn.Module, rate: float = 0.05) -> None:
-        if not 0 < rate <= 1:
-            raise ValueError(f"EMATeacher rate={rate} must lie in (0, 1]")
-        self.student = model
-        self.rate = rate
-        self.module = copy.deepcopy(model).requires_grad_(False).eval()
-
-    @torch.no_grad()
-    def update(self) -> None:
-        student_params = dict(self.student.named_parameters())
-        for name, param in self.module.named_parameters():
-            param.lerp_(student_params[name].detach(), self.rate)
-        student_buffers = dict(self.student.named_buffers())
-        for name, buffer in self.module.named_buffers():
-            buffer.copy_(student_buffers[name])
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return self.module.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
-        self.module.load_state_dict(state_dict)
-
-
-@dataclass
-class _StoredPair:
-    chosen_ids: Tensor
-    chosen_loss_mask: Tensor
-    rejected_ids: Tensor
-    rejected_loss_mask: Tensor
-    ref_chosen_logp: float | None = None
-    ref_rejected_logp: float | None = None
-
-    def same_tokens(self, other: _StoredPair) -> bool:
-        return all(
-            torch.equal(a, b)
-            for a, b in (
-                (self.chosen_ids, other.chosen_ids),
-                (self.chosen_loss_mask, other.chosen_loss_mask),
-                (self.rejected_ids, other.rejected_ids),
-                (self.rejected_loss_mask, other.rejected_loss_mask),
-            )
-        )
-
-
-def _as_sequence(name: str, pair_id: str, values: Any) -> Tensor:
-    tensor = torch.as_tensor(values, dtype=torch.long).detach().cpu()
-    if tensor.dim() != 1 or tensor.numel() == 0:
-        raise ValueError(f"pair {pair_id!r}: {name} must be a non-empty 1-D sequence, got shape {tuple(tensor.shape)}")
-    return tensor
-
-
-def pad_sequences(
-    sequences: Sequence[Sequence[int] | Tensor], value: int, *, left: bool = False
-) -> tuple[Tensor, Tensor]:
-    """Stack ragged 1-D id sequences into (B, max_len) padded with `value`, plus the 0/1 mask.
-
-    `left=True` is the layout `generate` and the prompt fields of `PolicyBatch` want; right
-    padding is for completions and full DPO sequences.
-    """
-    width = max(len(seq) for seq in sequences)
-    ids = torch.full((len(sequences), width), value, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        span = slice(width - len(seq), width) if left else slice(0, len(seq))
-        ids[row, span] = torch.as_tensor(seq, dtype=torch.long)
-        mask[row, span] = 1
-    return ids, mask
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval (no dropout) for the duration, then the caller's mode back: the reference may be shared."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-class TeacherReplayBuffer:
-    """DPO pairs with reference log-probs scored once by a frozen reference model, keyed by pair id.
-
-    Scoring is batched (`batch_size` pairs per reference forward) and lazy: pending pairs are
-    scored when a batch fills up or when `sample` needs them. Re-adding an id never rescores.
-    `reference_forward_passes` counts reference forwards, so callers can check the cost.
-    """
-
-    def __init__(
-        self, reference_model: nn.Module, *, pad_token_id: int, device: str | torch.device = "cpu", batch_size: int = 8
-    ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"TeacherReplayBuffer batch_size={batch_size} must be >= 1")
-        self.reference_model = reference_model
-        self.pad_token_id = pad_token_id
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.reference_forward_passes = 0
-        self._pairs: dict[str, _StoredPair] = {}
-        self._pending: list[str] = []
-
-    def __len__(self) -> int:
-        return len(self._pairs)
-
-    def add(
-        self, pair_id: str, chosen_ids: Any, chosen_loss_mask: Any, rejected_ids: Any, rejected_loss_mask: Any
-    ) -> None:
-        """Store one pair of full sequences (1-D); loss masks mark each sequence's response tokens."""
-        pair = _StoredPair(
-            _as_sequence("chosen_ids", pair_id, chosen_ids),
-            _as_sequence("chosen_loss_mask", pair_id, chosen_loss_mask),
-            _as_sequence("rejected_ids", pair_id, rejected_ids),
-            _as_sequence("rejected_loss_mask", pair_id, rejected_loss_mask),
-        )
-        for side, ids, loss_mask in (
-            ("chosen", pair.chosen_ids, pair.chosen_loss_mask),
-            ("rejected", pair.rejected_ids, pair.rejected_loss_mask),
-        ):
-            if ids.shape != loss_mask.shape:
-                raise ValueError(
-                    f"pair {pair_id!r}: {side}_ids has {len(ids)} tokens but {side}_loss_mask {len(loss_mask)}"
-                )
-            if not ((loss_mask == 0) | (loss_mask == 1)).all():
-                raise ValueError(f"pair {pair_id!r}: {side}_loss_mask must be 0/1")
-            if loss_mask[0] or not loss_mask.any():
-                raise ValueError(
-                    f"pair {pair_id!r}: {side}_loss_mask must mark at least one response token and not the "
-                    "first token (a causal LM cannot score it)"
-                )
-        known = self._pairs.get(pair_id)
-        if known is not None:
-            if not known.same_tokens(pair):
-                raise ValueError(f"pair {pair_id!r} was already added with different tokens; pair ids must be stable")
-            return
-        self._pairs[pair_id] = pair
-        self._pending.append(pair_id)
-        if len(self._pending) >= self.batch_size:
-            self._score_pending()
-
-    def sample(self, n: int, generator: torch.Generator | None = None) -> PreferenceBatch:
-        """n distinct pairs, uniformly at random, padded into a `PreferenceBatch` on `device`."""
-        if not 1 <= n <= len(self):
-            raise ValueError(f"cannot sample {n} pairs from a TeacherReplayBuffer holding {len(self)}")
-        self._score_pending()
-        ids = list(self._pairs)
-        pairs = [self._pairs[ids[i]] for i in torch.randperm(len(ids), generator=generator)[:n].tolist()]
-        chosen_ids, chosen_attention = pad_sequences([p.chosen_ids for p in pairs], self.pad_token_id)
-        rejected_ids, rejected_attention = pad_sequences([p.rejected_ids for p in pairs], self.pad_token_id)
-        chosen_loss, _ = pad_sequences([p.chosen_loss_mask for p in pairs], 0)
-        rejected_loss, _ = pad_sequences([p.rejected_loss_mask for p in pairs], 0)
-        tensors = dict(
-            chosen_ids=chosen_ids,
-            chosen_attention_mask=chosen_attention,
-            chosen_loss_mask=chosen_loss,
-            rejected_ids=rejected_ids,
-            rejected_attention_mask=rejected_attention,
-            rejected_loss_mask=rejected_loss,
-            ref_chosen_logps=torch.tensor([p.ref_chosen_logp for p in pairs]),
-            ref_rejected_logps=torch.tensor([p.ref_rejected_logp for p in pairs]),
-        )
-        return PreferenceBatch(**{name: tensor.to(self.device) for name, tensor in tensors.items()})
-
-    def state_dict(self) -> dict[str, Any]:
-        """The pairs with their cached reference log-probs: a resumed run never re-scores them."""
-        return {
-            "pairs": {pair_id: dict(vars(pair)) for pair_id, pair in self._pairs.items()},
-            "pending": list(self._pending),
-            "reference_forward_passes": self.reference_forward_passes,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._pairs = {pair_id: _StoredPair(**fields) for pair_id, fields in state["pairs"].items()}
-        self._pending = list(state["pending"])
-        self.reference_forward_passes = state["reference_forward_passes"]
-
-    @torch.no_grad()
-    def _score_pending(self) -> None:
-        model_device = next(self.reference_model.parameters()).device
-        with _eval_mode(self.reference_model):
-            while self._pending:
-                chunk = [self._pairs[pair_id] for pair_id in self._pending[: self.batch_size]]
-                ids, attention = pad_sequences(
-                    [p.chosen_ids for p in chunk] + [p.rejected_ids for p in chunk], self.pad_token_id
-                )
-                loss_mask, _ = pad_sequences(
-                    [p.chosen_loss_mask for p in chunk] + [p.rejected_loss_mask for p in chunk], 0
-                )
-                ids, attention = ids.to(model_device), attention.to(model_device)
-                logits = self.reference_model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-                self.reference_forward_passes += 1
-                logps = sequence_logps(logits, ids, loss_mask.to(model_device)).float().cpu().tolist()
-                for pair, chosen, rejected in zip(chunk, logps[: len(chunk)], logps[len(chunk) :], strict=True):
-                    pair.ref_chosen_logp, pair.ref_rejected_logp = chosen, rejected
-                del self._pending[: len(chunk)]

@@ -1,20 +1,21 @@
-"""Turn tasks into one training batch: G samples per prompt, rewards, advantages, the hinted
-teacher's context for the same tokens, and DPO pairs.
+"""Turn tasks into samples: G completions per prompt, their rewards and advantages, and the hinted
+teacher's context for the same tokens.
 
 Layout follows the loss library: prompts LEFT-padded (as `generate` wants them), completions
 RIGHT-padded, so the teacher can re-score exactly the student's completion tokens behind a
 different (hinted) prompt. Generation is the only sampling; everything else is bookkeeping.
+What the DPO channel makes of a rollout (sibling pairs) is `trainer.replay.PreferenceFeed`'s call.
 """
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trainer.losses import ComposerBatch, PolicyBatch, TeacherReplayBuffer, group_advantages, pad_sequences
+from trainer.batching import pad_sequences
+from trainer.losses import PolicyBatch, group_advantages
 from trainer.tasks import Task, sibling_hint
 
 
@@ -24,7 +25,17 @@ class RolloutStats:
     teacher_reward: float | None  # same prompts sampled with the hint in context (None: not measured)
     solved_groups: float  # fraction of prompts with at least one correct sample
     completion_tokens: int
-    new_pairs: int
+
+
+@dataclass
+class Rollout:
+    """One step's samples: N prompts x G completions (rows are prompt-major: row = n * G + g)."""
+
+    policy: PolicyBatch  # (N*G, ...) samples, Dr.GRPO advantages and, with a teacher, its hinted prompts
+    prompts: list[list[int]]  # the N prompts' token ids, unpadded
+    rewards: torch.Tensor  # (N*G,) float32 checker rewards
+    correct: torch.Tensor  # (N, G) bool, reward > 0
+    stats: RolloutStats
 
 
 def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, user_messages: list[str], max_length: int) -> list[list[int]]:
@@ -96,13 +107,8 @@ def rollout(
     hint_level: int,
     sibling_hints: bool,
     teacher: PreTrainedModel | None,
-    replay: TeacherReplayBuffer | None,
-    mine_sibling_pairs: bool,
-    pairs_per_step: int,
-    pair_id_prefix: str,
-    rng: random.Random,
-) -> tuple[ComposerBatch, RolloutStats]:
-    """Sample, score and package one batch; see the module docstring for the layout.
+) -> Rollout:
+    """Sample G completions per task, score them and build the teacher's context; see the module docstring.
 
     `teacher` is the SDPO teacher's model (the policy itself, or an EMA copy); with it the batch
     gets the hinted prompts and the stats the teacher's own reward. None: no SDPO channel.
@@ -138,24 +144,13 @@ def rollout(
             teacher, tokenizer, tasks, hint_level, max_prompt_length, max_completion_length, temperature
         )
 
-    new_pairs = 0
-    if replay is not None and mine_sibling_pairs:
-        new_pairs = _add_sibling_pairs(
-            replay, prompts, completion_ids, completion_mask, correct, group_size=group_size, id_prefix=pair_id_prefix
-        )
-    preference = None
-    if replay is not None and len(replay) > 0:
-        generator = torch.Generator().manual_seed(rng.getrandbits(63))
-        preference = replay.sample(min(pairs_per_step, len(replay)), generator=generator)
-
     stats = RolloutStats(
         reward=rewards.mean().item(),
         teacher_reward=teacher_reward,
         solved_groups=correct.any(dim=1).float().mean().item(),
         completion_tokens=int(completion_mask.sum()),
-        new_pairs=new_pairs,
     )
-    return ComposerBatch(policy=policy, preference=preference), stats
+    return Rollout(policy=policy, prompts=prompts, rewards=rewards, correct=correct, stats=stats)
 
 
 def _teacher_hints(
@@ -188,37 +183,3 @@ def _teacher_reward(
     _, _, ids, mask = sample(model, tokenizer, hinted, max_new_tokens=max_completion_length, temperature=temperature)
     texts = decode_completions(tokenizer, ids, mask)
     return sum(task.reward(text) for task, text in zip(tasks, texts, strict=True)) / len(tasks)
-
-
-def _add_sibling_pairs(
-    replay: TeacherReplayBuffer,
-    prompts: list[list[int]],
-    completion_ids: torch.Tensor,
-    completion_mask: torch.Tensor,
-    correct: torch.Tensor,
-    *,
-    group_size: int,
-    id_prefix: str,
-) -> int:
-    """One (correct, incorrect) pair per prompt whose samples disagree."""
-    added = 0
-    for group, prompt in enumerate(prompts):
-        good = correct[group].nonzero().flatten()
-        bad = (~correct[group]).nonzero().flatten()
-        if len(good) == 0 or len(bad) == 0:
-            continue
-        chosen = _response(completion_ids, completion_mask, group * group_size + int(good[0]))
-        rejected = _response(completion_ids, completion_mask, group * group_size + int(bad[0]))
-        replay.add(
-            f"{id_prefix}-{group}",
-            prompt + chosen,
-            [0] * len(prompt) + [1] * len(chosen),
-            prompt + rejected,
-            [0] * len(prompt) + [1] * len(rejected),
-        )
-        added += 1
-    return added
-
-
-def _response(ids: torch.Tensor, mask: torch.Tensor, row: int) -> list[int]:
-    return ids[row][mask[row].bool()].tolist()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trainer.losses import pad_sequences
+from trainer.batching import pad_sequences
 from trainer.rollout import chat_prompt_ids
 from trainer.tasks import AdditionTasks, Task, sibling_hint
 

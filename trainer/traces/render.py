@@ -59,7 +59,7 @@ def render(example: TraceExample, tokenizer: Any) -> list[int]:
 
 
 def render_pair(pair: PreferencePair, tokenizer: Any, *, max_length: int | None = None) -> TokenizedPair:
-    """Both sides of a pair over the same prompt ids, ready for `TeacherReplayBuffer.add`.
+    """Both sides of a pair over the same prompt ids, ready for `trainer.replay.PreferenceReplay.add`.
 
     Over `max_length`, the prompt gives way first (its oldest tokens go, but it keeps at least
     half the budget), then the responses are cut at the end.
