@@ -1,7 +1,15 @@
 import json
 import math
 
-from trainer.metrics import MetricsLog, mean_and_error, plot_curves, read_metrics, reward_rise, table_row
+from trainer.metrics import (
+    MetricsLog,
+    compare_metrics,
+    mean_and_error,
+    plot_curves,
+    read_metrics,
+    reward_rise,
+    table_row,
+)
 
 
 def test_mean_and_error_by_hand():
@@ -42,3 +50,17 @@ def test_log_table_and_curves(tmp_path):
     plot_curves(tmp_path / "run" / "metrics.jsonl", tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert table_row((3, 0.25, None, 1.5e-5, 123.0)).split() == ["3", "0.2500", "-", "1.5e-05", "123.0"]
+
+
+def test_compare_metrics_ignores_timings_and_names_every_other_difference(tmp_path):
+    def write(path, reward, speed):
+        log = MetricsLog(path)
+        log.log("inner", step=0, reward=reward, tokens_per_s=speed)
+        log.log("outer", outer_step=1, param_hash="ab")
+        log.close()
+        return path
+
+    same = compare_metrics(write(tmp_path / "a.jsonl", 0.5, 100.0), write(tmp_path / "b.jsonl", 0.5, 250.0))
+    assert same == []
+    moved = compare_metrics(tmp_path / "a.jsonl", write(tmp_path / "c.jsonl", 0.5000000000000001, 100.0))
+    assert moved == ["line 1 (inner): reward: 0.5 != 0.5000000000000001"]

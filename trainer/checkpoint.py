@@ -8,10 +8,15 @@ Layout under `<run_dir>/checkpoints/`:
         replica-<id>.pt          inner optimizer, DiLoCo state, replay buffer, position
         COMPLETE                 written last, by outer rank 0, once every replica has saved
 
-Every file is written to a temporary name and renamed into place, so a crash never leaves a
-half-written file under a real name; a folder without COMPLETE is ignored on resume. Replicas
-keep their own files because inner AdamW state differs between them; they are keyed by the
-stable replica id, not the torch rank, which changes after an elastic restart.
+What a replica's state *is* lives in one place, `TrainingState`: a mapping of named stateful
+members that `save` and `load` both walk, so a member that is saved is always loaded; adding one
+is one line where the state is built, and a member that is off (no EMA teacher, no DPO) is absent.
+
+Every file is written to a temporary name, fsynced and renamed into place (then the folder is
+fsynced), so a crash or power loss never leaves a half-written file under a real name; a folder
+without COMPLETE is ignored on resume. Replicas keep their own files because inner AdamW state
+differs between them; they are keyed by the stable replica id, not the torch rank, which changes
+after an elastic restart.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_model, save_model
@@ -28,10 +33,21 @@ from safetensors.torch import load_model, save_model
 COMPLETE = "COMPLETE"
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic(path: Path, write) -> None:
+    """Write to a temporary name, fsync it, rename it into place, fsync the folder (the rename)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     write(tmp)
+    _fsync(tmp)
     os.replace(tmp, path)
+    _fsync(path.parent)
 
 
 def step_dir(root: Path, outer_step: int) -> Path:
@@ -91,3 +107,52 @@ def load_reference(root: Path, model: torch.nn.Module) -> bool:
         return False
     load_model(model, str(path))
     return True
+
+
+class Stateful(Protocol):
+    """What a registry member offers: torch's `state_dict` / `load_state_dict` pair."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any, /) -> Any: ...
+
+
+class TrainingState:
+    """One registry of a replica's training state; `save` and `load` walk the same mapping.
+
+    Args:
+        model: the policy; its parameters go to `replica-<id>.safetensors` (tied weights kept).
+        members: every other stateful part by name (inner optimizer, DiLoCo, EMA teacher, DPO
+            replay, ...); a member passed as None is off and simply absent from the registry.
+
+    The position in the run (`round`) is saved beside the members; `load` returns it.
+    """
+
+    def __init__(self, model: torch.nn.Module, **members: Stateful | None) -> None:
+        self.model = model
+        self.members: dict[str, Stateful] = {name: m for name, m in members.items() if m is not None}
+
+    def save(self, root: Path, outer_step: int, replica_id: int, *, round_index: int) -> None:
+        """This replica's share of the checkpoint for `outer_step` (atomic, fsynced files)."""
+        state = {"round": round_index, **{name: member.state_dict() for name, member in self.members.items()}}
+        save_replica(root, outer_step, replica_id, self.model, state)
+
+    def load(self, root: Path, outer_step: int, replica_id: int) -> int:
+        """Fill the model and every member from the checkpoint; returns the saved round.
+
+        Raises:
+            FileNotFoundError: the checkpoint has no files for this replica.
+            KeyError: a registered member is missing from the checkpoint (the run was saved with
+                that part off); the message names the members saved and the ones asked for.
+        """
+        state = load_replica(root, outer_step, replica_id, self.model)
+        missing = sorted(set(self.members) - set(state))
+        if missing:
+            saved = sorted(k for k in state if k != "round")
+            raise KeyError(
+                f"{step_dir(root, outer_step)}/replica-{replica_id}.pt holds {saved}, not {missing}: the run was "
+                "saved with other parts switched on; resume with the same config or start a fresh run"
+            )
+        for name, member in self.members.items():
+            member.load_state_dict(state[name])
+        return int(state["round"])

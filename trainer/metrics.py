@@ -109,3 +109,50 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
+
+
+# Keys that measure speed, not what the run computed: they differ between two runs of one seed.
+TIMING_KEYS = frozenset({"tokens_per_s"})
+
+
+def compare_metrics(a: Path, b: Path, *, ignore: frozenset[str] = TIMING_KEYS) -> list[str]:
+    """Every difference between two runs' metrics.jsonl, timings aside; [] when they computed the same.
+
+    Records are compared in file order, values exactly (a refactor must not move a float by an ulp).
+    Returns one line per difference, naming the line and key.
+    """
+    left, right = read_metrics(a), read_metrics(b)
+    differences = [f"{a}: {len(left)} records, {b}: {len(right)}"] if len(left) != len(right) else []
+    for line, (x, y) in enumerate(zip(left, right, strict=False), start=1):
+        for key in sorted((set(x) | set(y)) - ignore):
+            if x.get(key, "<absent>") != y.get(key, "<absent>"):
+                differences.append(
+                    f"line {line} ({x.get('event')}): {key}: {x.get(key, '<absent>')!r} != {y.get(key, '<absent>')!r}"
+                )
+    return differences
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m trainer.metrics compare A B`: exit 0 when two runs logged the same numbers."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m trainer.metrics")
+    sub = parser.add_subparsers(dest="command", required=True)
+    compare = sub.add_parser("compare", help="diff two metrics.jsonl files, timings aside")
+    compare.add_argument("a", type=Path)
+    compare.add_argument("b", type=Path)
+    args = parser.parse_args(argv)
+    differences = compare_metrics(args.a, args.b)
+    for line in differences[:50]:
+        print(line)
+    records = len(read_metrics(args.a))
+    keys = len({key for r in read_metrics(args.a) for key in r} - TIMING_KEYS)
+    print(
+        f"{records} records, {keys} keys compared (ignored: {', '.join(sorted(TIMING_KEYS))}): "
+        f"{len(differences)} differences"
+    )
+    return 1 if differences else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

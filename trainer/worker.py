@@ -1,5 +1,9 @@
-"""The training run, top to bottom: config -> model -> warm-up -> rounds of
-(rollout -> three-channel loss -> inner AdamW step -> diloco.step()) -> checkpoint, metrics.
+"""The training run as a schedule of named phases, top to bottom:
+
+    build -> warm-up (fresh runs) -> replica state -> resume -> rounds of
+        (inner step x H: rollout -> DPO pairs -> three-channel loss -> AdamW -> diloco.step())
+        -> end of round (metrics, checkpoint)
+    -> finish (the run's verdict in summary.json)
 
 Launch under torchrun (`make smoke` runs two CPU processes = two DiLoCo replicas):
 
@@ -10,6 +14,10 @@ gradients are averaged every inner step (data parallel); across replicas only Di
 once per `diloco.sync_every` steps. Global rank 0 writes metrics, the summary and the plot.
 Environment: COMPOSER_RUN_DIR (where the run writes), COMPOSER_REPLICA_ID (stable replica
 identity for data and checkpoint files when torch ranks move around after an elastic restart).
+
+What this file deliberately does not do: no loss math (`trainer.losses`), no decision about where
+DPO pairs come from (`trainer.replay.PreferenceFeed`), no sampling logic (`trainer.rollout`), no
+exchange logic (`trainer.diloco`). It orders those calls and keeps the books.
 """
 
 from __future__ import annotations
@@ -23,22 +31,26 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from trainer import checkpoint
+from trainer.checkpoint import TrainingState
 from trainer.config import Config, ConfigError, dump_config, load_config_or_exit
 from trainer.diloco import DiLoCo, parameters_hash
-from trainer.losses import EMATeacher, TeacherReplayBuffer, composer_total_loss
+from trainer.losses import ComposerBatch, composer_total_loss
 from trainer.metrics import MetricsLog, mean_and_error, plot_curves, reward_rise, table_header, table_row
 from trainer.model import cached_tokenizer, pretrained_model_and_tokenizer, tiny_model_and_tokenizer
+from trainer.replay import PreferenceFeed, PreferenceReplay
 from trainer.rollout import rollout
 from trainer.tasks import make_tasks
+from trainer.teacher import EMATeacher
 from trainer.warmup import supervised_warmup
 
 
@@ -52,6 +64,49 @@ class Topology:
     local_rank: int  # rank inside the replica
     inner_group: dist.ProcessGroup | None  # ranks of this replica (None: a replica of one)
     outer_group: dist.ProcessGroup | None  # rank `local_rank` of every replica (None: the world)
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def replica_size(self) -> int:
+        return self.world_size // self.replicas
+
+
+@dataclass
+class Run:
+    """What the build phase makes and every later phase reads."""
+
+    config: Config
+    topo: Topology
+    run_dir: Path
+    ckpt_root: Path
+    model: torch.nn.Module
+    tokenizer: Any
+    tasks: Any
+    device: torch.device
+    resume_from: int | None  # newest sealed checkpoint (rank 0's view), None: a fresh run
+
+
+@dataclass
+class Replica:
+    """The replica's training state: the checkpoint registry and the parts the step calls directly."""
+
+    state: TrainingState
+    inner_optimizer: torch.optim.Optimizer
+    diloco: DiLoCo
+    teacher: EMATeacher | None
+    feed: PreferenceFeed | None
+    forward_calls: list[int] = field(default_factory=lambda: [0])  # policy forwards, counted by a hook
+
+
+@dataclass
+class Books:
+    """Rank 0's bookkeeping across rounds: the metrics file and the rewards behind the verdict."""
+
+    metrics: MetricsLog | None
+    step_rewards_by_round: list[list[float]] = field(default_factory=list)
 
 
 def init_distributed(config: Config) -> Topology:
@@ -111,21 +166,53 @@ def barrier() -> None:
         dist.barrier()
 
 
+# ---- the schedule -------------------------------------------------------------------------------
+
+
 def train(config: Config) -> dict:
+    """Run `config` to the end (or resume it) and return the summary written to summary.json."""
+    run = build(config)
+    if run.resume_from is None:
+        warm_up(run)
+    replica = build_replica(run)
+    start_round = resume(run, replica)
+    books = open_books(run, start_round)
+    H = config.diloco.sync_every
+    for round_index in range(start_round, config.rounds):
+        round_start = time.perf_counter()
+        bar = tqdm(
+            total=H,
+            desc=f"round {round_index + 1}/{config.rounds}",
+            leave=False,
+            disable=not run.topo.lead,
+            file=sys.stderr,
+        )
+        records = []
+        for step in range(round_index * H, (round_index + 1) * H):
+            records.append(inner_step(run, replica, step, round_index))
+            bar.set_postfix(reward=f"{records[-1]['reward']:.3f}", loss=f"{records[-1]['loss']:.4f}")
+            bar.update()
+        bar.close()
+        if not records[-1]["synced"]:
+            raise RuntimeError(f"round {round_index} ended without a DiLoCo sync; check diloco.sync_every")
+        end_of_round(run, replica, books, records, round_index, time.perf_counter() - round_start)
+    return finish(run, replica, books)
+
+
+# ---- phases -------------------------------------------------------------------------------------
+
+
+def build(config: Config) -> Run:
+    """Processes, run directory, tasks, the model and tokenizer on this rank's device."""
     topo = init_distributed(config)
-    lead = topo.rank == 0
     run_dir = Path(os.environ.get("COMPOSER_RUN_DIR") or config.run_dir or f"runs/{config.name}")
     ckpt_root = Path(config.checkpoint_dir) if config.checkpoint_dir else run_dir / "checkpoints"
     if "OMP_NUM_THREADS" not in os.environ:  # an explicit setting (torchrun, compose) wins
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    alpha, beta, rollout_cfg = config.loss.alpha, config.loss.beta, config.rollout
-    H = config.diloco.sync_every
-
-    # ---- model and tasks -------------------------------------------------------------------
     tasks = make_tasks(config.task.source, max_operand=config.task.max_operand)
     if config.model.name == "tiny":
         corpus = tasks.corpus()
-        if lead:  # train the tokenizer once; the others read the saved copy
+        if topo.lead:  # train the tokenizer once; the others read the saved copy
             cached_tokenizer(corpus, vocab_size=config.model.vocab_size, cache_dir=run_dir)
         barrier()
         model, tokenizer = tiny_model_and_tokenizer(
@@ -143,261 +230,287 @@ def train(config: Config) -> dict:
         )
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     model.to(device)
-
-    # ---- warm-up (fresh runs only) and the frozen DPO reference ----------------------------
     resume_from = gather(checkpoint.latest_complete(ckpt_root))[0]  # rank 0's view decides for all
-    if resume_from is None and config.optim.sft_steps:
-        # Same seed on every rank: replicas finish the warm-up bit-identical, no sync needed.
-        sft_losses = supervised_warmup(
-            model,
-            tokenizer,
-            tasks,
-            steps=config.optim.sft_steps,
-            batch_size=config.optim.sft_batch_size,
-            lr=config.optim.sft_lr,
-            hint_level=config.task.hint_level,
-            sibling_hints=config.task.sibling_hints,
-            max_prompt_length=rollout_cfg.max_prompt_length,
-            rng=random.Random(step_seed(config.seed, -1)),
-        )
-        if lead:
-            print(f"warm-up: {len(sft_losses)} SFT steps, loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f}", flush=True)
-    reference = None
-    if beta > 0:
-        reference = copy.deepcopy(model).requires_grad_(False).eval()
-        if resume_from is None:
-            if lead:
-                checkpoint.save_reference(ckpt_root, reference)
-        elif not checkpoint.load_reference(ckpt_root, reference):
-            raise FileNotFoundError(f"{ckpt_root}/reference.safetensors: missing, cannot resume the DPO channel")
+    return Run(config, topo, run_dir, ckpt_root, model, tokenizer, tasks, device, resume_from)
 
-    # ---- optimizers, DiLoCo, teacher, DPO replay ------------------------------------------
+
+def warm_up(run: Run) -> None:
+    """Supervised warm-up of a fresh tiny model (`optim.sft_steps`; 0 for real models)."""
+    config = run.config
+    if not config.optim.sft_steps:
+        return
+    # Same seed on every rank: replicas finish the warm-up bit-identical, no sync needed.
+    sft_losses = supervised_warmup(
+        run.model,
+        run.tokenizer,
+        run.tasks,
+        steps=config.optim.sft_steps,
+        batch_size=config.optim.sft_batch_size,
+        lr=config.optim.sft_lr,
+        hint_level=config.task.hint_level,
+        sibling_hints=config.task.sibling_hints,
+        max_prompt_length=config.rollout.max_prompt_length,
+        rng=random.Random(step_seed(config.seed, -1)),
+    )
+    if run.topo.lead:
+        print(f"warm-up: {len(sft_losses)} SFT steps, loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f}", flush=True)
+
+
+def build_replica(run: Run) -> Replica:
+    """The training-state registry: model, inner AdamW, DiLoCo, and the teacher and DPO feed when on."""
+    config, model = run.config, run.model
+    feed = build_preference_feed(run) if config.loss.beta > 0 else None
     inner_optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    d = config.diloco
     diloco = DiLoCo(
         model,
         inner_optimizer,
-        sync_every=H,
-        group=topo.outer_group,
+        sync_every=d.sync_every,
+        group=run.topo.outer_group,
         outer_optimizer=functools.partial(
-            torch.optim.SGD,
-            lr=config.diloco.outer_lr,
-            momentum=config.diloco.outer_momentum,
-            nesterov=config.diloco.outer_momentum > 0,
+            torch.optim.SGD, lr=d.outer_lr, momentum=d.outer_momentum, nesterov=d.outer_momentum > 0
         ),
-        fragments=config.diloco.fragments,
-        fragment_delay=config.diloco.fragment_delay,
-        fragment_alpha=config.diloco.fragment_alpha,
-        compression=config.diloco.compression,
-        error_feedback=config.diloco.error_feedback,
+        fragments=d.fragments,
+        fragment_delay=d.fragment_delay,
+        fragment_alpha=d.fragment_alpha,
+        compression=d.compression,
+        error_feedback=d.error_feedback,
     )
-    teacher = EMATeacher(model, rate=config.loss.ema_rate) if alpha > 0 and config.loss.teacher == "ema" else None
-    replay = TeacherReplayBuffer(reference, pad_token_id=tokenizer.pad_token_id, device=device) if beta > 0 else None
-    if replay is not None and config.task.traces:
-        _fill_from_traces(replay, config.task.traces, tokenizer, rollout_cfg.max_prompt_length * 4)
-
-    start_round = 0
-    if resume_from is not None:
-        state = checkpoint.load_replica(ckpt_root, resume_from, topo.replica_id, model)
-        inner_optimizer.load_state_dict(state["inner_optimizer"])
-        diloco.load_state_dict(state["diloco"])
-        if replay is not None:
-            replay.load_state_dict(state["replay"])
-        if teacher is not None:
-            teacher.load_state_dict(state["teacher"])
-        start_round = state["round"] + 1
-
-    metrics = MetricsLog(run_dir / "metrics.jsonl") if lead else None
-    if lead:
-        (run_dir / "config.json").write_text(json.dumps(dump_config(config), indent=2))
-        if resume_from is not None:
-            metrics.log("resume", outer_step=resume_from, round=start_round, world_size=topo.world_size)
-            print(f"resumed from checkpoint step-{resume_from:06d} (round {start_round})", flush=True)
-        print(
-            f"{topo.replicas} replicas x {topo.world_size // topo.replicas} ranks, H={H}, "
-            f"rounds={config.rounds}, alpha={alpha}, beta={beta}",
-            flush=True,
-        )
-        print(table_header(), flush=True)
-
+    use_ema = config.loss.alpha > 0 and config.loss.teacher == "ema"
+    teacher = EMATeacher(model, rate=config.loss.ema_rate) if use_ema else None
+    state = TrainingState(model, inner_optimizer=inner_optimizer, diloco=diloco, replay=feed, teacher=teacher)
+    replica = Replica(state, inner_optimizer, diloco, teacher, feed)
     # Forwards of the policy inside the loss (student, teacher-as-policy, DPO): the cost of the
     # channels, logged so that alpha = 0 / beta = 0 runs show that they skipped their passes.
-    forward_calls = [0]
-    model.register_forward_pre_hook(lambda *_: forward_calls.__setitem__(0, forward_calls[0] + 1))
+    # Registered after the teacher and reference copies were made, so only the policy counts.
+    model.register_forward_pre_hook(lambda *_: replica.forward_calls.__setitem__(0, replica.forward_calls[0] + 1))
+    return replica
 
-    # ---- the loop ------------------------------------------------------------------------
-    step_rewards_by_round: list[list[float]] = []  # for the reward-rise verdict at the end
-    for round_index in range(start_round, config.rounds):
-        round_start = time.perf_counter()
-        records = []
-        bar = tqdm(
-            total=H, desc=f"round {round_index + 1}/{config.rounds}", leave=False, disable=not lead, file=sys.stderr
-        )
-        for step_in_round in range(H):
-            step = round_index * H + step_in_round
-            seed = step_seed(config.seed, topo.replica_id, topo.local_rank, step)
-            torch.manual_seed(seed)  # generate() samples from the global generator
-            rng = random.Random(seed)
-            step_start = time.perf_counter()
 
-            batch, stats = rollout(
-                model,
-                tokenizer,
-                [tasks.sample(rng) for _ in range(rollout_cfg.prompts_per_step)],
-                group_size=rollout_cfg.group_size,
-                max_prompt_length=rollout_cfg.max_prompt_length,
-                max_completion_length=rollout_cfg.max_completion_length,
-                temperature=rollout_cfg.temperature,
-                hint_level=config.task.hint_level,
-                sibling_hints=config.task.sibling_hints,
-                teacher=None if alpha == 0 else teacher.module if teacher is not None else model,
-                replay=replay,
-                mine_sibling_pairs=not config.task.traces,
-                pairs_per_step=config.loss.dpo_pairs_per_step,
-                pair_id_prefix=f"r{topo.replica_id}-{topo.local_rank}-s{step}",
-                rng=rng,
-            )
-            forwards_before = forward_calls[0]
-            out = composer_total_loss(
-                model,
-                batch,
-                alpha=alpha,
-                beta=beta,
-                teacher=teacher,
-                loss_type=config.loss.loss_type,
-                epsilon_low=config.loss.epsilon_low,
-                epsilon_high=config.loss.epsilon_high,
-                max_completion_length=rollout_cfg.max_completion_length,
-                sdpo_jsd_alpha=config.loss.sdpo_jsd_alpha,
-                sdpo_top_k=config.loss.sdpo_top_k,
-                dpo_beta=config.loss.dpo_beta,
-            )
-            inner_optimizer.zero_grad(set_to_none=True)
-            out.total.backward()
-            average_gradients(model, topo.inner_group)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.max_grad_norm)
-            inner_optimizer.step()
-            if teacher is not None:
-                teacher.update()
-            synced = diloco.step()
+def build_preference_feed(run: Run) -> PreferenceFeed:
+    """The frozen DPO reference (the policy after warm-up, saved once) and the pair feed over it."""
+    reference = copy.deepcopy(run.model).requires_grad_(False).eval()
+    if run.resume_from is None:
+        if run.topo.lead:
+            checkpoint.save_reference(run.ckpt_root, reference)
+    elif not checkpoint.load_reference(run.ckpt_root, reference):
+        raise FileNotFoundError(f"{run.ckpt_root}/reference.safetensors: missing, cannot resume the DPO channel")
+    replay = PreferenceReplay(reference, pad_token_id=run.tokenizer.pad_token_id, device=run.device)
+    config = run.config
+    feed = PreferenceFeed(replay, pairs_per_step=config.loss.dpo_pairs_per_step, traces=config.task.traces)
+    feed.fill_from_traces(run.tokenizer, config.rollout.max_prompt_length * 4)
+    return feed
 
-            elapsed = time.perf_counter() - step_start
-            records.append(
-                dict(
-                    round=round_index,
-                    step=step,
-                    replica=topo.replica_id,
-                    rank=topo.rank,
-                    reward=stats.reward,
-                    teacher_reward=stats.teacher_reward,
-                    solved=stats.solved_groups,
-                    lr=inner_optimizer.param_groups[0]["lr"],
-                    tokens_per_s=stats.completion_tokens / elapsed,
-                    pairs=len(replay) if replay is not None else 0,
-                    synced=synced,
-                    loss_forwards=forward_calls[0] - forwards_before,
-                    reference_forwards=replay.reference_forward_passes if replay is not None else 0,
-                    **{k: v for k, v in out.metrics.items()},
-                )
-            )
-            bar.set_postfix(reward=f"{stats.reward:.3f}", loss=f"{out.metrics['loss']:.4f}")
-            bar.update()
-        bar.close()
-        if not synced:
-            raise RuntimeError(f"round {round_index} ended without a DiLoCo sync; check diloco.sync_every")
 
-        # ---- end of round: metrics (before the checkpoint: a crash may repeat, never lose, one)
-        everyone = gather(dict(records=records, hash=parameters_hash(model), bytes_sent=diloco.bytes_sent))
-        if lead:
-            all_records = [r for rank_view in everyone for r in rank_view["records"]]
-            for record in sorted(all_records, key=lambda r: (r["step"], r["rank"])):
-                metrics.log("inner", **record)
-            hashes = [view["hash"] for view in everyone][:: topo.world_size // topo.replicas]
-            metrics.log(
-                "outer",
-                outer_step=diloco.outer_step,
-                round=round_index,
-                pseudo_grad_norm=diloco.last_pseudo_grad_norm,
-                participants=diloco.last_participants,
-                bytes_sent=sum(v["bytes_sent"] for v in everyone),
-                param_hash=hashes[0],
-                replica_hashes=hashes,
-                replicas=topo.replicas,
-            )
-            rewards = [r["reward"] for r in all_records]
-            reward, error = mean_and_error(rewards)
-            teacher_rewards = [r["teacher_reward"] for r in all_records if r["teacher_reward"] is not None]
-            means = {k: sum(r[k] for r in all_records) / len(all_records) for k in ("grpo", "sdpo", "dpo")}
-            step_rewards_by_round.append(rewards)
-            print(
-                table_row(
-                    (
-                        round_index + 1,
-                        reward,
-                        error,
-                        sum(teacher_rewards) / len(teacher_rewards) if teacher_rewards else None,
-                        means["grpo"],
-                        means["sdpo"],
-                        means["dpo"],
-                        diloco.last_pseudo_grad_norm,
-                        sum(v["bytes_sent"] for v in everyone) / 1e6,
-                        time.perf_counter() - round_start,
-                    )
-                ),
-                flush=True,
-            )
+def resume(run: Run, replica: Replica) -> int:
+    """Load the newest sealed checkpoint into every registered member; returns the first round to run."""
+    if run.resume_from is None:
+        return 0
+    return replica.state.load(run.ckpt_root, run.resume_from, run.topo.replica_id) + 1
 
-        # ---- checkpoint: every replica saves its share, then rank 0 seals the folder ----------
-        if topo.local_rank == 0:
-            state = dict(round=round_index, inner_optimizer=inner_optimizer.state_dict(), diloco=diloco.state_dict())
-            if replay is not None:
-                state["replay"] = replay.state_dict()
-            if teacher is not None:
-                state["teacher"] = teacher.state_dict()
-            checkpoint.save_replica(ckpt_root, diloco.outer_step, topo.replica_id, model, state)
-        barrier()
-        if lead:
-            checkpoint.mark_complete(ckpt_root, diloco.outer_step, dict(round=round_index), config.keep_checkpoints)
 
-    # ---- the end ---------------------------------------------------------------------------
-    final_hashes = gather(parameters_hash(model))[:: topo.world_size // topo.replicas]
+def open_books(run: Run, start_round: int) -> Books:
+    """Rank 0 opens metrics.jsonl, writes config.json and prints the run's header."""
+    if not run.topo.lead:
+        return Books(metrics=None)
+    config, topo = run.config, run.topo
+    books = Books(metrics=MetricsLog(run.run_dir / "metrics.jsonl"))
+    (run.run_dir / "config.json").write_text(json.dumps(dump_config(config), indent=2))
+    if run.resume_from is not None:
+        books.metrics.log("resume", outer_step=run.resume_from, round=start_round, world_size=topo.world_size)
+        print(f"resumed from checkpoint step-{run.resume_from:06d} (round {start_round})", flush=True)
+    print(
+        f"{topo.replicas} replicas x {topo.replica_size} ranks, H={config.diloco.sync_every}, "
+        f"rounds={config.rounds}, alpha={config.loss.alpha}, beta={config.loss.beta}",
+        flush=True,
+    )
+    print(table_header(), flush=True)
+    return books
+
+
+def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[str, Any]:
+    """rollout -> DPO pairs -> loss -> backward -> AdamW -> teacher -> diloco.step(); returns the record."""
+    config, topo = run.config, run.topo
+    seed = step_seed(config.seed, topo.replica_id, topo.local_rank, step)
+    torch.manual_seed(seed)  # generate() samples from the global generator
+    rng = random.Random(seed)
+    step_start = time.perf_counter()
+    alpha = config.loss.alpha
+    teacher_model = None if alpha == 0 else replica.teacher.module if replica.teacher is not None else run.model
+    r = config.rollout
+    samples = rollout(
+        run.model,
+        run.tokenizer,
+        [run.tasks.sample(rng) for _ in range(r.prompts_per_step)],
+        group_size=r.group_size,
+        max_prompt_length=r.max_prompt_length,
+        max_completion_length=r.max_completion_length,
+        temperature=r.temperature,
+        hint_level=config.task.hint_level,
+        sibling_hints=config.task.sibling_hints,
+        teacher=teacher_model,
+    )
+    preference = None
+    if replica.feed is not None:
+        preference = replica.feed.step(samples, id_prefix=f"r{topo.replica_id}-{topo.local_rank}-s{step}", rng=rng)
+    forwards_before = replica.forward_calls[0]
+    out = composer_total_loss(
+        run.model,
+        ComposerBatch(policy=samples.policy, preference=preference),
+        alpha=alpha,
+        beta=config.loss.beta,
+        teacher=replica.teacher,
+        loss_type=config.loss.loss_type,
+        epsilon_low=config.loss.epsilon_low,
+        epsilon_high=config.loss.epsilon_high,
+        max_completion_length=r.max_completion_length,
+        sdpo_jsd_alpha=config.loss.sdpo_jsd_alpha,
+        sdpo_top_k=config.loss.sdpo_top_k,
+        dpo_beta=config.loss.dpo_beta,
+    )
+    optimizer_step(run, replica, out.total)
+    synced = replica.diloco.step()
+    replay = replica.feed.replay if replica.feed is not None else None
+    stats = samples.stats
+    return dict(
+        round=round_index,
+        step=step,
+        replica=topo.replica_id,
+        rank=topo.rank,
+        reward=stats.reward,
+        teacher_reward=stats.teacher_reward,
+        solved=stats.solved_groups,
+        lr=replica.inner_optimizer.param_groups[0]["lr"],
+        tokens_per_s=stats.completion_tokens / (time.perf_counter() - step_start),
+        pairs=len(replay) if replay is not None else 0,
+        synced=synced,
+        loss_forwards=replica.forward_calls[0] - forwards_before,
+        reference_forwards=replay.reference_forward_passes if replay is not None else 0,
+        **out.metrics,
+    )
+
+
+def optimizer_step(run: Run, replica: Replica, loss: torch.Tensor) -> None:
+    """Backward, gradients averaged inside the replica, clipped, one AdamW step, the EMA teacher follows."""
+    replica.inner_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients(run.model, run.topo.inner_group)
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.optim.max_grad_norm)
+    replica.inner_optimizer.step()
+    if replica.teacher is not None:
+        replica.teacher.update()
+
+
+def end_of_round(
+    run: Run, replica: Replica, books: Books, records: list[dict], round_index: int, seconds: float
+) -> None:
+    """Metrics first, then the checkpoint: a crash in between may repeat a round's lines, never lose one."""
+    diloco = replica.diloco
+    everyone = gather(dict(records=records, hash=parameters_hash(run.model), bytes_sent=diloco.bytes_sent))
+    if books.metrics is not None:
+        log_round(run, replica, books, everyone, round_index, seconds)
+    # Every replica saves its share, then rank 0 seals the folder.
+    if run.topo.local_rank == 0:
+        replica.state.save(run.ckpt_root, diloco.outer_step, run.topo.replica_id, round_index=round_index)
+    barrier()
+    if run.topo.lead:
+        checkpoint.mark_complete(run.ckpt_root, diloco.outer_step, dict(round=round_index), run.config.keep_checkpoints)
+
+
+def log_round(run: Run, replica: Replica, books: Books, everyone: list[dict], round_index: int, seconds: float) -> None:
+    """Rank 0: every rank's inner records, one outer record, and the round's table row."""
+    diloco = replica.diloco
+    all_records = [r for rank_view in everyone for r in rank_view["records"]]
+    for record in sorted(all_records, key=lambda r: (r["step"], r["rank"])):
+        books.metrics.log("inner", **record)
+    hashes = [view["hash"] for view in everyone][:: run.topo.replica_size]
+    bytes_sent = sum(v["bytes_sent"] for v in everyone)
+    books.metrics.log(
+        "outer",
+        outer_step=diloco.outer_step,
+        round=round_index,
+        pseudo_grad_norm=diloco.last_pseudo_grad_norm,
+        participants=diloco.last_participants,
+        bytes_sent=bytes_sent,
+        param_hash=hashes[0],
+        replica_hashes=hashes,
+        replicas=run.topo.replicas,
+    )
+    rewards = [r["reward"] for r in all_records]
+    reward, error = mean_and_error(rewards)
+    teacher_rewards = [r["teacher_reward"] for r in all_records if r["teacher_reward"] is not None]
+    means = {k: sum(r[k] for r in all_records) / len(all_records) for k in ("grpo", "sdpo", "dpo")}
+    books.step_rewards_by_round.append(rewards)
+    row = (
+        round_index + 1,
+        reward,
+        error,
+        sum(teacher_rewards) / len(teacher_rewards) if teacher_rewards else None,
+        means["grpo"],
+        means["sdpo"],
+        means["dpo"],
+        diloco.last_pseudo_grad_norm,
+        bytes_sent / 1e6,
+        seconds,
+    )
+    print(table_row(row), flush=True)
+
+
+def replicas_expected_to_agree(config: Config) -> bool:
+    """Only a full sync with no local mixing (one fragment, fragment_alpha 0) leaves replicas identical.
+
+    Streaming DiLoCo syncs one fragment at a time and, with fragment_alpha > 0, keeps part of each
+    replica's local progress, so its replicas legitimately differ at the end.
+    """
+    return config.diloco.fragments == 1 and config.diloco.fragment_alpha == 0
+
+
+def verdict(config: Config, final_hashes: list[str]) -> dict[str, Any]:
+    """The run's one verdict, decided here and read by the coordinator, cluster.json and `make docker-up`."""
+    expected, agree = replicas_expected_to_agree(config), len(set(final_hashes)) == 1
+    ok = agree or not expected
+    return dict(
+        status="ok" if ok else "failed",
+        reason="" if ok else f"replicas were expected to agree and do not: {final_hashes}",
+        replicas_expected_to_agree=expected,
+        replicas_agree=agree,
+    )
+
+
+def finish(run: Run, replica: Replica, books: Books) -> dict:
+    """Rank 0 writes summary.json (the verdict, the reward rise), the plot; everyone leaves together."""
+    config, topo = run.config, run.topo
+    final_hashes = gather(parameters_hash(run.model))[:: topo.replica_size]
     summary = dict(
-        status="ok",
         name=config.name,
-        outer_steps=diloco.outer_step,
+        outer_steps=replica.diloco.outer_step,
         rounds=config.rounds,
         replicas=topo.replicas,
         world_size=topo.world_size,
         final_param_hash=final_hashes[0],
         replica_hashes=final_hashes,
-        replicas_agree=len(set(final_hashes)) == 1,
+        **verdict(config, final_hashes),
     )
-    if lead:
-        if len(step_rewards_by_round) >= 2:
-            summary.update(reward_rise(step_rewards_by_round))
+    if books.metrics is not None:
+        if len(books.step_rewards_by_round) >= 2:
+            summary.update(reward_rise(books.step_rewards_by_round))
             print(
                 f"reward: first rounds {summary['reward_first']:.4f}, last rounds {summary['reward_last']:.4f}, "
                 f"rise {summary['reward_rise']:+.4f} = {summary['reward_rise_sigmas']:.1f} sigma",
                 flush=True,
             )
-        metrics.close()
-        plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
-        tmp = run_dir / ".summary.json.tmp"
+        books.metrics.close()
+        plot_curves(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
+        tmp = run.run_dir / ".summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, run_dir / "summary.json")
-        print(f"run dir: {run_dir} (metrics.jsonl, curves.png, summary.json, checkpoints/)", flush=True)
+        os.replace(tmp, run.run_dir / "summary.json")
+        print(f"run dir: {run.run_dir} (metrics.jsonl, curves.png, summary.json, checkpoints/)", flush=True)
+        if summary["status"] != "ok":
+            print(f"run failed: {summary['reason']}", file=sys.stderr, flush=True)
     barrier()
     if dist.is_initialized():
         dist.destroy_process_group()
     return summary
-
-
-def _fill_from_traces(replay: TeacherReplayBuffer, path: str, tokenizer, max_length: int) -> None:
-    """Trace-replay DPO: pairs mined from real agent logs, reference-scored once, cached by id."""
-    from trainer.traces import TraceIngester, mine_pairs, render_pair
-
-    for pair in mine_pairs(TraceIngester().ingest(path)):
-        tokens = render_pair(pair, tokenizer, max_length=max_length)
-        replay.add(pair.id, tokens.chosen_ids, tokens.chosen_loss_mask, tokens.rejected_ids, tokens.rejected_loss_mask)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -412,10 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     config = load_config_or_exit(args.config, args.set)
-    summary = train(config)
-    # Only a full sync with no local mixing (one fragment, alpha 0) leaves replicas identical.
-    expect_agreement = config.diloco.fragments == 1 and config.diloco.fragment_alpha == 0
-    return 1 if expect_agreement and not summary["replicas_agree"] else 0
+    return 0 if train(config)["status"] == "ok" else 1
 
 
 if __name__ == "__main__":
