@@ -102,17 +102,26 @@ def trainer_account() -> pwd.struct_passwd | None:
 
 
 def cluster_summary(run_dir: Path, progress: RunProgress, *, finished: bool, reason: str) -> dict[str, Any]:
-    """The run as the coordinator saw it, checked against the trainer's own summary.json."""
+    """The run as the coordinator saw it, with the trainer's own verdict read from summary.json.
+
+    The worker decides whether the run is ok (its `status`, and whether its replicas were expected
+    to agree and did: Streaming DiLoCo's legitimately differ); this adds only what the coordinator
+    alone can see: outer steps missing from metrics.jsonl and workers it gave up on. A summary
+    written before the verdict fields existed is read as "replicas expected to agree".
+    """
     summary_path = run_dir / "summary.json"
     trainer_summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     expected = int(trainer_summary.get("outer_steps", 0))
     missing = missing_outer_steps(progress.outer_steps, expected)
     hashes = trainer_summary.get("replica_hashes") or []
-    hashes_agree = len(hashes) > 0 and len(set(hashes)) == 1
-    ok = finished and trainer_summary.get("status") == "ok" and not missing and hashes_agree
+    expected_to_agree = bool(trainer_summary.get("replicas_expected_to_agree", True))
+    agree = bool(trainer_summary.get("replicas_agree", len(hashes) > 0 and len(set(hashes)) == 1))
+    status = trainer_summary.get("status")
+    ok = finished and status == "ok" and not missing and (agree or not expected_to_agree)
     if finished and not ok:
-        if trainer_summary.get("status") != "ok":
-            reason = f"{summary_path} says status {trainer_summary.get('status')!r}"
+        if status != "ok":
+            why = trainer_summary.get("reason")
+            reason = f"{summary_path} says status {status!r}" + (f": {why}" if why else "")
         elif missing:
             reason = f"outer steps {missing} missing from metrics.jsonl"
         else:
@@ -124,7 +133,8 @@ def cluster_summary(run_dir: Path, progress: RunProgress, *, finished: bool, rea
         "outer_steps_seen": len(progress.outer_steps),
         "missing_outer_steps": missing,
         "resumes": progress.resumes,
-        "replica_hashes_agree": hashes_agree,
+        "replicas_expected_to_agree": expected_to_agree,
+        "replicas_agree": agree,
         "final_param_hash": trainer_summary.get("final_param_hash"),
     }
 

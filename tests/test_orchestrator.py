@@ -159,3 +159,29 @@ def test_cluster_summary_of_an_unfinished_run_keeps_the_coordinators_reason(tmp_
     progress = _write_run(tmp_path / "run", [1], {"status": "ok", "outer_steps": 1, "replica_hashes": ["ab"]})
     report = cluster_summary(tmp_path / "run", progress, finished=False, reason="gave up on workers ['w-1']")
     assert (report["status"], report["reason"]) == ("failed", "gave up on workers ['w-1']")
+
+
+def test_cluster_summary_takes_the_workers_verdict_that_streaming_replicas_may_differ(tmp_path: Path) -> None:
+    summary = {
+        "status": "ok",
+        "outer_steps": 2,
+        "replica_hashes": ["ab", "cd"],
+        "replicas_expected_to_agree": False,
+        "replicas_agree": False,
+    }
+    report = cluster_summary(tmp_path / "run", _write_run(tmp_path / "run", [1, 2], summary), finished=True, reason="")
+    assert (report["status"], report["replicas_expected_to_agree"], report["replicas_agree"]) == ("ok", False, False)
+
+
+def test_cluster_summary_repeats_the_workers_reason_for_a_failed_verdict(tmp_path: Path) -> None:
+    summary = {
+        "status": "failed",
+        "reason": "replicas were expected to agree and do not: ['ab', 'cd']",
+        "outer_steps": 1,
+        "replica_hashes": ["ab", "cd"],
+        "replicas_expected_to_agree": True,
+        "replicas_agree": False,
+    }
+    report = cluster_summary(tmp_path / "run", _write_run(tmp_path / "run", [1], summary), finished=True, reason="")
+    assert report["status"] == "failed"
+    assert report["reason"].endswith("says status 'failed': replicas were expected to agree and do not: ['ab', 'cd']")
