@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed-stamp
 CONFIG  ?= configs/smoke.yaml
 WORKERS ?= 8
 
-.PHONY: venv smoke test lint format test-fast bench image docker-up docker-down clean
+.PHONY: venv smoke test lint format docker-ready test-fast bench image docker-up docker-down clean
 
 # (Re)create the venv whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -22,9 +22,14 @@ smoke: venv
 	$(BIN)/python -m trainer.config $(CONFIG)
 	$(BIN)/torchrun --standalone --nproc-per-node=2 -m trainer.worker --config $(CONFIG)
 
-# The lint and format check first: CI runs `make test`, so it runs these too (`make format` fixes).
-test: venv lint
+# The whole suite, set up by itself: the lint and format check first (`make format` fixes), then
+# what the Docker tests need (engine, Compose, offline base image, wheelhouse, image), provisioned
+# where it can be; where no engine can run, one line says why and those tests skip. CI runs this.
+test: venv lint docker-ready
 	$(BIN)/python -m pytest tests
+
+docker-ready: venv
+	bash compose/provision.sh --if-possible
 
 lint: venv
 	$(BIN)/ruff check .
