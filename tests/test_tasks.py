@@ -34,3 +34,27 @@ def test_corpus_covers_every_prompt_shape():
     corpus = AdditionTasks(9).corpus()
     assert any("Hint: The answer is" in line for line in corpus)
     assert any(line.startswith("A correct answer is") for line in corpus)
+
+
+def test_held_out_problems_are_never_drawn_for_training_and_the_split_is_fixed():
+    tasks = AdditionTasks(max_operand=9, held_out=20)
+    held = {t.question for t in tasks.held_out_tasks()}
+    assert len(held) == 20
+    rng = random.Random(0)
+    drawn = {tasks.sample(rng).question for _ in range(5000)}
+    assert drawn.isdisjoint(held) and len(drawn) == 100 - 20  # every other problem still appears
+    assert [t.question for t in AdditionTasks(9, held_out=20).held_out_tasks()] == sorted(held, key=_operands)
+
+
+def test_holding_out_more_than_half_the_problems_is_refused():
+    try:
+        AdditionTasks(max_operand=3, held_out=9)
+    except ValueError as error:
+        assert "at most half of the 16 problems" in str(error)
+    else:
+        raise AssertionError("held_out=9 of 16 must be refused")
+
+
+def _operands(question: str) -> tuple[int, int]:
+    a, b = question.removeprefix("What is ").removesuffix("?").split("+")
+    return int(a), int(b)

@@ -9,8 +9,9 @@ rollout code may swap it in for `hints[level]`.
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
+
+from trainer.answers import final_number
 
 
 @dataclass(frozen=True)
@@ -24,9 +25,8 @@ class Task:
         return self.question if hint is None else f"{self.question} Hint: {hint}"
 
     def reward(self, completion: str) -> float:
-        """1.0 when the completion's first number is the answer, else 0.0 (no partial credit)."""
-        match = re.match(r"\s*(-?\d+)", completion)
-        return float(match is not None and match.group(1) == self.answer)
+        """1.0 when the answer the completion states (`trainer.answers.final_number`) is right, else 0.0."""
+        return float(final_number(completion) == self.answer)
 
 
 def sibling_hint(completion: str) -> str:
@@ -35,13 +35,39 @@ def sibling_hint(completion: str) -> str:
 
 
 class AdditionTasks:
-    """`a+b` with a, b in [0, max_operand]: short answers a tiny model can learn on a CPU."""
+    """`a+b` with a, b in [0, max_operand]: short answers a tiny model can learn on a CPU.
 
-    def __init__(self, max_operand: int = 19) -> None:
+    `held_out` pairs, fixed by a seeded shuffle of all (max_operand + 1)^2 of them, are never drawn
+    by `sample`: they are the evaluation split (`held_out_tasks`), disjoint from training.
+    """
+
+    SPLIT_SEED = 20241130
+
+    def __init__(self, max_operand: int = 19, held_out: int = 0) -> None:
         self.max_operand = max_operand
+        pairs = [(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
+        if not 0 <= held_out <= len(pairs) // 2:
+            raise ValueError(
+                f"held_out={held_out}: at most half of the {len(pairs)} problems with max_operand={max_operand} "
+                "may be held out"
+            )
+        random.Random(self.SPLIT_SEED).shuffle(pairs)
+        self._held_out = sorted(pairs[:held_out])
+        self._held_out_set = set(self._held_out)
 
     def sample(self, rng: random.Random) -> Task:
-        a, b = rng.randint(0, self.max_operand), rng.randint(0, self.max_operand)
+        """A training problem (never a held-out one), drawn uniformly from the rest."""
+        while True:
+            a, b = rng.randint(0, self.max_operand), rng.randint(0, self.max_operand)
+            if (a, b) not in self._held_out_set:
+                return self.task(a, b)
+
+    def held_out_tasks(self) -> list[Task]:
+        """The evaluation split, in a fixed order."""
+        return [self.task(a, b) for a, b in self._held_out]
+
+    @staticmethod
+    def task(a: int, b: int) -> Task:
         total = a + b
         low = max(0, total - 3)
         return Task(
@@ -59,12 +85,12 @@ class AdditionTasks:
         rng = random.Random(0)
         lines = []
         for _ in range(2000):
-            task = self.sample(rng)
+            task = self.task(rng.randint(0, self.max_operand), rng.randint(0, self.max_operand))
             lines += [task.prompt(task.hints[-1]), task.answer, *task.hints, sibling_hint(task.answer)]
         return lines
 
 
-def make_tasks(source: str, *, max_operand: int) -> AdditionTasks:
+def make_tasks(source: str, *, max_operand: int, held_out: int = 0) -> AdditionTasks:
     if source == "addition":
-        return AdditionTasks(max_operand)
+        return AdditionTasks(max_operand, held_out=held_out)
     raise ValueError(f"unknown task source {source!r}")
