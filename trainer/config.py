@@ -31,6 +31,8 @@ def _require(ok: bool, key: str, message: str) -> None:
 class ModelConfig:
     name: str = "tiny"  # "tiny" builds a random Qwen2 offline; anything else is a hub name or path
     tokenizer: str | None = None  # hub name or path; default: the model's (tiny: trained on the tasks)
+    # Compute dtype. Weights, optimizer state and checkpoints stay fp32 (master weights); bfloat16
+    # runs the forwards under torch.autocast. float16 would need loss scaling and is refused.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Shape of the tiny model (ignored for hub models).
     hidden_size: int = 128
@@ -50,6 +52,11 @@ class ModelConfig:
             self.hidden_size % self.num_heads == 0,
             "model.hidden_size",
             f"must be divisible by model.num_heads ({self.num_heads})",
+        )
+        _require(
+            self.dtype != "float16",
+            "model.dtype",
+            "float16 needs loss scaling, which the trainer does not do; use bfloat16 (same speed, fp32 range)",
         )
 
 
@@ -97,7 +104,14 @@ class RolloutConfig:
     group_size: int = 8  # G samples per prompt
     max_prompt_length: int = 128
     max_completion_length: int = 8
-    temperature: float = 1.0
+    temperature: float = 1.0  # the sampler's, and the one the loss scores the samples at
+    # Truncation and penalties change the distribution the tokens were drawn from, and the loss
+    # scores the full softmax at `temperature`: anything but the neutral value is refused, so the
+    # policy being trained is the one that sampled. Named here so that a model's
+    # generation_config.json can never switch them on behind the run's back.
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         _require(self.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
@@ -109,6 +123,13 @@ class RolloutConfig:
         _require(self.max_prompt_length >= 1, "rollout.max_prompt_length", "must be >= 1")
         _require(self.max_completion_length >= 1, "rollout.max_completion_length", "must be >= 1")
         _require(self.temperature > 0, "rollout.temperature", "must be > 0")
+        for key, neutral in (("top_k", 0), ("top_p", 1.0), ("repetition_penalty", 1.0)):
+            _require(
+                getattr(self, key) == neutral,
+                f"rollout.{key}",
+                f"must be {neutral}: the loss scores the full distribution at rollout.temperature, so samples "
+                "drawn with truncation or a penalty would come from another policy than the one trained",
+            )
 
 
 @dataclass
@@ -121,7 +142,7 @@ class OptimConfig:
     sft_batch_size: int = 64
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, "optim.lr", "must be > 0")
+        _require(self.lr >= 0, "optim.lr", "must be >= 0")
         _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         _require(self.max_grad_norm > 0, "optim.max_grad_norm", "must be > 0")
         _require(self.sft_steps >= 0, "optim.sft_steps", "must be >= 0")
@@ -159,6 +180,32 @@ class DiLoCoConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation: prompts from a split that training never samples."""
+
+    every: int = 4  # rounds between evaluations (and one after the last round); 0 = never
+    size: int = 64  # held-out prompts per evaluation
+    k: int = 4  # sampled completions per prompt for pass@k (at rollout.temperature)
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "eval.every", "must be >= 0 (0: no evaluation)")
+        _require(self.size >= 1, "eval.size", "must be >= 1")
+        _require(self.k >= 1, "eval.k", "must be >= 1")
+
+
+@dataclass
+class DebugConfig:
+    """Deterministic fault injection for tests and chaos runs (torchft-style); all off by default."""
+
+    inject_nan_loss_at: int | None = None  # global inner step whose loss is made NaN on every rank
+
+    def __post_init__(self) -> None:
+        _require(
+            self.inject_nan_loss_at is None or self.inject_nan_loss_at >= 0, "debug.inject_nan_loss_at", "must be >= 0"
+        )
+
+
+@dataclass
 class Config:
     name: str = "run"
     seed: int = 0
@@ -168,12 +215,17 @@ class Config:
     replica_size: int | None = None  # ranks per replica; default: one torchrun node
     dist_timeout_s: float = 600.0  # collective timeout: how long survivors wait for a dead peer
     keep_checkpoints: int = 2
+    # auto: resume the newest checkpoint when the saved config equals this one (a finished run is
+    # never resumed: a new run directory is used); changed: resume although keys differ, on purpose.
+    resume: Literal["auto", "changed"] = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")

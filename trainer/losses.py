@@ -64,6 +64,7 @@ class PolicyBatch:
     teacher_prompt_ids: Tensor | None = None  # (B, P') LEFT-padded hinted prompt (SDPO teacher)
     teacher_prompt_mask: Tensor | None = None
     sdpo_weight: Tensor | None = None  # (B,) 0/1 rows that get distillation; None = every row
+    sampler_logps: Tensor | None = None  # (B, C) float32 log-probs the sampler drew the tokens with; diagnostic
 
 
 @dataclass
@@ -450,6 +451,7 @@ def composer_total_loss(
     sdpo_top_k: int | None = None,
     dpo_beta: float = 0.1,
     label_smoothing: float = 0.0,
+    temperature: float = 1.0,
 ) -> ComposerLossOutput:
     """grpo + alpha * sdpo + beta * dpo on a causal LM, with the fewest forwards possible.
 
@@ -458,15 +460,26 @@ def composer_total_loss(
     tokens behind the hinted prompt, only for rows with `sdpo_weight` = 1. DPO runs one forward on
     chosen + rejected together. alpha = 0 skips the teacher forward, beta = 0 (or no pairs) the
     DPO forward; a skipped channel is a zero tensor and leaves its metrics out.
+
+    `temperature` is the sampler's: the student's and the teacher's logits are divided by it before
+    the policy-gradient and distillation terms, so the loss scores the distribution the tokens
+    were drawn from (as TRL's GRPOTrainer does). DPO compares whole-sequence likelihoods against a
+    reference scored at 1 and is left at temperature 1. With `PolicyBatch.sampler_logps`, metrics
+    gain `sampler_logp_diff`: mean |trainer log-prob - sampler log-prob| over completion tokens
+    (nats), which is ~0 when sampling and training agree.
     """
     if alpha < 0 or beta < 0:
         raise ValueError(f"alpha={alpha} and beta={beta} must be >= 0")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
     policy = batch.policy
     mask = policy.completion_mask
 
     student_logits = completion_logits(
         model, policy.prompt_ids, policy.prompt_mask, policy.completion_ids, policy.completion_mask
     )
+    if temperature != 1.0:
+        student_logits = student_logits / temperature
     logp = token_logps(student_logits, policy.completion_ids)
     grpo = grpo_loss(
         logp,
@@ -490,11 +503,20 @@ def composer_total_loss(
     )
     zero = grpo.new_zeros(())
     metrics = {"ratio_mean": ratio_mean, "clip_fraction": clip_fraction}
+    if policy.sampler_logps is not None:
+        _check_shape("PolicyBatch.sampler_logps", policy.sampler_logps, tuple(mask.shape))
+        gap = (logp.detach().float() - policy.sampler_logps.float()).abs()
+        metrics["sampler_logp_diff"] = _masked_mean(gap, mask).item()
 
     sdpo = zero
     if alpha > 0:
         sdpo = _sdpo_channel(
-            model if teacher is None else teacher, policy, student_logits, alpha=sdpo_jsd_alpha, top_k=sdpo_top_k
+            model if teacher is None else teacher,
+            policy,
+            student_logits,
+            alpha=sdpo_jsd_alpha,
+            top_k=sdpo_top_k,
+            temperature=temperature,
         )
     del student_logits  # the graph keeps what backward needs; let the rest go before DPO
 
@@ -524,7 +546,13 @@ def composer_total_loss(
 
 
 def _sdpo_channel(
-    teacher: Callable[..., Any], policy: PolicyBatch, student_logits: Tensor, *, alpha: float, top_k: int | None
+    teacher: Callable[..., Any],
+    policy: PolicyBatch,
+    student_logits: Tensor,
+    *,
+    alpha: float,
+    top_k: int | None,
+    temperature: float = 1.0,
 ) -> Tensor:
     """Teacher re-scores the student's completion under the hinted prompt; rows with weight 0 skip."""
     if policy.teacher_prompt_ids is None or policy.teacher_prompt_mask is None:
@@ -547,4 +575,6 @@ def _sdpo_channel(
         teacher_logits = completion_logits(
             teacher, policy.teacher_prompt_ids[rows], policy.teacher_prompt_mask[rows], completion_ids, completion_mask
         )
+        if temperature != 1.0:
+            teacher_logits = teacher_logits / temperature
     return sdpo_loss(student_logits[rows], teacher_logits, completion_mask, alpha=alpha, top_k=top_k)

@@ -1,6 +1,6 @@
 """The policy: a Hugging Face causal LM and its tokenizer.
 
-Real runs load any model by hub name (`Qwen/Qwen2.5-0.5B-Instruct`). Tests, benchmarks and the
+Real runs load any model by hub name (`Qwen/Qwen2.5-0.5B-Instruct`) or local directory. Tests, benchmarks and the
 smoke run cannot download anything, so they build a tiny Qwen2 with random weights and a
 byte-level BPE tokenizer trained on the spot; both carry a ChatML chat template with Hugging
 Face's tool-call convention, so rendering code is the same for tiny and real models.
@@ -18,6 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -137,18 +138,83 @@ def tiny_model_and_tokenizer(
 
 
 def pretrained_model_and_tokenizer(
-    name: str, *, tokenizer_name: str | None = None, dtype: str = "float32"
+    name: str, *, tokenizer_name: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """Any hub model by name (or a local path); the tokenizer is left-padded for generation."""
+    """Any hub model by name, or a local directory in Hugging Face format, with fp32 weights.
+
+    The weights are loaded in float32 whatever the checkpoint's dtype: they are the master
+    weights the optimizer updates (a bf16 run computes under autocast; see `trainer.precision`).
+    The tokenizer is left-padded for generation. The model's own `generation_config.json` is set
+    aside (`_own_generation_config`): the run's config says how to sample.
+    """
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or name)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype))
-    _set_generation_ids(model, tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    _own_generation_config(model, tokenizer)
     return model, tokenizer
+
+
+def _own_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> dict[str, object]:
+    """Replace the model's generation defaults by token ids alone; returns the sampling settings dropped.
+
+    A hub `generation_config.json` often sets a repetition penalty, top-k or top-p that `generate`
+    would apply on top of the run's temperature, so the policy that samples would not be the one
+    the loss trains. `trainer.rollout.generation_config` names every setting explicitly instead.
+    """
+    dropped = {
+        key: value
+        for key, value in model.generation_config.to_diff_dict().items()
+        if key not in ("pad_token_id", "eos_token_id", "bos_token_id", "transformers_version", "_from_model_config")
+    }
+    model.generation_config = GenerationConfig(
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id
+    )
+    return dropped
+
+
+def save_tiny_hub_model(directory: str | Path, *, seed: int = 0, **generation: object) -> Path:
+    """A tiny random Qwen2 saved in Hugging Face format: weights, tokenizer, generation_config.json.
+
+    The offline stand-in for a hub model (load it with `model.name: <directory>`); `generation`
+    settings (e.g. `repetition_penalty=1.3, top_k=5`) are written to its generation_config.json, as
+    real hub models ship them. Returns the directory.
+    """
+    directory = Path(directory)
+    model, tokenizer = tiny_model_and_tokenizer(seed=seed)
+    model.generation_config = GenerationConfig(
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, do_sample=True, **generation
+    )
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
 
 
 def _set_generation_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m trainer.model save-tiny DIR`: write the offline stand-in for a hub model."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m trainer.model")
+    sub = parser.add_subparsers(dest="command", required=True)
+    save = sub.add_parser("save-tiny", help="save a tiny random Qwen2 in Hugging Face format")
+    save.add_argument("directory", type=Path)
+    save.add_argument("--seed", type=int, default=0)
+    save.add_argument(
+        "--leaky",
+        action="store_true",
+        help="ship a generation_config.json with repetition_penalty 1.3 and top_k 5, as some hub models do",
+    )
+    args = parser.parse_args(argv)
+    generation = dict(repetition_penalty=1.3, top_k=5) if args.leaky else {}
+    print(save_tiny_hub_model(args.directory, seed=args.seed, **generation))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

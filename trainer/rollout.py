@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from trainer.batching import pad_sequences
 from trainer.losses import PolicyBatch, group_advantages
@@ -54,6 +54,42 @@ def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, user_messages: list[str]
     return rendered
 
 
+def generation_config(
+    tokenizer: PreTrainedTokenizerBase, *, max_new_tokens: int, temperature: float, greedy: bool = False
+) -> GenerationConfig:
+    """The sampler's whole configuration, written out: nothing is inherited from the model's files.
+
+    Pure sampling at `temperature` (no top-k, top-p or repetition penalty), the distribution the
+    loss scores; `greedy` is argmax decoding (held-out pass@1). Scores are returned so the sampler's
+    own log-probs can be compared with the trainer's (`sampler_logp_diff`).
+    """
+    # Greedy decoding reads none of the sampling knobs: leaving them unset keeps generate quiet.
+    sampling = {} if greedy else dict(temperature=temperature, top_k=0, top_p=1.0, min_p=None, typical_p=1.0)
+    return GenerationConfig(
+        do_sample=not greedy,
+        **sampling,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+
+
+@dataclass
+class Samples:
+    """One completion per prompt, as `sample` returns them (B rows; all int64 but the log-probs)."""
+
+    prompt_ids: torch.Tensor  # (B, P) LEFT-padded
+    prompt_mask: torch.Tensor  # (B, P) 0/1
+    completion_ids: torch.Tensor  # (B, C) RIGHT-padded after the first EOS
+    completion_mask: torch.Tensor  # (B, C) 1 up to and including the first EOS
+    sampler_logps: torch.Tensor  # (B, C) float32: log-prob the sampler drew each token with (nats)
+
+
 @torch.no_grad()
 def sample(
     model: PreTrainedModel,
@@ -62,33 +98,35 @@ def sample(
     *,
     max_new_tokens: int,
     temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One sampled completion per prompt -> (prompt_ids, prompt_mask, completion_ids, completion_mask).
+    greedy: bool = False,
+) -> Samples:
+    """One completion per prompt, on the model's device, with the sampler's own log-probs.
 
     The completion mask covers the tokens up to and including the first EOS; what `generate`
-    emits after it is padding.
+    emits after it is padding. `sampler_logps` is log_softmax of the scores `generate` sampled
+    from (the logits after its processors, i.e. divided by `temperature`).
     """
-    prompt_ids, prompt_mask = pad_sequences(prompts, tokenizer.pad_token_id, left=True)
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = (t.to(device) for t in pad_sequences(prompts, tokenizer.pad_token_id, left=True))
     was_training = model.training
     model.eval()
     out = model.generate(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
-        do_sample=True,
-        temperature=temperature,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        generation_config=generation_config(
+            tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy
+        ),
     )
     model.train(was_training)
-    completion_ids = out[:, prompt_ids.shape[1] :]
+    completion_ids = out.sequences[:, prompt_ids.shape[1] :]
+    scores = torch.stack(out.scores, dim=1).float()  # (B, C, V)
+    sampler_logps = torch.log_softmax(scores, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
     is_eos = completion_ids == tokenizer.eos_token_id
     after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
     completion_mask = (~after_eos).long()
     completion_ids = completion_ids.masked_fill(after_eos, tokenizer.pad_token_id)
-    return prompt_ids, prompt_mask, completion_ids, completion_mask
+    sampler_logps = sampler_logps.masked_fill(after_eos, 0.0)
+    return Samples(prompt_ids, prompt_mask, completion_ids, completion_mask, sampler_logps)
 
 
 def decode_completions(tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
@@ -115,23 +153,23 @@ def rollout(
     """
     prompts = chat_prompt_ids(tokenizer, [task.prompt() for task in tasks], max_prompt_length)
     repeated = [ids for ids in prompts for _ in range(group_size)]
-    prompt_ids, prompt_mask, completion_ids, completion_mask = sample(
-        model, tokenizer, repeated, max_new_tokens=max_completion_length, temperature=temperature
-    )
-    texts = decode_completions(tokenizer, completion_ids, completion_mask)
+    drawn = sample(model, tokenizer, repeated, max_new_tokens=max_completion_length, temperature=temperature)
+    texts = decode_completions(tokenizer, drawn.completion_ids, drawn.completion_mask)
     rewards = torch.tensor(
         [tasks[row // group_size].reward(text) for row, text in enumerate(texts)], dtype=torch.float32
     )
     correct = rewards.view(len(tasks), group_size) > 0
 
     policy = PolicyBatch(
-        prompt_ids=prompt_ids,
-        prompt_mask=prompt_mask,
-        completion_ids=completion_ids,
-        completion_mask=completion_mask,
-        advantages=group_advantages(rewards, group_size),
+        prompt_ids=drawn.prompt_ids,
+        prompt_mask=drawn.prompt_mask,
+        completion_ids=drawn.completion_ids,
+        completion_mask=drawn.completion_mask,
+        advantages=group_advantages(rewards, group_size).to(drawn.prompt_ids.device),
+        sampler_logps=drawn.sampler_logps,
     )
     teacher_reward = None
+    device = drawn.prompt_ids.device
     if teacher is not None:
         hints = _teacher_hints(tasks, texts, correct, hint_level=hint_level, use_siblings=sibling_hints)
         hinted = chat_prompt_ids(
@@ -139,7 +177,8 @@ def rollout(
             [tasks[row // group_size].prompt(hint) for row, hint in enumerate(hints)],
             max_prompt_length,
         )
-        policy.teacher_prompt_ids, policy.teacher_prompt_mask = pad_sequences(hinted, tokenizer.pad_token_id, left=True)
+        teacher_ids, teacher_mask = pad_sequences(hinted, tokenizer.pad_token_id, left=True)
+        policy.teacher_prompt_ids, policy.teacher_prompt_mask = teacher_ids.to(device), teacher_mask.to(device)
         teacher_reward = _teacher_reward(
             teacher, tokenizer, tasks, hint_level, max_prompt_length, max_completion_length, temperature
         )
@@ -148,7 +187,7 @@ def rollout(
         reward=rewards.mean().item(),
         teacher_reward=teacher_reward,
         solved_groups=correct.any(dim=1).float().mean().item(),
-        completion_tokens=int(completion_mask.sum()),
+        completion_tokens=int(drawn.completion_mask.sum()),
     )
     return Rollout(policy=policy, prompts=prompts, rewards=rewards, correct=correct, stats=stats)
 
@@ -180,6 +219,6 @@ def _teacher_reward(
 ) -> float:
     """How often the hinted policy (the SDPO teacher) solves the same prompts: one sample each."""
     hinted = chat_prompt_ids(tokenizer, [task.prompt(task.hints[hint_level]) for task in tasks], max_prompt_length)
-    _, _, ids, mask = sample(model, tokenizer, hinted, max_new_tokens=max_completion_length, temperature=temperature)
-    texts = decode_completions(tokenizer, ids, mask)
+    drawn = sample(model, tokenizer, hinted, max_new_tokens=max_completion_length, temperature=temperature)
+    texts = decode_completions(tokenizer, drawn.completion_ids, drawn.completion_mask)
     return sum(task.reward(text) for task, text in zip(tasks, texts, strict=True)) / len(tasks)
