@@ -8,6 +8,7 @@ from trainer.metrics import (
     plot_curves,
     read_metrics,
     reward_rise,
+    run_summary,
     table_row,
 )
 
@@ -64,3 +65,20 @@ def test_compare_metrics_ignores_timings_and_names_every_other_difference(tmp_pa
     assert same == []
     moved = compare_metrics(tmp_path / "a.jsonl", write(tmp_path / "c.jsonl", 0.5000000000000001, 100.0))
     assert moved == ["line 1 (inner): reward: 0.5 != 0.5000000000000001"]
+
+
+def test_run_summary_reads_every_round_once_even_after_a_resume_repeated_one(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    rewards = {0: 0.1, 1: 0.2, 2: 0.3, 3: 0.4}
+    for step in (0, 1, 2, 1, 2, 3):  # a crash after step 2's line; the resumed run logs 1 and 2 again
+        for rank in (0, 1):
+            skipped = step == 2 and rank == 1
+            log.log("inner", step=step, round=step, rank=rank, replica=rank, reward=rewards[step], skipped=skipped)
+    log.log("eval", outer_step=0, pass_at_1=0.25, pass_at_k=0.5, size=8, k=2)
+    log.log("eval", outer_step=4, pass_at_1=0.5, pass_at_k=0.75, size=8, k=2)
+    log.close()
+    summary = run_summary(tmp_path / "metrics.jsonl")
+    assert math.isclose(summary["reward_first"], 0.1) and math.isclose(summary["reward_last"], 0.4)
+    assert (summary["skipped_steps"], summary["skipped_replica_steps"]) == (1, 1)
+    assert (summary["eval_pass_at_1_first"], summary["eval_pass_at_1_last"]) == (0.25, 0.5)
+    assert (summary["eval_pass_at_k_first"], summary["eval_pass_at_k_last"]) == (0.5, 0.75)

@@ -27,3 +27,16 @@ def test_ema_teacher_update_moves_rate_of_the_way_to_the_student():
 def test_ema_teacher_rejects_bad_rate():
     with pytest.raises(ValueError, match="rate=0"):
         EMATeacher(nn.Linear(1, 1), rate=0)
+
+
+def test_ema_teacher_never_copies_a_non_finite_student():
+    student = nn.Linear(2, 1)
+    teacher = EMATeacher(student, rate=0.5)
+    before = teacher.module.weight.clone()
+    with torch.no_grad():
+        student.weight[0, 1] = float("nan")
+    assert teacher.update() is False
+    assert torch.equal(teacher.module.weight, before)
+    with torch.no_grad():
+        student.weight[0, 1] = 1.0
+    assert teacher.update() is True and torch.isfinite(teacher.module.weight).all()

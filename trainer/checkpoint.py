@@ -73,6 +73,11 @@ def mark_complete(root: Path, outer_step: int, info: dict[str, Any], keep: int) 
             shutil.rmtree(partial, ignore_errors=True)
 
 
+def step_info(root: Path, outer_step: int) -> dict[str, Any]:
+    """What `mark_complete` recorded for a sealed step (round, replicas, world size)."""
+    return json.loads((step_dir(root, outer_step) / COMPLETE).read_text() or "{}")
+
+
 def complete_steps(root: Path) -> list[int]:
     return sorted(int(p.parent.name[5:]) for p in root.glob(f"step-*/{COMPLETE}"))
 

@@ -76,17 +76,54 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in file if line.strip()]
 
 
+def latest_records(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(inner, eval) records with a resumed run's repeats removed: the last line for a position wins.
+
+    A crash between a round's metrics and its checkpoint makes the resumed run log that round
+    again; keying inner records by (step, rank) and eval records by outer step keeps one of each.
+    """
+    inner = {(r["step"], r.get("rank", r.get("replica"))): r for r in records if r.get("event") == "inner"}
+    evals = {r["outer_step"]: r for r in records if r.get("event") == "eval"}
+    return [inner[k] for k in sorted(inner)], [evals[k] for k in sorted(evals)]
+
+
+def run_summary(path: Path) -> dict[str, Any]:
+    """The end-of-run figures, from the whole metrics file (every round, across resumes).
+
+    reward_first/last/rise/rise_sigmas (`reward_rise` over the rounds), skipped_steps (inner steps
+    at which some replica took no optimizer step; skipped_replica_steps counts each replica),
+    eval_* (held-out pass@1 and pass@k at the first and last evaluation, when there were any).
+    """
+    inner, evals = latest_records(read_metrics(path))
+    by_round: dict[int, list[float]] = {}
+    for record in inner:
+        by_round.setdefault(record["round"], []).append(record["reward"])
+    skipped = [r for r in inner if r.get("skipped")]
+    summary: dict[str, Any] = {
+        "skipped_steps": len({r["step"] for r in skipped}),
+        "skipped_replica_steps": len({(r["step"], r["replica"]) for r in skipped}),
+    }
+    if len(by_round) >= 2:
+        summary.update(reward_rise([by_round[k] for k in sorted(by_round)]))
+    if evals:
+        for key in ("pass_at_1", "pass_at_k"):
+            summary[f"eval_{key}_first"] = evals[0][key]
+            summary[f"eval_{key}_last"] = evals[-1][key]
+        summary["eval_size"], summary["eval_k"] = evals[-1]["size"], evals[-1]["k"]
+    return summary
+
+
 def plot_curves(metrics_path: Path, png_path: Path) -> None:
-    """Reward (student and hinted teacher), the three loss channels and pseudo-gradient norm."""
+    """Reward (student and hinted teacher), the loss channels, pseudo-gradient norm, held-out pass@1/pass@k."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    inner = [r for r in records if r["event"] == "inner"]
+    inner, evals = latest_records(records)
     outer = [r for r in records if r["event"] == "outer"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     by_step: dict[int, list[dict]] = {}
     for r in inner:
         by_step.setdefault(r["step"], []).append(r)
@@ -104,6 +141,12 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
     axes[1].set(xlabel="inner step", title="loss channels")
     axes[2].plot([r["outer_step"] for r in outer], [r["pseudo_grad_norm"] for r in outer], marker="o")
     axes[2].set(xlabel="outer step", title="pseudo-gradient norm")
+    if evals:
+        k = evals[-1]["k"]
+        axes[3].plot([r["outer_step"] for r in evals], [r["pass_at_1"] for r in evals], marker="o", label="pass@1")
+        axes[3].plot([r["outer_step"] for r in evals], [r["pass_at_k"] for r in evals], marker="s", label=f"pass@{k}")
+        axes[3].legend()
+    axes[3].set(xlabel="outer step", ylim=(0, 1), title=f"held-out ({evals[-1]['size'] if evals else 0} prompts)")
     for ax in axes[:2]:
         ax.legend()
     fig.tight_layout()

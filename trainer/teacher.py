@@ -40,14 +40,22 @@ class EMATeacher:
         self.module = copy.deepcopy(model).requires_grad_(False).eval()
 
     @torch.no_grad()
-    def update(self) -> None:
-        """One EMA step towards the student's current parameters (in place, no graph)."""
+    def update(self) -> bool:
+        """One EMA step towards the student's current parameters (in place, no graph).
+
+        Returns False, and leaves the teacher untouched, when any student parameter or buffer is
+        not finite: the teacher never copies a NaN.
+        """
         student_params = dict(self.student.named_parameters())
+        student_buffers = dict(self.student.named_buffers())
+        tensors = [*student_params.values(), *student_buffers.values()]
+        if not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
+            return False
         for name, param in self.module.named_parameters():
             param.lerp_(student_params[name].detach(), self.rate)
-        student_buffers = dict(self.student.named_buffers())
         for name, buffer in self.module.named_buffers():
             buffer.copy_(student_buffers[name])
+        return True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)

@@ -44,11 +44,14 @@ from trainer import checkpoint
 from trainer.checkpoint import TrainingState
 from trainer.config import Config, ConfigError, dump_config, load_config_or_exit
 from trainer.diloco import DiLoCo, parameters_hash
-from trainer.losses import ComposerBatch, composer_total_loss
-from trainer.metrics import MetricsLog, mean_and_error, plot_curves, reward_rise, table_header, table_row
+from trainer.evaluation import EvalCounts, evaluate
+from trainer.losses import ComposerBatch, ComposerLossOutput, composer_total_loss
+from trainer.metrics import MetricsLog, mean_and_error, plot_curves, run_summary, table_header, table_row
 from trainer.model import cached_tokenizer, pretrained_model_and_tokenizer, tiny_model_and_tokenizer
+from trainer.precision import autocast, compute_dtype
 from trainer.replay import PreferenceFeed, PreferenceReplay
 from trainer.rollout import rollout
+from trainer.run_dir import check_resumable, choose_run_dir
 from trainer.tasks import make_tasks
 from trainer.teacher import EMATeacher
 from trainer.warmup import supervised_warmup
@@ -86,7 +89,11 @@ class Run:
     tokenizer: Any
     tasks: Any
     device: torch.device
+    dtype: torch.dtype | None  # autocast compute dtype (None: fp32 throughout); weights stay fp32
     resume_from: int | None  # newest sealed checkpoint (rank 0's view), None: a fresh run
+
+    def autocast(self) -> Any:
+        return autocast(self.device, self.dtype)
 
 
 @dataclass
@@ -103,10 +110,9 @@ class Replica:
 
 @dataclass
 class Books:
-    """Rank 0's bookkeeping across rounds: the metrics file and the rewards behind the verdict."""
+    """Rank 0's bookkeeping: the metrics file (the verdict is computed from it, whole, at the end)."""
 
     metrics: MetricsLog | None
-    step_rewards_by_round: list[list[float]] = field(default_factory=list)
 
 
 def init_distributed(config: Config) -> Topology:
@@ -114,6 +120,8 @@ def init_distributed(config: Config) -> Topology:
     if "RANK" not in os.environ:  # plain `python -m trainer.worker`: one replica of one
         return Topology(0, 1, 1, 0, int(os.environ.get("COMPOSER_REPLICA_ID", 0)), 0, None, None)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():  # before the process group: NCCL binds each rank to its device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend, timeout=timedelta(seconds=config.dist_timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
     size = config.replica_size or int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -177,6 +185,8 @@ def train(config: Config) -> dict:
     replica = build_replica(run)
     start_round = resume(run, replica)
     books = open_books(run, start_round)
+    if start_round == 0:
+        evaluate_held_out(run, books, rounds_done=0, outer_step=0)
     H = config.diloco.sync_every
     for round_index in range(start_round, config.rounds):
         round_start = time.perf_counter()
@@ -205,11 +215,18 @@ def train(config: Config) -> dict:
 def build(config: Config) -> Run:
     """Processes, run directory, tasks, the model and tokenizer on this rank's device."""
     topo = init_distributed(config)
-    run_dir = Path(os.environ.get("COMPOSER_RUN_DIR") or config.run_dir or f"runs/{config.name}")
+    base = Path(os.environ.get("COMPOSER_RUN_DIR") or config.run_dir or f"runs/{config.name}")
+    run_dir = gather(choose_run_dir(base))[0]  # rank 0's choice: a finished run is never resumed
+    if topo.lead and run_dir != base:
+        print(f"{base} holds a finished run; this run writes to {run_dir}", flush=True)
     ckpt_root = Path(config.checkpoint_dir) if config.checkpoint_dir else run_dir / "checkpoints"
     if "OMP_NUM_THREADS" not in os.environ:  # an explicit setting (torchrun, compose) wins
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    tasks = make_tasks(config.task.source, max_operand=config.task.max_operand)
+    try:
+        held_out = config.eval.size if config.eval.every else 0
+        tasks = make_tasks(config.task.source, max_operand=config.task.max_operand, held_out=held_out)
+    except ValueError as error:
+        raise ConfigError(f"eval.size: {error}") from None
     if config.model.name == "tiny":
         corpus = tasks.corpus()
         if topo.lead:  # train the tokenizer once; the others read the saved copy
@@ -225,13 +242,17 @@ def build(config: Config) -> Run:
             cache_dir=run_dir,
         )
     else:
-        model, tokenizer = pretrained_model_and_tokenizer(
-            config.model.name, tokenizer_name=config.model.tokenizer, dtype=config.model.dtype
-        )
+        model, tokenizer = pretrained_model_and_tokenizer(config.model.name, tokenizer_name=config.model.tokenizer)
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     model.to(device)
     resume_from = gather(checkpoint.latest_complete(ckpt_root))[0]  # rank 0's view decides for all
-    return Run(config, topo, run_dir, ckpt_root, model, tokenizer, tasks, device, resume_from)
+    if resume_from is not None:
+        saved = checkpoint.step_info(ckpt_root, resume_from).get("replicas")
+        check_resumable(
+            run_dir, dump_config(config), resume=config.resume, replicas=topo.replicas, saved_replicas=saved
+        )
+    dtype = compute_dtype(config.model.dtype)
+    return Run(config, topo, run_dir, ckpt_root, model, tokenizer, tasks, device, dtype, resume_from)
 
 
 def warm_up(run: Run) -> None:
@@ -240,18 +261,19 @@ def warm_up(run: Run) -> None:
     if not config.optim.sft_steps:
         return
     # Same seed on every rank: replicas finish the warm-up bit-identical, no sync needed.
-    sft_losses = supervised_warmup(
-        run.model,
-        run.tokenizer,
-        run.tasks,
-        steps=config.optim.sft_steps,
-        batch_size=config.optim.sft_batch_size,
-        lr=config.optim.sft_lr,
-        hint_level=config.task.hint_level,
-        sibling_hints=config.task.sibling_hints,
-        max_prompt_length=config.rollout.max_prompt_length,
-        rng=random.Random(step_seed(config.seed, -1)),
-    )
+    with run.autocast():
+        sft_losses = supervised_warmup(
+            run.model,
+            run.tokenizer,
+            run.tasks,
+            steps=config.optim.sft_steps,
+            batch_size=config.optim.sft_batch_size,
+            lr=config.optim.sft_lr,
+            hint_level=config.task.hint_level,
+            sibling_hints=config.task.sibling_hints,
+            max_prompt_length=config.rollout.max_prompt_length,
+            rng=random.Random(step_seed(config.seed, -1)),
+        )
     if run.topo.lead:
         print(f"warm-up: {len(sft_losses)} SFT steps, loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f}", flush=True)
 
@@ -329,46 +351,34 @@ def open_books(run: Run, start_round: int) -> Books:
 
 
 def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[str, Any]:
-    """rollout -> DPO pairs -> loss -> backward -> AdamW -> teacher -> diloco.step(); returns the record."""
+    """rollout -> DPO pairs -> loss -> (backward, AdamW, teacher unless non-finite) -> diloco.step()."""
     config, topo = run.config, run.topo
     seed = step_seed(config.seed, topo.replica_id, topo.local_rank, step)
     torch.manual_seed(seed)  # generate() samples from the global generator
     rng = random.Random(seed)
     step_start = time.perf_counter()
-    alpha = config.loss.alpha
-    teacher_model = None if alpha == 0 else replica.teacher.module if replica.teacher is not None else run.model
-    r = config.rollout
-    samples = rollout(
-        run.model,
-        run.tokenizer,
-        [run.tasks.sample(rng) for _ in range(r.prompts_per_step)],
-        group_size=r.group_size,
-        max_prompt_length=r.max_prompt_length,
-        max_completion_length=r.max_completion_length,
-        temperature=r.temperature,
-        hint_level=config.task.hint_level,
-        sibling_hints=config.task.sibling_hints,
-        teacher=teacher_model,
-    )
-    preference = None
-    if replica.feed is not None:
-        preference = replica.feed.step(samples, id_prefix=f"r{topo.replica_id}-{topo.local_rank}-s{step}", rng=rng)
-    forwards_before = replica.forward_calls[0]
-    out = composer_total_loss(
-        run.model,
-        ComposerBatch(policy=samples.policy, preference=preference),
-        alpha=alpha,
-        beta=config.loss.beta,
-        teacher=replica.teacher,
-        loss_type=config.loss.loss_type,
-        epsilon_low=config.loss.epsilon_low,
-        epsilon_high=config.loss.epsilon_high,
-        max_completion_length=r.max_completion_length,
-        sdpo_jsd_alpha=config.loss.sdpo_jsd_alpha,
-        sdpo_top_k=config.loss.sdpo_top_k,
-        dpo_beta=config.loss.dpo_beta,
-    )
-    optimizer_step(run, replica, out.total)
+    with run.autocast():
+        samples = rollout(
+            run.model,
+            run.tokenizer,
+            [run.tasks.sample(rng) for _ in range(config.rollout.prompts_per_step)],
+            group_size=config.rollout.group_size,
+            max_prompt_length=config.rollout.max_prompt_length,
+            max_completion_length=config.rollout.max_completion_length,
+            temperature=config.rollout.temperature,
+            hint_level=config.task.hint_level,
+            sibling_hints=config.task.sibling_hints,
+            teacher=teacher_model(run, replica),
+        )
+        preference = None
+        if replica.feed is not None:
+            prefix = f"r{topo.replica_id}-{topo.local_rank}-s{step}"
+            preference = replica.feed.step(samples, id_prefix=prefix, rng=rng)
+        forwards_before = replica.forward_calls[0]
+        out = three_channel_loss(run, replica, ComposerBatch(policy=samples.policy, preference=preference))
+    if config.debug.inject_nan_loss_at == step:  # fault injection (debug section): off by default
+        out.total = out.total * float("nan")
+    applied = optimizer_step(run, replica, out.total)
     synced = replica.diloco.step()
     replay = replica.feed.replay if replica.feed is not None else None
     stats = samples.stats
@@ -384,21 +394,61 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
         tokens_per_s=stats.completion_tokens / (time.perf_counter() - step_start),
         pairs=len(replay) if replay is not None else 0,
         synced=synced,
+        skipped=not applied,
         loss_forwards=replica.forward_calls[0] - forwards_before,
         reference_forwards=replay.reference_forward_passes if replay is not None else 0,
         **out.metrics,
     )
 
 
-def optimizer_step(run: Run, replica: Replica, loss: torch.Tensor) -> None:
-    """Backward, gradients averaged inside the replica, clipped, one AdamW step, the EMA teacher follows."""
+def teacher_model(run: Run, replica: Replica) -> torch.nn.Module | None:
+    """The model the SDPO teacher samples with for its reward: the EMA copy, the policy, or none."""
+    if run.config.loss.alpha == 0:
+        return None
+    return replica.teacher.module if replica.teacher is not None else run.model
+
+
+def three_channel_loss(run: Run, replica: Replica, batch: ComposerBatch) -> ComposerLossOutput:
+    """`composer_total_loss` with the run's settings; the loss scores at the sampling temperature."""
+    loss, r = run.config.loss, run.config.rollout
+    return composer_total_loss(
+        run.model,
+        batch,
+        alpha=loss.alpha,
+        beta=loss.beta,
+        teacher=replica.teacher,
+        loss_type=loss.loss_type,
+        epsilon_low=loss.epsilon_low,
+        epsilon_high=loss.epsilon_high,
+        max_completion_length=r.max_completion_length,
+        sdpo_jsd_alpha=loss.sdpo_jsd_alpha,
+        sdpo_top_k=loss.sdpo_top_k,
+        dpo_beta=loss.dpo_beta,
+        temperature=r.temperature,
+    )
+
+
+def optimizer_step(run: Run, replica: Replica, loss: torch.Tensor) -> bool:
+    """Backward, average inside the replica, clip, AdamW, EMA teacher; False (nothing moved) if non-finite.
+
+    A step whose loss or gradient norm is not finite takes no optimizer step and no teacher update,
+    so a NaN never reaches the weights, the sampler or the teacher; the ranks of a replica decide
+    together (their gradients were averaged, so one rank's NaN is everyone's).
+    """
     replica.inner_optimizer.zero_grad(set_to_none=True)
     loss.backward()
     average_gradients(run.model, run.topo.inner_group)
-    torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.optim.max_grad_norm)
+    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.optim.max_grad_norm)
+    finite = torch.tensor(float(bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))))
+    if run.topo.inner_group is not None:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=run.topo.inner_group)
+    if not finite.item():
+        replica.inner_optimizer.zero_grad(set_to_none=True)
+        return False
     replica.inner_optimizer.step()
     if replica.teacher is not None:
         replica.teacher.update()
+    return True
 
 
 def end_of_round(
@@ -414,7 +464,39 @@ def end_of_round(
         replica.state.save(run.ckpt_root, diloco.outer_step, run.topo.replica_id, round_index=round_index)
     barrier()
     if run.topo.lead:
-        checkpoint.mark_complete(run.ckpt_root, diloco.outer_step, dict(round=round_index), run.config.keep_checkpoints)
+        info = dict(round=round_index, replicas=run.topo.replicas, world_size=run.topo.world_size)
+        checkpoint.mark_complete(run.ckpt_root, diloco.outer_step, info, run.config.keep_checkpoints)
+    every = run.config.eval.every
+    if every and ((round_index + 1) % every == 0 or round_index + 1 == run.config.rounds):
+        evaluate_held_out(run, books, rounds_done=round_index + 1, outer_step=diloco.outer_step)
+
+
+def evaluate_held_out(run: Run, books: Books, *, rounds_done: int, outer_step: int) -> None:
+    """Held-out pass@1 (greedy) and pass@k, the split shared out over all ranks; rank 0 logs an `eval` record."""
+    config, topo = run.config, run.topo
+    if not config.eval.every:
+        return
+    shard = run.tasks.held_out_tasks()[topo.rank :: topo.world_size]
+    torch.manual_seed(step_seed(config.seed, -2, outer_step, topo.rank))
+    with run.autocast():
+        counts = evaluate(
+            run.model,
+            run.tokenizer,
+            shard,
+            k=config.eval.k,
+            max_prompt_length=config.rollout.max_prompt_length,
+            max_completion_length=config.rollout.max_completion_length,
+            temperature=config.rollout.temperature,
+        )
+    total = sum(gather(counts), EvalCounts([], [], config.eval.k))
+    if books.metrics is not None:
+        figures = total.summary()
+        books.metrics.log("eval", round=rounds_done, outer_step=outer_step, **figures)
+        print(
+            f"held-out after {rounds_done} rounds: pass@1 {figures['pass_at_1']:.3f}, "
+            f"pass@{config.eval.k} {figures['pass_at_k']:.3f} ({figures['size']} prompts)",
+            flush=True,
+        )
 
 
 def log_round(run: Run, replica: Replica, books: Books, everyone: list[dict], round_index: int, seconds: float) -> None:
@@ -440,7 +522,6 @@ def log_round(run: Run, replica: Replica, books: Books, everyone: list[dict], ro
     reward, error = mean_and_error(rewards)
     teacher_rewards = [r["teacher_reward"] for r in all_records if r["teacher_reward"] is not None]
     means = {k: sum(r[k] for r in all_records) / len(all_records) for k in ("grpo", "sdpo", "dpo")}
-    books.step_rewards_by_round.append(rewards)
     row = (
         round_index + 1,
         reward,
@@ -492,14 +573,21 @@ def finish(run: Run, replica: Replica, books: Books) -> dict:
         **verdict(config, final_hashes),
     )
     if books.metrics is not None:
-        if len(books.step_rewards_by_round) >= 2:
-            summary.update(reward_rise(books.step_rewards_by_round))
+        books.metrics.close()
+        summary.update(run_summary(run.run_dir / "metrics.jsonl"))  # every round, resumed or not
+        if "reward_rise" in summary:
             print(
                 f"reward: first rounds {summary['reward_first']:.4f}, last rounds {summary['reward_last']:.4f}, "
                 f"rise {summary['reward_rise']:+.4f} = {summary['reward_rise_sigmas']:.1f} sigma",
                 flush=True,
             )
-        books.metrics.close()
+        if "eval_pass_at_1_first" in summary:
+            print(
+                f"held-out pass@1: {summary['eval_pass_at_1_first']:.3f} -> {summary['eval_pass_at_1_last']:.3f}, "
+                f"pass@k: {summary['eval_pass_at_k_first']:.3f} -> {summary['eval_pass_at_k_last']:.3f}",
+                flush=True,
+            )
+        print(f"skipped (non-finite) steps: {summary['skipped_steps']}", flush=True)
         plot_curves(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
         tmp = run.run_dir / ".summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
@@ -525,7 +613,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     config = load_config_or_exit(args.config, args.set)
-    return 0 if train(config)["status"] == "ok" else 1
+    try:
+        return 0 if train(config)["status"] == "ok" else 1
+    except ConfigError as error:  # a run that may not start as asked: one line (from rank 0), exit 2
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ channels can be switched off, and a broken config is one clear line."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -108,6 +109,9 @@ def test_sigkill_mid_round_resumes_bit_exact(uninterrupted, tmp_path):
     outer_steps = {r["outer_step"] for r in records(run_dir, "outer")}
     assert outer_steps == {1, 2, 3, 4, 5, 6}  # none missing (a repeated one is allowed)
     assert summary(run_dir)["final_param_hash"] == summary(uninterrupted)["final_param_hash"]
+    # the verdict covers every round, not only those after the resume: the same figures as without a kill
+    for key in ("reward_first", "reward_last", "reward_rise", "eval_pass_at_1_first", "eval_pass_at_1_last"):
+        assert summary(run_dir)[key] == summary(uninterrupted)[key], key
 
 
 @pytest.mark.parametrize("channel", ["loss.alpha=0", "loss.beta=0"])
@@ -139,3 +143,98 @@ def test_broken_config_is_one_line_and_exit_2(tmp_path):
         assert result.returncode == 2
         assert result.stderr == f"error: {config}:3: diloco.sync_every: must be >= 1, got 0\n"
         assert "Traceback" not in result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------- the real-model path
+
+
+def run_worker(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """One run under torchrun (2 processes = 2 replicas), to the end."""
+    process = torchrun(run_dir, *overrides)
+    output, _ = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(process.args, process.returncode, output, "")
+
+
+@pytest.fixture(scope="module")
+def hub_dir(tmp_path_factory) -> Path:
+    """A tiny Qwen2 saved as a hub model would ship: weights, tokenizer, and a generation_config.json
+    whose repetition penalty and top-k `generate` would apply unless the run sets sampling itself."""
+    from trainer.model import save_tiny_hub_model
+
+    return save_tiny_hub_model(tmp_path_factory.mktemp("hub") / "tiny-qwen2", repetition_penalty=1.3, top_k=5)
+
+
+HUB = ("optim.sft_steps=0", "rounds=2")
+
+
+def test_a_saved_hub_model_trains_in_bf16_and_a_round_without_updates_ships_zero(hub_dir, tmp_path):
+    result = run_worker(
+        tmp_path / "bf16", f"model.name={hub_dir}", "model.dtype=bfloat16", "optim.lr=0", "loss.teacher=ema", *HUB
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    outer = records(tmp_path / "bf16", "outer")
+    assert len(outer) == 2 and all(len(set(r["replica_hashes"])) == 1 for r in outer)
+    # fp32 master weights: inner lr 0 moves nothing, so nothing (not even bf16 rounding) is shipped
+    assert [r["pseudo_grad_norm"] for r in outer] == [0.0, 0.0]
+    inner = records(tmp_path / "bf16", "inner")
+    assert all(math.isfinite(r["loss"]) for r in inner)
+
+
+def test_the_sampler_is_the_policy_being_trained_despite_a_leaky_generation_config(hub_dir, tmp_path):
+    result = run_worker(tmp_path / "fp32", f"model.name={hub_dir}", "rollout.temperature=0.7", *HUB)
+    assert result.returncode == 0, result.stdout[-3000:]
+    diffs = [r["sampler_logp_diff"] for r in records(tmp_path / "fp32", "inner")]
+    assert len(diffs) == 8 and max(diffs) <= 1e-4, diffs  # 2 replicas x 2 rounds x H=2
+
+
+def test_a_nan_loss_mid_round_is_skipped_and_the_run_finishes_with_equal_finite_replicas(tmp_path):
+    run_dir = tmp_path / "nan"
+    result = run_worker(run_dir, "debug.inject_nan_loss_at=1", "loss.teacher=ema")  # step 1 of H=2: not the last
+    assert result.returncode == 0, result.stdout[-3000:]
+    done = summary(run_dir)
+    assert (done["skipped_steps"], done["skipped_replica_steps"]) == (1, 2)
+    assert [r["step"] for r in records(run_dir, "inner") if r["skipped"]] == [1, 1]
+    assert done["replicas_agree"] and done["status"] == "ok"
+    from safetensors.torch import load_file
+
+    newest = max((run_dir / "checkpoints").glob("step-*"))
+    for replica in (0, 1):
+        weights = load_file(newest / f"replica-{replica}.safetensors")
+        assert all(bool(t.isfinite().all()) for t in weights.values())
+
+
+def test_reusing_a_run_name_with_a_changed_key_is_one_line_naming_the_key(tmp_path):
+    run_dir = tmp_path / "reuse"
+    env = {**os.environ, "COMPOSER_RUN_DIR": str(run_dir)}
+    first = subprocess.Popen([PYTHON, *worker_command("rounds=6")], cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+    sealed = run_dir / "checkpoints" / "step-000001" / "COMPLETE"
+    deadline = time.time() + 300
+    while not sealed.exists():
+        assert first.poll() is None and time.time() < deadline, "the run ended before it was stopped"
+        time.sleep(0.05)
+    first.kill()  # an unfinished run with a checkpoint, as a crash leaves it
+    first.wait()
+    result = subprocess.run(
+        [PYTHON, *worker_command("rounds=6", "optim.lr=0.5")], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "other values for optim.lr;" in lines[0], result.stderr
+    assert "--set resume=changed" in lines[0] and "--set name=NEW" in lines[0]
+    again = subprocess.run(
+        [PYTHON, *worker_command("rounds=6", "optim.lr=0.5", "resume=changed")], cwd=REPO, env=env, capture_output=True
+    )
+    assert again.returncode == 0 and records(run_dir, "resume")[0]["outer_step"] >= 1  # on purpose: resumed
+
+
+def test_a_finished_run_is_never_resumed_the_next_run_writes_beside_it(uninterrupted, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "done"
+    shutil.copytree(uninterrupted, run_dir)
+    process = torchrun(run_dir, *RESUMABLE)
+    output = finish(process)
+    assert f"{run_dir} holds a finished run; this run writes to {run_dir}-2" in output
+    assert summary(run_dir) == summary(uninterrupted)  # left as it was
+    assert not records(run_dir.with_name("done-2"), "resume")
+    assert summary(run_dir.with_name("done-2"))["final_param_hash"] == summary(uninterrupted)["final_param_hash"]
