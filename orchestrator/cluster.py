@@ -22,6 +22,7 @@ TRAINER_USER = "trainer"
 # Store keys, under one prefix so that they never meet torchrun's rendezvous keys.
 KEY_NNODES = "composer/nnodes"
 KEY_RDZV_ID = "composer/rdzv_id"
+KEY_RUN_DIR = "composer/run_dir"  # the directory the coordinator chose (a finished run's is never reused)
 
 
 def key_starts(replica: int) -> str:

@@ -32,6 +32,7 @@ from orchestrator.cluster import (
     COMPOSE_SERVICE,
     KEY_NNODES,
     KEY_RDZV_ID,
+    KEY_RUN_DIR,
     TRAINER_USER,
     ClusterError,
     RunSettings,
@@ -43,6 +44,7 @@ from orchestrator.cluster import (
 )
 from orchestrator.progress import MetricsTail, RunProgress, missing_outer_steps
 from orchestrator.supervisor import WorkerSupervisor
+from trainer.run_dir import choose_run_dir
 
 POLL_S = 1.0
 PROGRESS_EVERY_S = 20.0
@@ -142,7 +144,9 @@ def cluster_summary(run_dir: Path, progress: RunProgress, *, finished: bool, rea
 class Coordinator:
     def __init__(self, settings: RunSettings, env: dict[str, str]) -> None:
         self.settings = settings
-        self.run_dir = Path(settings.run_dir)
+        self.run_dir = choose_run_dir(Path(settings.run_dir))
+        if self.run_dir != Path(settings.run_dir):
+            log(f"{settings.run_dir} holds a finished run; this run writes to {self.run_dir}")
         self.started = time.time()
         self.stop_requested = False
         self.supervisor: WorkerSupervisor | None = None
@@ -182,6 +186,7 @@ class Coordinator:
             hand_over(self.run_dir, trainer.pw_uid, trainer.pw_gid)
         rdzv_id = f"{self.settings.run}-{uuid.uuid4().hex[:8]}"
         store.set(KEY_RDZV_ID, rdzv_id)
+        store.set(KEY_RUN_DIR, str(self.run_dir))
         store.set(KEY_NNODES, str(nnodes))
         log(f"run {self.settings.run}: {nnodes} workers, config {self.settings.config}, rendezvous id {rdzv_id}")
         try:

@@ -20,6 +20,7 @@ from orchestrator.cluster import LABEL_REPLICA, LABEL_ROLE, LABEL_RUN, LABEL_RUN
 from orchestrator.images import DEFAULT_IMAGE, GPU_IMAGE, ensure_image, repo_root
 from orchestrator.progress import MetricsTail, RunProgress
 from orchestrator.supervisor import WorkerSupervisor
+from trainer.run_dir import choose_run_dir
 
 POLL_S = 1.0
 PROGRESS_EVERY_S = 10.0
@@ -69,7 +70,8 @@ def up(client: docker.DockerClient, options: UpOptions, out: Callable[[str], Non
     down(client, options.run, out=lambda _line: None)  # leftovers of an earlier run of this name
     runs_dir = options.runs_dir.resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
-    (runs_dir / options.run / "cluster.json").unlink(missing_ok=True)  # an earlier run's verdict
+    run_dir = choose_run_dir(runs_dir / options.run)  # the coordinator makes the same choice
+    (run_dir / "cluster.json").unlink(missing_ok=True)  # an unfinished earlier attempt's verdict
     labels = {LABEL_RUN: options.run}
     network = client.networks.create(resource_name(options.run, "net"), driver="bridge", internal=True, labels=labels)
     volume = client.volumes.create(
@@ -117,12 +119,10 @@ def up(client: docker.DockerClient, options: UpOptions, out: Callable[[str], Non
             **common,
             **gpu,
         ).start()
-    out(
-        f"run {options.run}: {options.workers} workers on {image}, config {config}, results in {runs_dir / options.run}"
-    )
+    out(f"run {options.run}: {options.workers} workers on {image}, config {config}, results in {run_dir}")
     supervisor = WorkerSupervisor(client, labels | {LABEL_ROLE: "worker"}, max_restarts=options.worker_restarts)
     try:
-        return _watch(coordinator, supervisor, runs_dir / options.run, out)
+        return _watch(coordinator, supervisor, run_dir, out)
     except KeyboardInterrupt:
         out("interrupted: stopping the run's containers")
         for container in run_containers(client, options.run):

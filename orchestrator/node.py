@@ -19,6 +19,7 @@ from torch.distributed import TCPStore
 from orchestrator.cluster import (
     KEY_NNODES,
     KEY_RDZV_ID,
+    KEY_RUN_DIR,
     ClusterError,
     RunSettings,
     connect_store,
@@ -59,6 +60,7 @@ def main() -> int:
     start = store.add(key_starts(replica), 1)
     nnodes = int(store.get(KEY_NNODES))
     rdzv_id = store.get(KEY_RDZV_ID).decode()
+    run_dir = store.get(KEY_RUN_DIR).decode()  # the coordinator's choice, so both follow the same run
     if not 0 <= replica < nnodes:
         raise ClusterError(
             f"replica index {replica} is outside a world of {nnodes} workers; "
@@ -71,7 +73,7 @@ def main() -> int:
     )
     child_env = env | {
         "COMPOSER_REPLICA_ID": str(replica),
-        "COMPOSER_RUN_DIR": str(settings.run_dir),
+        "COMPOSER_RUN_DIR": run_dir,
     }
     command = torchrun_command(settings, nnodes=nnodes, rdzv_id=rdzv_id, local_addr=address)
     child = subprocess.Popen(command, env=child_env)

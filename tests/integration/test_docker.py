@@ -244,3 +244,34 @@ def test_orchestrator_restarts_a_killed_worker_and_loses_no_outer_step(
     assert cluster["status"] == "ok" and cluster["missing_outer_steps"] == []
     assert cluster["restarts"] == {str(rank0_replica): 1, str(1 - rank0_replica): 0}
     assert cluster["resumes"] >= 1
+
+
+def test_a_local_run_then_compose_with_eight_workers_under_the_same_name_both_finish(
+    image: str, run_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make smoke` then `docker compose up --scale worker=8` in one clone: the second run must not
+    resume the finished two-replica run (its checkpoint has no files for six of the eight)."""
+    first = ROOT / "runs" / run_name
+    local = subprocess.run(
+        [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node=2"]
+        + ["-m", "trainer.worker", "--config", CONFIG, "--set", f"name={run_name}"],
+        cwd=ROOT,
+        env={**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+    finished = (first / "summary.json").read_text()
+    try:
+        result = compose_run(run_name, image, 8, monkeypatch)
+        second = first.with_name(f"{run_name}-2")
+        assert result["coordinator_exit"] == 0, result["logs"][-4000:]
+        assert f"holds a finished run; this run writes to /app/runs/{run_name}-2" in result["logs"]
+        assert result["workers"] == {f"{run_name}-worker-{i}": ("exited", 0) for i in range(1, 9)}
+        assert (first / "summary.json").read_text() == finished  # the finished run is left as it was
+        summary = json.loads((second / "summary.json").read_text())
+        assert (summary["status"], summary["replicas"]) == ("ok", 8)
+        assert not [r for r in read_metrics(second) if r["event"] == "resume"]
+    finally:
+        shutil.rmtree(first.with_name(f"{run_name}-2"), ignore_errors=True)
