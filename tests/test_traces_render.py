@@ -65,7 +65,11 @@ def make_pair(chosen_text="Two files.", rejected_text="I refuse to look."):
     )
 
 
-def test_render_pair_masks_exactly_the_responses(tiny):
+def trained_text(tokenizer, ids, mask):
+    return tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
+
+
+def test_render_pair_masks_only_what_the_assistant_wrote(tiny):
     _, tokenizer = tiny
     pair = make_pair()
     tokens = render_pair(pair, tokenizer)
@@ -77,10 +81,22 @@ def test_render_pair_masks_exactly_the_responses(tiny):
     n = len(prompt_ids)
     assert tokens.pair_id == "pair-test"
     assert tokens.chosen_ids[:n] == tokens.rejected_ids[:n] == prompt_ids
-    assert tokens.chosen_loss_mask == [0] * n + [1] * (len(tokens.chosen_ids) - n)
-    assert tokens.rejected_loss_mask == [0] * n + [1] * (len(tokens.rejected_ids) - n)
+    assert tokens.chosen_loss_mask[:n] == tokens.rejected_loss_mask[:n] == [0] * n
+    # Rejected: the reply through its end-of-turn token; the template's newline after it is not trained.
     assert tokenizer.decode(tokens.rejected_ids[n:]) == "I refuse to look.<|im_end|>\n"
-    assert tokenizer.decode(tokens.chosen_ids[n:]).endswith("<|im_start|>assistant\nTwo files.<|im_end|>\n")
+    assert tokens.rejected_loss_mask[n:] == [1] * (len(tokens.rejected_ids) - n - 1) + [0]
+    # Chosen: the tool turn, its header and the next assistant header are out of the loss.
+    assert tokenizer.decode(tokens.chosen_ids[n:]) == (
+        'Looking.\n<tool_call>{"name": "bash", "arguments": {"command": "ls -la"}}</tool_call><|im_end|>\n'
+        "<|im_start|>tool\na.py\nb.py<|im_end|>\n<|im_start|>assistant\nTwo files.<|im_end|>\n"
+    )
+    spans = [
+        'Looking.\n<tool_call>{"name": "bash", "arguments": {"command": "ls -la"}}</tool_call><|im_end|>',
+        "Two files.<|im_end|>",
+    ]
+    assert trained_text(tokenizer, tokens.chosen_ids, tokens.chosen_loss_mask) == "".join(spans)
+    span_tokens = sum(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in spans)
+    assert sum(tokens.chosen_loss_mask) == span_tokens
 
 
 def test_render_pair_truncates_the_prompt_first(tiny):
@@ -95,7 +111,7 @@ def test_render_pair_truncates_the_prompt_first(tiny):
     keep = budget // 2
     assert cut.chosen_ids == full.chosen_ids[n - keep : n] + full.chosen_ids[n : n + keep]
     assert cut.rejected_ids == full.rejected_ids[n - keep :]
-    assert cut.chosen_loss_mask == [0] * keep + [1] * keep
+    assert cut.chosen_loss_mask == [0] * keep + full.chosen_loss_mask[n : n + keep]
     # Room for the whole prompt: only the chosen response is cut.
     budget = n + chosen_len - 4
     cut = render_pair(make_pair(), tokenizer, max_length=budget)
