@@ -133,7 +133,7 @@ def test_replay_buffer_filled_from_ingested_traces(tiny, tmp_path):
         ],
     )
     pairs = list(mine_pairs(TraceIngester(strict=True).ingest(tmp_path)))
-    assert [p.source for p in pairs] == ["fork", "outcome", "outcome"]
+    assert [p.source for p in pairs] == ["outcome", "outcome", "fork"]  # attempts/ is read before claude/
 
     buffer = TeacherReplayBuffer(reference, pad_token_id=tokenizer.pad_token_id, batch_size=2)
     tokenized = [render_pair(p, tokenizer, max_length=256) for p in pairs]
