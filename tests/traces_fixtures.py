@@ -156,3 +156,39 @@ def openai_attempt(task, answer, resolved, *, system="You fix bugs."):
             {"role": "assistant", "content": "Submitted."},
         ],
     }
+
+
+def labelled_rows(instances: int, attempts: int, *, as_json_text: bool = False) -> list[dict[str, Any]]:
+    """Rows shaped like SWE-rebench's OpenHands trajectories: `instance_id`, `trajectory`, `resolved`, `exit_status`.
+
+    Attempt k at instance i is resolved when k is even; each trajectory is OpenAI-format messages.
+    """
+    rows = []
+    for k in range(attempts):
+        for i in range(instances):
+            trajectory = [
+                {"role": "system", "content": "You are OpenHands agent."},
+                {"role": "user", "content": f"Fix issue demo__repo-{i}"},
+                {
+                    "role": "assistant",
+                    "content": f"Attempt {k}.",
+                    "tool_calls": [
+                        {
+                            "id": f"call_{k}",
+                            "type": "function",
+                            "function": {"name": "str_replace_editor", "arguments": json.dumps({"path": f"f{k}.py"})},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": f"call_{k}", "content": "edited", "name": "str_replace_editor"},
+                {"role": "assistant", "content": "Done."},
+            ]
+            rows.append(
+                {
+                    "instance_id": f"demo__repo-{i}",
+                    "trajectory": json.dumps(trajectory) if as_json_text else trajectory,
+                    "resolved": int(k % 2 == 0) if as_json_text else k % 2 == 0,
+                    "exit_status": "submitted",
+                }
+            )
+    return rows

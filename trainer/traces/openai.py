@@ -75,7 +75,7 @@ def _message_list(record: dict[str, Any], ctx: FileContext, line: int | None) ->
                 value = json.loads(value)
             except json.JSONDecodeError as error:
                 ctx.problem("invalid_json", f"`{key}`: {error.msg}", line=line, key=key)
-                return None
+                return []  # counted once, as invalid_json
         if isinstance(value, list | tuple):
             return list(value)
     return None
