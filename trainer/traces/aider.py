@@ -40,7 +40,7 @@ def read_aider(ctx: FileContext) -> Iterator[TraceExample]:
                 yield from session.finish()
                 session = _Run(ctx, line[len(SESSION_HEAD) :].strip(), line_no)
             elif line.startswith(USER_PREFIX) or line == "####":
-                session.part("user", line[len(USER_PREFIX) :], line_no)
+                session.part("user", line[len(USER_PREFIX) :].rstrip(), line_no)  # "  " = a Markdown line break
             elif line.startswith(NOTICE_PREFIX) or line == ">":
                 session.notice(line[len(NOTICE_PREFIX) :], line_no)
             else:

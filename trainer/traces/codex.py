@@ -26,6 +26,7 @@ OUTPUTS = frozenset({"function_call_output", "custom_tool_call_output", "local_s
 # Payloads that describe the session or repeat a response_item for the UI: read by design, no turn.
 SKIPPED_ITEMS = frozenset({"web_search_call", "ghost_snapshot", "other"})
 INTERRUPTED_TEXT = "[turn aborted by the user]"
+ABORTED_CALL_TEXT = "[aborted: the user stopped the turn before this call ran]"
 
 
 def read_codex(ctx: FileContext) -> Iterator[TraceExample]:
@@ -47,6 +48,7 @@ def read_codex(ctx: FileContext) -> Iterator[TraceExample]:
             meta.setdefault("model", payload.get("model"))
         elif kind == "event_msg":
             if payload.get("type") == "turn_aborted":
+                ctx.normalized("aborted_tool_call", builder.abort_pending(ABORTED_CALL_TEXT))
                 builder.add(Message("user", INTERRUPTED_TEXT, kind=INTERRUPTION, timestamp=stamp), line=line)
         elif kind == "response_item":
             _add_item(builder, payload, reasoning, ctx, line, stamp)
