@@ -163,32 +163,33 @@ def labelled_rows(instances: int, attempts: int, *, as_json_text: bool = False) 
 
     Attempt k at instance i is resolved when k is even; each trajectory is OpenAI-format messages.
     """
-    rows = []
-    for k in range(attempts):
-        for i in range(instances):
-            trajectory = [
-                {"role": "system", "content": "You are OpenHands agent."},
-                {"role": "user", "content": f"Fix issue demo__repo-{i}"},
+    return [labelled_row(i, k, as_json_text=as_json_text) for k in range(attempts) for i in range(instances)]
+
+
+def labelled_row(instance: int, attempt: int, *, as_json_text: bool = False, output: str = "edited") -> dict[str, Any]:
+    """Attempt `attempt` at `demo__repo-<instance>`; `as_json_text` stores the trajectory as JSON text
+    and `resolved` as 0/1, as Parquet exports often do."""
+    trajectory = [
+        {"role": "system", "content": "You are OpenHands agent."},
+        {"role": "user", "content": f"Fix issue demo__repo-{instance}"},
+        {
+            "role": "assistant",
+            "content": f"Attempt {attempt}.",
+            "tool_calls": [
                 {
-                    "role": "assistant",
-                    "content": f"Attempt {k}.",
-                    "tool_calls": [
-                        {
-                            "id": f"call_{k}",
-                            "type": "function",
-                            "function": {"name": "str_replace_editor", "arguments": json.dumps({"path": f"f{k}.py"})},
-                        }
-                    ],
-                },
-                {"role": "tool", "tool_call_id": f"call_{k}", "content": "edited", "name": "str_replace_editor"},
-                {"role": "assistant", "content": "Done."},
-            ]
-            rows.append(
-                {
-                    "instance_id": f"demo__repo-{i}",
-                    "trajectory": json.dumps(trajectory) if as_json_text else trajectory,
-                    "resolved": int(k % 2 == 0) if as_json_text else k % 2 == 0,
-                    "exit_status": "submitted",
+                    "id": f"call_{attempt}",
+                    "type": "function",
+                    "function": {"name": "str_replace_editor", "arguments": json.dumps({"path": f"f{attempt}.py"})},
                 }
-            )
-    return rows
+            ],
+        },
+        {"role": "tool", "tool_call_id": f"call_{attempt}", "content": output, "name": "str_replace_editor"},
+        {"role": "assistant", "content": "Done."},
+    ]
+    resolved = attempt % 2 == 0
+    return {
+        "instance_id": f"demo__repo-{instance}",
+        "trajectory": json.dumps(trajectory) if as_json_text else trajectory,
+        "resolved": int(resolved) if as_json_text else resolved,
+        "exit_status": "submitted",
+    }
