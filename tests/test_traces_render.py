@@ -161,3 +161,42 @@ def test_replay_buffer_filled_from_ingested_traces(tiny, tmp_path):
     policy, _ = tiny_model_and_tokenizer(seed=1, cache_dir=tmp_path / "tokenizer")
     losses, _, _ = dpo_loss(*policy_logps(policy), batch.ref_chosen_logps, batch.ref_rejected_logps)
     assert torch.isfinite(losses).all() and not torch.allclose(losses, torch.full((3,), math.log(2.0)), atol=1e-3)
+
+
+def test_every_pair_kind_trains_only_assistant_written_text(tiny, tmp_path):
+    """Acceptance 4: fork, outcome and self-correction pairs; masked tokens never hold a header or a tool result."""
+    _, tokenizer = tiny
+    forked_session(tmp_path / "claude", refuse=True, interrupt=True)
+    write_jsonl(
+        tmp_path / "attempts" / "runs.jsonl",
+        [openai_attempt("A", "good patch", True), openai_attempt("A", "bad", False)],
+    )
+    corrected = {
+        "messages": [
+            {"role": "user", "content": "Fix the test"},
+            {"role": "assistant", "content": "Editing.", "tool_calls": [_call("c1", '{"line": 3}')]},
+            {"role": "tool", "tool_call_id": "c1", "content": "SYNTAX ERROR at line 3", "is_error": True},
+            {"role": "assistant", "content": "Fixed the indent.", "tool_calls": [_call("c2", '{"line": 4}')]},
+            {"role": "tool", "tool_call_id": "c2", "content": "EDIT APPLIED"},
+        ]
+    }
+    write_jsonl(tmp_path / "fix" / "run.jsonl", [corrected])
+    pairs = list(mine_pairs(TraceIngester(strict=True).ingest(tmp_path)))
+    assert sorted(p.source for p in pairs) == ["fork", "outcome", "self_correction"]
+    for pair in pairs:
+        tokens = render_pair(pair, tokenizer)
+        for side, ids, mask in (
+            (pair.chosen, tokens.chosen_ids, tokens.chosen_loss_mask),
+            (pair.rejected, tokens.rejected_ids, tokens.rejected_loss_mask),
+        ):
+            trained = trained_text(tokenizer, ids, mask)
+            assert "<|im_start|>" not in trained and "<tool_response>" not in trained
+            for message in side:
+                if message.role == "assistant":
+                    assert message.content in trained
+                elif message.content:
+                    assert message.content not in trained, (pair.source, message.content)
+
+
+def _call(call_id, arguments):
+    return {"id": call_id, "type": "function", "function": {"name": "edit", "arguments": arguments}}
