@@ -11,9 +11,12 @@
      text; base64 payloads and side channels are dropped while streaming.
 2. The training worker's path, `mine_pairs(TraceIngester().ingest(path))` then `render_pair`,
    on a file of forked sessions: pairs per second and milliseconds per rendered pair.
+3. Outcome-labelled trajectory datasets (SWE-rebench-style rows: `instance_id`, `trajectory`,
+   `resolved`, `exit_status`) as JSONL and as Parquet, 1,000 to 50,000 rows over 200 instances:
+   `mine_pairs` in a fresh process, peak RSS against the number of rows.
 
 Writes bench/results/traces.md and traces.json. Run from the repo root:
-`.venv/bin/python bench/bench_traces.py`.
+`.venv/bin/python bench/bench_traces.py` (`--datasets-only` re-measures part 3 and keeps the rest).
 """
 
 from __future__ import annotations
@@ -39,6 +42,22 @@ IMAGE_EVERY = 10
 IMAGE = base64.b64encode(bytes(range(256)) * (2 * MB // 256 * 3 // 4)).decode()  # ~2 MB of base64
 FILE_TEXT = "".join(f"{i:5d}\u2192    value_{i} = compute(value_{i - 1})  # step {i}\n" for i in range(160))
 FORK_SESSIONS = 300
+DATASET_INSTANCES = 200
+DATASET_ROWS = (1_000, 10_000, 50_000)
+TOOL_OUTPUT = "".join(f"{i:4d}: line {i} of the file under edit\n" for i in range(60))  # ~2 KB per row
+
+MINE_CHILD = """
+import json, resource, sys, time
+from trainer.traces import TraceIngester, mine_pairs
+start = time.perf_counter()
+ingester = TraceIngester(strict=True)
+miner = mine_pairs(ingester.ingest(sys.argv[1]), max_pairs_per_task=16)
+pairs = sum(1 for _ in miner)
+print(json.dumps({"seconds": time.perf_counter() - start,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "rows": ingester.report.lines, "examples": ingester.report.examples, "pairs": pairs,
+                  "skipped": dict(miner.skipped)}))
+"""
 
 INGEST_CHILD = """
 import json, resource, sys, time, tracemalloc
@@ -275,13 +294,70 @@ def pairs_row(workdir: Path) -> dict:
     }
 
 
-def write_report(baseline: dict, rows: list[dict], pairs: dict) -> None:
+def generate_dataset(path: Path, rows: int) -> None:
+    """JSONL or Parquet rows written a batch at a time (the generator never holds the dataset)."""
+    from tests.traces_fixtures import labelled_row
+
+    parquet = path.suffix == ".parquet"
+
+    def batches():
+        for start in range(0, rows, 1000):
+            yield [
+                labelled_row(n % DATASET_INSTANCES, n // DATASET_INSTANCES, as_json_text=parquet, output=TOOL_OUTPUT)
+                for n in range(start, min(rows, start + 1000))
+            ]
+
+    if not parquet:
+        with path.open("w", encoding="utf-8") as handle:
+            for batch in batches():
+                handle.write("".join(json.dumps(r) + "\n" for r in batch))
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    writer = None
+    for batch in batches():
+        table = pa.Table.from_pylist(batch)
+        writer = writer or pq.ParquetWriter(path, table.schema)
+        writer.write_table(table)
+    writer.close()
+
+
+PYARROW_CHILD = """
+import json, resource
+import pyarrow.parquet, trainer.traces
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def dataset_rows(workdir: Path) -> list[dict]:
+    results = []
+    for suffix in (".jsonl", ".parquet"):
+        for rows in DATASET_ROWS:
+            path = workdir / f"trajectories{suffix}"
+            generate_dataset(path, rows)
+            size = path.stat().st_size
+            try:
+                measured = run_child(MINE_CHILD, str(path))
+            finally:
+                path.unlink()
+            results.append({"file": suffix.lstrip("."), "file_mb": size / MB, **measured})
+            print(
+                f"{suffix:>8} {rows:6d} rows ({size / MB:6.1f} MB): peak RSS {measured['peak_rss_mb']:6.1f} MB, "
+                f"{measured['pairs']} pairs, {measured['seconds']:.1f} s",
+                flush=True,
+            )
+    return results
+
+
+def write_report(baseline: dict, rows: list[dict], pairs: dict, datasets: list[dict]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     figures = {
         "machine": f"{platform.machine()}, {platform.python_version()}",
         "baseline": baseline,
         "memory": rows,
         "pairs": pairs,
+        "datasets": datasets,
     }
     (RESULTS / "traces.json").write_text(json.dumps(figures, indent=1) + "\n")
     many = [r for r in rows if r["layout"] == "many sessions"]
@@ -330,16 +406,54 @@ def write_report(baseline: dict, rows: list[dict], pairs: dict) -> None:
         f"| {pairs['pairs']} | {pairs['ingest_and_mine_s']:.2f} | {pairs['pairs_per_s']:.0f} | "
         f"{pairs['render_ms_per_pair']:.2f} | {pairs['mean_tokens_per_side']:.0f} |",
         "",
+        "## Outcome-labelled datasets",
+        "",
+        "Rows shaped like SWE-rebench's OpenHands trajectories (`instance_id`, `trajectory` of OpenAI-format",
+        f"messages with a ~2 KB tool output, `resolved`, `exit_status`), {DATASET_INSTANCES} instances, every",
+        "other attempt resolved; Parquet rows hold the trajectory as JSON text and `resolved` as 0/1.",
+        "`mine_pairs(TraceIngester(strict=True).ingest(path), max_pairs_per_task=16)` in a fresh process.",
+        "",
+        "| file | rows | file (MB) | peak RSS (MB) | pairs | seconds |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {d['file']} | {d['rows']} | {d['file_mb']:.1f} | {d['peak_rss_mb']:.1f} | {d['pairs']} "
+        f"| {d['seconds']:.1f} |"
+        for d in datasets
+    ]
+    pyarrow_mb = run_child(PYARROW_CHILD)["peak_rss_mb"]
+    lines.append(
+        f"\nImporting `pyarrow.parquet` with `trainer.traces` alone peaks at {pyarrow_mb:.1f} MB (Arrow's libraries)."
+    )
+    for kind in ("jsonl", "parquet"):
+        rows_of = [d for d in datasets if d["file"] == kind]
+        if rows_of:
+            lines.append(
+                f"\n{kind}: {rows_of[0]['rows']} -> {rows_of[-1]['rows']} rows moves peak RSS by "
+                f"{rows_of[-1]['peak_rss_mb'] - rows_of[0]['peak_rss_mb']:+.1f} MB."
+            )
+    lines += [
+        "",
+        "Pairs come out as soon as both verdicts of an instance exist; at most 16 attempts per instance and",
+        "verdict are held (zlib-compressed) and an instance's are freed once its 16 pairs are made. So memory",
+        "follows the number of instances still open (here 200), not the number of rows: a dataset whose",
+        "every row is a new instance would hold one compressed attempt per instance.",
+        "",
     ]
     (RESULTS / "traces.md").write_text("\n".join(lines))
 
 
 def main() -> None:
-    baseline = run_child(BASELINE_CHILD)
     with tempfile.TemporaryDirectory(prefix="bench-traces-") as tmp:
-        rows = memory_rows(Path(tmp))
-        pairs = pairs_row(Path(tmp))
-    write_report(baseline, rows, pairs)
+        if "--datasets-only" in sys.argv[1:]:
+            previous = json.loads((RESULTS / "traces.json").read_text())
+            baseline, rows, pairs = previous["baseline"], previous["memory"], previous["pairs"]
+        else:
+            baseline = run_child(BASELINE_CHILD)
+            rows = memory_rows(Path(tmp))
+            pairs = pairs_row(Path(tmp))
+        datasets = dataset_rows(Path(tmp))
+    write_report(baseline, rows, pairs, datasets)
     print((RESULTS / "traces.md").read_text())
 
 

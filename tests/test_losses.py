@@ -343,3 +343,48 @@ def test_compose_loss_weights_the_channels():
     close(compose_loss(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0), alpha=0.5, beta=0.1), 2.3)
     with pytest.raises(ValueError, match="alpha=-1"):
         compose_loss(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0), alpha=-1, beta=0.1)
+
+
+# ---------------------------------------------------------------------------- grpo_loss input checks
+
+
+@pytest.mark.parametrize("count", [0, torch.tensor(0)])
+def test_grpo_loss_dapo_with_zero_items_in_batch_is_zero_like_the_other_aggregations(count):
+    # A batch whose every completion is padding: each aggregation has nothing to average, so 0.
+    logp = torch.full((2, 3), -1.0, requires_grad=True)
+    mask = torch.zeros(2, 3)
+    losses = {
+        loss_type: grpo_loss(logp, None, torch.ones(2), mask, loss_type=loss_type)
+        for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo")
+    }
+    losses["dapo_zero_count"] = grpo_loss(logp, None, torch.ones(2), mask, loss_type="dapo", num_items_in_batch=count)
+    assert {name: loss.item() for name, loss in losses.items()} == dict.fromkeys(losses, 0.0)
+    losses["dapo_zero_count"].backward()
+    close_all(logp.grad, [[0.0] * 3] * 2)
+
+
+def test_grpo_loss_dapo_zero_count_with_real_tokens_divides_by_one():
+    # The count is clamped to 1, as the others clamp theirs: the sum of the per-token terms.
+    logp, old = grpo_inputs()
+    close(grpo_loss(logp, old, ADV, MASK, loss_type="dapo", num_items_in_batch=0), -2.7 + 2.2)
+
+
+@pytest.mark.parametrize("name", ["old_logp", "ref_logp"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_grpo_loss_refuses_a_non_finite_input_at_a_real_token_naming_argument_and_position(name, bad):
+    logp, old = grpo_inputs()
+    ref = torch.zeros_like(logp)
+    given = {"old_logp": old, "ref_logp": ref}[name]
+    given[1, 1] = bad  # MASK[1, 1] is a real token
+    with pytest.raises(ValueError, match=rf"{name} is {bad} at a real token \(row 1, column 1\)"):
+        grpo_loss(logp, old, ADV, MASK, loss_type="bnpo", ref_logp=ref, kl_beta=0.1)
+
+
+@pytest.mark.parametrize("name", ["old_logp", "ref_logp"])
+def test_grpo_loss_ignores_non_finite_values_at_padding(name):
+    logp, old = grpo_inputs()
+    old[1, 2], ref = 0.0, torch.zeros_like(logp)  # MASK[1, 2] is padding
+    expected = grpo_loss(logp, old, ADV, MASK, loss_type="bnpo", ref_logp=ref, kl_beta=0.1)
+    {"old_logp": old, "ref_logp": ref}[name][1, 2] = float("nan")
+    loss = grpo_loss(logp, old, ADV, MASK, loss_type="bnpo", ref_logp=ref, kl_beta=0.1)
+    assert torch.isfinite(loss) and loss.item() == expected.item()

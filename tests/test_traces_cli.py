@@ -44,7 +44,7 @@ def test_mine_writes_trl_style_pairs_and_rewards(tmp_path, capsys):
         "reward": -1.0,
         "signals": {"refusals": 1, "interruptions": 1},
     }
-    assert "pairs: 1 (fork 1)" in capsys.readouterr().out
+    assert "pairs: 1 (outcome 0, fork 1, self_correction 0)" in capsys.readouterr().out
 
 
 def test_strict_failure_exits_non_zero_and_leaves_no_output(tmp_path, capsys):

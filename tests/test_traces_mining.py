@@ -193,12 +193,51 @@ def test_rewards_from_unpaired_signals():
 
 
 @requires_samples
-def test_real_samples_hold_no_pairs():
-    # No file says whether its patch resolved the task, and the only fork (the DAG sample) forks
-    # at a user turn ("First attempt" vs "Second attempt"), so the prompts differ.
+def test_real_samples_give_the_self_correction_pair_of_the_marshmallow_run():
+    # marshmallow-1867: message 14 is an `edit` call SWE-agent rejects ("Your proposed edit has
+    # introduced new syntax error(s)"); message 16 calls `edit` again with fixed indentation and
+    # the edit goes through. The DAG sample's only fork is at a user turn: no pair there.
     miner = mine_pairs(TraceIngester().ingest(TRACES_DIR))
-    assert list(miner) == [] and miner.skipped == {"fork_at_user_turn": 1}
-    assert miner.rewards == {}
+    (pair,) = list(miner)
+    assert (pair.source, pair.reason) == ("self_correction", "edit call failed, then corrected")
+    assert len(pair.prompt) == 14 and pair.prompt[-1].content.startswith("[File: src/marshmallow/fields.py")
+    (rejected,), (chosen,) = pair.rejected, pair.chosen
+    assert [c.name for c in rejected.tool_calls] == [c.name for c in chosen.tool_calls] == ["edit"]
+    assert rejected.tool_calls[0].arguments != chosen.tool_calls[0].arguments
+    assert chosen.content.startswith("Oh no! My edit command did not use the proper indentation")
+    assert miner.by_source == {"self_correction": 1} and miner.skipped == {"fork_at_user_turn": 1}
+    marshmallow = "swe_agent:swe_agent__marshmallow-1867__function_calling:61c2af5b000826d1"
+    assert pair.chosen_example_id == pair.rejected_example_id == marshmallow
+    assert {k: (r.reward, r.signals) for k, r in miner.rewards.items()} == {marshmallow: (1.0, {"errors_fixed": 1})}
+
+
+def test_self_correction_pair_needs_a_changed_call_that_succeeds():
+    def attempt(second_args, second_error=False, user_between=False):
+        messages = [
+            Message("user", "Fix it"),
+            Message("assistant", "Editing.", tool_calls=[ToolCall("1", "edit", {"line": 3})]),
+            Message("tool", "syntax error", tool_call_id="1", is_error=True),
+        ]
+        if user_between:
+            messages.append(Message("user", "try again"))
+        messages += [
+            Message("assistant", "Fixed indent.", tool_calls=[ToolCall("2", "edit", second_args)]),
+            Message("tool", "failed again" if second_error else "ok", tool_call_id="2", is_error=second_error),
+        ]
+        name = f"ex-{second_args}-{second_error}-{user_between}"
+        return TraceExample(name, "openai", name, messages)
+
+    miner = mine_pairs([attempt({"line": 4})])
+    (pair,) = list(miner)
+    assert [m.content for m in pair.prompt] == ["Fix it"]
+    assert (pair.chosen[0].content, pair.rejected[0].content) == ("Fixed indent.", "Editing.")
+    miner = mine_pairs(
+        [attempt({"line": 3}), attempt({"line": 4}, second_error=True), attempt({"line": 4}, user_between=True)]
+    )
+    assert list(miner) == []
+    # The same arguments again: nothing to prefer. A second failure: neither call is corrected (2).
+    # A user turn in between: the user, not the agent, moved things on.
+    assert miner.skipped == {"retry_of_the_same_call": 1, "error_without_correction": 3}
 
 
 def test_max_pairs_per_task_is_validated():

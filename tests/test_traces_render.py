@@ -66,7 +66,11 @@ def make_pair(chosen_text="Two files.", rejected_text="I refuse to look."):
     )
 
 
-def test_render_pair_masks_exactly_the_responses(tiny):
+def trained_text(tokenizer, ids, mask):
+    return tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
+
+
+def test_render_pair_masks_only_what_the_assistant_wrote(tiny):
     _, tokenizer = tiny
     pair = make_pair()
     tokens = render_pair(pair, tokenizer)
@@ -78,10 +82,22 @@ def test_render_pair_masks_exactly_the_responses(tiny):
     n = len(prompt_ids)
     assert tokens.pair_id == "pair-test"
     assert tokens.chosen_ids[:n] == tokens.rejected_ids[:n] == prompt_ids
-    assert tokens.chosen_loss_mask == [0] * n + [1] * (len(tokens.chosen_ids) - n)
-    assert tokens.rejected_loss_mask == [0] * n + [1] * (len(tokens.rejected_ids) - n)
+    assert tokens.chosen_loss_mask[:n] == tokens.rejected_loss_mask[:n] == [0] * n
+    # Rejected: the reply through its end-of-turn token; the template's newline after it is not trained.
     assert tokenizer.decode(tokens.rejected_ids[n:]) == "I refuse to look.<|im_end|>\n"
-    assert tokenizer.decode(tokens.chosen_ids[n:]).endswith("<|im_start|>assistant\nTwo files.<|im_end|>\n")
+    assert tokens.rejected_loss_mask[n:] == [1] * (len(tokens.rejected_ids) - n - 1) + [0]
+    # Chosen: the tool turn, its header and the next assistant header are out of the loss.
+    assert tokenizer.decode(tokens.chosen_ids[n:]) == (
+        'Looking.\n<tool_call>{"name": "bash", "arguments": {"command": "ls -la"}}</tool_call><|im_end|>\n'
+        "<|im_start|>tool\na.py\nb.py<|im_end|>\n<|im_start|>assistant\nTwo files.<|im_end|>\n"
+    )
+    spans = [
+        'Looking.\n<tool_call>{"name": "bash", "arguments": {"command": "ls -la"}}</tool_call><|im_end|>',
+        "Two files.<|im_end|>",
+    ]
+    assert trained_text(tokenizer, tokens.chosen_ids, tokens.chosen_loss_mask) == "".join(spans)
+    span_tokens = sum(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in spans)
+    assert sum(tokens.chosen_loss_mask) == span_tokens
 
 
 def test_render_pair_truncates_the_prompt_first(tiny):
@@ -96,7 +112,7 @@ def test_render_pair_truncates_the_prompt_first(tiny):
     keep = budget // 2
     assert cut.chosen_ids == full.chosen_ids[n - keep : n] + full.chosen_ids[n : n + keep]
     assert cut.rejected_ids == full.rejected_ids[n - keep :]
-    assert cut.chosen_loss_mask == [0] * keep + [1] * keep
+    assert cut.chosen_loss_mask == [0] * keep + full.chosen_loss_mask[n : n + keep]
     # Room for the whole prompt: only the chosen response is cut.
     budget = n + chosen_len - 4
     cut = render_pair(make_pair(), tokenizer, max_length=budget)
@@ -118,7 +134,7 @@ def test_replay_buffer_filled_from_ingested_traces(tiny, tmp_path):
         ],
     )
     pairs = list(mine_pairs(TraceIngester(strict=True).ingest(tmp_path)))
-    assert [p.source for p in pairs] == ["fork", "outcome", "outcome"]
+    assert [p.source for p in pairs] == ["outcome", "outcome", "fork"]  # attempts/ is read before claude/
 
     buffer = PreferenceReplay(reference, pad_token_id=tokenizer.pad_token_id, batch_size=2)
     tokenized = [render_pair(p, tokenizer, max_length=256) for p in pairs]
@@ -146,3 +162,42 @@ def test_replay_buffer_filled_from_ingested_traces(tiny, tmp_path):
     policy, _ = tiny_model_and_tokenizer(seed=1, cache_dir=tmp_path / "tokenizer")
     losses, _, _ = dpo_loss(*policy_logps(policy), batch.ref_chosen_logps, batch.ref_rejected_logps)
     assert torch.isfinite(losses).all() and not torch.allclose(losses, torch.full((3,), math.log(2.0)), atol=1e-3)
+
+
+def test_every_pair_kind_trains_only_assistant_written_text(tiny, tmp_path):
+    """Acceptance 4: fork, outcome and self-correction pairs; masked tokens never hold a header or a tool result."""
+    _, tokenizer = tiny
+    forked_session(tmp_path / "claude", refuse=True, interrupt=True)
+    write_jsonl(
+        tmp_path / "attempts" / "runs.jsonl",
+        [openai_attempt("A", "good patch", True), openai_attempt("A", "bad", False)],
+    )
+    corrected = {
+        "messages": [
+            {"role": "user", "content": "Fix the test"},
+            {"role": "assistant", "content": "Editing.", "tool_calls": [_call("c1", '{"line": 3}')]},
+            {"role": "tool", "tool_call_id": "c1", "content": "SYNTAX ERROR at line 3", "is_error": True},
+            {"role": "assistant", "content": "Fixed the indent.", "tool_calls": [_call("c2", '{"line": 4}')]},
+            {"role": "tool", "tool_call_id": "c2", "content": "EDIT APPLIED"},
+        ]
+    }
+    write_jsonl(tmp_path / "fix" / "run.jsonl", [corrected])
+    pairs = list(mine_pairs(TraceIngester(strict=True).ingest(tmp_path)))
+    assert sorted(p.source for p in pairs) == ["fork", "outcome", "self_correction"]
+    for pair in pairs:
+        tokens = render_pair(pair, tokenizer)
+        for side, ids, mask in (
+            (pair.chosen, tokens.chosen_ids, tokens.chosen_loss_mask),
+            (pair.rejected, tokens.rejected_ids, tokens.rejected_loss_mask),
+        ):
+            trained = trained_text(tokenizer, ids, mask)
+            assert "<|im_start|>" not in trained and "<tool_response>" not in trained
+            for message in side:
+                if message.role == "assistant":
+                    assert message.content in trained
+                elif message.content:
+                    assert message.content not in trained, (pair.source, message.content)
+
+
+def _call(call_id, arguments):
+    return {"id": call_id, "type": "function", "function": {"name": "edit", "arguments": arguments}}

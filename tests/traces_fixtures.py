@@ -156,3 +156,40 @@ def openai_attempt(task, answer, resolved, *, system="You fix bugs."):
             {"role": "assistant", "content": "Submitted."},
         ],
     }
+
+
+def labelled_rows(instances: int, attempts: int, *, as_json_text: bool = False) -> list[dict[str, Any]]:
+    """Rows shaped like SWE-rebench's OpenHands trajectories: `instance_id`, `trajectory`, `resolved`, `exit_status`.
+
+    Attempt k at instance i is resolved when k is even; each trajectory is OpenAI-format messages.
+    """
+    return [labelled_row(i, k, as_json_text=as_json_text) for k in range(attempts) for i in range(instances)]
+
+
+def labelled_row(instance: int, attempt: int, *, as_json_text: bool = False, output: str = "edited") -> dict[str, Any]:
+    """Attempt `attempt` at `demo__repo-<instance>`; `as_json_text` stores the trajectory as JSON text
+    and `resolved` as 0/1, as Parquet exports often do."""
+    trajectory = [
+        {"role": "system", "content": "You are OpenHands agent."},
+        {"role": "user", "content": f"Fix issue demo__repo-{instance}"},
+        {
+            "role": "assistant",
+            "content": f"Attempt {attempt}.",
+            "tool_calls": [
+                {
+                    "id": f"call_{attempt}",
+                    "type": "function",
+                    "function": {"name": "str_replace_editor", "arguments": json.dumps({"path": f"f{attempt}.py"})},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": f"call_{attempt}", "content": output, "name": "str_replace_editor"},
+        {"role": "assistant", "content": "Done."},
+    ]
+    resolved = attempt % 2 == 0
+    return {
+        "instance_id": f"demo__repo-{instance}",
+        "trajectory": json.dumps(trajectory) if as_json_text else trajectory,
+        "resolved": int(resolved) if as_json_text else resolved,
+        "exit_status": "submitted",
+    }

@@ -174,7 +174,12 @@ def grpo_loss(
     The aggregations differ only in the denominator: `"grpo"` averages each sequence then the
     sequences (long answers get less weight per token); `"bnpo"` averages all tokens; `"dr_grpo"`
     divides by the constant B * max_completion_length, so a token's gradient does not depend on
-    its sequence's length; `"dapo"` divides by the global token count `num_items_in_batch`.
+    its sequence's length; `"dapo"` divides by the global token count `num_items_in_batch`
+    (clamped to >= 1, like the other counts, so a batch without real tokens gives 0, not NaN).
+
+    Raises ValueError on bad shapes or options, and when `old_logp` or `ref_logp` is NaN or
+    infinite at a real token (mask 1), naming the argument and the first such (row, column):
+    such a value would turn the loss into NaN or inf without a word. Padding may hold anything.
     """
     _check_choice("loss_type", loss_type, LOSS_TYPES)
     if logp.dim() != 2:
@@ -182,8 +187,10 @@ def grpo_loss(
     batch, width = logp.shape
     _check_shape("mask", mask, (batch, width))
     _check_shape("advantages", advantages, (batch,))
-    if old_logp is not None:
-        _check_shape("old_logp", old_logp, (batch, width))
+    for name, given in (("old_logp", old_logp), ("ref_logp", ref_logp)):
+        if given is not None:
+            _check_shape(name, given, (batch, width))
+            _check_finite_where(name, given, mask.bool())
     if epsilon_low < 0 or (epsilon_high is not None and epsilon_high < 0):
         raise ValueError(f"epsilons must be >= 0, got epsilon_low={epsilon_low}, epsilon_high={epsilon_high}")
     if kl_beta > 0 and ref_logp is None:
@@ -200,7 +207,6 @@ def grpo_loss(
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     per_token = -torch.min(ratio * adv, clipped * adv)
     if kl_beta > 0:
-        _check_shape("ref_logp", ref_logp, (batch, width))
         log_ref_ratio = torch.where(mask, ref_logp, 0.0) - logp
         k3 = torch.exp(log_ref_ratio) - log_ref_ratio - 1
         per_token = per_token + kl_beta * (k3 * ratio if kl_bias_correction else k3)
@@ -215,8 +221,24 @@ def grpo_loss(
         if length < width:
             raise ValueError(f"max_completion_length={length} is shorter than the completions ({width} tokens)")
         return per_token.sum() / (batch * length)
-    denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    if num_items_in_batch is None:
+        denominator = mask.sum().clamp(min=1)
+    elif isinstance(num_items_in_batch, Tensor):
+        denominator = num_items_in_batch.clamp(min=1)
+    else:
+        denominator = max(num_items_in_batch, 1)
     return per_token.sum() / denominator
+
+
+def _check_finite_where(name: str, tensor: Tensor, mask: Tensor) -> None:
+    """Raise ValueError naming `name` and the first (row, column) where `tensor` is not finite under `mask`."""
+    bad = mask & ~torch.isfinite(tensor)
+    if bad.any():
+        row, column = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name} is {tensor[row, column].item()} at a real token (row {row}, column {column}); "
+            f"{int(bad.sum())} unmasked position(s) are not finite"
+        )
 
 
 def _ratio_stats(

@@ -16,8 +16,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .ingest import TRACE_SUFFIXES, TraceIngester
-from .mining import PairMiner, mine_pairs
+from .ingest import TraceIngester, is_trace_file
+from .mining import PAIR_KINDS, PairMiner, mine_pairs
+from .outcomes import load_outcomes
 from .render import hf_messages
 from .schema import FORMATS, ISSUE_REASONS, IngestReport, TraceExample, TraceFormatError
 
@@ -34,16 +35,22 @@ def main(argv: list[str] | None = None) -> int:
                 _write_jsonl(args.out, (e.to_dict() for e in _examples(ingester, args.paths)))
                 miner = None
             else:
-                miner = mine_pairs(_examples(ingester, args.paths), max_pairs_per_task=args.max_pairs_per_task)
+                examples = _examples(ingester, args.paths)
+                if args.outcomes is not None:
+                    outcomes = load_outcomes(args.outcomes)
+                    examples = outcomes.attach(examples)
+                miner = mine_pairs(examples, max_pairs_per_task=args.max_pairs_per_task)
                 _write_jsonl(args.out, (_pair_record(p) for p in miner))
                 _write_jsonl(args.rewards, (vars(r) for r in miner.rewards.values()))
-        except (TraceFormatError, FileNotFoundError) as error:
+        except (TraceFormatError, FileNotFoundError, ValueError) as error:
             bar.close()
             print(f"error: {error}", file=sys.stderr)
             return 1
     print(_summary(ingester.report))
     if miner is not None:
         print(_mining_summary(miner))
+        if getattr(args, "outcomes", None) is not None:
+            print(f"outcomes attached from {args.outcomes}: {outcomes.attached} examples")
     if ingester.report.examples == 0:
         print("error: no example could be read from " + ", ".join(args.paths), file=sys.stderr)
         return 1
@@ -65,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     mine = commands.choices["mine"]
     mine.add_argument("--rewards", type=Path, help="JSONL file for per-example rewards from unpaired signals")
     mine.add_argument("--max-pairs-per-task", type=int, default=16)
+    mine.add_argument(
+        "--outcomes",
+        type=Path,
+        help="resolved/unresolved per id (harness report JSON, id -> bool JSON, or JSONL rows) for traces that lack it",
+    )
     return parser
 
 
@@ -72,7 +84,7 @@ def _input_bytes(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.suffix in TRACE_SUFFIXES)
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and is_trace_file(p))
     return 0
 
 
@@ -141,7 +153,7 @@ def _summary(report: IngestReport) -> str:
 
 
 def _mining_summary(miner: PairMiner) -> str:
-    by_source = ", ".join(f"{source} {n}" for source, n in sorted(miner.by_source.items()))
+    by_source = ", ".join(f"{kind} {miner.by_source.get(kind, 0)}" for kind in PAIR_KINDS)
     lines = [
         "",
         f"pairs: {sum(miner.by_source.values())}" + (f" ({by_source})" if by_source else ""),

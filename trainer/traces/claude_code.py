@@ -3,9 +3,21 @@
 Each line is an entry linked to its parent by `uuid`/`parentUuid`; the conversation is the path
 from a root to a leaf, and a rewind forks the tree, so every leaf becomes its own example (they
 share a prefix). Subagent threads (`isSidechain`) are their own trees, interleaved in the file
-or kept in `<session>/subagents/agent-<id>.jsonl`; each becomes an example whose `parent_id` is
-the example holding the spawning tool call. A compaction starts a new root whose first message
-is the summary the model continued from.
+or kept in `<session>/subagents/agent-<id>.jsonl` (a subagent's own subagents nest deeper); each
+becomes an example whose `parent_id` is the example holding the spawning tool call. Since
+Claude Code 2.1.2 each transcript has an `agent-<id>.meta.json` sidecar (`agentType`,
+`description`, `toolUseId`, `spawnDepth`): it links the thread to its call and fills metadata.
+A compaction starts a new root whose first message is the summary the model continued from.
+
+`claude --resume` / `--continue` / a fork write a new file that replays the old history with the
+same uuids. The files of one conversation are read as one tree: a record already read from
+another file is ingested once and counted under `normalized` as `resumed_copy` (a record that
+reuses a uuid with other content is still a `duplicate_uuid` issue), so a leaf that the new
+file continues is no example of its own and nothing is counted twice.
+
+Tool results may hold `tool_reference` blocks (tool search: "this tool is now available"); they
+become text. Content blocks of kinds this reader does not know become a visible placeholder
+(`[<type> block]`) and are counted as `unknown_content_block`.
 
 Memory: a session is one tree, so it is held until the log moves on to another session (or the
 file ends); per entry only what becomes a message is kept (usage, side-channel tool output and
@@ -15,6 +27,7 @@ largest session, not the size of the file.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +55,7 @@ STRUCTURAL_TYPES = frozenset(
     }
 )
 SPAWN_TOOLS = frozenset({"Task", "Agent"})
+SERVER_TOOL_CALLS = frozenset({"server_tool_use", "mcp_tool_use"})
 INTERRUPTION_PREFIX = "[Request interrupted by user"
 REFUSAL_PREFIXES = (
     "The user doesn't want to proceed with this tool use",
@@ -55,6 +69,7 @@ class _Node:
 
     __slots__ = (
         "uuid",
+        "session",
         "parent",
         "line",
         "source",
@@ -74,6 +89,7 @@ class _Node:
 
     def __init__(self, uuid: str, record: dict[str, Any], line: int, source: int, digest: int) -> None:
         self.uuid = uuid
+        self.session: str | None = record.get("sessionId")
         self.parent: str | None = record.get("parentUuid")
         self.line = line
         self.source = source  # index of the file the entry came from
@@ -104,7 +120,7 @@ class _Session:
     session_id: str
     nodes: dict[str, _Node] = field(default_factory=dict)
     alias: dict[str, str] = field(default_factory=dict)  # uuid of a merged split line -> kept uuid
-    merged_digests: dict[str, int] = field(default_factory=dict)  # uuid of a merged split line -> its hash
+    merged_digests: dict[str, tuple[int, int]] = field(default_factory=dict)  # merged split line -> (hash, source)
     by_message_id: dict[tuple[bool, str], _Node] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -119,27 +135,50 @@ class _Spawn:
     answered_at: str | None = None
 
 
+class _Quiet:
+    """A FileContext stand-in that counts nothing: re-reading a copy must not count its blocks twice."""
+
+    def __init__(self, ctx: FileContext) -> None:
+        self.path = ctx.path
+
+    def problem(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def normalized(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
 # An example with the root of its tree and its path of entries, while the session is being linked.
 _Built = tuple[TraceExample, _Node, list[_Node]]
 
 
-def read_claude_code(main: FileContext, subagents: Sequence[FileContext] = ()) -> Iterator[TraceExample]:
-    """Examples of every session in `main`; `subagents` are that session's `subagents/*.jsonl` files."""
-    reader = _Reader([*subagents, main])
-    for source, ctx in enumerate(reader.contexts[:-1]):
+def read_claude_code(
+    mains: FileContext | Sequence[FileContext],
+    subagents: Sequence[FileContext] = (),
+    sidecars: Sequence[FileContext] = (),
+) -> Iterator[TraceExample]:
+    """Examples of every session in `mains` (one file, or the files of a resumed conversation).
+
+    `subagents` are the sessions' subagent transcripts, `sidecars` their `*.meta.json` files.
+    """
+    mains = [mains] if isinstance(mains, FileContext) else list(mains)
+    reader = _Reader([*subagents, *mains])
+    for ctx in sidecars:
+        reader.read_sidecar(ctx)
+    for source, ctx in enumerate(reader.contexts[: len(subagents)]):
         for line, record, digest in iter_jsonl(ctx.path, ctx):
             reader.add(record, line, source, digest)
-    main_source = len(reader.contexts) - 1
     current: str | None = None
-    for line, record, digest in iter_jsonl(main.path, main):
-        session_id = reader.session_of(record, main.path)
-        if session_id is not None and session_id != current:
-            if current is not None:
-                yield from reader.flush(current)
-            if session_id in reader.flushed:
-                main.problem("session_interleaved", f"session {session_id}", line=line)
-            current = session_id
-        reader.add(record, line, main_source, digest)
+    for source, main in enumerate(mains, start=len(subagents)):
+        for line, record, digest in iter_jsonl(main.path, main):
+            session_id = reader.session_of(record, main.path, source)
+            if session_id is not None and session_id != current:
+                if current is not None:
+                    yield from reader.flush(current)
+                if session_id in reader.flushed:
+                    main.problem("session_interleaved", f"session {session_id}", line=line)
+                current = session_id
+            reader.add(record, line, source, digest)
     for session_id in list(reader.sessions):
         yield from reader.flush(session_id)
 
@@ -150,13 +189,39 @@ class _Reader:
         self.sessions: dict[str, _Session] = {}
         self.flushed: set[str] = set()
         self.titles: dict[str, str] = {}  # leafUuid -> session title from `summary` entries
+        self.tree_of_uuid: dict[str, tuple[str, int]] = {}  # uuid -> (tree, file) it was read into
+        self.tree_of_session: dict[str, str] = {}  # sessionId of a resumed copy -> the tree it continues
+        self.agent_meta: dict[str, dict[str, Any]] = {}  # agent id -> its sidecar
 
-    @staticmethod
-    def session_of(record: dict[str, Any], path: Path) -> str | None:
-        """The session a record belongs to; None for records outside any session (titles, snapshots)."""
+    def read_sidecar(self, ctx: FileContext) -> None:
+        """`agent-<id>.meta.json`: the subagent's type, description and spawning call."""
+        try:
+            value = json.loads(ctx.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            ctx.problem("invalid_json", str(error), line=getattr(error, "lineno", None))
+            return
+        if not isinstance(value, dict):
+            ctx.problem("invalid_record", f"expected an object, got {type(value).__name__}")
+            return
+        agent_id = ctx.path.name.removesuffix(".meta.json").removeprefix("agent-")
+        self.agent_meta[agent_id] = value
+        ctx.normalized("sidecar_metadata")
+
+    def session_of(self, record: dict[str, Any], path: Path, source: int) -> str | None:
+        """The tree a record belongs to; None for records outside any (titles, snapshots).
+
+        A record whose uuid was already read from another file under another session starts a
+        resumed copy: its session is read into the tree it copies.
+        """
         if record.get("type") in ("summary", "file-history-snapshot") or "uuid" not in record:
             return None
-        return str(record.get("sessionId") or path.stem)
+        session_id = str(record.get("sessionId") or path.stem)
+        tree, known_source = (
+            self.tree_of_uuid.get(record["uuid"], (None, None)) if isinstance(record["uuid"], str) else (None, None)
+        )
+        if tree is not None and tree != session_id and known_source != source and session_id not in self.sessions:
+            self.tree_of_session.setdefault(session_id, tree)
+        return self.tree_of_session.get(session_id, session_id)
 
     # ---------------------------------------------------------------- streaming: one entry at a time
 
@@ -174,15 +239,15 @@ class _Reader:
             if kind in ("user", "assistant"):
                 ctx.problem("invalid_record", "entry without a uuid", line=line)
             return  # bookkeeping outside the tree
-        session_id = self.session_of(record, ctx.path)
+        session_id = self.session_of(record, ctx.path, source)
         if session_id is None:
             return
         session = self.sessions.setdefault(session_id, _Session(session_id))
-        if uuid in session.nodes or uuid in session.merged_digests:
-            known = session.nodes[uuid].digest if uuid in session.nodes else session.merged_digests[uuid]
-            ctx.problem("duplicate_line" if known == digest else "duplicate_uuid", f"uuid {uuid}", line=line)
-            return
         node = _Node(uuid, record, line, source, digest)
+        if uuid in session.nodes or uuid in session.merged_digests:
+            self._duplicate(session, node, record, ctx)
+            return
+        self.tree_of_uuid[uuid] = (session_id, source)
         for name, key in (("cwd", "cwd"), ("git_branch", "gitBranch"), ("version", "version")):
             if record.get(key) and name not in session.metadata:
                 session.metadata[name] = record[key]
@@ -205,6 +270,29 @@ class _Reader:
             }
         session.nodes[uuid] = node
 
+    def _duplicate(self, session: _Session, node: _Node, record: dict[str, Any], ctx: FileContext) -> None:
+        """A uuid seen before: a copy from another file (resumed session) or a duplicate in this one."""
+        kept = session.nodes.get(node.uuid)
+        known_digest, known_source = (
+            (kept.digest, kept.source) if kept is not None else session.merged_digests[node.uuid]
+        )
+        if known_source != node.source:
+            same = kept is None  # a merged split line: its blocks live on in the line it joined
+            if kept is not None:
+                copy = _Node(node.uuid, record, node.line, node.source, node.digest)
+                message = record.get("message") if isinstance(record.get("message"), dict) else {}
+                if record.get("type") == "assistant":
+                    self._read_assistant(copy, message, _Quiet(ctx))
+                elif record.get("type") == "user":
+                    self._read_user(copy, record, message, _Quiet(ctx))
+                blocks = kept.blocks[: len(copy.blocks)]  # split parts merged into `kept` come after
+                same = (copy.role, copy.blocks, copy.parent) == (kept.role, blocks, kept.parent)
+            if same:
+                ctx.normalized("resumed_copy")
+                return
+        reason = "duplicate_line" if known_digest == node.digest else "duplicate_uuid"
+        ctx.problem(reason, f"uuid {node.uuid}", line=node.line)
+
     def _merge_split_message(self, session: _Session, node: _Node, message: dict, ctx: FileContext) -> bool:
         """Claude Code logs one API message as one line per content block, sharing `message.id`."""
         message_id = message.get("id")
@@ -222,7 +310,7 @@ class _Reader:
             if not duplicate:
                 kept.blocks.append(block)
         session.alias[node.uuid] = kept.uuid
-        session.merged_digests[node.uuid] = node.digest
+        session.merged_digests[node.uuid] = (node.digest, node.source)
         ctx.normalized("split_message_merged")
         return True
 
@@ -249,8 +337,15 @@ class _Reader:
                     ctx.problem("invalid_tool_arguments", f"tool_use {block['id']}", line=node.line)
                     arguments = {"_raw": arguments}
                 node.blocks.append(("tool_use", block["id"], str(block.get("name", "")), arguments))
+            elif kind in SERVER_TOOL_CALLS:  # run by the API, not by Claude Code: what the model asked, as text
+                arguments = json.dumps(block.get("input"), ensure_ascii=False, sort_keys=True)
+                node.blocks.append(("text", f"[{kind}: {block.get('name', '')} {arguments}]"))
+                ctx.normalized("server_tool_call_as_text")
+            elif isinstance(kind, str) and kind.endswith("_tool_result"):  # the API's answer, not model text
+                ctx.normalized("server_tool_result_omitted")
             else:
                 ctx.problem("unknown_content_block", f"assistant block {kind!r}", line=node.line)
+                node.blocks.append(("text", _unknown_block(kind)))
 
     def _read_user(self, node: _Node, record: dict, message: dict, ctx: FileContext) -> None:
         node.role = "user"
@@ -262,13 +357,11 @@ class _Reader:
             kind = block.get("type") if isinstance(block, dict) else None
             if kind == "text":
                 node.blocks.append(("text", str(block.get("text") or "")))
-            elif kind in ("image", "document"):
-                node.blocks.append(("text", _placeholder(block, ctx)))
             elif kind == "tool_result" and isinstance(block.get("tool_use_id"), str):
                 text = _result_text(block.get("content"), ctx, node.line)
                 node.blocks.append(("tool_result", block["tool_use_id"], text, bool(block.get("is_error"))))
             else:
-                ctx.problem("unknown_content_block", f"user block {kind!r}", line=node.line)
+                node.blocks.append(("text", _block_text(block, ctx, node.line, "user")))
         if node.only_tool_results:
             side_channel = record.get("toolUseResult")
             spawned = side_channel.get("agentId") if isinstance(side_channel, dict) else None
@@ -311,6 +404,7 @@ class _Reader:
         examples.sort(key=lambda item: item[1].sidechain)  # main thread first, then subagents
         for node in session.nodes.values():  # parent <-> child links are cycles: free the tree now
             node.up, node.children = None, []
+            self.tree_of_uuid.pop(node.uuid, None)
         for example, _, _ in examples:
             yield example
 
@@ -330,10 +424,13 @@ class _Reader:
             metadata["title"] = self.titles[leaf.uuid]
         if root.boundary is not None:
             metadata["compaction"] = dict(root.boundary)
+        session_id = leaf.session or session.session_id  # a resumed copy's own id where it continues
+        if session_id != session.session_id:
+            metadata["tree_id"] = session.session_id
         return TraceExample(
-            id=f"{FORMAT}:{session.session_id}:{leaf.uuid}",
+            id=f"{FORMAT}:{session_id}:{leaf.uuid}",
             format=FORMAT,
-            session_id=session.session_id,
+            session_id=session_id,
             messages=messages,
             metadata=metadata,
         )
@@ -358,6 +455,9 @@ class _Reader:
                     spawns[block[1]].answered_at = node.timestamp
                     if node.spawned_agent:
                         by_agent[node.spawned_agent] = block[1]
+        for agent_id, meta in self.agent_meta.items():  # the sidecar names the spawning call outright
+            if meta.get("toolUseId") in spawns:
+                by_agent.setdefault(agent_id, meta["toolUseId"])
         owner_of_root: dict[int, str] = {}  # id(thread root) -> spawning tool_use id ("" if none found)
         for example, root, path in examples:
             if not root.sidechain:
@@ -370,6 +470,14 @@ class _Reader:
             tool_use_id = owner_of_root[id(root)]
             agent_id = next((n.agent_id for n in path if n.agent_id), None)
             example.metadata.update(agent_id=agent_id, parent_tool_call_id=tool_use_id or None)
+            meta = self.agent_meta.get(agent_id or "", {})
+            for name, key in (
+                ("agent_type", "agentType"),
+                ("description", "description"),
+                ("spawn_depth", "spawnDepth"),
+            ):
+                if key in meta:
+                    example.metadata[name] = meta[key]
             if not tool_use_id:
                 continue
             example.parent_id = call_owner.get(tool_use_id)
@@ -497,16 +605,31 @@ def _placeholder(block: dict[str, Any], ctx: FileContext) -> str:
 def _result_text(content: Any, ctx: FileContext, line: int) -> str:
     if content is None or isinstance(content, str):
         return content or ""
-    parts = []
-    for block in content if isinstance(content, list) else [content]:
-        kind = block.get("type") if isinstance(block, dict) else None
-        if kind == "text":
-            parts.append(str(block.get("text") or ""))
-        elif kind in ("image", "document"):
-            parts.append(_placeholder(block, ctx))
-        else:
-            ctx.problem("unknown_content_block", f"tool_result block {kind!r}", line=line)
-    return "\n".join(parts)
+    return "\n".join(
+        _block_text(b, ctx, line, "tool_result") for b in (content if isinstance(content, list) else [content])
+    )
+
+
+def _block_text(block: Any, ctx: FileContext, line: int, where: str) -> str:
+    """A user or tool-result content block as text; an unknown kind becomes a counted placeholder."""
+    kind = block.get("type") if isinstance(block, dict) else None
+    if kind == "text":
+        return str(block.get("text") or "")
+    if kind in ("image", "document"):
+        return _placeholder(block, ctx)
+    if kind == "tool_reference":  # tool search (Claude Code >= 2.1.69): a deferred tool became available
+        ctx.normalized("tool_reference")
+        return f"Tool available: {block.get('tool_name', '')}"
+    if kind == "search_result":
+        ctx.normalized("search_result")
+        texts = [str(b.get("text") or "") for b in block.get("content") or [] if isinstance(b, dict)]
+        return "\n".join([f"[search result: {block.get('title', '')} ({block.get('source', '')})]", *texts])
+    ctx.problem("unknown_content_block", f"{where} block {kind!r}", line=line)
+    return _unknown_block(kind)
+
+
+def _unknown_block(kind: Any) -> str:
+    return f"[{kind if isinstance(kind, str) else type(kind).__name__} block]"
 
 
 def _node_messages(node: _Node) -> list[Message]:

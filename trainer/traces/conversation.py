@@ -51,6 +51,13 @@ class ConversationBuilder:
         self._open_assistant.tool_calls.append(call)
         self._pending[call.id] = call
 
+    def abort_pending(self, text: str) -> int:
+        """Answer every open call with `text` (a synthetic result): the user stopped the turn, by design."""
+        for call in self._pending.values():
+            self.messages.append(Message("tool", text, tool_call_id=call.id, is_error=True, synthetic=True))
+        aborted, self._pending = len(self._pending), {}
+        return aborted
+
     def _close_pending(self, *, line: int | None, key: str | None) -> None:
         for call in self._pending.values():
             self._problem("missing_tool_result", f"{call.name} call {call.id!r}", line=line, key=key)

@@ -1,12 +1,18 @@
 """Preference pairs (and per-example rewards) from ingested traces.
 
-Two kinds of pairs, both with the same prompt on each side, as DPO needs:
+Three kinds of pairs, all with the same prompt on each side, as DPO needs:
 - outcome pairs: two attempts at the same task (`outcome["instance_id"]`/`"task_id"`), one
-  resolved and one not; the prompt is what they share up to the first assistant turn.
+  resolved and one not; the prompt is what they share up to the first assistant turn. Pairs
+  come out as soon as both sides exist; per task (and prompt) at most `max_pairs_per_task`
+  attempts of each verdict are held, compressed, and a task's are freed once its pairs are
+  made, so memory follows the number of open tasks, never the number of rows.
 - fork pairs: two branches of one session that share a prefix and then differ in the
-  assistant's turn; the rejected side is the one the user refused a tool call in or
-  interrupted; if neither was, the branch the user rewound away from (the older one).
-A response runs from the divergence to the next user message.
+  assistant's turn; the rejected side is the one the user refused a tool call in, interrupted
+  or edited; if neither was, the branch the user rewound away from (the older one).
+- self-correction pairs inside one trace: an assistant turn whose tool call failed (an error
+  result), then, with no user turn between, a turn calling the same tool differently whose
+  results all succeed: (corrected turn, failed turn) after the same prefix.
+A response runs from the divergence to the next user message (a self-correction pair: the turn).
 
 Signals that do not pair up (a refused call, an interruption, a tool error and whether a later
 call of the same tool succeeded) become per-example rewards in [-1, 1].
@@ -16,15 +22,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import combinations
 
-from .schema import INTERRUPTION, REFUSAL, Message, TraceExample
+from .schema import INTERRUPTION, REFUSAL, USER_EDIT, Message, TraceExample
 
 OUTCOME = "outcome"
 FORK = "fork"
+SELF_CORRECTION = "self_correction"
+PAIR_KINDS = (OUTCOME, FORK, SELF_CORRECTION)
 
 
 @dataclass
@@ -33,7 +43,7 @@ class PreferencePair:
     prompt: list[Message]
     chosen: list[Message]
     rejected: list[Message]
-    source: str  # OUTCOME or FORK
+    source: str  # OUTCOME, FORK or SELF_CORRECTION
     reason: str
     chosen_example_id: str
     rejected_example_id: str
@@ -76,22 +86,52 @@ class PairMiner:
         return pair
 
     def _mine(self, examples: Iterable[TraceExample]) -> Iterator[PreferencePair]:
-        attempts: dict[str, list[TraceExample]] = {}
+        outcomes = _OutcomePairer(self)
         session: list[TraceExample] = []
         for example in examples:
             reward = example_reward(example)
             if reward is not None:
                 self.rewards[example.id] = reward
-            task, resolved = _task_and_verdict(example)
-            if task is not None and resolved is not None:
-                attempts.setdefault(task, []).append(example)
-            if session and (session[0].format, session[0].session_id) != (example.format, example.session_id):
+            yield from self._self_correction_pairs(example)
+            yield from outcomes.add(example)
+            if session and _thread(session[0]) != _thread(example):
                 yield from self._fork_pairs(session)
                 session = []
             session.append(example)
         yield from self._fork_pairs(session)
-        for task, group in attempts.items():
-            yield from self._outcome_pairs(task, group)
+        outcomes.finish()
+
+    def _self_correction_pairs(self, example: TraceExample) -> Iterator[PreferencePair]:
+        messages = example.messages
+
+        def results_of(index: int) -> list[Message | None]:
+            """The results right after the turn at `index`, by call id (ids may repeat across turns)."""
+            end = next((k for k in range(index + 1, len(messages)) if messages[k].role != "tool"), len(messages))
+            found = {m.tool_call_id: m for m in messages[index + 1 : end] if not m.synthetic}
+            return [found.get(c.id) for c in messages[index].tool_calls]
+
+        for i, failed in enumerate(messages):
+            if failed.role != "assistant" or not failed.tool_calls:
+                continue
+            failed_results = results_of(i)
+            if not any(r is not None and r.is_error and r.kind != REFUSAL for r in failed_results):
+                continue
+            j = next((k for k in range(i + 1, len(messages)) if messages[k].role in ("assistant", "user")), None)
+            if j is None or messages[j].role != "assistant" or not messages[j].tool_calls:
+                self.skipped["error_without_correction"] += 1
+                continue
+            fixed = messages[j]
+            names = {c.name for c in failed.tool_calls}
+            fixed_results = results_of(j)
+            if not names & {c.name for c in fixed.tool_calls} or not all(
+                r is not None and not r.is_error for r in fixed_results
+            ):
+                self.skipped["error_without_correction"] += 1
+                continue
+            if [(c.name, c.arguments) for c in fixed.tool_calls] == [(c.name, c.arguments) for c in failed.tool_calls]:
+                self.skipped["retry_of_the_same_call"] += 1  # no difference to prefer
+                continue
+            yield _turn_pair(messages[:i], example, fixed, failed)
 
     def _fork_pairs(self, session: list[TraceExample]) -> Iterator[PreferencePair]:
         seen: set[str] = set()
@@ -113,34 +153,99 @@ class PairMiner:
                 seen.add(pair.id)
                 yield pair
 
-    def _outcome_pairs(self, task: str, attempts: list[TraceExample]) -> Iterator[PreferencePair]:
-        resolved = [e for e in attempts if _task_and_verdict(e)[1]]
-        failed = [e for e in attempts if not _task_and_verdict(e)[1]]
-        keys = {id(e): [m.key() for m in e.messages[: _first_assistant(e.messages) or 0]] for e in attempts}
-        made = 0
-        for good in resolved:
-            for bad in failed:
-                if made == self.max_pairs_per_task:
-                    self.skipped["over_max_pairs_per_task"] += 1
-                    continue
-                prompt_length = _first_assistant(good.messages)
-                if (
-                    prompt_length in (None, 0)
-                    or prompt_length != _first_assistant(bad.messages)
-                    or keys[id(good)] != keys[id(bad)]
-                ):
-                    self.skipped["outcome_prompt_mismatch"] += 1
-                    continue
-                made += 1
-                yield _pair(
-                    good.messages[:prompt_length],
-                    good,
-                    bad,
-                    prompt_length,
-                    OUTCOME,
-                    f"resolved vs unresolved on {task}",
-                    whole=True,
-                )
+
+class _OutcomePairer:
+    """Resolved vs unresolved attempts per (task, prompt), paired as soon as both sides exist."""
+
+    def __init__(self, miner: PairMiner) -> None:
+        self.miner = miner
+        self.held: dict[tuple[str, str], dict[bool, list[bytes]]] = {}  # compressed attempts by verdict
+        self.made: Counter[tuple[str, str]] = Counter()
+        self.prompts: dict[str, set[str]] = {}  # task -> prompt digests seen
+        self.verdicts: dict[str, set[bool]] = {}  # task -> verdicts seen
+        self.done: set[tuple[str, str]] = set()
+
+    def add(self, example: TraceExample) -> Iterator[PreferencePair]:
+        task, resolved = _task_and_verdict(example)
+        if task is None or resolved is None:
+            return
+        prompt_length = _first_assistant(example.messages)
+        if not prompt_length:
+            self.miner.skipped["outcome_without_prompt"] += 1
+            return
+        digest = _digest(example.messages[:prompt_length])
+        self.prompts.setdefault(task, set()).add(digest)
+        self.verdicts.setdefault(task, set()).add(resolved)
+        key = (task, digest)
+        cap = self.miner.max_pairs_per_task
+        if key in self.done:
+            self.miner.skipped["over_max_pairs_per_task"] += 1
+            return
+        held = self.held.setdefault(key, {True: [], False: []})
+        for packed in held[not resolved]:
+            if self.made[key] == cap:
+                self.miner.skipped["over_max_pairs_per_task"] += 1
+                continue
+            other = _unpack(packed)
+            good, bad = (example, other) if resolved else (other, example)
+            self.made[key] += 1
+            yield _pair(
+                good.messages[:prompt_length],
+                good,
+                bad,
+                prompt_length,
+                OUTCOME,
+                f"resolved vs unresolved on {task}",
+                whole=True,
+            )
+        if self.made[key] >= cap:
+            self.done.add(key)
+            self.held[key] = {True: [], False: []}  # no more pairs from this task: free its attempts
+        elif len(held[resolved]) < cap:
+            held[resolved].append(_pack(example))
+
+    def finish(self) -> None:
+        """Count tasks whose two verdicts never met under one prompt."""
+        for task, verdicts in self.verdicts.items():
+            if len(verdicts) == 2 and not any(self.made[(task, d)] for d in self.prompts[task]):
+                self.miner.skipped["outcome_prompt_mismatch"] += 1
+        self.held.clear()
+
+
+def _pack(example: TraceExample) -> bytes:
+    return zlib.compress(pickle.dumps(example, protocol=pickle.HIGHEST_PROTOCOL), 1)
+
+
+def _unpack(packed: bytes) -> TraceExample:
+    return pickle.loads(zlib.decompress(packed))  # only what _pack made in this process
+
+
+def _digest(messages: list[Message]) -> str:
+    return hashlib.sha256(
+        json.dumps([m.key() for m in messages], ensure_ascii=False).encode("utf-8", "surrogatepass")
+    ).hexdigest()
+
+
+def _thread(example: TraceExample) -> tuple[str, str]:
+    """Examples of one conversation tree (a resumed Claude Code session spans several session ids)."""
+    return example.format, str(example.metadata.get("tree_id") or example.session_id)
+
+
+def _turn_pair(prompt: list[Message], example: TraceExample, chosen: Message, rejected: Message) -> PreferencePair:
+    digest = hashlib.sha256()
+    for part in (prompt, [chosen], [rejected]):
+        digest.update(json.dumps([m.key() for m in part], ensure_ascii=False).encode("utf-8", "surrogatepass"))
+        digest.update(b"\x00")
+    return PreferencePair(
+        id=f"pair-{digest.hexdigest()[:20]}",
+        prompt=prompt,
+        chosen=[chosen],
+        rejected=[rejected],
+        source=SELF_CORRECTION,
+        reason=f"{rejected.tool_calls[0].name} call failed, then corrected",
+        chosen_example_id=example.id,
+        rejected_example_id=example.id,
+    )
 
 
 def _task_and_verdict(example: TraceExample) -> tuple[str | None, bool | None]:
@@ -171,10 +276,13 @@ def _response_end(messages: list[Message], start: int) -> int:
 
 def _turn_rejection(messages: list[Message], start: int) -> str | None:
     end = _response_end(messages, start)
-    if any(m.kind == REFUSAL for m in messages[start:end]):
+    answer = messages[end].kind if end < len(messages) else None
+    if any(m.role == "tool" and m.kind == REFUSAL for m in messages[start:end]) or answer == REFUSAL:
         return "tool call refused by the user"
-    if end < len(messages) and messages[end].kind == INTERRUPTION:
+    if answer == INTERRUPTION:
         return "interrupted by the user"
+    if any(m.role == "tool" and m.kind == USER_EDIT for m in messages[start:end]) or answer == USER_EDIT:
+        return "edited by the user"
     return None
 
 
@@ -228,7 +336,7 @@ def _pair(
 
 
 def example_reward(example: TraceExample) -> ExampleReward | None:
-    """Refusals, interruptions and unfixed tool errors count against; errors fixed later count for."""
+    """Refusals, interruptions, user edits and unfixed tool errors count against; errors fixed later count for."""
     call_names: dict[str, str] = {}
     signals = Counter()
     open_errors: Counter[str] = Counter()  # tool name -> errors not yet followed by a success
@@ -237,10 +345,10 @@ def example_reward(example: TraceExample) -> ExampleReward | None:
             call_names[call.id] = call.name
         if message.role == "user" and message.kind == INTERRUPTION:
             signals["interruptions"] += 1
-        if message.role != "tool" or message.synthetic:
+        if message.role in ("user", "tool") and message.kind in (REFUSAL, USER_EDIT):
+            signals["refusals" if message.kind == REFUSAL else "user_edits"] += 1
             continue
-        if message.kind == REFUSAL:
-            signals["refusals"] += 1
+        if message.role != "tool" or message.synthetic:
             continue
         name = call_names.get(message.tool_call_id or "", "")
         if message.is_error:

@@ -16,7 +16,8 @@ from .schema import Message, TraceExample
 
 @dataclass
 class TokenizedPair:
-    """Full sequences (prompt + response); loss masks are 1 on response tokens, 0 on the prompt."""
+    """Full sequences (prompt + response) as token ids; loss masks (0/1, same length) are 1 only on
+    assistant-written tokens of the response, 0 on the prompt, tool results and template tokens."""
 
     pair_id: str
     chosen_ids: list[int]
@@ -59,7 +60,14 @@ def render(example: TraceExample, tokenizer: Any) -> list[int]:
 
 
 def render_pair(pair: PreferencePair, tokenizer: Any, *, max_length: int | None = None) -> TokenizedPair:
-    """Both sides of a pair over the same prompt ids, ready for `trainer.replay.PreferenceReplay.add`.
+    """Both sides of a pair over the same prompt ids, ready for `PreferenceReplay.add` (trainer.replay).
+
+    Loss masks are 1 only on what the model wrote: each assistant message's tokens after its
+    generation header, through its end-of-turn token (what a sampler would have produced); the
+    prompt, tool results, environment notices and the template's own tokens (role headers, the
+    newline after an end-of-turn token) are 0 — the rule rollouts follow for agent episodes.
+    Each side is rendered message by message through the chat template; a template that does
+    not render a conversation as a prefix of its continuation raises ValueError naming the pair.
 
     Over `max_length`, the prompt gives way first (its oldest tokens go, but it keeps at least
     half the budget), then the responses are cut at the end.
@@ -70,27 +78,60 @@ def render_pair(pair: PreferencePair, tokenizer: Any, *, max_length: int | None 
     prompt_ids = _encode(tokenizer, prompt_text)
     responses = []
     for side, messages in (("chosen", pair.chosen), ("rejected", pair.rejected)):
-        full_text = _template(tokenizer, pair.prompt + messages)
-        if not full_text.startswith(prompt_text):
-            raise ValueError(
-                f"pair {pair.id}: the chat template does not render the prompt as a prefix of "
-                f"prompt + {side}; the response tokens cannot be told apart"
-            )
-        response_ids = _encode(tokenizer, full_text[len(prompt_text) :])
-        if not response_ids or not prompt_ids:
-            raise ValueError(f"pair {pair.id}: the {side} side renders to an empty prompt or response")
-        responses.append(response_ids)
+        ids, mask = _response(tokenizer, pair, side, prompt_text, messages)
+        if not prompt_ids or not any(mask):
+            raise ValueError(f"pair {pair.id}: the {side} side renders to an empty prompt or no assistant tokens")
+        responses.append((ids, mask))
     if max_length is not None:
-        longest = max(len(r) for r in responses)
+        longest = max(len(ids) for ids, _ in responses)
         keep = min(len(prompt_ids), max(max_length // 2, max_length - longest))
         prompt_ids = prompt_ids[len(prompt_ids) - keep :]
-        responses = [r[: max_length - keep] for r in responses]
-    chosen, rejected = responses
+        responses = [(ids[: max_length - keep], mask[: max_length - keep]) for ids, mask in responses]
+    (chosen, chosen_mask), (rejected, rejected_mask) = responses
     prompt_mask = [0] * len(prompt_ids)
     return TokenizedPair(
         pair_id=pair.id,
         chosen_ids=prompt_ids + chosen,
-        chosen_loss_mask=prompt_mask + [1] * len(chosen),
+        chosen_loss_mask=prompt_mask + chosen_mask,
         rejected_ids=prompt_ids + rejected,
-        rejected_loss_mask=prompt_mask + [1] * len(rejected),
+        rejected_loss_mask=prompt_mask + rejected_mask,
     )
+
+
+def _response(
+    tokenizer: Any, pair: PreferencePair, side: str, prompt_text: str, messages: list[Message]
+) -> tuple[list[int], list[int]]:
+    """One side's response ids after the prompt, and its mask: 1 on assistant-written spans only."""
+    segments: list[tuple[str, int]] = []  # (text, 1 if the model wrote it)
+    done = prompt_text
+    for k, message in enumerate(messages):
+        context = pair.prompt + messages[:k]
+        if message.role == "assistant":
+            header = _template(tokenizer, context, add_generation_prompt=True) if k else prompt_text
+            segments.append((_continuation(pair, side, done, header), 0))
+            done = header
+        full = _template(tokenizer, context + [message])
+        text = _continuation(pair, side, done, full)
+        if message.role == "assistant":
+            written = text.rstrip()  # the model stops at its end-of-turn token; what follows is template
+            segments += [(written, 1), (text[len(written) :], 0)]
+        else:
+            segments.append((text, 0))
+        done = full
+    ids: list[int] = []
+    mask: list[int] = []
+    for text, trained in segments:
+        if text:
+            encoded = _encode(tokenizer, text)
+            ids += encoded
+            mask += [trained] * len(encoded)
+    return ids, mask
+
+
+def _continuation(pair: PreferencePair, side: str, done: str, text: str) -> str:
+    if not text.startswith(done):
+        raise ValueError(
+            f"pair {pair.id}: the chat template does not render the {side} side's conversation as a prefix "
+            "of its continuation; the assistant's tokens cannot be told apart"
+        )
+    return text[len(done) :]

@@ -14,13 +14,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("claude_code", "openhands", "swe_agent", "openai")
+FORMATS = ("claude_code", "openhands", "swe_agent", "openai", "codex", "cline", "aider")
 
 # Message.kind: what a message means beyond its role. Mining reads these instead of format quirks.
 MESSAGE = "message"
 COMPACT_SUMMARY = "compact_summary"  # the summary that replaced the context after a compaction
 INTERRUPTION = "interruption"  # the user stopped the assistant mid-turn
-REFUSAL = "refusal"  # a tool result saying the user refused the tool call
+# On a tool result: the user refused the tool call. On an assistant message: the model declined
+# (OpenAI's `refusal` field or content part); its text is kept, never turned into an empty turn.
+REFUSAL = "refusal"
+USER_EDIT = "user_edit"  # the user rewrote the model's edit before accepting it (Cline's user_feedback_diff)
 
 # Every reason an item can be skipped or repaired. Strict mode raises on each of them.
 ISSUE_REASONS: dict[str, str] = {
@@ -40,7 +43,7 @@ ISSUE_REASONS: dict[str, str] = {
     "parent_cycle": "parentUuid links formed a cycle; it was cut",
     "session_interleaved": "a session reappeared after another one; its late records form a separate tree",
     "unknown_entry_type": "a Claude Code entry type this ingester does not know was skipped",
-    "unknown_content_block": "a content block type this ingester does not know was skipped",
+    "unknown_content_block": "a content block or part of a kind this ingester does not know was kept as a placeholder",
     "unknown_event_type": "an OpenHands event this ingester does not know was skipped",
     "unknown_role": "a message with a role outside system/user/assistant/tool was skipped",
     "invalid_tool_arguments": "tool-call arguments that are not a JSON object were kept under '_raw'",
