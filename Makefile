@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed-stamp
 CONFIG  ?= configs/smoke.yaml
 WORKERS ?= 8
 
-.PHONY: venv smoke test lint format docker-ready test-fast bench image docker-up docker-down clean
+.PHONY: venv smoke hub-standin test lint format docker-ready test-fast bench image docker-up docker-down clean
 
 # (Re)create the venv whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -38,6 +38,12 @@ lint: venv
 format: venv
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# The hub path offline: a tiny Qwen2 saved in Hugging Face format, loaded by directory in bf16.
+hub-standin: venv
+	$(BIN)/python -m trainer.model save-tiny runs/tiny-qwen2-hf --leaky
+	$(BIN)/python -m trainer.config configs/hub-standin.yaml
+	$(BIN)/torchrun --standalone --nproc-per-node=2 -m trainer.worker --config configs/hub-standin.yaml
 
 # Everything but the Docker tests: the inner loop while developing.
 test-fast: venv
