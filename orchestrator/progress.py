@@ -65,7 +65,9 @@ class RunProgress:
                 self.round_records.append(record)
             elif event == "outer":
                 self.last_outer = record
-                self.outer_steps.add(int(record["outer_step"]))
+                # One record a round; under Streaming DiLoCo a round holds one outer step per fragment.
+                first = int(record.get("first_outer_step", record["outer_step"]))
+                self.outer_steps.update(range(first, int(record["outer_step"]) + 1))
                 if self.first_outer_at is None:
                     self.first_outer_at = time.time()
                 outer.append(record)

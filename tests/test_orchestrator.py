@@ -185,3 +185,12 @@ def test_cluster_summary_repeats_the_workers_reason_for_a_failed_verdict(tmp_pat
     report = cluster_summary(tmp_path / "run", _write_run(tmp_path / "run", [1], summary), finished=True, reason="")
     assert report["status"] == "failed"
     assert report["reason"].endswith("says status 'failed': replicas were expected to agree and do not: ['ab', 'cd']")
+
+
+def test_a_streaming_round_accounts_for_every_fragment_outer_step_it_covers() -> None:
+    progress = RunProgress()
+    progress.update([{"event": "outer", "outer_step": 2, "first_outer_step": 1}])
+    progress.update([{"event": "outer", "outer_step": 4, "first_outer_step": 3}])
+    assert missing_outer_steps(progress.outer_steps, 4) == []
+    progress.update([{"event": "outer", "outer_step": 6}])  # a record without the field covers itself
+    assert missing_outer_steps(progress.outer_steps, 6) == [5]

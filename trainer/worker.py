@@ -507,9 +507,11 @@ def log_round(run: Run, replica: Replica, books: Books, everyone: list[dict], ro
         books.metrics.log("inner", **record)
     hashes = [view["hash"] for view in everyone][:: run.topo.replica_size]
     bytes_sent = sum(v["bytes_sent"] for v in everyone)
+    syncs = sum(bool(r["synced"]) for r in everyone[0]["records"])  # one per fragment under Streaming DiLoCo
     books.metrics.log(
         "outer",
         outer_step=diloco.outer_step,
+        first_outer_step=diloco.outer_step - syncs + 1,
         round=round_index,
         pseudo_grad_norm=diloco.last_pseudo_grad_norm,
         participants=diloco.last_participants,
