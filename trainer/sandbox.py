@@ -1,0 +1,594 @@
+"""Run untrusted (model-written) Python: isolated, limited, and nothing outlives a check.
+
+Why this shape: rewards from executed code are only worth something if the policy cannot reach
+them any other way. Isolation comes from a maintained tool, not hand-rolled syscalls:
+
+- `process` backend (default; the one inside worker containers, which have no Docker socket):
+  bubblewrap (`bwrap`, the sandbox behind Flatpak). Each program gets fresh pid, network, IPC, UTS
+  and mount namespaces, a read-only view of /usr and the interpreter's prefix only (no site-packages,
+  no /etc, no home, no datasets: the reference solutions are not in there to read), tmpfs /work
+  (its working directory) and /tmp of bounded size, a cleared environment. As root, the program runs
+  as an unprivileged uid (per concurrent slot, so one fork bomb cannot starve the others), dropped
+  with `setpriv`, because root ignores RLIMIT_NPROC; otherwise bwrap puts it in a user namespace.
+  When the harness inside exits, the kernel kills whatever is left in the pid namespace, double-
+  forked daemons included, before bwrap returns.
+- `docker` backend (a host with an engine): a pool of long-lived containers started with
+  `--network none --read-only`, tmpfs work dir, a non-root user, pids/memory/CPU limits; each
+  program is a `docker exec` whose harness wipes the work dir and kills every process of the
+  sandbox user before it reports. Containers are removed on close, at exit and on Ctrl-C. This
+  talks to Docker through its CLI, not the SDK: trainer/ does not depend on the docker package.
+
+Inside, `trainer/sandbox_harness.py` splits a judge from the candidate: see its docstring for why a
+candidate cannot forge a pass (exit before the tests, os._exit, patched builtins, an always-equal
+object, a rewritten test file, a shared __pycache__).
+
+A backend that cannot run here fails when it is made (`make_sandbox`, or the first `run_python`),
+before any program starts, with what is missing (`SandboxUnavailable`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import math
+import os
+import py_compile
+import secrets
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from trainer.sandbox_harness import dumps as _dumps
+from trainer.sandbox_harness import loads
+
+Status = Literal["passed", "failed", "error", "timeout", "memory", "killed"]
+STATUSES: tuple[str, ...] = ("passed", "failed", "error", "timeout", "memory", "killed")
+HARNESS_PATH = Path(__file__).with_name("sandbox_harness.py")
+HARNESS_SOURCE = HARNESS_PATH.read_text()
+BACKENDS = ("process", "docker")
+# Time the harness needs to start (bwrap, interpreter, fork) on top of the program's own limit.
+STARTUP_GRACE_S = 5.0
+
+
+class SandboxUnavailable(RuntimeError):
+    """The configured backend cannot run on this machine; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class ExecutionResult:
+    """How one program ended.
+
+    status: "passed" (exit 0, or every test of its check passed), "failed" (an AssertionError),
+    "error" (any other exception or a non-zero exit), "timeout" (wall or CPU time limit),
+    "memory" (MemoryError under the address-space limit), "killed" (a signal: file size, crash).
+    returncode: the program's exit status, -N for signal N, None when it did not end by itself.
+    stdout/stderr: UTF-8 text, head and tail kept within the sandbox's `output_limit` bytes each.
+    feedback: what a learner should read: the failing test's lines and exception, the program's
+    traceback, or the limit it hit; truncated to `feedback_limit` characters.
+    duration_s: wall seconds from the program's start to its verdict (sandbox start-up excluded).
+    """
+
+    status: Status
+    returncode: int | None
+    stdout: str
+    stderr: str
+    duration_s: float
+    feedback: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+@dataclass(frozen=True)
+class Check:
+    """Trusted tests run against a candidate's function, after the candidate has loaded.
+
+    The judge executes `setup` (e.g. a HumanEval prompt: helpers the tests use), binds
+    `entry_point` to a bridge into the candidate's process, executes `tests`, then `call` (e.g.
+    `check(candidate)`). Only plain data crosses the bridge. None of these strings may come from
+    the model: they run outside the candidate's process (still inside the sandbox).
+    """
+
+    entry_point: str
+    tests: str
+    setup: str = ""
+    call: str = ""
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """Knobs of the sandbox; limits are per program. Units in the names."""
+
+    backend: str = "process"
+    allow_network: bool = False  # only where a network namespace cannot be made; never by default
+    output_limit_bytes: int = 16384  # kept of each of stdout and stderr
+    feedback_limit_chars: int = 2000
+    file_size_mb: int = 16  # RLIMIT_FSIZE
+    open_files: int = 64  # RLIMIT_NOFILE
+    processes: int = 64  # RLIMIT_NPROC, threads included
+    tmpfs_mb: int = 64  # size of each of /work and /tmp
+    # Standard-library modules imported once before the judge forks the candidate: most HumanEval
+    # prompts import typing, and importing it in both processes doubled a check's cost.
+    preload_modules: tuple[str, ...] = ("typing", "math")
+    uid_base: int = 61000  # as root: slot i runs as uid/gid uid_base + i
+    docker_image: str = "composer-replication:latest"
+    docker_python: str = "python3"
+    docker_cpus: float = 1.0
+    docker_pool: int = 4  # containers, one program at a time in each
+    docker_memory_mb: int = 1024  # per container (the program's own limit is RLIMIT_AS inside)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"sandbox backend {self.backend!r} is unknown; known: {', '.join(BACKENDS)}")
+        for name in ("output_limit_bytes", "feedback_limit_chars", "file_size_mb", "open_files", "processes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"sandbox.{name} must be >= 1, got {getattr(self, name)}")
+        if not 8 <= self.processes <= 64:
+            raise ValueError(f"sandbox.processes must be in [8, 64] (a check needs a handful), got {self.processes}")
+
+
+def run_python(
+    source: str,
+    *,
+    timeout_s: float,
+    memory_mb: int,
+    check: Check | None = None,
+    sandbox: Sandbox | None = None,
+) -> ExecutionResult:
+    """Run one program in the sandbox; with `check`, run the check's tests against it.
+
+    source: the whole program (str). timeout_s: wall-clock seconds for the program (CPU time is
+    capped at the next whole second). memory_mb: address-space limit in MiB (Python itself needs
+    ~30). sandbox: default: a process-backend sandbox made on first use (SandboxUnavailable then).
+    """
+    return (sandbox or default_sandbox()).run(source, timeout_s=timeout_s, memory_mb=memory_mb, check=check)
+
+
+def run_many(
+    sources: Sequence[str],
+    *,
+    workers: int,
+    timeout_s: float,
+    memory_mb: int,
+    checks: Sequence[Check | None] | None = None,
+    sandbox: Sandbox | None = None,
+) -> list[ExecutionResult]:
+    """`run_python` over `sources` on at most `workers` concurrent sandboxes; results in input order."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if checks is not None and len(checks) != len(sources):
+        raise ValueError(f"{len(sources)} sources but {len(checks)} checks")
+    box = sandbox or default_sandbox()
+    jobs = list(zip(sources, checks or [None] * len(sources), strict=True))
+    if workers == 1 or len(jobs) <= 1:
+        return [box.run(s, timeout_s=timeout_s, memory_mb=memory_mb, check=c) for s, c in jobs]
+    with ThreadPoolExecutor(max_workers=min(workers, len(jobs)), thread_name_prefix="sandbox") as pool:
+        return list(pool.map(lambda job: box.run(job[0], timeout_s=timeout_s, memory_mb=memory_mb, check=job[1]), jobs))
+
+
+_DEFAULT: Sandbox | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_sandbox() -> Sandbox:
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        if _DEFAULT is None:
+            _DEFAULT = make_sandbox(SandboxConfig())
+        return _DEFAULT
+
+
+def make_sandbox(config: SandboxConfig | None = None) -> Sandbox:
+    """The backend `config.backend` names, checked to work here (SandboxUnavailable if not)."""
+    config = config or SandboxConfig()
+    if config.backend == "docker":
+        return DockerSandbox(config)
+    return ProcessSandbox(config)
+
+
+class Sandbox:
+    """A backend. Thread-safe: `run_many` calls `run` from several threads."""
+
+    config: SandboxConfig
+    kill_all_of_uid = False  # the harness may kill(-1): only where the uid owns nothing else
+
+    def run(self, source: str, *, timeout_s: float, memory_mb: int, check: Check | None = None) -> ExecutionResult:
+        if timeout_s <= 0 or memory_mb < 32:
+            raise ValueError(f"need timeout_s > 0 and memory_mb >= 32, got {timeout_s} and {memory_mb}")
+        nonce = secrets.token_hex(16)
+        job = {
+            "kill_all_of_uid": self.kill_all_of_uid,
+            "mode": "run" if check is None else "check",
+            "source": source,
+            "filename": "solution.py",
+            "module_name": "__main__" if check is None else "__candidate__",
+            "timeout_s": float(timeout_s),
+            "output_limit": self.config.output_limit_bytes,
+            "preload": list(self.config.preload_modules),
+            "limits": {
+                "cpu_s": max(1, math.ceil(timeout_s)),
+                "memory_mb": int(memory_mb),
+                "file_size_mb": self.config.file_size_mb,
+                "open_files": self.config.open_files,
+                "processes": self.config.processes,
+            },
+        }
+        judge_only = {"nonce": nonce, "check": None if check is None else check.__dict__}
+        request = b"".join(_frame(part) for part in (job, judge_only))
+        started = time.monotonic()
+        out, err, wall_limit_hit = self._execute(request, timeout_s + STARTUP_GRACE_S)
+        return self._result(out, err, nonce, wall_limit_hit, time.monotonic() - started)
+
+    def _execute(self, request: bytes, wall_s: float) -> tuple[bytes, bytes, bool]:
+        raise NotImplementedError
+
+    def _result(self, out: bytes, err: bytes, nonce: str, wall_limit_hit: bool, elapsed: float) -> ExecutionResult:
+        limit = self.config.feedback_limit_chars
+        if wall_limit_hit:
+            return ExecutionResult("timeout", None, "", "", elapsed, "time limit exceeded")
+        try:
+            (length,) = struct.unpack(">Q", out[:8])
+            report = loads(out[8 : 8 + length])
+            if not isinstance(report, dict) or report.get("nonce") != nonce or report.get("status") not in STATUSES:
+                raise ValueError("the report does not carry this run's nonce")
+        except (ValueError, struct.error, UnicodeDecodeError) as exc:
+            detail = err.decode("utf-8", "replace")[-limit:]
+            return ExecutionResult("error", None, "", detail, elapsed, f"sandbox harness gave no verdict ({exc})")
+        return ExecutionResult(
+            status=report["status"],
+            returncode=report["returncode"],
+            stdout=report["stdout"],
+            stderr=report["stderr"],
+            duration_s=float(report["duration_s"]),
+            feedback=_truncate(report["feedback"], limit),
+        )
+
+    def close(self) -> None:
+        pass
+
+
+def _frame(obj: dict) -> bytes:
+    data = _dumps(obj)
+    return struct.pack(">Q", len(data)) + data
+
+
+def _truncate(text: str, limit: int) -> str:
+    """Keep the tail (a traceback's exception line is at the end) within `limit` characters."""
+    return text if len(text) <= limit else "..." + text[-(limit - 3) :]
+
+
+class _SlotPool:
+    """Small integers handed out to concurrent runs (slot i -> uid_base + i as root)."""
+
+    def __init__(self) -> None:
+        self._free: list[int] = []
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def acquire(self) -> int:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            self._next += 1
+            return self._next - 1
+
+    def release(self, slot: int) -> None:
+        with self._lock:
+            self._free.append(slot)
+
+
+class ProcessSandbox(Sandbox):
+    """bubblewrap per program; see the module docstring."""
+
+    def __init__(self, config: SandboxConfig) -> None:
+        self.config = config
+        self.bwrap = shutil.which("bwrap")
+        if self.bwrap is None:
+            raise SandboxUnavailable(
+                "the process sandbox needs bubblewrap, and `bwrap` is not on PATH: install the Debian package "
+                "`bubblewrap` (apt-get install bubblewrap), or set sandbox.backend: docker on a host with an engine"
+            )
+        self.as_root = os.geteuid() == 0
+        self.setpriv = shutil.which("setpriv")
+        if self.as_root and self.setpriv is None:
+            raise SandboxUnavailable(
+                "running as root, the process sandbox drops to an unprivileged uid with `setpriv` "
+                "(util-linux), which is not on PATH: apt-get install util-linux"
+            )
+        self.python = os.path.realpath(sys.executable)
+        # The harness compiled once: the sandbox runs the .pyc, skipping a parse per program.
+        self._tmp = tempfile.TemporaryDirectory(prefix="composer-sandbox-")
+        os.chmod(self._tmp.name, 0o755)
+        self.harness = os.path.join(self._tmp.name, "harness.pyc")
+        py_compile.compile(str(HARNESS_PATH), cfile=self.harness, doraise=True)
+        os.chmod(self.harness, 0o644)
+        self._slots = _SlotPool()
+        self._base = self._bwrap_args(allow_network=config.allow_network)
+        self._probe()
+
+    def _bwrap_args(self, *, allow_network: bool) -> list[str]:
+        args = [self.bwrap, "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+        args += [] if allow_network else ["--unshare-net"]
+        args += [] if self.as_root else ["--unshare-user"]
+        args += ["--die-with-parent", "--new-session", "--hostname", "sandbox"]
+        made: set[str] = {"/"}
+        for top in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64"):
+            if os.path.islink(top):
+                args += ["--symlink", os.readlink(top), top]
+            elif os.path.isdir(top):
+                args += ["--ro-bind", top, top]
+            made.add(top)
+        prefix = os.path.realpath(sys.base_prefix)
+        if not any(prefix == top or prefix.startswith(top + "/") for top in made - {"/"}):
+            parent = os.path.dirname(prefix)
+            chain = []
+            while parent not in made and parent != "/":
+                chain.append(parent)
+                parent = os.path.dirname(parent)
+            for directory in reversed(chain):
+                args += ["--perms", "0755", "--dir", directory]
+            args += ["--ro-bind", prefix, prefix]
+        # Installed packages (the datasets and reference solutions among them) stay out of view.
+        for hidden in _package_dirs():
+            args += ["--perms", "0755", "--tmpfs", hidden]
+        size = str(self.config.tmpfs_mb << 20)
+        args += ["--proc", "/proc", "--dev", "/dev"]
+        args += ["--perms", "1777", "--size", size, "--tmpfs", "/tmp"]
+        args += ["--perms", "1777", "--size", size, "--tmpfs", "/work", "--chdir", "/work"]
+        args += ["--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/work"]
+        args += ["--setenv", "LANG", "C.UTF-8", "--ro-bind", self.harness, "/harness.pyc", "--remount-ro", "/"]
+        return args
+
+    def _command(self, base: list[str], slot: int, info_fd: int | None) -> list[str]:
+        command = list(base)
+        if info_fd is not None:
+            command += ["--info-fd", str(info_fd)]
+        if self.as_root:
+            uid = str(self.config.uid_base + slot)
+            command += [self.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+            command += ["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"]
+        return command + [self.python, "-I", "-S", "-B", "/harness.pyc"]
+
+    def _probe(self) -> None:
+        """Start one empty sandbox now, so a machine that cannot host one fails before any program runs."""
+        failure = self._try(self._base)
+        if failure is None:
+            return
+        if not self.config.allow_network and self._try(self._bwrap_args(allow_network=True)) is None:
+            raise SandboxUnavailable(
+                f"bubblewrap cannot create a network namespace here ({failure}); programs would run with the "
+                "host's network. Allow user/network namespaces for this process (in Docker: a seccomp profile "
+                "that permits unshare/clone of namespaces), or set sandbox.allow_network: true knowingly"
+            )
+        raise SandboxUnavailable(
+            f"bubblewrap cannot start a sandbox here ({failure}). It needs namespaces: as root, "
+            "CAP_SYS_ADMIN; otherwise unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1, "
+            "user.max_user_namespaces > 0; in Docker a seccomp profile that permits them)"
+        )
+
+    def _try(self, base: list[str]) -> str | None:
+        command = self._command(base, 0, None)[:-1] + ["-c", "import os; os.listdir('/work')"]
+        try:
+            done = subprocess.run(command, capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return str(exc)
+        if done.returncode != 0:
+            return done.stderr.decode("utf-8", "replace").strip()[-500:] or f"exit status {done.returncode}"
+        return None
+
+    def _execute(self, request: bytes, wall_s: float) -> tuple[bytes, bytes, bool]:
+        slot = self._slots.acquire()
+        info_r, info_w = os.pipe()
+        try:
+            process = subprocess.Popen(
+                self._command(self._base, slot, info_w),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=(info_w,),
+            )
+            os.close(info_w)
+            info_w = -1
+            try:
+                out, err = process.communicate(request, timeout=wall_s)
+                return out, err, False
+            except subprocess.TimeoutExpired:
+                _kill_sandbox(process, info_r)
+                process.communicate()
+                return b"", b"", True
+            except BaseException:  # Ctrl-C: nothing of the program may outlive us
+                _kill_sandbox(process, info_r)
+                process.wait()
+                raise
+        finally:
+            os.close(info_r)
+            if info_w >= 0:
+                os.close(info_w)
+            self._slots.release(slot)
+
+
+def _kill_sandbox(process: subprocess.Popen, info_r: int) -> None:
+    """SIGKILL the sandbox's pid 1 (the kernel then kills its whole pid namespace), then bwrap."""
+    os.set_blocking(info_r, False)
+    try:
+        info = json.loads(os.read(info_r, 4096) or b"{}")
+        os.kill(int(info["child-pid"]), signal.SIGKILL)
+    except (OSError, ValueError, KeyError):
+        pass  # not started yet: killing bwrap below takes it down (--die-with-parent)
+    process.kill()
+
+
+def _package_dirs() -> list[str]:
+    """site-packages/dist-packages directories visible through the read-only binds."""
+    found = set()
+    for key in ("purelib", "platlib"):
+        for scheme_vars in ({"base": sys.base_prefix, "platbase": sys.base_prefix},):
+            found.add(os.path.realpath(sysconfig.get_path(key, vars=scheme_vars)))
+    for root in ("/usr/lib/python3", f"/usr/lib/python3.{sys.version_info.minor}", "/usr/local/lib"):
+        for name in ("dist-packages", "site-packages"):
+            found.add(os.path.join(root, name))
+    version = f"python3.{sys.version_info.minor}"
+    for root in ("/usr/lib", "/usr/local/lib"):
+        for name in ("dist-packages", "site-packages"):
+            found.add(os.path.join(root, version, name))
+    return sorted(path for path in found if os.path.isdir(path))
+
+
+class DockerSandbox(Sandbox):
+    """A pool of long-lived containers; one program at a time in each, wiped between programs."""
+
+    SANDBOX_UID = 65534
+    kill_all_of_uid = True  # one program at a time per container, as this uid
+
+    def __init__(self, config: SandboxConfig) -> None:
+        self.config = config
+        self.docker = shutil.which("docker")
+        if self.docker is None:
+            raise SandboxUnavailable("the docker sandbox needs the `docker` CLI on PATH (and an engine)")
+        version = subprocess.run([self.docker, "version", "--format", "{{.Server.Version}}"], capture_output=True)
+        if version.returncode != 0:
+            raise SandboxUnavailable(
+                f"the docker sandbox cannot reach a Docker engine: {version.stderr.decode().strip()[-300:]}"
+            )
+        image = subprocess.run([self.docker, "image", "inspect", config.docker_image], capture_output=True)
+        if image.returncode != 0:
+            raise SandboxUnavailable(
+                f"docker image {config.docker_image!r} is not on this host: build it (make image) or set "
+                "sandbox.docker_image to an image with python3"
+            )
+        self.label = f"composer-sandbox={uuid.uuid4().hex[:12]}"
+        self._idle: list[str] = []
+        self._all: list[str] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        atexit.register(self.close)
+        self._previous_sigint = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigint = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._on_sigint)
+        self._acquire_and_release_probe()
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.close()
+        previous = self._previous_sigint
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            raise KeyboardInterrupt
+
+    def _acquire_and_release_probe(self) -> None:
+        container = self._acquire()
+        self._release(container)
+
+    def _start_container(self) -> str:
+        size = f"{self.config.tmpfs_mb}m"
+        memory = f"{self.config.docker_memory_mb}m"
+        command = [
+            self.docker, "run", "-d", "--rm", "--label", self.label,
+            "--network", "none", "--read-only",
+            "--tmpfs", f"/work:rw,size={size},mode=1777", "--tmpfs", f"/tmp:rw,size={size},mode=1777",
+            "--user", f"{self.SANDBOX_UID}:{self.SANDBOX_UID}", "--workdir", "/work",
+            "--pids-limit", str(self.config.processes + 8), "--memory", memory, "--memory-swap", memory,
+            "--cpus", str(self.config.docker_cpus), "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+            "--entrypoint", "sleep", self.config.docker_image, "infinity",
+        ]  # fmt: skip
+        started = subprocess.run(command, capture_output=True)
+        if started.returncode != 0:
+            raise SandboxUnavailable(f"docker run failed: {started.stderr.decode().strip()[-500:]}")
+        return started.stdout.decode().strip()
+
+    def _acquire(self) -> str:
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise SandboxUnavailable("the docker sandbox is closed")
+                if self._idle:
+                    return self._idle.pop()
+                if len(self._all) < self.config.docker_pool:
+                    self._all.append("")  # reserve the place while starting
+                    break
+                self._cond.wait()
+        try:
+            container = self._start_container()
+        except BaseException:
+            with self._cond:
+                self._all.remove("")
+                self._cond.notify()
+            raise
+        with self._cond:
+            self._all[self._all.index("")] = container
+        return container
+
+    def _release(self, container: str) -> None:
+        with self._cond:
+            self._idle.append(container)
+            self._cond.notify()
+
+    def _execute(self, request: bytes, wall_s: float) -> tuple[bytes, bytes, bool]:
+        container = self._acquire()
+        healthy = True
+        try:
+            command = [
+                self.docker, "exec", "-i", "--env", "SANDBOX_WIPE=/work:/tmp", container,
+                self.config.docker_python, "-I", "-S", "-B", "-c", HARNESS_SOURCE,
+            ]  # fmt: skip
+            process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            try:
+                out, err = process.communicate(request, timeout=wall_s)
+                return out, err, False
+            except subprocess.TimeoutExpired:
+                healthy = False
+                process.kill()
+                process.communicate()
+                return b"", b"", True
+            except BaseException:
+                healthy = False
+                process.kill()
+                raise
+        finally:
+            if healthy:
+                self._release(container)
+            else:  # its processes may still run: replace the container rather than reuse it
+                subprocess.run([self.docker, "rm", "-f", container], capture_output=True)
+                with self._cond:
+                    self._all.remove(container)
+                    self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            containers = [c for c in self._all if c]
+            self._all, self._idle = [], []
+            self._cond.notify_all()
+        if containers:
+            subprocess.run([self.docker, "rm", "-f", *containers], capture_output=True)
+        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
+
+
+__all__ = [
+    "STATUSES",
+    "Check",
+    "ExecutionResult",
+    "SandboxConfig",
+    "SandboxUnavailable",
+    "default_sandbox",
+    "make_sandbox",
+    "run_many",
+    "run_python",
+]
