@@ -34,6 +34,7 @@ import math
 import os
 import py_compile
 import secrets
+import select
 import shutil
 import signal
 import struct
@@ -203,7 +204,9 @@ class Sandbox:
     """A backend. Thread-safe: `run_many` calls `run` from several threads."""
 
     config: SandboxConfig
-    kill_all_of_uid = False  # the harness may kill(-1): only where the uid owns nothing else
+    # The judge may kill(-1) at the end: every backend runs it in its own pid namespace (bwrap's, or
+    # the container's), where its uid owns nothing but the program's processes.
+    kill_all_of_uid = True
 
     def run(self, source: str, *, timeout_s: float, memory_mb: int, check: Check | None = None) -> ExecutionResult:
         if timeout_s <= 0 or memory_mb < 32:
@@ -392,6 +395,7 @@ class ProcessSandbox(Sandbox):
     def _execute(self, request: bytes, wall_s: float) -> tuple[bytes, bytes, bool]:
         slot = self._slots.acquire()
         info_r, info_w = os.pipe()
+        pid1 = -1
         try:
             process = subprocess.Popen(
                 self._command(self._base, slot, info_w),
@@ -402,33 +406,63 @@ class ProcessSandbox(Sandbox):
             )
             os.close(info_w)
             info_w = -1
+            # bwrap returns when the judge exits, while its pid 1 may still be reaping a daemon: hold
+            # a pidfd on that pid 1 (taken while bwrap, its parent, is alive, so the pid cannot have
+            # been reused) and kill it ourselves, waiting until the namespace is empty.
+            pid1 = _open_pid1(info_r, wall_s)
             try:
                 out, err = process.communicate(request, timeout=wall_s)
                 return out, err, False
             except subprocess.TimeoutExpired:
-                _kill_sandbox(process, info_r)
+                _end_namespace(pid1)
+                pid1 = -1
+                process.kill()
                 process.communicate()
                 return b"", b"", True
             except BaseException:  # Ctrl-C: nothing of the program may outlive us
-                _kill_sandbox(process, info_r)
+                _end_namespace(pid1)
+                pid1 = -1
+                process.kill()
                 process.wait()
                 raise
         finally:
+            _end_namespace(pid1)
             os.close(info_r)
             if info_w >= 0:
                 os.close(info_w)
             self._slots.release(slot)
 
 
-def _kill_sandbox(process: subprocess.Popen, info_r: int) -> None:
-    """SIGKILL the sandbox's pid 1 (the kernel then kills its whole pid namespace), then bwrap."""
-    os.set_blocking(info_r, False)
+def _open_pid1(info_r: int, timeout_s: float) -> int:
+    """A pidfd on the sandbox's pid 1, from bwrap's --info-fd JSON; -1 if bwrap failed to start."""
+    data = b""
+    deadline = time.monotonic() + timeout_s
+    while b"}" not in data:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([info_r], [], [], remaining)[0]:
+            return -1
+        chunk = os.read(info_r, 4096)
+        if not chunk:
+            return -1
+        data += chunk
     try:
-        info = json.loads(os.read(info_r, 4096) or b"{}")
-        os.kill(int(info["child-pid"]), signal.SIGKILL)
+        return os.pidfd_open(int(json.loads(data)["child-pid"]))
     except (OSError, ValueError, KeyError):
-        pass  # not started yet: killing bwrap below takes it down (--die-with-parent)
-    process.kill()
+        return -1
+
+
+def _end_namespace(pidfd: int) -> None:
+    """SIGKILL the pid namespace's init and wait for it: the kernel kills and reaps every process
+    in the namespace before init's exit is reported. Closes the pidfd; no-op on -1."""
+    if pidfd < 0:
+        return
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        select.select([pidfd], [], [], 10.0)
+    except OSError:
+        pass  # already gone
+    finally:
+        os.close(pidfd)
 
 
 def _package_dirs() -> list[str]:
@@ -451,7 +485,6 @@ class DockerSandbox(Sandbox):
     """A pool of long-lived containers; one program at a time in each, wiped between programs."""
 
     SANDBOX_UID = 65534
-    kill_all_of_uid = True  # one program at a time per container, as this uid
 
     def __init__(self, config: SandboxConfig) -> None:
         self.config = config

@@ -448,9 +448,9 @@ def set_nondumpable():
 
 def kill_everything_else(pid, job):
     """SIGKILL the candidate's process group and, where the backend says this uid owns nothing else
-    in this pid namespace (the docker backend), every process of the uid but us (kill(-1)). Never
-    kill(-1) as root or when not asked: run outside a sandbox, that would hit the whole host. Under
-    bubblewrap the kernel kills the rest of the pid namespace when the judge exits."""
+    in this pid namespace, every process of the uid but us (kill(-1)): daemons that left the group
+    too, so their pipes close now. Never kill(-1) as root or unasked: outside a sandbox that would
+    hit the whole host. (Under bubblewrap the kernel also kills the namespace when the judge exits.)"""
     try:
         os.killpg(pid, signal.SIGKILL)
     except OSError:
