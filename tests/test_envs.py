@@ -95,3 +95,31 @@ def test_reasoning_gym_is_scored_by_the_datasets_own_checker():
 def test_feedback_hint_carries_the_attempt_and_the_verdict():
     hint = feedback_hint(" 13\n", Score(0.0, False, "13 is wrong."))
     assert hint == "A previous attempt did not pass. The attempt:\n13\nFeedback:\n13 is wrong."
+
+
+@pytest.fixture(scope="module")
+def feature_deletion():
+    return make_env("feature_deletion")
+
+
+def test_feature_deletion_makes_at_least_50_validated_tasks(feature_deletion):
+    env = feature_deletion
+    assert len(env.tasks) >= 50
+    assert sum(env.excluded.values()) > 0  # some candidates fail validation and are counted, not kept
+    assert {t.name for t in env.train}.isdisjoint(t.name for t in env.held_out)
+    task = next(t for t in env.tasks if t.name == "boltons.strutils.camel2under")
+    stub = task.code.split("write it.")[1]
+    assert "def camel2under(camel_string):" in stub and "_camel2under_re.sub" not in stub
+    body = task.reference.split('"""')[-1]
+    assert task.score(body).passed  # the original body, as a continuation
+    fenced = f"```python\n{task.reference}```"
+    assert task.score(fenced).passed  # the whole function in a fenced block
+    wrong = task.score("    return camel_string.lower()\n")
+    assert not wrong.passed and "Expected:\n    'basic_parse_test'" in wrong.feedback
+
+
+def test_feature_deletion_cannot_import_the_original_module(feature_deletion):
+    task = next(t for t in feature_deletion.tasks if t.name == "boltons.strutils.camel2under")
+    cheat = "    from boltons.strutils import camel2under as original\n    return original(camel_string)\n"
+    score = task.score(cheat)
+    assert not score.passed and "ModuleNotFoundError: No module named 'boltons'" in score.feedback

@@ -366,3 +366,21 @@ def test_unknown_backend_is_rejected_with_the_known_ones():
 def test_docker_backend_without_its_image_fails_at_start():
     with pytest.raises(SandboxUnavailable, match="docker"):
         make_sandbox(SandboxConfig(backend="docker", docker_image="composer-replication-no-such-image:0"))
+
+
+# ---- the bridge's codec: plain data only, safe on hostile bytes ------------------------------
+
+
+def test_codec_round_trips_plain_data_and_rejects_everything_else():
+    from trainer.sandbox_harness import dumps, loads
+
+    value = [None, True, 1 << 70, -3, 2.5, float("inf"), 1j, "é\n", b"\x00", (1, [2]), {"k": {3}}, frozenset({4})]
+    value.append(range(1, 10, 3))
+    assert loads(dumps(value)) == value
+    assert type(loads(dumps((1,)))) is tuple
+    for not_plain in (object(), type("I", (int,), {})(3), [lambda: 0]):
+        with pytest.raises(TypeError, match="not plain data"):
+            dumps(not_plain)
+    for hostile_bytes in (b"l5;N", b"s99:abc", b"q", b"i12;junk", b"r" + dumps("a") * 3, b"l1;" * 200 + b"N"):
+        with pytest.raises((ValueError, IndexError)):
+            loads(hostile_bytes)

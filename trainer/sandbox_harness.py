@@ -11,15 +11,16 @@ container and talks to it over stdin/stdout. It is two processes:
 - the *candidate* is forked before the judge reads anything secret (the nonce, the tests): it
   closes every descriptor but its own pipes, takes its rlimits and its own session, and runs the
   model's program. With a check, the tests reach the candidate's function only through a call
-  bridge that carries plain data (None, bool, int, float, complex, str, bytes, and lists, tuples,
-  dicts, sets of those), so nothing the candidate defines (an object whose __eq__ is always True,
-  patched builtins, an exit before the tests, os._exit) can make a test pass that should fail.
+  bridge that carries plain data (None, bool, int, float, complex, str, bytes, range, and lists,
+  tuples, dicts, sets of those; an iterator the candidate returns crosses as its items), so
+  nothing the candidate defines (an object whose __eq__ is always True, patched builtins, an exit
+  before the tests, os._exit) can make a test pass that should fail.
 
-Wire format: the host sends two frames on stdin (8-byte big-endian length, then JSON): the job
-(visible to the candidate) and the judge's secrets (nonce and check). The judge answers with one
-JSON line on its private stdout holding the nonce. Between judge and candidate: 4-byte-length JSON
-frames on a pair of pipes. Imports are kept few and lazy: interpreter start-up is most of a
-check's cost.
+Wire format: the host sends two frames on stdin (8-byte big-endian length, then `dumps` bytes):
+the job (visible to the candidate) and the judge's secrets (nonce and check). The judge answers
+with one such frame, holding the nonce, on its private stdout. Between judge and candidate:
+4-byte-length frames on a pair of pipes. Imports are kept few and lazy: interpreter start-up is
+most of a check's cost.
 """
 
 import _signal as signal  # the C module: `signal` imports enum, a third of start-up
@@ -31,6 +32,7 @@ import struct
 import sys
 import time
 
+MAX_ITEMS = 100_000  # items of an iterator a candidate returns, taken across the bridge as a list
 MAX_FRAME = 64 << 20  # bytes: a larger result from the candidate is an error, not a memory blow-up
 HARNESS_FILE = (lambda: None).__code__.co_filename
 CANDIDATE_SOURCE = None  # (filename, source), for tracebacks
@@ -70,6 +72,10 @@ def _dump(value, out, depth):
         data = value.encode("utf-8", "surrogatepass") if kind is str else value
         out.append(b"%s%d:" % (b"s" if kind is str else b"b", len(data)))
         out.append(data)
+    elif kind is range:
+        out.append(b"r")
+        for number in (value.start, value.stop, value.step):
+            _dump(number, out, depth + 1)
     elif kind in _CONTAINER_TAGS:
         out.append(b"%s%d;" % (_CONTAINER_TAGS[kind], len(value)))
         items = value.items() if kind is dict else ((item,) for item in value)
@@ -81,6 +87,7 @@ def _dump(value, out, depth):
 
 
 _CONTAINER_TAGS = {list: b"l", tuple: b"t", dict: b"d", set: b"S", frozenset: b"z"}
+PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes, range, *_CONTAINER_TAGS)
 
 
 def loads(data):
@@ -121,6 +128,14 @@ def _load(data, pos, depth):
             raise ValueError("truncated string")
         chunk = data[pos : pos + size]
         return (chunk.decode("utf-8", "surrogatepass") if tag == b"s" else chunk), pos + size
+    if tag == b"r":
+        bounds = []
+        for _ in range(3):
+            number, pos = _load(data, pos, depth + 1)
+            if type(number) is not int:
+                raise ValueError("range bounds must be ints")
+            bounds.append(number)
+        return range(*bounds), pos
     if tag in (b"l", b"t", b"d", b"S", b"z"):
         text, pos = _number(data, pos)
         count = int(text)
@@ -351,7 +366,16 @@ def candidate_main(job, channel, out_w, err_w):
             reply = {"raised": describe_exception(exc)}
         else:
             try:
-                reply = {"value": dumps(result)}
+                if hasattr(type(result), "__next__") and type(result) not in PLAIN_TYPES:
+                    # an iterator (a generator...): its items, at most MAX_ITEMS; the judge gets iter(items)
+                    items = []
+                    for item in result:
+                        items.append(item)
+                        if len(items) > MAX_ITEMS:
+                            raise TypeError(f"the iterator yielded more than {MAX_ITEMS} items")
+                    reply = {"iterator": dumps(items)}
+                else:
+                    reply = {"value": dumps(result)}
             except TypeError as exc:
                 message = (
                     f"{request['name']} returned {type(result).__name__}; a solution must return plain data ({exc})"
@@ -414,7 +438,7 @@ class Bridge:
         if "raised" in reply:
             raise rebuild_exception(reply["raised"])
         try:
-            value = loads(reply["value"])
+            value = loads(reply["value"]) if "value" in reply else iter(loads(reply["iterator"]))
         except (ValueError, TypeError, KeyError) as exc:
             raise CandidateGone(f"malformed reply: {exc}") from None
         self.last_call[3] = f" returned {value!r}"[:400]
