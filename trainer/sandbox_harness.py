@@ -518,17 +518,23 @@ def status_of_wait(wait_status, timed_out):
 
 
 def judge_main():
+    """One program per interpreter (docker backend; bubblewrap without a zygote)."""
     report_fd = os.dup(1)
     devnull = os.open("/dev/null", os.O_RDWR)
     os.dup2(devnull, 1)
     set_nondumpable()
     if os.environ.get("SANDBOX_WIPE"):  # docker backend: a reused container starts clean
         wipe(os.environ["SANDBOX_WIPE"].split(":"))
-    job = read_frame(0)
+    judge(read_frame(0), report_fd, devnull)
+
+
+def judge(job, report_fd, devnull):
+    """Fork the candidate, then read the judge's frame, run the program or check, report."""
     limits = job["limits"]
     resource.setrlimit(resource.RLIMIT_NPROC, (limits["processes"],) * 2)
     for module in job["preload"]:  # before the fork: judge and candidate share one import
         __import__(module)
+    os.chdir("/work")
     to_candidate_r, to_candidate_w = os.pipe()
     to_judge_r, to_judge_w = os.pipe()
     out_r, out_w = os.pipe()
@@ -691,5 +697,90 @@ def wipe(paths):
                     pass
 
 
+# ---- the zygote: one long-lived sandbox per slot, a fresh namespace set per program ---------
+#
+# Starting an interpreter is most of what a check costs. The zygote runs (as root inside its own
+# bubblewrap sandbox: no network, read-only file system) and, per program, forks a child that
+# enters new mount, pid and IPC namespaces, mounts a fresh tmpfs on /work and /tmp, and forks the
+# judge as pid 1 of the new pid namespace; the judge mounts its own /proc, drops every capability
+# and becomes the slot's unprivileged uid before it forks the candidate. When the judge exits,
+# the kernel kills whatever is left in its pid namespace; the namespaces, the tmpfs and any SysV
+# IPC objects go with it, so nothing carries over to the next program. The zygote reads only the
+# job frame (never the judge's frame: that one the judge reads from the same pipe), so nothing
+# secret is in the memory the candidate inherits.
+
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID = 0x00020000, 0x08000000, 0x20000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 16384, 1 << 18
+PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 24, 38
+
+
+def _libc_call(libc, name, *args):
+    import ctypes
+
+    if getattr(libc, name)(*args) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{name}{args}: {os.strerror(errno)}")
+
+
+def zygote_main(uid, tmpfs_bytes, preload):
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    report_fd = os.dup(1)
+    devnull = os.open("/dev/null", os.O_RDWR)
+    os.dup2(devnull, 1)
+    for module in preload:
+        __import__(module)
+    while True:
+        try:
+            job = read_frame(0)
+        except EOFError:
+            os._exit(0)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                enter_fresh_namespaces(libc, job, uid, tmpfs_bytes, report_fd, devnull)
+            finally:
+                os._exit(70)
+        _, status = os.waitpid(pid, 0)
+        write_frame(report_fd, {"reaped": status})
+
+
+def enter_fresh_namespaces(libc, job, uid, tmpfs_bytes, report_fd, devnull):
+    """Never returns. New mount/pid/IPC namespaces, fresh /work and /tmp, the judge as pid 1."""
+    _libc_call(libc, "unshare", CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC)
+    _libc_call(libc, "mount", b"none", b"/", None, MS_REC | MS_PRIVATE, None)
+    options = b"size=%d,mode=1777" % tmpfs_bytes
+    for target in (b"/work", b"/tmp"):
+        _libc_call(libc, "mount", b"tmpfs", target, b"tmpfs", MS_NOSUID | MS_NODEV, options)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _libc_call(libc, "mount", b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+            drop_privileges(libc, uid)
+            judge(job, report_fd, devnull)
+        finally:
+            os._exit(0)
+    os.close(report_fd)
+    os.waitpid(pid, 0)  # returns once the pid namespace is empty (its init reaps everyone first)
+    os._exit(0)
+
+
+def drop_privileges(libc, uid):
+    """Root -> `uid`: no capabilities (bounding set emptied first), no supplementary groups, no new
+    privileges, not dumpable."""
+    for cap in range(64):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            break  # past the last capability the kernel knows
+    _libc_call(libc, "prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)  # all ids non-zero: permitted and effective capabilities cleared
+    _libc_call(libc, "prctl", 4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 0
+
+
 if __name__ == "__main__":
-    judge_main()
+    if sys.argv[1:2] == ["zygote"]:
+        zygote_main(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
+    else:
+        judge_main()
