@@ -4,6 +4,7 @@ nothing of it alive afterwards)."""
 
 import os
 import socket
+import subprocess
 import textwrap
 import threading
 from pathlib import Path
@@ -400,3 +401,56 @@ def test_codec_round_trips_plain_data_and_rejects_everything_else():
     for hostile_bytes in (b"l5;N", b"s99:abc", b"q", b"i12;junk", b"r" + dumps("a") * 3, b"l1;" * 200 + b"N"):
         with pytest.raises((ValueError, IndexError)):
             loads(hostile_bytes)
+
+
+# ---- the docker backend ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def docker_box():
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        pytest.skip("no Docker engine answers")
+    from tests.docker_python_image import build_image, python_path
+
+    config = SandboxConfig(backend="docker", docker_image=build_image(), docker_python=python_path(), docker_pool=2)
+    sandbox = make_sandbox(config)
+    yield sandbox
+    sandbox.close()
+
+
+def containers_labelled(label: str) -> list[str]:
+    listed = subprocess.run(["docker", "ps", "-aq", "--filter", f"label={label}"], capture_output=True, text=True)
+    return listed.stdout.split()
+
+
+@pytest.mark.docker
+def test_docker_backend_judges_like_the_process_backend(docker_box):
+    daemon = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n" + WRONG_ADD
+    cases = [
+        ("def add(a, b):\n    return a + b\n", "passed"),
+        (WRONG_ADD, "failed"),
+        ("import os\nos._exit(0)\n", "error"),
+        ("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n", "error"),
+        ("def add(a, b):\n    while True:\n        pass\n", "timeout"),
+        (daemon, "failed"),
+    ]
+    sources = [source for source, _ in cases]
+    results = run_many(sources, workers=2, timeout_s=2.0, memory_mb=256, checks=[ADD] * 6, sandbox=docker_box)
+    assert [r.status for r in results] == [status for _, status in cases]
+    writer = "open('/work/x', 'w').write('1')\nopen('/tmp/y', 'w').write('1')"
+    probe = "import os\nprint(os.listdir('/work') + os.listdir('/tmp'), os.getuid())"
+    outputs = [docker_box.run(source, timeout_s=2.0, memory_mb=256).stdout for source in (writer, probe, probe)]
+    assert outputs[1:] == ["[] 65534\n"] * 2  # every program: a fresh work dir, a non-root user
+
+
+@pytest.mark.docker
+def test_docker_backend_removes_its_containers_on_close():
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        pytest.skip("no Docker engine answers")
+    from tests.docker_python_image import build_image, python_path
+
+    sandbox = make_sandbox(SandboxConfig(backend="docker", docker_image=build_image(), docker_python=python_path()))
+    assert sandbox.run("print(1)", timeout_s=2.0, memory_mb=256).stdout == "1\n"
+    assert len(containers_labelled(sandbox.label)) == 1
+    sandbox.close()
+    assert containers_labelled(sandbox.label) == []

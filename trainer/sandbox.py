@@ -596,6 +596,11 @@ def _package_dirs() -> list[str]:
     return sorted(path for path in found if os.path.isdir(path))
 
 
+# The containers' pid 1: reaps the orphans a program leaves (killed daemons would otherwise stay
+# zombies and count against --pids-limit). As pid 1 it is spared by the harness's kill(-1).
+REAPER = "import os, time\nwhile True:\n    try:\n        os.wait()\n    except OSError:\n        time.sleep(0.5)"
+
+
 class DockerSandbox(Sandbox):
     """A pool of long-lived containers; one program at a time in each, wiped between programs."""
 
@@ -651,7 +656,7 @@ class DockerSandbox(Sandbox):
             "--user", f"{self.SANDBOX_UID}:{self.SANDBOX_UID}", "--workdir", "/work",
             "--pids-limit", str(self.config.processes + 8), "--memory", memory, "--memory-swap", memory,
             "--cpus", str(self.config.docker_cpus), "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-            "--entrypoint", "sleep", self.config.docker_image, "infinity",
+            "--entrypoint", self.config.docker_python, self.config.docker_image, "-I", "-S", "-c", REAPER,
         ]  # fmt: skip
         started = subprocess.run(command, capture_output=True)
         if started.returncode != 0:
