@@ -5,8 +5,10 @@ nothing of it alive afterwards)."""
 import os
 import socket
 import subprocess
+import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -454,3 +456,26 @@ def test_docker_backend_removes_its_containers_on_close():
     assert len(containers_labelled(sandbox.label)) == 1
     sandbox.close()
     assert containers_labelled(sandbox.label) == []
+
+
+@pytest.mark.docker
+def test_docker_containers_go_when_their_owner_is_killed(docker_box):
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from trainer.sandbox import SandboxConfig, make_sandbox
+        box = make_sandbox(SandboxConfig(backend="docker", docker_image={docker_box.config.docker_image!r},
+                                         docker_python={docker_box.config.docker_python!r}))
+        print(box.label, box.run("print(2)", timeout_s=2.0, memory_mb=256).stdout.strip(), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)  # no atexit, no cleanup
+        """
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root)
+    label, printed = done.stdout.split()
+    assert (printed, done.returncode) == ("2", -9)
+    for _ in range(60):  # the containers' pid 1 sees its stdin close and exits; --rm removes them
+        if not containers_labelled(label):
+            break
+        time.sleep(0.5)
+    assert containers_labelled(label) == []

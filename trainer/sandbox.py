@@ -17,9 +17,10 @@ them any other way. Isolation comes from a maintained tool, not hand-rolled sysc
   Either way, when the judge exits the kernel kills whatever is left in its pid namespace,
   double-forked daemons included, and the verdict is returned only after that.
 - `docker` backend (a host with an engine): a pool of long-lived containers started with
-  `--network none --read-only`, tmpfs work dir, a non-root user, pids/memory/CPU limits; each
-  program is a `docker exec` whose harness wipes the work dir and kills every process of the
-  sandbox user before it reports. Containers are removed on close, at exit and on Ctrl-C. This
+  `--network none --read-only`, tmpfs work dir, a non-root user, pids/memory/CPU limits, all
+  capabilities dropped; each program is a `docker exec` whose harness wipes the work dir and kills
+  every process of the sandbox user before it reports. The containers stay attached to this
+  process's pipes and end when it does, however it ends (close(), exit, Ctrl-C, SIGKILL). This
   talks to Docker through its CLI, not the SDK: trainer/ does not depend on the docker package.
 
 Inside, `trainer/sandbox_harness.py` splits a judge from the candidate: see its docstring for why a
@@ -597,8 +598,18 @@ def _package_dirs() -> list[str]:
 
 
 # The containers' pid 1: reaps the orphans a program leaves (killed daemons would otherwise stay
-# zombies and count against --pids-limit). As pid 1 it is spared by the harness's kill(-1).
-REAPER = "import os, time\nwhile True:\n    try:\n        os.wait()\n    except OSError:\n        time.sleep(0.5)"
+# zombies and count against --pids-limit; as pid 1 it is spared by the harness's kill(-1)), and
+# exits, ending the container, when its stdin (held by the sandbox's process) closes.
+REAPER = """
+import os, sys, threading, time
+threading.Thread(target=lambda: (sys.stdin.buffer.read(), os._exit(0)), daemon=True).start()
+print("ready", flush=True)
+while True:
+    try:
+        os.wait()
+    except OSError:
+        time.sleep(0.5)
+"""
 
 
 class DockerSandbox(Sandbox):
@@ -627,20 +638,9 @@ class DockerSandbox(Sandbox):
         self._all: list[str] = []
         self._cond = threading.Condition()
         self._closed = False
+        self._attached: dict[str, subprocess.Popen] = {}
         atexit.register(self.close)
-        self._previous_sigint = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous_sigint = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, self._on_sigint)
         self._acquire_and_release_probe()
-
-    def _on_sigint(self, signum, frame) -> None:
-        self.close()
-        previous = self._previous_sigint
-        if callable(previous):
-            previous(signum, frame)
-        else:
-            raise KeyboardInterrupt
 
     def _acquire_and_release_probe(self) -> None:
         container = self._acquire()
@@ -649,8 +649,9 @@ class DockerSandbox(Sandbox):
     def _start_container(self) -> str:
         size = f"{self.config.tmpfs_mb}m"
         memory = f"{self.config.docker_memory_mb}m"
+        name = f"composer-sandbox-{self.label.split('=')[1]}-{uuid.uuid4().hex[:6]}"
         command = [
-            self.docker, "run", "-d", "--rm", "--label", self.label,
+            self.docker, "run", "-i", "--rm", "--name", name, "--label", self.label,
             "--network", "none", "--read-only",
             "--tmpfs", f"/work:rw,size={size},mode=1777", "--tmpfs", f"/tmp:rw,size={size},mode=1777",
             "--user", f"{self.SANDBOX_UID}:{self.SANDBOX_UID}", "--workdir", "/work",
@@ -658,10 +659,15 @@ class DockerSandbox(Sandbox):
             "--cpus", str(self.config.docker_cpus), "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
             "--entrypoint", self.config.docker_python, self.config.docker_image, "-I", "-S", "-c", REAPER,
         ]  # fmt: skip
-        started = subprocess.run(command, capture_output=True)
-        if started.returncode != 0:
-            raise SandboxUnavailable(f"docker run failed: {started.stderr.decode().strip()[-500:]}")
-        return started.stdout.decode().strip()
+        # Attached (-i): the container's pid 1 exits when our end of its stdin closes, so the
+        # container goes (--rm) however this process ends: close(), exit, Ctrl-C, SIGTERM, SIGKILL.
+        attached = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if attached.stdout.readline() != b"ready\n":
+            attached.kill()
+            _, err = attached.communicate()
+            raise SandboxUnavailable(f"docker run failed: {err.decode(errors='replace').strip()[-500:]}")
+        self._attached[name] = attached
+        return name
 
     def _acquire(self) -> str:
         with self._cond:
@@ -716,6 +722,10 @@ class DockerSandbox(Sandbox):
                 self._release(container)
             else:  # its processes may still run: replace the container rather than reuse it
                 subprocess.run([self.docker, "rm", "-f", container], capture_output=True)
+                attached = self._attached.pop(container, None)
+                if attached is not None:
+                    attached.kill()
+                    attached.communicate()
                 with self._cond:
                     self._all.remove(container)
                     self._cond.notify()
@@ -730,8 +740,9 @@ class DockerSandbox(Sandbox):
             self._cond.notify_all()
         if containers:
             subprocess.run([self.docker, "rm", "-f", *containers], capture_output=True)
-        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous_sigint)
+        for attached in self._attached.values():
+            attached.kill()
+            attached.communicate()
 
 
 __all__ = [
