@@ -333,6 +333,13 @@ class ProcessSandbox(Sandbox):
         self._zygotes: dict[int, _Zygote] = {}
         self._zygotes_lock = threading.Lock()
         atexit.register(self.close)
+        if self.as_root and config.zygote:  # the zygote needs namespaces and mounts of its own
+            probe = self.run("import os; os.listdir('/work')", timeout_s=10.0, memory_mb=256)
+            if probe.status != "passed":
+                raise SandboxUnavailable(
+                    f"the sandbox's zygote cannot run a program here ({probe.feedback}: {probe.stderr[-500:]}); "
+                    "set sandbox.zygote: false to start a sandbox per program"
+                )
 
     def _execute_in_zygote(self, request: bytes, wall_s: float) -> tuple[bytes, bytes, bool]:
         slot = self._slots.acquire()
