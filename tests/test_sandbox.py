@@ -479,3 +479,16 @@ def test_docker_containers_go_when_their_owner_is_killed(docker_box):
             break
         time.sleep(0.5)
     assert containers_labelled(label) == []
+
+
+def test_set_default_sandbox_is_what_run_python_uses():
+    from trainer import sandbox as module
+
+    mine = make_sandbox(SandboxConfig(uid_base=UID_BASE, output_limit_bytes=64))
+    module.set_default_sandbox(mine)
+    try:
+        assert module.default_sandbox() is mine
+        assert "bytes truncated" in module.run_python("print('x' * 500)", timeout_s=2.0, memory_mb=256).stdout
+    finally:
+        module.set_default_sandbox(None)
+        mine.close()

@@ -201,6 +201,15 @@ def default_sandbox() -> Sandbox:
         return _DEFAULT
 
 
+def set_default_sandbox(sandbox: Sandbox | None) -> None:
+    """Make `sandbox` the one run_python, run_many and the environments use when given none (a
+    worker: `set_default_sandbox(make_sandbox(SandboxConfig(**config.sandbox)))` at start-up). None:
+    back to a process sandbox made on first use."""
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        _DEFAULT = sandbox
+
+
 def make_sandbox(config: SandboxConfig | None = None) -> Sandbox:
     """The backend `config.backend` names, checked to work here (SandboxUnavailable if not)."""
     config = config or SandboxConfig()
@@ -762,4 +771,5 @@ __all__ = [
     "make_sandbox",
     "run_many",
     "run_python",
+    "set_default_sandbox",
 ]
