@@ -20,6 +20,9 @@ RUN python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["
     fi
 
 FROM ${BASE_IMAGE}
+# bubblewrap: trainer.sandbox's process backend runs model-written code under it.
+RUN apt-get update -q && apt-get install -y -q --no-install-recommends bubblewrap \
+ && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 10001 trainer
 COPY --from=deps /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \

@@ -22,7 +22,7 @@ class AnythingGoes(Task):
 def test_evaluate_scores_greedy_and_k_samples_of_every_task():
     tasks = AdditionTasks(5, held_out=6)
     model, tokenizer = tiny_model_and_tokenizer(tasks.corpus(), vocab_size=300, hidden_size=32, num_layers=1)
-    held = tasks.held_out_tasks()
+    held = tasks.held_out
     torch.manual_seed(0)
     never = evaluate(model, tokenizer, held, k=3, max_prompt_length=64, max_completion_length=3, temperature=1.0)
     assert len(never.greedy_correct) == 6 and len(never.sampled_correct) == 6

@@ -38,12 +38,12 @@ def test_corpus_covers_every_prompt_shape():
 
 def test_held_out_problems_are_never_drawn_for_training_and_the_split_is_fixed():
     tasks = AdditionTasks(max_operand=9, held_out=20)
-    held = {t.question for t in tasks.held_out_tasks()}
+    held = {t.question for t in tasks.held_out}
     assert len(held) == 20
     rng = random.Random(0)
     drawn = {tasks.sample(rng).question for _ in range(5000)}
     assert drawn.isdisjoint(held) and len(drawn) == 100 - 20  # every other problem still appears
-    assert [t.question for t in AdditionTasks(9, held_out=20).held_out_tasks()] == sorted(held, key=_operands)
+    assert [t.question for t in AdditionTasks(9, held_out=20).held_out] == sorted(held, key=_operands)
 
 
 def test_holding_out_more_than_half_the_problems_is_refused():

@@ -476,7 +476,7 @@ def evaluate_held_out(run: Run, books: Books, *, rounds_done: int, outer_step: i
     config, topo = run.config, run.topo
     if not config.eval.every:
         return
-    shard = run.tasks.held_out_tasks()[topo.rank :: topo.world_size]
+    shard = run.tasks.held_out[topo.rank :: topo.world_size]
     torch.manual_seed(step_seed(config.seed, -2, outer_step, topo.rank))
     with run.autocast():
         counts = evaluate(

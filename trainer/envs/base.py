@@ -1,0 +1,113 @@
+"""What every environment shares: the Task and Environment contracts, Score, and the errors.
+
+An environment hands out tasks; a task turns a completion into a Score whose `feedback` is what
+the environment said about that very attempt (the failing test and its traceback, the checker's
+verdict). The SDPO paper's strongest teacher context is exactly that feedback ("rich feedback"),
+so it is the weakest of the layered hints a worker can choose (`hint_level: feedback`), followed
+by each task's static `hints` (a partial hint, then the reference).
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+FEEDBACK_LIMIT = 1500  # characters of feedback kept (the tail: an exception's line is last)
+
+
+@dataclass(frozen=True)
+class Score:
+    """reward in [0, 1]; passed: the attempt is fully correct; feedback: at most FEEDBACK_LIMIT chars."""
+
+    reward: float
+    passed: bool
+    feedback: str
+
+    def __post_init__(self) -> None:
+        if len(self.feedback) > FEEDBACK_LIMIT:
+            object.__setattr__(self, "feedback", truncate(self.feedback))
+
+
+def truncate(text: str, limit: int = FEEDBACK_LIMIT) -> str:
+    return text if len(text) <= limit else "..." + text[-(limit - 3) :]
+
+
+class UnknownSourceError(ValueError):
+    """An environment source or dataset name that does not exist. `key` is the option that named
+    it ("task.source"), `known` the valid names, so a config layer can add file and line."""
+
+    def __init__(self, what: str, name: str, known: Sequence[str], key: str = "task.source") -> None:
+        self.name, self.known, self.key = name, tuple(known), key
+        super().__init__(f"{key}: unknown {what} {name!r}; known: {', '.join(self.known)}")
+
+
+class Task(ABC):
+    """One verifiable problem.
+
+    hints: static hints, weakest first (a partial hint, then the reference); the per-attempt
+    `Score.feedback` comes before them all. reference: the answer or a correct solution.
+    """
+
+    hints: tuple[str, ...]
+    reference: str | None
+
+    @abstractmethod
+    def prompt(self, hint: str | None = None) -> str:
+        """The user message; with `hint`, the SDPO teacher's context for the same task."""
+
+    @abstractmethod
+    def score(self, completion: str) -> Score:
+        """Check `completion` (the model's text after the prompt)."""
+
+    def reward(self, completion: str) -> float:
+        return self.score(completion).reward
+
+
+class Environment(ABC):
+    """Hands out tasks. `sample` never returns a held-out task."""
+
+    name: str
+
+    @abstractmethod
+    def sample(self, rng: random.Random) -> Task: ...
+
+    def corpus(self) -> list[str]:
+        """Text a tiny tokenizer is trained on: prompts, hints and answers of many tasks."""
+        rng = random.Random(0)
+        lines: list[str] = []
+        for _ in range(500):
+            task = self.sample(rng)
+            lines += [task.prompt(), *task.hints, task.reference or ""]
+        return lines
+
+    def score_many(self, tasks: Sequence[Task], completions: Sequence[str], *, workers: int = 2) -> list[Score]:
+        """Scores of completions[i] against tasks[i]; code environments run them on a worker pool."""
+        return [task.score(text) for task, text in zip(tasks, completions, strict=True)]
+
+
+class FiniteEnvironment(Environment):
+    """A dataset: `tasks` holds every task, `held_out` the evaluation split; `train` the rest."""
+
+    tasks: Sequence[Task]
+    train: Sequence[Task]
+    held_out: Sequence[Task]
+
+    def sample(self, rng: random.Random) -> Task:
+        return self.train[rng.randrange(len(self.train))]
+
+
+def split(tasks: Sequence[Task], held_out_every: int) -> tuple[list[Task], list[Task]]:
+    """Deterministic split: every `held_out_every`-th task (by position) is held out."""
+    if held_out_every < 2:
+        raise ValueError(f"held_out_every must be >= 2, got {held_out_every}")
+    train = [t for i, t in enumerate(tasks) if i % held_out_every != held_out_every - 1]
+    held = [t for i, t in enumerate(tasks) if i % held_out_every == held_out_every - 1]
+    return train, held
+
+
+def feedback_hint(completion: str, score: Score) -> str:
+    """The teacher's context at `hint_level: feedback`: the attempt and what the environment said."""
+    verdict = "passed" if score.passed else "did not pass"
+    return f"A previous attempt {verdict}. The attempt:\n{completion.strip()}\nFeedback:\n{score.feedback.strip()}"
