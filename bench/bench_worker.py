@@ -19,11 +19,11 @@ import torch
 
 from trainer.config import load_config
 from trainer.diloco import DiLoCo
+from trainer.envs import make_env
 from trainer.losses import ComposerBatch, composer_total_loss
 from trainer.model import tiny_model_and_tokenizer
 from trainer.replay import PreferenceFeed, PreferenceReplay
 from trainer.rollout import rollout
-from trainer.tasks import make_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -45,7 +45,7 @@ def interleaved(steps: dict) -> dict[str, float]:
 def main() -> None:
     torch.set_num_threads(1)
     config = load_config(REPO / "configs" / "smoke.yaml")
-    tasks = make_tasks(config.task.source, max_operand=config.task.max_operand)
+    tasks = make_env(config.task.source, max_operand=config.task.max_operand)
     model, tokenizer = tiny_model_and_tokenizer(
         tasks.corpus(),
         vocab_size=config.model.vocab_size,

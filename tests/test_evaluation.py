@@ -2,9 +2,11 @@
 
 import torch
 
+from trainer.envs import Score
+from trainer.envs.addition import Addition as AdditionTasks
+from trainer.envs.addition import AdditionTask as Task
 from trainer.evaluation import EvalCounts, evaluate
 from trainer.model import tiny_model_and_tokenizer
-from trainer.tasks import AdditionTasks, Task
 
 
 def test_shards_add_up_and_pass_at_k_is_any_of_k_correct():
@@ -15,8 +17,8 @@ def test_shards_add_up_and_pass_at_k_is_any_of_k_correct():
 
 
 class AnythingGoes(Task):
-    def reward(self, completion: str) -> float:
-        return 1.0
+    def score(self, completion: str) -> Score:
+        return Score(1.0, True, "anything goes")
 
 
 def test_evaluate_scores_greedy_and_k_samples_of_every_task():

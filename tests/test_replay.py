@@ -8,9 +8,10 @@ import torch
 
 from tests.test_losses_model import ANSWERS, QUESTIONS, WRONG, answer, chat, model_and_tokenizer, replay_buffer
 from tests.test_rollout import policy, run
+from trainer.envs import Score
+from trainer.envs.addition import AdditionTask as Task
 from trainer.losses import ComposerBatch, composer_total_loss, sequence_logps
 from trainer.replay import PreferenceFeed, PreferenceReplay
-from trainer.tasks import Task
 
 __all__ = ["model_and_tokenizer", "policy"]  # fixtures: imported to be used here
 
@@ -100,8 +101,9 @@ def test_replay_buffer_state_dict_resumes_without_rescoring(model_and_tokenizer,
 class EvenLengthTask(Task):
     """A checker a random model passes about half the time, so groups disagree."""
 
-    def reward(self, completion: str) -> float:
-        return float(len(completion) % 2 == 0)
+    def score(self, completion: str) -> Score:
+        even = len(completion) % 2 == 0
+        return Score(float(even), even, "even length" if even else "odd length")
 
 
 def test_sibling_pairs_fill_the_replay_buffer(policy):

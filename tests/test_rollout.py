@@ -5,9 +5,10 @@ import random
 import pytest
 import torch
 
+from trainer.envs.addition import Addition as AdditionTasks
+from trainer.envs.addition import AdditionTask as Task
 from trainer.model import tiny_model_and_tokenizer
 from trainer.rollout import chat_prompt_ids, rollout
-from trainer.tasks import AdditionTasks, Task
 
 G = 4
 

@@ -1,6 +1,8 @@
 import random
 
-from trainer.tasks import AdditionTasks, Task, sibling_hint
+from trainer.envs import sibling_hint
+from trainer.envs.addition import Addition as AdditionTasks
+from trainer.envs.addition import AdditionTask as Task
 
 
 def test_addition_answer_hints_and_reward():

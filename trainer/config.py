@@ -62,15 +62,40 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    source: Literal["addition"] = "addition"
-    max_operand: int = 19  # operands are drawn from [0, max_operand]
-    hint_level: int = 2  # which of the layered hints (0 = weakest) the SDPO teacher reads
+    # An environment (trainer.envs): addition, reasoning_gym:<dataset>, humaneval, feature_deletion,
+    # code_arith; `options` are the environment's own keyword arguments.
+    source: str = "addition"
+    options: dict = field(default_factory=dict)
+    max_operand: int = 19  # addition: operands are drawn from [0, max_operand]
+    # What the SDPO teacher reads: "feedback" (the environment's verdict on this very sample),
+    # "partial" (the task's weakest static hint), "reference" (its strongest), or an index into
+    # the task's hints (0 = weakest).
+    hint_level: int | Literal["feedback", "partial", "reference"] = 2
     sibling_hints: bool = True  # a correct sibling rollout, when there is one, replaces the hint
     traces: str | None = None  # agent-trace file/dir: DPO pairs come from it instead of siblings
 
     def __post_init__(self) -> None:
+        from trainer.envs import UnknownSourceError, check_source
+
         _require(self.max_operand >= 1, "task.max_operand", "must be >= 1")
-        _require(0 <= self.hint_level <= 2, "task.hint_level", "must be 0, 1 or 2")
+        _require(not isinstance(self.hint_level, int) or self.hint_level >= 0, "task.hint_level", "must be >= 0")
+        try:
+            check_source(self.source)
+        except UnknownSourceError as error:
+            raise ConfigError(str(error)) from None
+
+
+@dataclass
+class SandboxSection:
+    """Where model-written code runs (trainer.sandbox); only code environments start one."""
+
+    backend: Literal["process", "docker"] = "process"
+    workers: int = 2  # programs checked at once
+    zygote: bool = True  # as root: pre-forked sandboxes, no interpreter start per program
+    allow_network: bool = False  # only where no network namespace can be made; never by default
+
+    def __post_init__(self) -> None:
+        _require(self.workers >= 1, "sandbox.workers", "must be >= 1")
 
 
 @dataclass
@@ -224,6 +249,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
+    sandbox: SandboxSection = field(default_factory=SandboxSection)
     eval: EvalConfig = field(default_factory=EvalConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
@@ -308,8 +334,14 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
-        (inner,) = [option for option in options if option is not type(None)]
-        return _coerce(inner, value, key)
+        inner = [option for option in options if option is not type(None)]
+        errors = []
+        for option in inner:  # the first type that takes the value
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as error:
+                errors.append(str(error).split(": ", 1)[1])
+        raise ConfigError(f"{key}: {' or '.join(errors)}")
     if origin is Literal:
         allowed = typing.get_args(hint)
         if value not in allowed:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trainer.rollout import chat_prompt_ids, decode_completions, sample
-from trainer.tasks import Task
+from trainer.envs import Task
+from trainer.rollout import ScoreMany, chat_prompt_ids, decode_completions, sample, score_each
 
 __all__ = ["EvalCounts", "evaluate"]
 
@@ -54,8 +54,12 @@ def evaluate(
     max_prompt_length: int,
     max_completion_length: int,
     temperature: float,
+    score_many: ScoreMany = score_each,
 ) -> EvalCounts:
-    """Greedy and k sampled completions of every task; sampling draws from torch's global generator."""
+    """Greedy and k sampled completions of every task; sampling draws from torch's global generator.
+
+    `score_many` scores them (an environment's pool for code); a completion counts when its reward > 0.
+    """
     if not tasks:
         return EvalCounts([], [], k)
     prompts = chat_prompt_ids(tokenizer, [task.prompt() for task in tasks], max_prompt_length)
@@ -64,8 +68,10 @@ def evaluate(
     repeated = [ids for ids in prompts for _ in range(k)]
     drawn = sample(model, tokenizer, repeated, max_new_tokens=max_completion_length, temperature=temperature)
     texts = decode_completions(tokenizer, drawn.completion_ids, drawn.completion_mask)
+    greedy_scores = score_many(list(tasks), greedy_texts)
+    sampled_scores = score_many([task for task in tasks for _ in range(k)], texts)
     return EvalCounts(
-        greedy_correct=[task.reward(text) > 0 for task, text in zip(tasks, greedy_texts, strict=True)],
-        sampled_correct=[sum(tasks[i].reward(texts[i * k + j]) > 0 for j in range(k)) for i in range(len(tasks))],
+        greedy_correct=[s.reward > 0 for s in greedy_scores],
+        sampled_correct=[sum(sampled_scores[i * k + j].reward > 0 for j in range(k)) for i in range(len(tasks))],
         k=k,
     )

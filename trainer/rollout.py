@@ -9,14 +9,23 @@ What the DPO channel makes of a rollout (sibling pairs) is `trainer.replay.Prefe
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from trainer.batching import pad_sequences
+from trainer.envs import Score, Task, hint_for, sibling_hint
 from trainer.losses import PolicyBatch, group_advantages
-from trainer.tasks import Task, sibling_hint
+
+ScoreMany = Callable[[Sequence[Task], Sequence[str]], list[Score]]
+
+
+def score_each(tasks: Sequence[Task], completions: Sequence[str]) -> list[Score]:
+    """The default scorer: each task's own `score`, one at a time (code environments pool them)."""
+    return [task.score(text) for task, text in zip(tasks, completions, strict=True)]
 
 
 @dataclass
@@ -25,6 +34,8 @@ class RolloutStats:
     teacher_reward: float | None  # same prompts sampled with the hint in context (None: not measured)
     solved_groups: float  # fraction of prompts with at least one correct sample
     completion_tokens: int
+    generation_s: float  # seconds in `generate` (student and teacher-reward samples)
+    execution_s: float  # seconds scoring them (the sandbox, for code environments)
 
 
 @dataclass
@@ -35,6 +46,7 @@ class Rollout:
     prompts: list[list[int]]  # the N prompts' token ids, unpadded
     rewards: torch.Tensor  # (N*G,) float32 checker rewards
     correct: torch.Tensor  # (N, G) bool, reward > 0
+    scores: list[Score]  # N*G, with the environment's feedback on each sample
     stats: RolloutStats
 
 
@@ -142,22 +154,28 @@ def rollout(
     max_prompt_length: int,
     max_completion_length: int,
     temperature: float,
-    hint_level: int,
+    hint_level: int | str,
     sibling_hints: bool,
     teacher: PreTrainedModel | None,
+    score_many: ScoreMany = score_each,
 ) -> Rollout:
     """Sample G completions per task, score them and build the teacher's context; see the module docstring.
 
     `teacher` is the SDPO teacher's model (the policy itself, or an EMA copy); with it the batch
-    gets the hinted prompts and the stats the teacher's own reward. None: no SDPO channel.
+    gets the hinted prompts (`hint_level`: see `trainer.envs.hint_for`; "feedback" is what the
+    environment said about that very sample) and the stats the teacher's own reward. None: no SDPO
+    channel. `score_many` scores a list of completions (an environment's `score_many`: code
+    environments run them on the sandbox's pool).
     """
+    clock = time.perf_counter()
     prompts = chat_prompt_ids(tokenizer, [task.prompt() for task in tasks], max_prompt_length)
     repeated = [ids for ids in prompts for _ in range(group_size)]
     drawn = sample(model, tokenizer, repeated, max_new_tokens=max_completion_length, temperature=temperature)
     texts = decode_completions(tokenizer, drawn.completion_ids, drawn.completion_mask)
-    rewards = torch.tensor(
-        [tasks[row // group_size].reward(text) for row, text in enumerate(texts)], dtype=torch.float32
-    )
+    generation_s, clock = time.perf_counter() - clock, time.perf_counter()
+    scores = score_many([tasks[row // group_size] for row in range(len(texts))], texts)
+    execution_s = time.perf_counter() - clock
+    rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
     correct = rewards.view(len(tasks), group_size) > 0
 
     policy = PolicyBatch(
@@ -171,7 +189,7 @@ def rollout(
     teacher_reward = None
     device = drawn.prompt_ids.device
     if teacher is not None:
-        hints = _teacher_hints(tasks, texts, correct, hint_level=hint_level, use_siblings=sibling_hints)
+        hints = _teacher_hints(tasks, texts, scores, correct, hint_level=hint_level, use_siblings=sibling_hints)
         hinted = chat_prompt_ids(
             tokenizer,
             [tasks[row // group_size].prompt(hint) for row, hint in enumerate(hints)],
@@ -179,23 +197,38 @@ def rollout(
         )
         teacher_ids, teacher_mask = pad_sequences(hinted, tokenizer.pad_token_id, left=True)
         policy.teacher_prompt_ids, policy.teacher_prompt_mask = teacher_ids.to(device), teacher_mask.to(device)
-        teacher_reward = _teacher_reward(
-            teacher, tokenizer, tasks, hint_level, max_prompt_length, max_completion_length, temperature
+        clock = time.perf_counter()
+        # the level's hint for each task (never a sibling's answer), with its first sample's feedback
+        first = [
+            hint_for(task, hint_level, texts[n * group_size], scores[n * group_size]) for n, task in enumerate(tasks)
+        ]
+        teacher_reward, teacher_execution_s = _teacher_reward(
+            teacher, tokenizer, tasks, first, max_prompt_length, max_completion_length, temperature, score_many
         )
+        generation_s += time.perf_counter() - clock - teacher_execution_s
+        execution_s += teacher_execution_s
 
     stats = RolloutStats(
         reward=rewards.mean().item(),
         teacher_reward=teacher_reward,
         solved_groups=correct.any(dim=1).float().mean().item(),
         completion_tokens=int(drawn.completion_mask.sum()),
+        generation_s=generation_s,
+        execution_s=execution_s,
     )
-    return Rollout(policy=policy, prompts=prompts, rewards=rewards, correct=correct, stats=stats)
+    return Rollout(policy=policy, prompts=prompts, rewards=rewards, correct=correct, scores=scores, stats=stats)
 
 
 def _teacher_hints(
-    tasks: list[Task], texts: list[str], correct: torch.Tensor, *, hint_level: int, use_siblings: bool
+    tasks: list[Task],
+    texts: list[str],
+    scores: list[Score],
+    correct: torch.Tensor,
+    *,
+    hint_level: int | str,
+    use_siblings: bool,
 ) -> list[str]:
-    """Per row: a correct sibling's answer when one exists (not the row itself), else the task hint."""
+    """Per row: a correct sibling's answer when one exists (not the row itself), else the hint at the level."""
     group_size = correct.shape[1]
     hints = []
     for row in range(len(texts)):
@@ -204,7 +237,7 @@ def _teacher_hints(
         if use_siblings and siblings:
             hints.append(sibling_hint(texts[group * group_size + siblings[0]]))
         else:
-            hints.append(tasks[group].hints[hint_level])
+            hints.append(hint_for(tasks[group], hint_level, texts[row], scores[row]))
     return hints
 
 
@@ -212,13 +245,19 @@ def _teacher_reward(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     tasks: list[Task],
-    hint_level: int,
+    hints: list[str],
     max_prompt_length: int,
     max_completion_length: int,
     temperature: float,
-) -> float:
-    """How often the hinted policy (the SDPO teacher) solves the same prompts: one sample each."""
-    hinted = chat_prompt_ids(tokenizer, [task.prompt(task.hints[hint_level]) for task in tasks], max_prompt_length)
+    score_many: ScoreMany,
+) -> tuple[float, float]:
+    """How often the hinted policy (the SDPO teacher) solves the same prompts, one sample each; and the
+    seconds spent scoring them."""
+    hinted = chat_prompt_ids(
+        tokenizer, [task.prompt(hint) for task, hint in zip(tasks, hints, strict=True)], max_prompt_length
+    )
     drawn = sample(model, tokenizer, hinted, max_new_tokens=max_completion_length, temperature=temperature)
     texts = decode_completions(tokenizer, drawn.completion_ids, drawn.completion_mask)
-    return sum(task.reward(text) for task, text in zip(tasks, texts, strict=True)) / len(tasks)
+    clock = time.perf_counter()
+    scores = score_many(tasks, texts)
+    return sum(s.reward for s in scores) / len(tasks), time.perf_counter() - clock

@@ -15,19 +15,19 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trainer.batching import pad_sequences
+from trainer.envs import Environment, Task, sibling_hint
 from trainer.rollout import chat_prompt_ids
-from trainer.tasks import AdditionTasks, Task, sibling_hint
 
 
 def supervised_warmup(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    tasks: AdditionTasks,
+    tasks: Environment,
     *,
     steps: int,
     batch_size: int,
     lr: float,
-    hint_level: int,
+    hint_level: int | str,
     sibling_hints: bool,
     max_prompt_length: int,
     rng: random.Random,
@@ -41,7 +41,10 @@ def supervised_warmup(
         prompts = chat_prompt_ids(
             tokenizer, [_warmup_prompt(t, hint_level, sibling_hints, rng) for t in batch], max_prompt_length
         )
-        answers = [tokenizer(t.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in batch]
+        answers = [
+            tokenizer(t.demonstration(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            for t in batch
+        ]
         ids, mask = pad_sequences(
             [p + a for p, a in zip(prompts, answers, strict=True)], tokenizer.pad_token_id, left=False
         )
@@ -57,10 +60,12 @@ def supervised_warmup(
     return losses
 
 
-def _warmup_prompt(task: Task, hint_level: int, sibling_hints: bool, rng: random.Random) -> str:
+def _warmup_prompt(task: Task, hint_level: int | str, sibling_hints: bool, rng: random.Random) -> str:
     """No hint half of the time; else the teacher's hint (a sibling's answer, if the run uses those)."""
     if rng.random() < 0.5:
         return task.prompt()
     if sibling_hints and rng.random() < 0.5:
-        return task.prompt(sibling_hint(task.answer))
-    return task.prompt(task.hints[hint_level])
+        return task.prompt(sibling_hint(task.demonstration()))
+    # No sample exists yet to give feedback on: a feedback run learns to read the reference hint.
+    level = {"partial": 0, "reference": -1, "feedback": -1}.get(hint_level, hint_level)
+    return task.prompt(task.hints[level])

@@ -44,6 +44,7 @@ from trainer import checkpoint
 from trainer.checkpoint import TrainingState
 from trainer.config import Config, ConfigError, dump_config, load_config_or_exit
 from trainer.diloco import DiLoCo, parameters_hash
+from trainer.envs import Environment, make_env
 from trainer.evaluation import EvalCounts, evaluate
 from trainer.losses import ComposerBatch, ComposerLossOutput, composer_total_loss
 from trainer.metrics import MetricsLog, mean_and_error, plot_curves, run_summary, table_header, table_row
@@ -52,7 +53,7 @@ from trainer.precision import autocast, compute_dtype
 from trainer.replay import PreferenceFeed, PreferenceReplay
 from trainer.rollout import rollout
 from trainer.run_dir import check_resumable, choose_run_dir
-from trainer.tasks import make_tasks
+from trainer.sandbox import SandboxConfig, SandboxUnavailable, make_sandbox, set_default_sandbox
 from trainer.teacher import EMATeacher
 from trainer.warmup import supervised_warmup
 
@@ -87,7 +88,7 @@ class Run:
     ckpt_root: Path
     model: torch.nn.Module
     tokenizer: Any
-    tasks: Any
+    env: Environment
     device: torch.device
     dtype: torch.dtype | None  # autocast compute dtype (None: fp32 throughout); weights stay fp32
     resume_from: int | None  # newest sealed checkpoint (rank 0's view), None: a fresh run
@@ -222,13 +223,9 @@ def build(config: Config) -> Run:
     ckpt_root = Path(config.checkpoint_dir) if config.checkpoint_dir else run_dir / "checkpoints"
     if "OMP_NUM_THREADS" not in os.environ:  # an explicit setting (torchrun, compose) wins
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    try:
-        held_out = config.eval.size if config.eval.every else 0
-        tasks = make_tasks(config.task.source, max_operand=config.task.max_operand, held_out=held_out)
-    except ValueError as error:
-        raise ConfigError(f"eval.size: {error}") from None
+    env = build_env(config)
     if config.model.name == "tiny":
-        corpus = tasks.corpus()
+        corpus = env.corpus()
         if topo.lead:  # train the tokenizer once; the others read the saved copy
             cached_tokenizer(corpus, vocab_size=config.model.vocab_size, cache_dir=run_dir)
         barrier()
@@ -252,7 +249,31 @@ def build(config: Config) -> Run:
             run_dir, dump_config(config), resume=config.resume, replicas=topo.replicas, saved_replicas=saved
         )
     dtype = compute_dtype(config.model.dtype)
-    return Run(config, topo, run_dir, ckpt_root, model, tokenizer, tasks, device, dtype, resume_from)
+    return Run(config, topo, run_dir, ckpt_root, model, tokenizer, env, device, dtype, resume_from)
+
+
+def build_env(config: Config) -> Environment:
+    """The task environment, and the sandbox first when its checker runs model-written code.
+
+    A sandbox backend that cannot run here fails now, before any program or model is touched.
+    """
+    options = dict(config.task.options)
+    if config.task.source == "addition":
+        options.setdefault("max_operand", config.task.max_operand)
+        options.setdefault("held_out", config.eval.size if config.eval.every else 0)
+    try:
+        env = make_env(config.task.source, **options)
+    except ValueError as error:
+        key = "eval.size" if "held_out" in str(error) else "task.options"
+        raise ConfigError(f"{key}: {error}") from None
+    if env.executes_code:
+        s = config.sandbox
+        try:
+            sandbox = make_sandbox(SandboxConfig(backend=s.backend, zygote=s.zygote, allow_network=s.allow_network))
+        except SandboxUnavailable as error:
+            raise ConfigError(f"sandbox.backend: {error}") from None
+        set_default_sandbox(sandbox)
+    return env
 
 
 def warm_up(run: Run) -> None:
@@ -265,7 +286,7 @@ def warm_up(run: Run) -> None:
         sft_losses = supervised_warmup(
             run.model,
             run.tokenizer,
-            run.tasks,
+            run.env,
             steps=config.optim.sft_steps,
             batch_size=config.optim.sft_batch_size,
             lr=config.optim.sft_lr,
@@ -361,7 +382,7 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
         samples = rollout(
             run.model,
             run.tokenizer,
-            [run.tasks.sample(rng) for _ in range(config.rollout.prompts_per_step)],
+            [run.env.sample(rng) for _ in range(config.rollout.prompts_per_step)],
             group_size=config.rollout.group_size,
             max_prompt_length=config.rollout.max_prompt_length,
             max_completion_length=config.rollout.max_completion_length,
@@ -369,16 +390,19 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
             hint_level=config.task.hint_level,
             sibling_hints=config.task.sibling_hints,
             teacher=teacher_model(run, replica),
+            score_many=functools.partial(run.env.score_many, workers=config.sandbox.workers),
         )
         preference = None
         if replica.feed is not None:
             prefix = f"r{topo.replica_id}-{topo.local_rank}-s{step}"
             preference = replica.feed.step(samples, id_prefix=prefix, rng=rng)
         forwards_before = replica.forward_calls[0]
+        loss_start = time.perf_counter()
         out = three_channel_loss(run, replica, ComposerBatch(policy=samples.policy, preference=preference))
     if config.debug.inject_nan_loss_at == step:  # fault injection (debug section): off by default
         out.total = out.total * float("nan")
     applied = optimizer_step(run, replica, out.total)
+    loss_s = time.perf_counter() - loss_start
     synced = replica.diloco.step()
     replay = replica.feed.replay if replica.feed is not None else None
     stats = samples.stats
@@ -395,6 +419,9 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
         pairs=len(replay) if replay is not None else 0,
         synced=synced,
         skipped=not applied,
+        generation_s=stats.generation_s,
+        execution_s=stats.execution_s,
+        loss_s=loss_s,
         loss_forwards=replica.forward_calls[0] - forwards_before,
         reference_forwards=replay.reference_forward_passes if replay is not None else 0,
         **out.metrics,
@@ -474,9 +501,10 @@ def end_of_round(
 def evaluate_held_out(run: Run, books: Books, *, rounds_done: int, outer_step: int) -> None:
     """Held-out pass@1 (greedy) and pass@k, the split shared out over all ranks; rank 0 logs an `eval` record."""
     config, topo = run.config, run.topo
-    if not config.eval.every:
+    held_out = getattr(run.env, "held_out", None)
+    if not config.eval.every or not held_out:
         return
-    shard = run.tasks.held_out[topo.rank :: topo.world_size]
+    shard = list(held_out[: config.eval.size])[topo.rank :: topo.world_size]
     torch.manual_seed(step_seed(config.seed, -2, outer_step, topo.rank))
     with run.autocast():
         counts = evaluate(
@@ -487,6 +515,7 @@ def evaluate_held_out(run: Run, books: Books, *, rounds_done: int, outer_step: i
             max_prompt_length=config.rollout.max_prompt_length,
             max_completion_length=config.rollout.max_completion_length,
             temperature=config.rollout.temperature,
+            score_many=functools.partial(run.env.score_many, workers=config.sandbox.workers),
         )
     total = sum(gather(counts), EvalCounts([], [], config.eval.k))
     if books.metrics is not None:

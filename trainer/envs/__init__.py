@@ -22,6 +22,8 @@ from trainer.envs.base import (
     Task,
     UnknownSourceError,
     feedback_hint,
+    hint_for,
+    sibling_hint,
 )
 
 REASONING_GYM = "reasoning_gym:"
@@ -36,6 +38,22 @@ SOURCES = {
 
 def known_sources() -> list[str]:
     return [*SOURCES, REASONING_GYM + "<dataset>"]
+
+
+def check_source(source: str) -> None:
+    """Raise UnknownSourceError (naming the known names) unless `source` names an environment.
+
+    A reasoning-gym dataset name is checked against the package's registry (importing it takes a
+    few seconds, once).
+    """
+    if source.startswith(REASONING_GYM):
+        from trainer.envs.reasoning_gym import dataset_names
+
+        dataset, known = source[len(REASONING_GYM) :], dataset_names()
+        if dataset not in known:
+            raise UnknownSourceError("reasoning_gym dataset", dataset, known)
+    elif source not in SOURCES:
+        raise UnknownSourceError("environment source", source, known_sources())
 
 
 def make_env(source: str, **options) -> Environment:
@@ -66,7 +84,10 @@ __all__ = [
     "Score",
     "Task",
     "UnknownSourceError",
+    "check_source",
     "feedback_hint",
+    "hint_for",
     "known_sources",
     "make_env",
+    "sibling_hint",
 ]

@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass
 
 from trainer.answers import final_number
-from trainer.envs.base import Environment, Score, Task
+from trainer.envs.base import Environment, Score, Task, sibling_hint
 
 
 @dataclass(frozen=True)
@@ -36,11 +36,6 @@ class AdditionTask(Task):
         if stated == self.answer:
             return Score(1.0, True, f"{stated} is correct.")
         return Score(0.0, False, f"{stated} is wrong.")
-
-
-def sibling_hint(completion: str) -> str:
-    """Turn a successful sibling's completion into a hint for the teacher."""
-    return f"A correct answer is {completion.strip()}."
 
 
 class Addition(Environment):

@@ -64,11 +64,16 @@ class Task(ABC):
     def reward(self, completion: str) -> float:
         return self.score(completion).reward
 
+    def demonstration(self) -> str | None:
+        """The completion a supervised warm-up trains on (what a correct answer to `prompt()` looks like)."""
+        return self.reference
+
 
 class Environment(ABC):
     """Hands out tasks. `sample` never returns a held-out task."""
 
     name: str
+    executes_code: bool = False  # its checker runs model-written code: a worker starts the sandbox first
 
     @abstractmethod
     def sample(self, rng: random.Random) -> Task: ...
@@ -105,6 +110,30 @@ def split(tasks: Sequence[Task], held_out_every: int) -> tuple[list[Task], list[
     train = [t for i, t in enumerate(tasks) if i % held_out_every != held_out_every - 1]
     held = [t for i, t in enumerate(tasks) if i % held_out_every == held_out_every - 1]
     return train, held
+
+
+def sibling_hint(completion: str) -> str:
+    """Turn a successful sibling's completion into a hint for the teacher (the SDPO paper's strongest)."""
+    return f"A correct answer is {completion.strip()}."
+
+
+def hint_for(task: Task, level: int | str, completion: str, score: Score) -> str:
+    """The teacher's hint at `level` ("feedback", "partial", "reference", or an index into task.hints).
+
+    Raises:
+        ValueError: an index the task has no hint for (naming task.hint_level).
+    """
+    if level == "feedback":
+        return feedback_hint(completion, score)
+    if level == "partial":
+        return task.hints[0]
+    if level == "reference":
+        return task.hints[-1]
+    if not 0 <= int(level) < len(task.hints):
+        raise ValueError(
+            f"task.hint_level: {level} is past this task's {len(task.hints)} hints; use 0..{len(task.hints) - 1}"
+        )
+    return task.hints[int(level)]
 
 
 def feedback_hint(completion: str, score: Score) -> str:

@@ -43,6 +43,12 @@ class CodeTask(Task):
         hinted = "" if hint is None else f"Hint: {hint}\n\n"
         return f"{self.instruction}{hinted}{self.code}"
 
+    def demonstration(self) -> str | None:
+        """The continuation of `code` that makes the reference (the body), else the whole reference."""
+        if self.reference is not None and self.reference.startswith(self.code):
+            return self.reference[len(self.code) :]
+        return self.reference
+
     def program(self, completion: str) -> str:
         """The program to run for `completion` (see the module docstring)."""
         blocks = FENCE.findall(completion)

@@ -43,6 +43,7 @@ class CodeArith(FiniteEnvironment):
     every 5th held out (so each constant and operator also appears in training)."""
 
     name = "code_arith"
+    executes_code = True
 
     def __init__(self, held_out_every: int = 5) -> None:
         combos = itertools.product(NAMES, VARIABLES, OPERATORS, range(10))

@@ -90,6 +90,7 @@ class FeatureDeletion(FiniteEnvironment):
     """Tasks from boltons' `modules`, validated in the sandbox when made (`workers` at a time)."""
 
     name = "feature_deletion"
+    executes_code = True
 
     def __init__(self, modules: tuple[str, ...] = MODULES, held_out_every: int = 5, workers: int = 2) -> None:
         made = []

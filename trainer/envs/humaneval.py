@@ -44,6 +44,7 @@ class HumanEval(FiniteEnvironment):
     """All 164 problems; every `held_out_every`-th one (by task number) is held out from sampling."""
 
     name = "humaneval"
+    executes_code = True
 
     def __init__(self, held_out_every: int = 5) -> None:
         self.tasks = [task_of(problem) for problem in problems()]
