@@ -77,3 +77,22 @@ def test_teacher_reads_the_hint_and_a_correct_sibling(policy):
         others_correct = [j for j in range(G) if j != row and correct[j]]
         expected = "A correct answer is" if others_correct else "Hint: The answer is 4."
         assert expected in text, (text, correct)
+
+
+def test_a_hint_too_long_for_the_prompt_budget_keeps_its_end(policy):
+    from trainer.rollout import hinted_prompt_ids
+
+    _, tokenizer, _ = policy
+    task = Task("What is 2+2?", "4", ("even", "between", "The answer is 4."))
+    hint = "Traceback: " + "x" * 2000 + " AssertionError: 5 != 4"
+    ids = hinted_prompt_ids(tokenizer, task, hint, max_length=64)
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    assert (
+        len(ids) <= 64 and "...xxx" in text and "AssertionError: 5 != 4\nassistant" in text and "What is 2+2?" in text
+    )
+    assert (
+        hinted_prompt_ids(tokenizer, task, "even", max_length=64)
+        == chat_prompt_ids(tokenizer, [task.prompt("even")], max_length=64)[0]
+    )
+    with pytest.raises(ValueError, match="rollout.max_prompt_length=3"):
+        hinted_prompt_ids(tokenizer, task, hint, max_length=3)

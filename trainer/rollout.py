@@ -91,6 +91,27 @@ def generation_config(
     )
 
 
+def hinted_prompt_ids(tokenizer: PreTrainedTokenizerBase, task: Task, hint: str, max_length: int) -> list[int]:
+    """The teacher's prompt (the task with `hint`), the hint shortened from the front until it fits.
+
+    Environment feedback (a traceback, a long failing assertion) can outgrow
+    `rollout.max_prompt_length`; its end says the most (the exception comes last), so the start goes.
+
+    Raises:
+        ValueError: the task's prompt does not fit even with an empty hint.
+    """
+    keep = len(hint)
+    while True:
+        text = hint if keep >= len(hint) else "..." + hint[len(hint) - keep :]
+        ids = chat_prompt_ids(tokenizer, [task.prompt(text)], max_length=10**9)[0]
+        if len(ids) <= max_length:
+            return ids
+        if keep == 0:
+            chat_prompt_ids(tokenizer, [task.prompt()], max_length)  # raises, naming the limit
+            return ids
+        keep //= 2
+
+
 @dataclass
 class Samples:
     """One completion per prompt, as `sample` returns them (B rows; all int64 but the log-probs)."""
@@ -190,11 +211,10 @@ def rollout(
     device = drawn.prompt_ids.device
     if teacher is not None:
         hints = _teacher_hints(tasks, texts, scores, correct, hint_level=hint_level, use_siblings=sibling_hints)
-        hinted = chat_prompt_ids(
-            tokenizer,
-            [tasks[row // group_size].prompt(hint) for row, hint in enumerate(hints)],
-            max_prompt_length,
-        )
+        hinted = [
+            hinted_prompt_ids(tokenizer, tasks[row // group_size], hint, max_prompt_length)
+            for row, hint in enumerate(hints)
+        ]
         teacher_ids, teacher_mask = pad_sequences(hinted, tokenizer.pad_token_id, left=True)
         policy.teacher_prompt_ids, policy.teacher_prompt_mask = teacher_ids.to(device), teacher_mask.to(device)
         clock = time.perf_counter()
@@ -253,9 +273,9 @@ def _teacher_reward(
 ) -> tuple[float, float]:
     """How often the hinted policy (the SDPO teacher) solves the same prompts, one sample each; and the
     seconds spent scoring them."""
-    hinted = chat_prompt_ids(
-        tokenizer, [task.prompt(hint) for task, hint in zip(tasks, hints, strict=True)], max_prompt_length
-    )
+    hinted = [
+        hinted_prompt_ids(tokenizer, task, hint, max_prompt_length) for task, hint in zip(tasks, hints, strict=True)
+    ]
     drawn = sample(model, tokenizer, hinted, max_new_tokens=max_completion_length, temperature=temperature)
     texts = decode_completions(tokenizer, drawn.completion_ids, drawn.completion_mask)
     clock = time.perf_counter()

@@ -38,6 +38,9 @@ class CodeTask(Task):
     instruction: str = "Complete the following Python function.\n\n"
     timeout_s: float = TIMEOUT_S
     memory_mb: int = MEMORY_MB
+    # What the candidate's program starts with when `code` (what the prompt shows) is an excerpt of
+    # it (feature_deletion's context_lines); None: `code` itself.
+    program_code: str | None = None
 
     def prompt(self, hint: str | None = None) -> str:
         hinted = "" if hint is None else f"Hint: {hint}\n\n"
@@ -51,11 +54,12 @@ class CodeTask(Task):
 
     def program(self, completion: str) -> str:
         """The program to run for `completion` (see the module docstring)."""
+        code = self.program_code if self.program_code is not None else self.code
         blocks = FENCE.findall(completion)
         if blocks:
             defining = [b for b in blocks if re.search(rf"^\s*def {re.escape(self.check.entry_point)}\b", b, re.M)]
-            return f"{self.code}\n\n{(defining or blocks)[0]}"
-        return self.code + completion
+            return f"{code}\n\n{(defining or blocks)[0]}"
+        return code + completion
 
     def score(self, completion: str, *, sandbox: Sandbox | None = None) -> Score:
         result = (sandbox or default_sandbox()).run(

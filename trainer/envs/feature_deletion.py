@@ -63,7 +63,9 @@ def deletion_candidates(source: str) -> list[ast.FunctionDef]:
     return found
 
 
-def make_task(module: str, filename: str, source: str, node: ast.FunctionDef) -> CodeTask:
+def make_task(
+    module: str, filename: str, source: str, node: ast.FunctionDef, context_lines: int | None = None
+) -> CodeTask:
     lines = source.splitlines(keepends=True)
     first_body = node.body[1].lineno - 1  # body[0] is the docstring
     head_start = (node.decorator_list[0].lineno if node.decorator_list else node.lineno) - 1
@@ -71,12 +73,21 @@ def make_task(module: str, filename: str, source: str, node: ast.FunctionDef) ->
     body = "".join(lines[first_body : node.end_lineno])
     stubbed = "".join(lines[:first_body] + lines[node.end_lineno :])
     code = f"{stubbed.rstrip()}\n\n\n# The body of {node.name} is missing; write it.\n{head}"
+    shown = code
+    if context_lines is not None:  # the prompt shows the lines before the function; the program is whole
+        before = "".join(lines[max(0, head_start - context_lines) : head_start])
+        elided = head_start - max(0, head_start - context_lines)
+        shown = (
+            f"# boltons/{module}.py, {elided} lines before {node.name} shown; the rest of the module is "
+            f"unchanged.\n{before}\n\n# The body of {node.name} is missing; write it.\n{head}"
+        )
     docstring = ast.get_docstring(node, clean=False)
     tests = DOCTEST_CHECK.format(docstring=docstring, name=node.name, filename=Path(filename).name)
     first_line = next((line.strip() for line in body.splitlines() if line.strip()), "")
     return CodeTask(
         name=f"boltons.{module}.{node.name}",
-        code=code,
+        code=shown,
+        program_code=code,
         check=Check(entry_point=node.name, setup=source, tests=tests, call=f"check({node.name})"),
         reference=head + body,
         hints=(f"The original body starts with: {first_line}", f"The original function:\n{head}{body}"),
@@ -92,20 +103,28 @@ class FeatureDeletion(FiniteEnvironment):
     name = "feature_deletion"
     executes_code = True
 
-    def __init__(self, modules: tuple[str, ...] = MODULES, held_out_every: int = 5, workers: int = 2) -> None:
+    def __init__(
+        self,
+        modules: tuple[str, ...] = MODULES,
+        held_out_every: int = 5,
+        workers: int = 2,
+        context_lines: int | None = None,
+    ) -> None:
+        """`context_lines`: show only that many module lines before the function (a small model's
+        context cannot hold a 25k-token module); the program the tests run is the whole module."""
         made = []
         for module in modules:
             filename, source = module_source(module)
-            made += [make_task(module, filename, source, node) for node in deletion_candidates(source)]
+            made += [make_task(module, filename, source, node, context_lines) for node in deletion_candidates(source)]
         originals = run_many(
-            [t.code + _body(t) for t in made],
+            [t.program(_body(t)) for t in made],
             workers=workers,
             timeout_s=5.0,
             memory_mb=512,
             checks=[t.check for t in made],
         )
         empties = run_many(
-            [t.code + "    pass\n" for t in made],
+            [t.program("    pass\n") for t in made],
             workers=workers,
             timeout_s=5.0,
             memory_mb=512,
