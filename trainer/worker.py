@@ -189,6 +189,7 @@ def train(config: Config) -> dict:
         fragment_alpha=config.diloco.fragment_alpha,
         compression=config.diloco.compression,
         error_feedback=config.diloco.error_feedback,
+        timeout_s=config.diloco.timeout_s,
     )
     teacher = EMATeacher(model, rate=config.loss.ema_rate) if alpha > 0 and config.loss.teacher == "ema" else None
     replay = TeacherReplayBuffer(reference, pad_token_id=tokenizer.pad_token_id, device=device) if beta > 0 else None
@@ -226,6 +227,7 @@ def train(config: Config) -> dict:
 
     # ---- the loop ------------------------------------------------------------------------
     step_rewards_by_round: list[list[float]] = []  # for the reward-rise verdict at the end
+    round_clock = (diloco.compute_seconds, diloco.communication_seconds)  # DiLoCo's at round start
     for round_index in range(start_round, config.rounds):
         round_start = time.perf_counter()
         records = []
@@ -306,7 +308,17 @@ def train(config: Config) -> dict:
             raise RuntimeError(f"round {round_index} ended without a DiLoCo sync; check diloco.sync_every")
 
         # ---- end of round: metrics (before the checkpoint: a crash may repeat, never lose, one)
-        everyone = gather(dict(records=records, hash=parameters_hash(model), bytes_sent=diloco.bytes_sent))
+        everyone = gather(
+            dict(
+                records=records,
+                hash=parameters_hash(model),
+                bytes_sent=diloco.bytes_sent,
+                bytes_received=diloco.bytes_received,
+                compute_s=diloco.compute_seconds - round_clock[0],
+                communication_s=diloco.communication_seconds - round_clock[1],
+            )
+        )
+        round_clock = (diloco.compute_seconds, diloco.communication_seconds)
         if lead:
             all_records = [r for rank_view in everyone for r in rank_view["records"]]
             for record in sorted(all_records, key=lambda r: (r["step"], r["rank"])):
@@ -319,6 +331,10 @@ def train(config: Config) -> dict:
                 pseudo_grad_norm=diloco.last_pseudo_grad_norm,
                 participants=diloco.last_participants,
                 bytes_sent=sum(v["bytes_sent"] for v in everyone),
+                bytes_received=sum(v["bytes_received"] for v in everyone),
+                # Per rank this round: seconds outside / blocked inside DiLoCo exchanges.
+                compute_s=[v["compute_s"] for v in everyone],
+                communication_s=[v["communication_s"] for v in everyone],
                 param_hash=hashes[0],
                 replica_hashes=hashes,
                 replicas=topo.replicas,

@@ -378,23 +378,24 @@ SCENARIOS: dict[str, Callable[..., Any]] = {
 
 def _kill_in_flight(replica: int, outer_step: int, marker: Path) -> None:
     """Wrap DiLoCo.step so that ``replica`` SIGKILLs itself right after starting the exchange of
-    ``outer_step`` (once: the marker keeps a restarted replica alive); the others wait a second
-    before starting theirs, so that they certainly meet a dead peer."""
+    ``outer_step`` (first attempt only: restarted workers run clean); the others wait a second
+    before starting theirs, so the victim's exchange is certainly still in flight when it dies."""
     step = DiLoCo.step
     me = int(os.environ.get("RANK", 0))
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and not marker.exists()
 
     def starts_exchange(diloco: DiLoCo) -> bool:
         upcoming = diloco._inner_step + 1 + diloco.fragment_delay
         return upcoming % (diloco.sync_every // diloco.fragments) == 0 and diloco.outer_step + 1 == outer_step
 
     def faulty_step(self: DiLoCo) -> bool:
-        armed = not marker.exists() and starts_exchange(self)
+        armed = first_attempt and starts_exchange(self)
         if armed and me != replica:
-            time.sleep(1.0)
+            time.sleep(1.0)  # so the victim's exchange cannot complete before it dies
         result = step(self)
         if armed and me == replica:
+            assert self._in_flight is not None and self._in_flight.thread is not None
             marker.write_text(f"replica {replica} killed at outer step {outer_step}\n")
-            time.sleep(0.2)
             os.kill(os.getpid(), signal.SIGKILL)
         return result
 
