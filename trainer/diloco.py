@@ -84,7 +84,13 @@ DEFAULT_TIMEOUT_S = 1800.0
 # Trailer bytes of each message: phase 1 carries the sender's "finite" flag (uint8), phase 2 the
 # owner's participant count (int32), so a NaN replica is left out consistently everywhere.
 _FLAG_BYTES, _COUNT_BYTES = 1, 4
-_TAG_PERIOD = 1 << 20  # point-to-point tags cycle through this many exchanges
+# Messages travel in chunks: one 4 MB message per direction ran at half the link rate over a
+# shaped link (Gloo's two directions of a pair took turns), 256 KiB chunks at ~0.95 of it
+# (bench/bench_wan.py). Tags: (phase slot) * _MAX_CHUNKS + chunk, below 2**31.
+_CHUNK_BYTES = 256 * 1024
+_MAX_CHUNKS = 1 << 16
+_TAG_PERIOD = 1 << 12  # exchanges before phase slots repeat (only one exchange is in flight)
+_BROADCAST_SLOT = 2 * _TAG_PERIOD
 
 OuterOptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
@@ -498,7 +504,7 @@ class DiLoCo:
                     self.group,
                     sends,
                     {},
-                    tag=_TAG_PERIOD * 2,
+                    tag=_BROADCAST_SLOT,
                     deadline=self._deadline(),
                     timeout_s=self.timeout_s,
                     what=(0, -1),
@@ -508,7 +514,7 @@ class DiLoCo:
                     self.group,
                     {},
                     {0: raw},
-                    tag=_TAG_PERIOD * 2,
+                    tag=_BROADCAST_SLOT,
                     deadline=self._deadline(),
                     timeout_s=self.timeout_s,
                     what=(0, -1),
@@ -716,14 +722,25 @@ def _transfer(
     what: tuple[int, int],
 ) -> None:
     """Send ``sends[peer]`` to and receive into ``receives[peer]`` from each peer (ranks in
-    ``group``), all at once, and wait for every message until ``deadline`` (perf_counter).
+    ``group``), all at once in ``_CHUNK_BYTES`` chunks, and wait for every chunk until
+    ``deadline`` (perf_counter). ``tag`` is the phase slot; chunk k travels as
+    ``tag * _MAX_CHUNKS + k``.
 
     Raises DiLoCoCommunicationError naming the peers whose message failed or was still missing.
     Gloo posts and completes each message alone, so the peers are named exactly; NCCL coalesces
     the batch into one work, and then every peer of the batch is named.
     """
-    ops = [dist.P2POp(dist.isend, t, group=group, group_peer=peer, tag=tag) for peer, t in sends.items()]
-    ops += [dist.P2POp(dist.irecv, t, group=group, group_peer=peer, tag=tag) for peer, t in receives.items()]
+    ops = []
+    # Receives first: a Gloo sender waits for the receiver's "ready" before it sends a chunk, and
+    # posting every receive up front let both directions run at the link rate (sends first: the
+    # two directions often took turns, half the rate).
+    for kind, messages in ((dist.irecv, receives), (dist.isend, sends)):
+        for peer, tensor in messages.items():
+            chunks = tensor.split(_CHUNK_BYTES) if tensor.numel() else (tensor,)
+            if len(chunks) > _MAX_CHUNKS:
+                raise ValueError(f"DiLoCo: a {tensor.numel()}-byte message exceeds {_MAX_CHUNKS} chunks")
+            for index, chunk in enumerate(chunks):
+                ops.append(dist.P2POp(kind, chunk, group=group, group_peer=peer, tag=tag * _MAX_CHUNKS + index))
     reasons: dict[int, str] = {}
     pending: list[tuple[dist.Work, list[int]]] = []
     if group._get_backend(ops[0].tensor.device).supports_coalescing:
@@ -735,7 +752,7 @@ def _transfer(
     else:
         for op in ops:  # posting to a peer whose connection is already closed raises at once
             try:
-                work = op.op(op.tensor, group=group, tag=tag, **{_PEER_KEY[op.op]: op.group_peer})
+                work = op.op(op.tensor, group=group, tag=op.tag, **{_PEER_KEY[op.op]: op.group_peer})
                 pending.append((work, [op.group_peer]))
             except RuntimeError as error:
                 reasons.setdefault(op.group_peer, _short_reason(error))
