@@ -242,7 +242,12 @@ def _markdown(by_world: dict[int, dict]) -> str:
         "",
         f"Median of {COLLECTIVE_REPEATS} after a warm-up. Throughput = payload / time. The exchange "
         "is `DiLoCo.last_exchange_seconds` on one flat parameter: chunked point-to-point "
-        "reduce-scatter, fp32 sum of the own shard, all-gather.",
+        "reduce-scatter, fp32 sum of the own shard, all-gather. On loopback nothing limits the "
+        "bytes, so the exchange is bound by its CPU work (a flag byte appended, decode, fp32 sum, "
+        "re-encode and concatenation copy each payload; chunks are posted one by one from "
+        "Python) where Gloo's all-reduce works in place: it is slower here, most at 64 MiB. Over "
+        "links of a few Gbit/s or less the link sets the pace (`bench/results/wan.md`: 0.87 of "
+        "100 Mbit/s for fp32).",
         "",
         "| payload | all_reduce fp32 (ms) | MiB/s | DiLoCo exchange fp32 (ms) | MiB/s |",
         "|---|---|---|---|---|",

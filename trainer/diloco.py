@@ -85,9 +85,11 @@ DEFAULT_TIMEOUT_S = 1800.0
 # owner's participant count (int32), so a NaN replica is left out consistently everywhere.
 _FLAG_BYTES, _COUNT_BYTES = 1, 4
 # Messages travel in chunks: one 4 MB message per direction ran at half the link rate over a
-# shaped link (Gloo's two directions of a pair took turns), 256 KiB chunks at ~0.95 of it
-# (bench/bench_wan.py). Tags: (phase slot) * _MAX_CHUNKS + chunk, below 2**31.
+# shaped link (Gloo's two directions of a pair took turns), 256 KiB chunks at ~0.9 of it
+# (bench/bench_wan.py). Posting a chunk costs ~0.5 ms of CPU, so a large message is cut into at
+# most _CHUNKS_PER_MESSAGE larger chunks instead. Tags: (phase slot) * _MAX_CHUNKS + chunk < 2**31.
 _CHUNK_BYTES = 256 * 1024
+_CHUNKS_PER_MESSAGE = 16
 _MAX_CHUNKS = 1 << 16
 _TAG_PERIOD = 1 << 12  # exchanges before phase slots repeat (only one exchange is in flight)
 _BROADCAST_SLOT = 2 * _TAG_PERIOD
@@ -548,18 +550,13 @@ class DiLoCo:
             pseudo.zero_()
         elif self.error_feedback:
             pseudo += self._residuals[fragment]
-        shards = []
-        for bounds in shard_bounds(pseudo.numel(), self._world()):
-            payload = encode(pseudo[bounds.start : bounds.stop], self.compression)
-            shards.append(torch.cat([payload, payload.new_tensor([int(finite)])]))
+        # One payload per shard (block-aligned, so its blocks are the whole vector's), + flag.
+        bounds = shard_bounds(pseudo.numel(), self._world())
+        payloads = [encode(pseudo[b.start : b.stop], self.compression) for b in bounds]
         if finite and self.error_feedback:
-            decoded = torch.cat(
-                [
-                    decode(s[:-_FLAG_BYTES], self.compression, len(b))
-                    for s, b in zip(shards, shard_bounds(pseudo.numel(), self._world()), strict=True)
-                ]
-            )
-            self._residuals[fragment] = pseudo - decoded
+            decoded = [decode(payload, self.compression, len(b)) for payload, b in zip(payloads, bounds, strict=True)]
+            self._residuals[fragment] = pseudo - torch.cat(decoded)
+        shards = [torch.cat([payload, payload.new_tensor([int(finite)])]) for payload in payloads]
         exchange = _Exchange(fragment, self.outer_step + 1, finite, started=time.perf_counter())
         self._in_flight = exchange
         if self.fragment_delay == 0:
@@ -722,7 +719,7 @@ def _transfer(
     what: tuple[int, int],
 ) -> None:
     """Send ``sends[peer]`` to and receive into ``receives[peer]`` from each peer (ranks in
-    ``group``), all at once in ``_CHUNK_BYTES`` chunks, and wait for every chunk until
+    ``group``), all at once in chunks (module constants), and wait for every chunk until
     ``deadline`` (perf_counter). ``tag`` is the phase slot; chunk k travels as
     ``tag * _MAX_CHUNKS + k``.
 
@@ -736,9 +733,8 @@ def _transfer(
     # two directions often took turns, half the rate).
     for kind, messages in ((dist.irecv, receives), (dist.isend, sends)):
         for peer, tensor in messages.items():
-            chunks = tensor.split(_CHUNK_BYTES) if tensor.numel() else (tensor,)
-            if len(chunks) > _MAX_CHUNKS:
-                raise ValueError(f"DiLoCo: a {tensor.numel()}-byte message exceeds {_MAX_CHUNKS} chunks")
+            size = max(_CHUNK_BYTES, -(-tensor.numel() // _CHUNKS_PER_MESSAGE))
+            chunks = tensor.split(size) if tensor.numel() else (tensor,)
             for index, chunk in enumerate(chunks):
                 ops.append(dist.P2POp(kind, chunk, group=group, group_peer=peer, tag=tag * _MAX_CHUNKS + index))
     reasons: dict[int, str] = {}
