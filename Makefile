@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed-stamp
 CONFIG  ?= configs/smoke.yaml
 WORKERS ?= 8
 
-.PHONY: venv smoke hub-standin test lint format docker-ready test-fast bench image docker-up docker-down clean
+.PHONY: venv smoke hub-standin test lint format docker-ready test-fast bench bench-wan image docker-up docker-down clean
 
 # (Re)create the venv whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -50,7 +50,12 @@ test-fast: venv
 	$(BIN)/python -m pytest tests -m "not docker"
 
 bench: venv
-	@set -e; for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f; done
+	@set -e; for f in $$(ls bench/bench_*.py | grep -v bench_wan.py); do echo "== $$f"; $(BIN)/python $$f; done
+
+# DiLoCo over tc-shaped links between worker containers (root, Docker): bench/results/wan.*.
+# The default grid takes ~15 min on 2 cores; ARGS="--full" runs every rate and compression at M = 2, 4, 8.
+bench-wan: image
+	$(BIN)/python bench/bench_wan.py $(ARGS)
 
 image: venv
 	bash compose/provision.sh

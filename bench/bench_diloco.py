@@ -1,13 +1,15 @@
-"""Traffic and collective speed of `trainer.diloco` on loopback Gloo (2 processes).
+"""Traffic and collective speed of `trainer.diloco` on loopback Gloo, M = 2 and M = 4 processes.
 
-1. Bytes per outer step for each compression, measured from `DiLoCo.bytes_sent` on a small Qwen2
-   (tied 32k vocabulary), against what DDP hands to its gradient all-reduces over the same H
-   inner steps (measured per step with a counting DDP comm hook, times H). Both count the payload
-   one replica puts into a collective, so the ratio is the traffic reduction.
+1. Bytes per outer step for each compression and M, measured from `DiLoCo.bytes_sent` (what this
+   replica's messages put on the wire: its reduce-scatter shards and its all-gathered mean shard,
+   ~2 (M - 1) / M payloads) on a small Qwen2 (tied 32k vocabulary), against DDP over the same H
+   inner steps: the gradient bytes DDP hands to all-reduce per step (measured with a counting DDP
+   comm hook) times 2 (M - 1) / M, what a ring all-reduce sends per rank. Both are bytes one
+   replica sends, so the ratio is the traffic reduction, at that M.
 2. Wall time spent inside `diloco.step()` per outer step (pseudo-gradient, encode, exchange,
-   decode, outer Nesterov step, copy back), per compression.
-3. All-reduce (fp32 sum, the `none` path) and all-gather (uint8, the compressed paths) time
-   against payload size.
+   decode, outer Nesterov step, copy back), per compression, M = 2.
+3. Gloo's fp32 all-reduce against DiLoCo's fp32 exchange (chunked point-to-point reduce-scatter +
+   all-gather) on one flat tensor, against payload size, M = 2.
 
 Writes bench/results/diloco.md and diloco.json. Run from the repo root:
 `.venv/bin/python bench/bench_diloco.py`.
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -34,7 +37,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from trainer.diloco import DiLoCo
 
 RESULTS = Path(__file__).resolve().parent / "results"
-WORLD = 2
+WORLDS = (2, 4)
 MODEL = dict(
     vocab_size=32_000,
     hidden_size=256,
@@ -108,9 +111,11 @@ def _diloco_traffic(config: dict) -> dict:
         diloco.step()
         step_seconds += time.perf_counter() - start
         bytes_per_step.append(diloco.bytes_sent - sent_before)  # sent when an exchange starts
+    sent = [0] * dist.get_world_size()
+    dist.all_gather_object(sent, diloco.bytes_sent)  # shards differ by a block: report the most
     return {
         "numel": sum(p.numel() for p in model.parameters()),
-        "bytes_per_outer_step": diloco.bytes_sent // ROUNDS,  # per H inner steps
+        "bytes_per_outer_step": max(sent) // ROUNDS,  # per H inner steps, the busiest replica
         "peak_bytes_per_sync": max(bytes_per_step),
         "syncs_per_outer_step": diloco.fragments,
         "step_seconds_per_outer_step": step_seconds / ROUNDS,
@@ -119,35 +124,43 @@ def _diloco_traffic(config: dict) -> dict:
 
 def _collective_seconds(size_bytes: int) -> dict:
     fp32 = torch.ones(size_bytes // 4)
-    payload = torch.ones(size_bytes, dtype=torch.uint8)
-    gathered = [torch.empty_like(payload) for _ in range(WORLD)]
-    timings: dict[str, list[float]] = {"all_reduce_fp32": [], "all_gather_uint8": []}
+    flat = nn.Linear(size_bytes // 4, 1, bias=False)  # one flat parameter of the payload's size
+    diloco = DiLoCo(flat, torch.optim.SGD(flat.parameters(), lr=0.1), sync_every=1)
+    timings: dict[str, list[float]] = {"all_reduce_fp32": [], "diloco_exchange_fp32": []}
+
+    def exchange() -> None:
+        with torch.no_grad():
+            flat.weight.add_(1e-3)
+        diloco.step()
+        timings_exchange.append(diloco.last_exchange_seconds)
+
+    timings_exchange: list[float] = []
     for repeat in range(COLLECTIVE_REPEATS + 1):
-        for name, run in (
-            ("all_reduce_fp32", lambda: dist.all_reduce(fp32)),
-            ("all_gather_uint8", lambda: dist.all_gather(gathered, payload)),
-        ):
-            dist.barrier()
-            start = time.perf_counter()
-            run()
-            if repeat:  # the first round is a warm-up
-                timings[name].append(time.perf_counter() - start)
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(fp32)
+        if repeat:  # the first round is a warm-up
+            timings["all_reduce_fp32"].append(time.perf_counter() - start)
+        dist.barrier()
+        exchange()
+    timings["diloco_exchange_fp32"] = timings_exchange[1:]
     return {name: statistics.median(values) for name, values in timings.items()}
 
 
-def _rank(rank: int, store_path: str, out_path: str) -> None:
+def _rank(rank: int, world: int, store_path: str, out_path: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
-        store=dist.FileStore(store_path, WORLD),
+        store=dist.FileStore(store_path, world),
         rank=rank,
-        world_size=WORLD,
+        world_size=world,
         timeout=timedelta(minutes=10),
     )
     try:
         results: dict[str, Any] = {"ddp_bytes_per_step": _ddp_bytes_per_step()}
         results["diloco"] = {name: _diloco_traffic(config) for name, config in CONFIGS}
-        results["collectives"] = {size: _collective_seconds(size) for size in PAYLOAD_SIZES}
+        if world == 2:
+            results["collectives"] = {size: _collective_seconds(size) for size in PAYLOAD_SIZES}
         if rank == 0:
             Path(out_path).write_text(json.dumps(results))
     finally:
@@ -160,37 +173,58 @@ def _size(num_bytes: float) -> str:
     return f"{value:.0f} B" if power == 0 else f"{value:.2f} {('KiB', 'MiB', 'GiB')[power - 1]}"
 
 
-def _markdown(results: dict) -> str:
-    ddp_step = results["ddp_bytes_per_step"]
-    first = next(iter(results["diloco"].values()))
+def _ring(world: int) -> float:
+    """Bytes a ring all-reduce sends per rank, per byte of buffer: 2 (M - 1) / M."""
+    return 2 * (world - 1) / world
+
+
+def _markdown(by_world: dict[int, dict]) -> str:
+    two = by_world[2]
+    first = next(iter(two["diloco"].values()))
     lines = [
         "# trainer.diloco benchmark",
         "",
         f"Written by `bench/bench_diloco.py`. {platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, {WORLD} processes on loopback Gloo, 1 thread each, "
-        f"load average {os.getloadavg()[0]:.1f} at the end.",
+        f"torch {torch.__version__}, M = {' and '.join(map(str, by_world))} processes on loopback Gloo, "
+        f"1 thread each, load average {os.getloadavg()[0]:.1f} at the end.",
         "",
         f"## Bytes per outer step vs DDP (Qwen2, {first['numel'] / 1e6:.2f} M parameters)",
         "",
-        "Payload one replica hands to collectives: DiLoCo's `bytes_sent` per H inner steps "
-        "(measured), DDP's gradient all-reduce buckets per inner step (measured with a counting "
-        f"comm hook: {_size(ddp_step)} per step) times H. int8/int4 use error feedback. "
-        "Fragments are whole tensors in module order, so the largest tensor (here the tied "
-        "embedding) bounds the streaming peak.",
+        "Bytes one replica sends per H inner steps. DiLoCo: `bytes_sent` (measured; the busiest "
+        "replica), which counts the messages of the exchange itself: its shards to their owners "
+        "and its mean shard to the others, about 2 (M - 1) / M payloads, the payload's bytes "
+        "only (TCP/IP framing adds a few %, `bench/results/wan.md` compares with the wire). "
+        "DDP: the gradient bytes it hands to all-reduce per step (measured with a counting comm "
+        f"hook: {_size(two['ddp_bytes_per_step'])}) x 2 (M - 1) / M (what a ring all-reduce sends "
+        "per rank) x H. int8/int4 use error feedback. Fragments are whole tensors in module order, "
+        "so the largest tensor (here the tied embedding) bounds the streaming peak.",
         "",
-        "| compression | bytes per outer step | peak bytes per sync | "
+        "| M | compression | bytes per outer step | peak bytes per sync | "
         + " | ".join(f"DDP over H = {h} | reduction at H = {h}" for h in PUBLISHED_H)
         + " |",
-        "|---|---|---|" + "---|---|" * len(PUBLISHED_H),
+        "|---|---|---|---|" + "---|---|" * len(PUBLISHED_H),
     ]
-    for name, row in results["diloco"].items():
-        cells = [name, _size(row["bytes_per_outer_step"]), _size(row["peak_bytes_per_sync"])]
-        for h in PUBLISHED_H:
-            cells += [_size(h * ddp_step), f"{h * ddp_step / row['bytes_per_outer_step']:.0f}x"]
-        lines.append("| " + " | ".join(cells) + " |")
+    for world, results in by_world.items():
+        ddp_step = results["ddp_bytes_per_step"] * _ring(world)
+        for name, row in results["diloco"].items():
+            cells = [str(world), name, _size(row["bytes_per_outer_step"]), _size(row["peak_bytes_per_sync"])]
+            for h in PUBLISHED_H:
+                cells += [_size(h * ddp_step), f"{h * ddp_step / row['bytes_per_outer_step']:.0f}x"]
+            lines.append("| " + " | ".join(cells) + " |")
+    if 4 in by_world:
+        growth = {
+            name: by_world[4]["diloco"][name]["bytes_per_outer_step"] / row["bytes_per_outer_step"]
+            for name, row in two["diloco"].items()
+        }
+        lines += [
+            "",
+            "Growth from M = 2 to M = 4 per replica: "
+            + ", ".join(f"{name} {value:.2f}x" for name, value in growth.items())
+            + " (2 (M - 1) / M: 1.5x; an all-gather of whole payloads, the previous exchange, 3x).",
+        ]
     lines += [
         "",
-        "## Time inside `diloco.step()` per outer step",
+        "## Time inside `diloco.step()` per outer step (M = 2)",
         "",
         "Pseudo-gradient, encode, exchange, decode + fp32 sum, outer Nesterov step, copy back, "
         f"summed over the H steps of a round; mean of {ROUNDS} rounds, each call after a barrier "
@@ -200,43 +234,53 @@ def _markdown(results: dict) -> str:
         "| compression | syncs per outer step | seconds per outer step |",
         "|---|---|---|",
     ]
-    for name, row in results["diloco"].items():
+    for name, row in two["diloco"].items():
         lines.append(f"| {name} | {row['syncs_per_outer_step']} | {row['step_seconds_per_outer_step']:.3f} |")
     lines += [
         "",
-        "## Collective time vs payload size (loopback Gloo, 2 processes)",
+        "## Gloo fp32 all-reduce vs DiLoCo's fp32 exchange, by payload size (loopback, M = 2)",
         "",
-        f"Median of {COLLECTIVE_REPEATS} after a warm-up. Throughput = payload / time.",
+        f"Median of {COLLECTIVE_REPEATS} after a warm-up. Throughput = payload / time. The exchange "
+        "is `DiLoCo.last_exchange_seconds` on one flat parameter: chunked point-to-point "
+        "reduce-scatter, fp32 sum of the own shard, all-gather. On loopback nothing limits the "
+        "bytes, so the exchange is bound by its CPU work (a flag byte appended, decode, fp32 sum, "
+        "re-encode and concatenation copy each payload; chunks are posted one by one from "
+        "Python) where Gloo's all-reduce works in place: it is slower here, most at 64 MiB. Over "
+        "links of a few Gbit/s or less the link sets the pace (`bench/results/wan.md`: 0.87 of "
+        "100 Mbit/s for fp32).",
         "",
-        "| payload | all_reduce fp32 (ms) | MiB/s | all_gather uint8 (ms) | MiB/s |",
+        "| payload | all_reduce fp32 (ms) | MiB/s | DiLoCo exchange fp32 (ms) | MiB/s |",
         "|---|---|---|---|---|",
     ]
-    for size, row in results["collectives"].items():
-        reduce_s, gather_s = row["all_reduce_fp32"], row["all_gather_uint8"]
+    for size, row in two["collectives"].items():
+        reduce_s, exchange_s = row["all_reduce_fp32"], row["diloco_exchange_fp32"]
         lines.append(
             f"| {_size(int(size))} | {reduce_s * 1e3:.2f} | {int(size) / reduce_s / 2**20:.0f} "
-            f"| {gather_s * 1e3:.2f} | {int(size) / gather_s / 2**20:.0f} |"
+            f"| {exchange_s * 1e3:.2f} | {int(size) / exchange_s / 2**20:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.join(tmp, "results.json")
-        mp.spawn(_rank, args=(os.path.join(tmp, "store"), out_path), nprocs=WORLD, join=True)
-        results = json.loads(Path(out_path).read_text())
+    by_world: dict[int, dict] = {}
+    for world in WORLDS:
+        with tempfile.TemporaryDirectory() as tmp:
+            out_path = os.path.join(tmp, "results.json")
+            mp.spawn(_rank, args=(world, os.path.join(tmp, "store"), out_path), nprocs=world, join=True)
+            by_world[world] = json.loads(Path(out_path).read_text())
+    results: dict[str, Any] = {str(world): value for world, value in by_world.items()}
     results["setup"] = {
         "model": MODEL,
         "batch": BATCH,
         "sequence": SEQUENCE,
         "sync_every": SYNC_EVERY,
         "rounds": ROUNDS,
-        "world": WORLD,
+        "worlds": list(WORLDS),
         "torch": torch.__version__,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "diloco.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / "diloco.md").write_text(_markdown(results))
+    (RESULTS / "diloco.md").write_text(_markdown(by_world))
     print((RESULTS / "diloco.md").read_text())
 
 

@@ -25,6 +25,7 @@ from trainer.diloco import (
     encode,
     parameters_hash,
     payload_bytes,
+    shard_bounds,
 )
 
 
@@ -393,3 +394,40 @@ def test_parameters_hash_is_stable_and_sensitive_to_one_ulp():
         weight = twin[0].weight
         weight[0, 0] = torch.nextafter(weight[0, 0], torch.tensor(1.0))
     assert parameters_hash(model) != parameters_hash(twin)
+
+
+# ------------------------------------------------------------- shards, accounting, timeout
+
+
+@pytest.mark.parametrize(("numel", "world"), [(10_000, 2), (10_000, 4), (5 * QUANT_BLOCK + 37, 3), (129, 4), (0, 2)])
+def test_shards_are_block_aligned_contiguous_and_cover_the_vector(numel, world):
+    bounds = shard_bounds(numel, world)
+    assert len(bounds) == world
+    assert [i for b in bounds for i in b] == list(range(numel))
+    assert all(b.start % QUANT_BLOCK == 0 for b in bounds if len(b))
+    blocks = [-(-len(b) // QUANT_BLOCK) for b in bounds]
+    assert max(blocks) - min(blocks) <= 1  # near-equal: no replica owns much more than another
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_empty_shards_encode_to_nothing_and_back(compression):
+    """A fragment with fewer blocks than replicas leaves some owners an empty shard."""
+    payload = encode(torch.zeros(0), compression)
+    assert payload.numel() == payload_bytes(0, compression) == 0
+    assert decode(payload, compression, 0).numel() == 0
+
+
+def test_a_single_replica_sends_and_receives_nothing_and_times_its_exchanges():
+    model, inner, diloco = _diloco(sync_every=2, compression="int8", error_feedback=True)
+    train(model, inner, diloco, start=0, stop=8, data_seed=0)
+    assert diloco.outer_step == 4
+    assert diloco.bytes_sent == diloco.bytes_received == 0  # nothing is sent to oneself
+    # tau = 0: the exchange (encode, owner sum, re-encode, decode) runs inside step(), blocked.
+    assert diloco.communication_seconds > 0 and diloco.last_exchange_seconds > 0
+    assert diloco.compute_seconds > 0  # the inner steps between calls
+
+
+def test_timeout_must_be_positive_and_is_named():
+    for bad in (0, -1.0, "60", True):
+        with pytest.raises(ValueError, match=r"timeout_s="):
+            _diloco(timeout_s=bad)

@@ -185,8 +185,12 @@ class DiLoCoConfig:
     fragment_alpha: float = 0.0
     compression: Literal["none", "bf16", "int8", "int4"] = "none"
     error_feedback: bool = False
+    # Seconds one exchange may take before the survivors stop with an error naming the replicas
+    # that did not answer (and torchrun restarts and resumes); sized for a slow link.
+    timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
+        _require(self.timeout_s > 0, "diloco.timeout_s", f"must be > 0, got {self.timeout_s}")
         _require(self.sync_every >= 1, "diloco.sync_every", f"must be >= 1, got {self.sync_every}")
         _require(self.outer_lr > 0, "diloco.outer_lr", "must be > 0")
         _require(0 <= self.outer_momentum < 1, "diloco.outer_momentum", "must be in [0, 1)")

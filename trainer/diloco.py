@@ -4,10 +4,28 @@ pseudo-gradient and take an outer (Nesterov) step on a shared global copy.
 Why this shape: replicas on loosely connected machines can afford one exchange every H steps,
 not one per step (DiLoCo, arXiv 2311.08105). Streaming fragments spread that exchange over the H
 steps and overlap it with compute (Streaming DiLoCo, arXiv 2501.18512); blockwise int8/int4
-payloads cut it further (INTELLECT-1, arXiv 2412.01152). Two additions of ours: a replica whose
-pseudo-gradient is non-finite is left out of the average instead of poisoning every replica, and
-compression is carried as raw bytes (all-gather of uint8), so it runs on Gloo and NCCL alike and
-can never silently become fp32.
+payloads cut it further (INTELLECT-1, arXiv 2412.01152).
+
+The exchange is a reduce-scatter followed by an all-gather, written as point-to-point messages
+of raw bytes so that it runs on Gloo and NCCL alike and can never silently become fp32:
+
+1. each replica splits its (encoded) pseudo-gradient into M block-aligned shards and sends shard
+   j to replica j (the owner of shard j);
+2. the owner decodes the M copies of its shard and sums them in fp32, in rank order, over the
+   replicas whose pseudo-gradient was finite, and divides by their number;
+3. the owner re-encodes its mean shard and sends it to every other replica; every replica
+   (the owner included) decodes the same bytes, so all hold a bit-identical mean.
+
+Each replica sends and receives about 2 (M - 1) / M payloads per exchange, the figure of a ring
+all-reduce, instead of the M - 1 payloads an all-gather of whole payloads receives. Lossy
+compression quantizes twice (the replica's shards, then the owner's mean shard); error feedback
+keeps each quantization's residual where it happens (every replica for its pseudo-gradient,
+every owner for its mean shard) and adds it back the next time that fragment is exchanged.
+
+Two more additions of ours: a replica whose pseudo-gradient is non-finite is left out of the
+average instead of poisoning every replica; and every message is awaited with a deadline
+(``timeout_s``): a dead or stalled replica raises :class:`DiLoCoCommunicationError` naming the
+outer step, the fragment and the replicas that did not answer, instead of hanging forever.
 
 Usage (the caller owns the inner loop)::
 
@@ -28,8 +46,11 @@ import hashlib
 import itertools
 import logging
 import math
+import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -38,12 +59,15 @@ from torch import nn
 
 __all__ = [
     "COMPRESSIONS",
+    "DEFAULT_TIMEOUT_S",
     "QUANT_BLOCK",
     "DiLoCo",
+    "DiLoCoCommunicationError",
     "decode",
     "encode",
     "payload_bytes",
     "parameters_hash",
+    "shard_bounds",
 ]
 
 logger = logging.getLogger(__name__)
@@ -55,8 +79,44 @@ _LEVELS = {"int8": 127, "int4": 7}  # symmetric code range [-levels, levels]
 _INT4_OFFSET = 8  # int4 codes are stored as unsigned nibbles q + 8 in [1, 15]
 # Which tensor device each collective backend can run on; anything else is refused up front.
 _BACKEND_DEVICE = {"gloo": "cpu", "nccl": "cuda"}
+# Long enough for a 0.5B-parameter fp32 exchange (2 GB each way) over a 20 Mbit/s link (~15 min).
+DEFAULT_TIMEOUT_S = 1800.0
+# Trailer bytes of each message: phase 1 carries the sender's "finite" flag (uint8), phase 2 the
+# owner's participant count (int32), so a NaN replica is left out consistently everywhere.
+_FLAG_BYTES, _COUNT_BYTES = 1, 4
+# Messages travel in chunks: one 4 MB message per direction ran at half the link rate over a
+# shaped link (Gloo's two directions of a pair took turns), 256 KiB chunks at ~0.9 of it
+# (bench/bench_wan.py). Posting a chunk costs ~0.5 ms of CPU, so a large message is cut into at
+# most _CHUNKS_PER_MESSAGE larger chunks instead. Tags: (phase slot) * _MAX_CHUNKS + chunk < 2**31.
+_CHUNK_BYTES = 256 * 1024
+_CHUNKS_PER_MESSAGE = 16
+_MAX_CHUNKS = 1 << 16
+_TAG_PERIOD = 1 << 12  # exchanges before phase slots repeat (only one exchange is in flight)
+_BROADCAST_SLOT = 2 * _TAG_PERIOD
 
 OuterOptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+
+
+class DiLoCoCommunicationError(RuntimeError):
+    """An exchange could not finish: a replica died, or did not answer within ``timeout_s``.
+
+    The process group cannot be trusted afterwards (messages may be half sent); the caller should
+    exit so that its launcher restarts every replica from the last checkpoint.
+
+    Attributes: ``outer_step`` (1-based outer step the exchange was for; 0 for the initial
+    broadcast), ``fragment`` (-1 for the initial broadcast), ``missing`` (ranks in the DiLoCo
+    group that did not answer, sorted), ``reasons`` (rank -> what the transport said).
+    """
+
+    def __init__(self, outer_step: int, fragment: int, missing: list[int], reasons: dict[int, str], timeout_s: float):
+        self.outer_step, self.fragment, self.missing, self.reasons = outer_step, fragment, missing, reasons
+        what = "initial broadcast" if fragment < 0 else f"outer step {outer_step}, fragment {fragment}"
+        details = "; ".join(f"replica {rank}: {reason}" for rank, reason in sorted(reasons.items()))
+        super().__init__(
+            f"DiLoCo {what}: replicas {missing} did not answer ({details}; timeout {timeout_s:g} s). "
+            f"The exchange is incomplete and the process group unusable: exit so the launcher "
+            f"restarts the replicas and resumes from the last checkpoint"
+        )
 
 
 def encode(values: torch.Tensor, compression: str) -> torch.Tensor:
@@ -139,14 +199,33 @@ def parameters_hash(module: nn.Module | Iterable[torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def shard_bounds(numel: int, world: int) -> list[range]:
+    """Element ranges of the ``world`` shards of a flat vector of ``numel`` values.
+
+    Shards are contiguous, cover the vector in order, start on a ``QUANT_BLOCK`` boundary (so a
+    shard's quantization blocks are the whole vector's blocks) and hold a near-equal number of
+    blocks; a vector with fewer blocks than replicas leaves some shards empty.
+    """
+    blocks = _num_blocks(numel)
+    edges = [min(numel, (k * blocks // world) * QUANT_BLOCK) for k in range(world + 1)]
+    return [range(edges[k], edges[k + 1]) for k in range(world)]
+
+
 @dataclass
 class _Exchange:
-    """One fragment's pseudo-gradient exchange, possibly still on the wire."""
+    """One fragment's pseudo-gradient exchange, possibly still running on a background thread."""
 
     fragment: int
+    outer_step: int  # the outer step this exchange feeds (1-based, for error messages)
     finite: bool  # this replica's own pseudo-gradient was finite (and so was sent)
-    work: dist.Work | None  # None: group of one, nothing to wait for
-    buffers: list[torch.Tensor]  # "none": [fp32 sum buffer]; otherwise one payload per replica
+    started: float  # perf_counter() when the exchange was started
+    thread: threading.Thread | None = None  # None: it ran inline in step()
+    mean: torch.Tensor | None = None  # averaged pseudo-gradient (None: no replica was finite)
+    participants: int = 0
+    sent: int = 0  # payload bytes this replica's sends put on the wire
+    received: int = 0  # payload bytes this replica's receives took off the wire
+    finished: float = 0.0  # perf_counter() when the mean was complete
+    error: BaseException | None = None
 
 
 class DiLoCo:
@@ -166,22 +245,41 @@ class DiLoCo:
             group, or a group of one when torch.distributed is not initialised.
         fragments: split the parameters into this many contiguous, size-balanced groups in module
             order; one fragment syncs every ``sync_every // fragments`` steps, round-robin.
-        fragment_delay: tau, start a fragment's exchange tau inner steps before it is applied
-            (asynchronous work handle) so communication overlaps compute.
+        fragment_delay: tau, start a fragment's exchange tau inner steps before it is applied; the
+            exchange then runs on a background thread while the caller computes. With tau = 0 it
+            runs inside :meth:`step`. Do not issue other collectives on ``group`` from another
+            thread while an exchange is in flight (between the start and the apply).
         fragment_alpha: after a sync the replica takes ``(1 - alpha) * global + alpha * local``.
-        compression: ``"none"`` (fp32 all-reduce), ``"bf16"``, ``"int8"``, ``"int4"`` (all-gather
-            of byte payloads, decoded and summed in fp32 on every replica).
-        error_feedback: keep each round's quantization residual and add it to the next round's
-            pseudo-gradient (lossy compressions only).
+        compression: payload encoding, ``"none"`` (fp32), ``"bf16"``, ``"int8"``, ``"int4"``
+            (see :func:`encode`); the reduction is always fp32.
+        error_feedback: keep each quantization's residual and add it to the next exchange of the
+            same fragment (lossy compressions only).
         backup_device: where the fp32 global copy and outer optimizer state live (and the
             exchanged buffers, if the backend can use it: with NCCL and a CPU backup they are
             staged on the model's CUDA device).
+        timeout_s: seconds each exchange (and the initial broadcast) may take before
+            :class:`DiLoCoCommunicationError` is raised. Size it for the slowest link: one
+            exchange moves about ``2 * payload_bytes(numel, compression)`` per replica.
 
     Attributes read by the worker: ``outer_step`` (syncs so far, one per fragment sync, including
-    a round skipped because every replica was non-finite), ``bytes_sent`` (payload bytes this
-    replica handed to collectives), ``last_pseudo_grad_norm`` (L2 norm of the averaged
-    pseudo-gradient of the last sync; 0.0 if skipped), ``last_participants`` (replicas whose
-    pseudo-gradient entered that average), ``last_fragment`` (index of the last synced fragment).
+    a round skipped because every replica was non-finite), ``last_pseudo_grad_norm`` (L2 norm of
+    the averaged pseudo-gradient of the last sync; 0.0 if skipped), ``last_participants``
+    (replicas whose pseudo-gradient entered that average), ``last_fragment`` (index of the last
+    synced fragment), and:
+
+    - ``bytes_sent`` / ``bytes_received``: payload bytes of every message this replica sent to /
+      received from another replica, summed over all exchanges (the initial broadcast excluded):
+      per exchange, phase 1 sends shard j (+1 flag byte) to each owner j != self and receives its
+      own shard from the M - 1 others; phase 2 sends its mean shard (+4 count bytes) to the M - 1
+      others and receives theirs. Nothing sent to itself is counted. The transport adds its
+      framing (TCP/IP headers, Gloo's message headers: a few %), which is not counted.
+    - ``compute_seconds`` / ``communication_seconds``: wall seconds since construction (or
+      :meth:`load_state_dict`) the caller's thread spent outside waiting for an exchange (its own
+      inner steps and DiLoCo's local math) and blocked on one (an inline exchange entirely: its
+      transfers and the owner's reduction between them; an in-flight one, only the wait at the
+      apply). ``compute / (compute + communication)`` is the measured compute utilisation.
+    - ``last_exchange_seconds``: wall seconds from the start of the last applied exchange to its
+      mean being complete, whether or not the caller waited for it.
     """
 
     def __init__(
@@ -198,6 +296,7 @@ class DiLoCo:
         compression: str = "none",
         error_feedback: bool = False,
         backup_device: str | torch.device = "cpu",
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         if not isinstance(inner_optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -210,6 +309,8 @@ class DiLoCo:
                 "DiLoCo(error_feedback=True): fp32 (compression='none') has no quantization "
                 "residual to feed back; choose compression 'bf16', 'int8' or 'int4'"
             )
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+            raise ValueError(f"DiLoCo(timeout_s={timeout_s!r}): must be a number of seconds > 0")
         self.model = model
         self.inner_optimizer = inner_optimizer
         self.sync_every = sync_every
@@ -219,6 +320,7 @@ class DiLoCo:
         self.compression = compression
         self.error_feedback = error_feedback
         self.backup_device = torch.device(backup_device)
+        self.timeout_s = float(timeout_s)
         self.group = _resolve_group(group)
 
         self._local = [p for p in model.parameters() if p.requires_grad]
@@ -234,19 +336,27 @@ class DiLoCo:
         self._broadcast_initial_parameters()
         self._global = [nn.Parameter(p.detach().to(self.backup_device, torch.float32, copy=True)) for p in self._local]
         self.outer_optimizer = _build_outer_optimizer(outer_optimizer, self._global)
-        self._residuals = (
-            [torch.zeros(self._fragment_numel(f), device=self.backup_device) for f in range(fragments)]
-            if error_feedback
-            else []
-        )
+        # Error feedback: each replica's residual of its pseudo-gradient, and (only this
+        # replica's shard is ever non-zero) the owner's residual of its mean shard.
+        self._residuals: list[torch.Tensor] = []
+        self._mean_residuals: list[torch.Tensor] = []
+        if error_feedback:
+            for f in range(fragments):
+                self._residuals.append(torch.zeros(self._fragment_numel(f), device=self.backup_device))
+                self._mean_residuals.append(torch.zeros(self._fragment_numel(f), device=self.backup_device))
 
         self._inner_step = 0
         self._in_flight: _Exchange | None = None
         self.outer_step = 0
         self.bytes_sent = 0
+        self.bytes_received = 0
         self.last_pseudo_grad_norm = 0.0
         self.last_participants = 0
         self.last_fragment = -1
+        self.compute_seconds = 0.0
+        self.communication_seconds = 0.0
+        self.last_exchange_seconds = 0.0
+        self._clock = time.perf_counter()
 
     # ----------------------------------------------------------------------------- public API
 
@@ -263,15 +373,28 @@ class DiLoCo:
 
         Returns True when a sync was applied at this step (after it, the synced fragment of
         every replica holds the new global values, mixed with its own by ``fragment_alpha``).
+
+        Raises:
+            DiLoCoCommunicationError: an exchange did not complete (a replica died or stalled
+                past ``timeout_s``).
         """
+        entered = time.perf_counter()
+        self.compute_seconds += entered - self._clock
+        blocked = 0.0
         self._inner_step += 1
         interval = self.sync_every // self.fragments
-        if (self._inner_step + self.fragment_delay) % interval == 0:
-            self._start_exchange(self._fragment_due(self._inner_step + self.fragment_delay))
-        if self._inner_step % interval == 0:
-            self._apply(self._fragment_due(self._inner_step))
-            return True
-        return False
+        applied = False
+        try:
+            if (self._inner_step + self.fragment_delay) % interval == 0:
+                blocked += self._start_exchange(self._fragment_due(self._inner_step + self.fragment_delay))
+            if self._inner_step % interval == 0:
+                blocked += self._apply(self._fragment_due(self._inner_step))
+                applied = True
+        finally:
+            self._clock = time.perf_counter()
+            self.communication_seconds += blocked
+            self.compute_seconds += self._clock - entered - blocked
+        return applied
 
     def state_dict(self) -> dict[str, Any]:
         """A snapshot (plain tensors and Python values, ``torch.save``-able) of everything DiLoCo
@@ -289,13 +412,20 @@ class DiLoCo:
             "inner_step": self._inner_step,
             "outer_step": self.outer_step,
             "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
             "global_parameters": [g.detach().clone() for g in self._global],
             "outer_optimizer": copy.deepcopy(self.outer_optimizer.state_dict()),
             "residuals": [r.clone() for r in self._residuals],
+            "mean_residuals": [r.clone() for r in self._mean_residuals],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; settings and parameter shapes must match."""
+        """Restore :meth:`state_dict` output; settings and parameter shapes must match.
+
+        The owner residuals are this replica's own shard of each fragment; if the number of
+        replicas changed since the save, the shards moved and part of them is dropped (a warning
+        says so): at most one quantization step of one exchange is lost.
+        """
         for key, value in self._settings().items():
             saved = state["settings"].get(key)
             if saved != value:
@@ -319,9 +449,21 @@ class DiLoCo:
         self.outer_optimizer.load_state_dict(state["outer_optimizer"])
         for target, saved in zip(self._residuals, state["residuals"], strict=True):
             target.copy_(saved)
+        for fragment, (target, saved) in enumerate(zip(self._mean_residuals, state["mean_residuals"], strict=True)):
+            own = self._own_shard(target.numel())
+            target.zero_()
+            target[own.start : own.stop] = saved[own.start : own.stop]
+            if torch.count_nonzero(saved).item() > torch.count_nonzero(target).item():
+                logger.warning(
+                    "DiLoCo.load_state_dict: fragment %d's owner residual lies partly outside this "
+                    "replica's shard (the number of replicas changed); that part is dropped",
+                    fragment,
+                )
         self._inner_step = int(state["inner_step"])
         self.outer_step = int(state["outer_step"])
         self.bytes_sent = int(state["bytes_sent"])
+        self.bytes_received = int(state["bytes_received"])
+        self._clock = time.perf_counter()
 
     # ---------------------------------------------------------------------------- internals
 
@@ -345,19 +487,52 @@ class DiLoCo:
     def _world(self) -> int:
         return 1 if self.group is None else dist.get_world_size(self.group)
 
+    def _rank(self) -> int:
+        return 0 if self.group is None else dist.get_rank(self.group)
+
+    def _own_shard(self, numel: int) -> range:
+        return shard_bounds(numel, self._world())[self._rank()]
+
     def _broadcast_initial_parameters(self) -> None:
         """Start every replica from the group's first rank, whatever seed each one used."""
         if self.group is None or self._world() == 1:
             return
         with torch.no_grad():
             flat = torch.cat([p.detach().to(self._wire_device, torch.float32).reshape(-1) for p in self._local])
-            dist.broadcast(flat, src=dist.get_global_rank(self.group, 0), group=self.group)
+            raw = flat.view(torch.uint8)
+            if self._rank() == 0:
+                sends = {peer: raw for peer in range(1, self._world())}
+                _transfer(
+                    self.group,
+                    sends,
+                    {},
+                    tag=_BROADCAST_SLOT,
+                    deadline=self._deadline(),
+                    timeout_s=self.timeout_s,
+                    what=(0, -1),
+                )
+            else:
+                _transfer(
+                    self.group,
+                    {},
+                    {0: raw},
+                    tag=_BROADCAST_SLOT,
+                    deadline=self._deadline(),
+                    timeout_s=self.timeout_s,
+                    what=(0, -1),
+                )
             offset = 0
             for p in self._local:
                 p.copy_(flat[offset : offset + p.numel()].view_as(p))
                 offset += p.numel()
 
-    def _start_exchange(self, fragment: int) -> None:
+    def _deadline(self) -> float:
+        return time.perf_counter() + self.timeout_s
+
+    def _start_exchange(self, fragment: int) -> float:
+        """Compute and encode this replica's pseudo-gradient shards and start the exchange:
+        inline when fragment_delay is 0, else on a background thread. Returns the seconds the
+        caller was blocked on communication."""
         indices = self._fragment_ranges[fragment]
         with torch.no_grad():
             # Sign: global-before minus local-after, so the outer step moves towards the replicas.
@@ -375,51 +550,116 @@ class DiLoCo:
             pseudo.zero_()
         elif self.error_feedback:
             pseudo += self._residuals[fragment]
+        # One payload per shard (block-aligned, so its blocks are the whole vector's), + flag.
+        bounds = shard_bounds(pseudo.numel(), self._world())
+        payloads = [encode(pseudo[b.start : b.stop], self.compression) for b in bounds]
+        if finite and self.error_feedback:
+            decoded = [decode(payload, self.compression, len(b)) for payload, b in zip(payloads, bounds, strict=True)]
+            self._residuals[fragment] = pseudo - torch.cat(decoded)
+        shards = [torch.cat([payload, payload.new_tensor([int(finite)])]) for payload in payloads]
+        exchange = _Exchange(fragment, self.outer_step + 1, finite, started=time.perf_counter())
+        self._in_flight = exchange
+        if self.fragment_delay == 0:
+            self._run_exchange(exchange, shards)
+            return time.perf_counter() - exchange.started
+        exchange.thread = threading.Thread(
+            target=self._run_exchange, args=(exchange, shards), name=f"diloco-exchange-{fragment}", daemon=True
+        )
+        exchange.thread.start()
+        return 0.0
 
-        if self.compression == "none":  # fp32 sums exactly in an all-reduce; the flag counts
-            sent = torch.cat([pseudo, pseudo.new_tensor([float(finite)])])
-        else:  # integers would overflow a sum: gather the bytes, decode and add in fp32
-            payload = encode(pseudo, self.compression)
-            if finite and self.error_feedback:
-                self._residuals[fragment] = pseudo - decode(payload, self.compression, pseudo.numel())
-            sent = torch.cat([payload, payload.new_tensor([int(finite)])])  # trailing flag byte
-        sent = sent.to(self._wire_device)  # a no-op unless NCCL stages a CPU backup on CUDA
-        buffers, work = [sent], None
-        if self.group is not None:
-            self.bytes_sent += sent.numel() * sent.element_size()
-            if self.compression == "none":
-                work = dist.all_reduce(sent, group=self.group, async_op=True)
-            else:
-                buffers = [torch.empty_like(sent) for _ in range(self._world())]
-                work = dist.all_gather(buffers, sent, group=self.group, async_op=True)
-        self._in_flight = _Exchange(fragment, finite, work, buffers)
+    def _run_exchange(self, exchange: _Exchange, shards: list[torch.Tensor]) -> None:
+        """Reduce-scatter, owner reduction, all-gather (module docstring); fills ``exchange``."""
+        try:
+            with torch.no_grad():
+                self._reduce_scatter_all_gather(exchange, shards)
+        except BaseException as error:  # handed to the caller's thread at the apply
+            exchange.error = error
+        exchange.finished = time.perf_counter()
 
-    def _finish_exchange(self, exchange: _Exchange) -> tuple[torch.Tensor | None, int]:
-        """Wait for the exchange; return the mean over finite replicas (None if there are none)."""
-        if exchange.work is not None:
-            exchange.work.wait()
-        buffers = [buffer.to(self.backup_device) for buffer in exchange.buffers]
+    def _reduce_scatter_all_gather(self, exchange: _Exchange, shards: list[torch.Tensor]) -> None:
+        world, rank = self._world(), self._rank()
         numel = self._fragment_numel(exchange.fragment)
-        if self.compression == "none":
-            summed = buffers[0]
-            participants = int(summed[-1].item())
-            total = summed[:-1]
-        else:
-            total = torch.zeros(numel, device=self.backup_device)
-            participants = 0
-            for payload in buffers:  # rank order: every replica sums identically
-                if int(payload[-1].item()) == 1:
-                    total += decode(payload[:-1], self.compression, numel)
-                    participants += 1
-        if participants == 0:
-            return None, 0
-        return total / participants, participants
+        bounds = shard_bounds(numel, world)
+        own = bounds[rank]
+        deadline = exchange.started + self.timeout_s
+        tag = 2 * (exchange.outer_step % _TAG_PERIOD)
+        what = (exchange.outer_step, exchange.fragment)
 
-    def _apply(self, fragment: int) -> None:
+        # Phase 1: shard j goes to its owner j; this replica receives the M - 1 copies of its own.
+        own_bytes = payload_bytes(len(own), self.compression) + _FLAG_BYTES
+        sends = {peer: shards[peer].to(self._wire_device) for peer in range(world) if peer != rank}
+        received = {peer: torch.empty(own_bytes, dtype=torch.uint8, device=self._wire_device) for peer in sends}
+        if sends:
+            _transfer(self.group, sends, received, tag=tag, deadline=deadline, timeout_s=self.timeout_s, what=what)
+        received[rank] = shards[rank]
+        exchange.sent += sum(t.numel() for t in sends.values())
+        exchange.received += sum(t.numel() for t in received.values()) - shards[rank].numel()
+
+        # The owner's reduction: fp32, rank order, finite replicas only.
+        total = torch.zeros(len(own), device=self.backup_device)
+        participants = 0
+        for peer in range(world):
+            message = received[peer].to(self.backup_device)
+            if int(message[-1].item()) == 1:
+                total += decode(message[:-_FLAG_BYTES], self.compression, len(own))
+                participants += 1
+        mean_shard = total / max(participants, 1)
+        if self.error_feedback and participants:
+            mean_shard += self._mean_residuals[exchange.fragment][own.start : own.stop]
+        payload = encode(mean_shard, self.compression)
+        if self.error_feedback and participants:
+            residual = mean_shard - decode(payload, self.compression, len(own))
+            self._mean_residuals[exchange.fragment][own.start : own.stop] = residual
+        count = torch.tensor([participants], dtype=torch.int32).view(torch.uint8)
+        mine = torch.cat([payload, count.to(payload.device)])
+
+        # Phase 2: every owner's mean shard to everyone; all decode the same bytes.
+        sends = {peer: mine.to(self._wire_device) for peer in range(world) if peer != rank}
+        gathered = {
+            peer: torch.empty(
+                payload_bytes(len(bounds[peer]), self.compression) + _COUNT_BYTES,
+                dtype=torch.uint8,
+                device=self._wire_device,
+            )
+            for peer in sends
+        }
+        if sends:
+            _transfer(self.group, sends, gathered, tag=tag + 1, deadline=deadline, timeout_s=self.timeout_s, what=what)
+        gathered[rank] = mine
+        exchange.sent += sum(t.numel() for t in sends.values())
+        exchange.received += sum(t.numel() for peer, t in gathered.items() if peer != rank)
+
+        parts = []
+        for peer in range(world):
+            message = gathered[peer].to(self.backup_device)
+            parts.append(decode(message[:-_COUNT_BYTES], self.compression, len(bounds[peer])))
+            exchange.participants = int(message[-_COUNT_BYTES:].clone().view(torch.int32).item())
+        exchange.mean = torch.cat(parts) if exchange.participants else None
+
+    def _apply(self, fragment: int) -> float:
+        """Wait for the fragment's exchange, take the outer step, adopt the global values.
+        Returns the seconds the caller was blocked waiting."""
         exchange = self._in_flight
         assert exchange is not None and exchange.fragment == fragment, "exchange schedule broken"
+        blocked = 0.0
+        if exchange.thread is not None:
+            waited = time.perf_counter()
+            # The thread's own waits end at the deadline; the margin only covers a transport
+            # that ignores its timeout.
+            exchange.thread.join(max(0.0, exchange.started + self.timeout_s - waited) + 60.0)
+            blocked = time.perf_counter() - waited
+            if exchange.thread.is_alive():
+                peers = [peer for peer in range(self._world()) if peer != self._rank()]
+                reasons = dict.fromkeys(peers, "the exchange thread never returned")
+                exchange.error = DiLoCoCommunicationError(exchange.outer_step, fragment, peers, reasons, self.timeout_s)
         self._in_flight = None
-        mean, participants = self._finish_exchange(exchange)
+        self.bytes_sent += exchange.sent
+        self.bytes_received += exchange.received
+        if exchange.error is not None:
+            raise exchange.error
+        self.last_exchange_seconds = exchange.finished - exchange.started
+        mean, participants = exchange.mean, exchange.participants
         indices = self._fragment_ranges[fragment]
         if mean is None:
             logger.warning(
@@ -451,6 +691,7 @@ class DiLoCo:
         self.last_participants = participants
         self.last_fragment = fragment
         self.outer_step += 1
+        return blocked
 
     def _adopt_global(self, indices: range, healthy: bool) -> None:
         """Replace the fragment's local values with the global ones (mixed by alpha if healthy)."""
@@ -465,6 +706,75 @@ class DiLoCo:
                     local.copy_(target)
                 if not healthy:
                     self.inner_optimizer.state.pop(local, None)
+
+
+def _transfer(
+    group: dist.ProcessGroup,
+    sends: dict[int, torch.Tensor],
+    receives: dict[int, torch.Tensor],
+    *,
+    tag: int,
+    deadline: float,
+    timeout_s: float,
+    what: tuple[int, int],
+) -> None:
+    """Send ``sends[peer]`` to and receive into ``receives[peer]`` from each peer (ranks in
+    ``group``), all at once in chunks (module constants), and wait for every chunk until
+    ``deadline`` (perf_counter). ``tag`` is the phase slot; chunk k travels as
+    ``tag * _MAX_CHUNKS + k``.
+
+    Raises DiLoCoCommunicationError naming the peers whose message failed or was still missing.
+    Gloo posts and completes each message alone, so the peers are named exactly; NCCL coalesces
+    the batch into one work, and then every peer of the batch is named.
+    """
+    ops = []
+    # Receives first: a Gloo sender waits for the receiver's "ready" before it sends a chunk, and
+    # posting every receive up front let both directions run at the link rate (sends first: the
+    # two directions often took turns, half the rate).
+    for kind, messages in ((dist.irecv, receives), (dist.isend, sends)):
+        for peer, tensor in messages.items():
+            size = max(_CHUNK_BYTES, -(-tensor.numel() // _CHUNKS_PER_MESSAGE))
+            chunks = tensor.split(size) if tensor.numel() else (tensor,)
+            for index, chunk in enumerate(chunks):
+                ops.append(dist.P2POp(kind, chunk, group=group, group_peer=peer, tag=tag * _MAX_CHUNKS + index))
+    reasons: dict[int, str] = {}
+    pending: list[tuple[dist.Work, list[int]]] = []
+    if group._get_backend(ops[0].tensor.device).supports_coalescing:
+        everyone = sorted({op.group_peer for op in ops})
+        try:
+            pending += [(work, everyone) for work in dist.batch_isend_irecv(ops)]
+        except RuntimeError as error:
+            reasons.update(dict.fromkeys(everyone, _short_reason(error)))
+    else:
+        for op in ops:  # posting to a peer whose connection is already closed raises at once
+            try:
+                work = op.op(op.tensor, group=group, tag=op.tag, **{_PEER_KEY[op.op]: op.group_peer})
+                pending.append((work, [op.group_peer]))
+            except RuntimeError as error:
+                reasons.setdefault(op.group_peer, _short_reason(error))
+    for work, who in pending:
+        if all(peer in reasons for peer in who):
+            continue
+        remaining = deadline - time.perf_counter()
+        if reasons:  # already failing: give the others a moment, not the whole deadline
+            remaining = min(remaining, 1.0)
+        try:
+            # A zero timeout means "wait forever" to torch: never pass less than a millisecond.
+            work.wait(timedelta(seconds=max(remaining, 1e-3)))
+        except RuntimeError as error:
+            for peer in who:
+                reasons.setdefault(peer, _short_reason(error))
+    if reasons:
+        raise DiLoCoCommunicationError(what[0], what[1], sorted(reasons), reasons, timeout_s)
+
+
+_PEER_KEY = {dist.isend: "group_dst", dist.irecv: "group_src"}
+
+
+def _short_reason(error: BaseException) -> str:
+    """The transport's first line without its source location prefix ``[file.cc:123] ``."""
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return message.split("] ", 1)[1] if message.startswith("[") and "] " in message else message
 
 
 # --------------------------------------------------------------------------------- helpers

@@ -107,6 +107,7 @@ class Replica:
     teacher: EMATeacher | None
     feed: PreferenceFeed | None
     forward_calls: list[int] = field(default_factory=lambda: [0])  # policy forwards, counted by a hook
+    round_clock: tuple[float, float] = (0.0, 0.0)  # DiLoCo's compute/communication seconds at round start
 
 
 @dataclass
@@ -188,6 +189,7 @@ def train(config: Config) -> dict:
     books = open_books(run, start_round)
     if start_round == 0:
         evaluate_held_out(run, books, rounds_done=0, outer_step=0)
+    replica.round_clock = (replica.diloco.compute_seconds, replica.diloco.communication_seconds)
     H = config.diloco.sync_every
     for round_index in range(start_round, config.rounds):
         round_start = time.perf_counter()
@@ -318,6 +320,7 @@ def build_replica(run: Run) -> Replica:
         fragment_alpha=d.fragment_alpha,
         compression=d.compression,
         error_feedback=d.error_feedback,
+        timeout_s=d.timeout_s,
     )
     use_ema = config.loss.alpha > 0 and config.loss.teacher == "ema"
     teacher = EMATeacher(model, rate=config.loss.ema_rate) if use_ema else None
@@ -483,7 +486,19 @@ def end_of_round(
 ) -> None:
     """Metrics first, then the checkpoint: a crash in between may repeat a round's lines, never lose one."""
     diloco = replica.diloco
-    everyone = gather(dict(records=records, hash=parameters_hash(run.model), bytes_sent=diloco.bytes_sent))
+    compute_s, communication_s = diloco.compute_seconds, diloco.communication_seconds
+    everyone = gather(
+        dict(
+            records=records,
+            hash=parameters_hash(run.model),
+            bytes_sent=diloco.bytes_sent,
+            bytes_received=diloco.bytes_received,
+            # this rank's seconds this round outside / blocked inside DiLoCo's exchanges (measured)
+            compute_s=compute_s - replica.round_clock[0],
+            communication_s=communication_s - replica.round_clock[1],
+        )
+    )
+    replica.round_clock = (compute_s, communication_s)
     if books.metrics is not None:
         log_round(run, replica, books, everyone, round_index, seconds)
     # Every replica saves its share, then rank 0 seals the folder.
@@ -545,6 +560,9 @@ def log_round(run: Run, replica: Replica, books: Books, everyone: list[dict], ro
         pseudo_grad_norm=diloco.last_pseudo_grad_norm,
         participants=diloco.last_participants,
         bytes_sent=bytes_sent,
+        bytes_received=sum(v["bytes_received"] for v in everyone),
+        compute_s=[v["compute_s"] for v in everyone],
+        communication_s=[v["communication_s"] for v in everyone],
         param_hash=hashes[0],
         replica_hashes=hashes,
         replicas=run.topo.replicas,

@@ -3,11 +3,19 @@ scenarios in real Gloo process groups on localhost (torch.multiprocessing spawn 
 
 Each scenario runs in every rank and returns plain tensors/values; the launcher saves them per
 rank and hands them back to the test, which does the asserting.
+
+Run as a module it is a fault-injecting entry point for the training worker under torchrun
+(``python -m tests.integration._diloco_harness --kill-replica R --at-outer-step N --marker F
+-- <worker args>``): replica R SIGKILLs itself while the exchange for outer step N is in flight,
+once (the marker file keeps a restarted replica alive).
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import signal
+import time
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
@@ -19,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from trainer.diloco import DiLoCo, parameters_hash
+from trainer.diloco import DiLoCo, DiLoCoCommunicationError, parameters_hash
 
 SYNC_EVERY = 4
 NO_MOMENTUM_SGD = functools.partial(torch.optim.SGD, lr=1.0, momentum=0.0)
@@ -67,14 +75,34 @@ def train(
 Job = tuple[str, dict[str, Any]]  # (scenario name, its keyword arguments)
 
 
-def run_ranks(world: int, tmp_path: Path, *jobs: Job) -> list[list[Any]]:
+def run_ranks(world: int, tmp_path: Path, *jobs: Job, lost: frozenset[int] = frozenset()) -> list[list[Any]]:
     """Run each job in turn in the same ``world`` fresh processes joined by Gloo (one spawn, as
-    process start-up dominates); return ``results[job][rank]``."""
+    process start-up dominates); return ``results[job][rank]``.
+
+    Ranks in ``lost`` are expected to die or stall (fault injection): the launcher waits for the
+    others only, then SIGKILLs what is left of the lost ones; their results are None."""
     out_dir = tmp_path / f"ranks-{uuid.uuid4().hex[:8]}"
     out_dir.mkdir()
-    mp.spawn(_entry, args=(world, str(out_dir), list(jobs)), nprocs=world, join=True)
-    per_rank = [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
-    return [[results[job] for results in per_rank] for job in range(len(jobs))]
+    if not lost:
+        mp.spawn(_entry, args=(world, str(out_dir), list(jobs)), nprocs=world, join=True)
+    else:
+        context = mp.start_processes(
+            _entry, args=(world, str(out_dir), list(jobs)), nprocs=world, join=False, start_method="spawn"
+        )
+        for rank, process in enumerate(context.processes):
+            if rank not in lost:
+                process.join(timeout=300)
+                if process.exitcode != 0:  # spawn leaves the child's traceback in its error file
+                    error_file = Path(context.error_files[rank])
+                    trace = error_file.read_bytes() if error_file.exists() else b""
+                    raise AssertionError(f"surviving rank {rank} exited with {process.exitcode}: {trace[-3000:]!r}")
+        for rank in lost:
+            context.processes[rank].kill()
+            context.processes[rank].join()
+    per_rank = [
+        None if rank in lost else torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(world)
+    ]
+    return [[None if results is None else results[job] for results in per_rank] for job in range(len(jobs))]
 
 
 def _entry(rank: int, world: int, out_dir: str, jobs: list[Job]) -> None:
@@ -153,6 +181,7 @@ def _record_syncs(rank: int, config: dict, rounds: int) -> dict:
                 "model_hash": parameters_hash(model),
                 "global_hash": parameters_hash(diloco.global_parameters()),
                 "bytes_sent": diloco.bytes_sent,
+                "bytes_received": diloco.bytes_received,
                 "outer_step": diloco.outer_step,
                 "participants": diloco.last_participants,
                 "norm": diloco.last_pseudo_grad_norm,
@@ -270,6 +299,68 @@ def resume(rank: int, world: int, *, phase: str, config: dict, checkpoint_dir: s
     }
 
 
+def traffic(rank: int, world: int, *, width: int, config: dict, rounds: int) -> dict:
+    """Bytes per outer step of one replica on a square linear layer of ``width`` (+ bias)."""
+    torch.manual_seed(0)
+    model = nn.Linear(width, width)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    diloco = DiLoCo(model, inner, sync_every=SYNC_EVERY, **config)
+    generator = torch.Generator().manual_seed(rank)
+    for _ in range(rounds * SYNC_EVERY):
+        inner.zero_grad()
+        model(torch.randn(4, width, generator=generator)).square().mean().backward()
+        inner.step()
+        diloco.step()
+    return {
+        "numel": sum(p.numel() for p in model.parameters()),
+        "sent_per_outer_step": diloco.bytes_sent / rounds,
+        "received_per_outer_step": diloco.bytes_received / rounds,
+        "global_hash": parameters_hash(diloco.global_parameters()),
+    }
+
+
+FAULT_ROUND_STEP = SYNC_EVERY + 1  # inner step (1-based) whose step() starts outer step 3's exchange
+
+
+def lose_a_replica(rank: int, world: int, *, fault: str, timeout_s: float) -> dict:
+    """Streaming DiLoCo (2 fragments, tau 1). One round passes; then the last rank dies
+    (``fault="kill"``: SIGKILL right after its step() started the exchange of outer step 3, so
+    the exchange is in flight) or stalls (``"stall"``: SIGSTOP before it starts that exchange).
+    The survivors report the DiLoCoCommunicationError their step() raised, and when."""
+    victim = world - 1
+    model = make_model(seed=0)
+    inner = make_inner(model)
+    diloco = DiLoCo(model, inner, sync_every=SYNC_EVERY, fragments=2, fragment_delay=1, timeout_s=timeout_s)
+    for step in range(1, 3 * SYNC_EVERY + 1):
+        inputs, targets = make_batch(rank, step)
+        inner.zero_grad()
+        nn.functional.mse_loss(model(inputs), targets).backward()
+        inner.step()
+        if step == FAULT_ROUND_STEP:
+            if rank == victim and fault == "stall":
+                os.kill(os.getpid(), signal.SIGSTOP)
+            if rank != victim and fault == "kill":
+                time.sleep(1.0)  # the victim starts (and dies with) its exchange first
+        started = time.perf_counter()
+        try:
+            diloco.step()
+        except DiLoCoCommunicationError as error:
+            return {
+                "step": step,
+                "message": str(error),
+                "missing": error.missing,
+                "outer_step": error.outer_step,
+                "fragment": error.fragment,
+                "seconds_in_step": time.perf_counter() - started,
+                "in_flight_since_step": FAULT_ROUND_STEP,
+            }
+        if step == FAULT_ROUND_STEP and rank == victim and fault == "kill":
+            assert diloco._in_flight is not None and diloco._in_flight.thread is not None
+            time.sleep(0.2)  # its exchange thread has sent what it could and waits
+            os.kill(os.getpid(), signal.SIGKILL)
+    return {"step": None}
+
+
 SCENARIOS: dict[str, Callable[..., Any]] = {
     "identical_data": identical_data,
     "sign": sign,
@@ -277,4 +368,54 @@ SCENARIOS: dict[str, Callable[..., Any]] = {
     "nan_guard": nan_guard,
     "outer_subgroups": outer_subgroups,
     "resume": resume,
+    "traffic": traffic,
+    "lose_a_replica": lose_a_replica,
 }
+
+
+# ------------------------------------------------------------- worker entry point with a fault
+
+
+def _kill_in_flight(replica: int, outer_step: int, marker: Path) -> None:
+    """Wrap DiLoCo.step so that ``replica`` SIGKILLs itself right after starting the exchange of
+    ``outer_step`` (first attempt only: restarted workers run clean); the others wait a second
+    before starting theirs, so the victim's exchange is certainly still in flight when it dies."""
+    step = DiLoCo.step
+    me = int(os.environ.get("RANK", 0))
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and not marker.exists()
+
+    def starts_exchange(diloco: DiLoCo) -> bool:
+        upcoming = diloco._inner_step + 1 + diloco.fragment_delay
+        return upcoming % (diloco.sync_every // diloco.fragments) == 0 and diloco.outer_step + 1 == outer_step
+
+    def faulty_step(self: DiLoCo) -> bool:
+        armed = first_attempt and starts_exchange(self)
+        if armed and me != replica:
+            time.sleep(1.0)  # so the victim's exchange cannot complete before it dies
+        result = step(self)
+        if armed and me == replica:
+            assert self._in_flight is not None and self._in_flight.thread is not None
+            marker.write_text(f"replica {replica} killed at outer step {outer_step}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    DiLoCo.step = faulty_step
+
+
+def main() -> int:
+    import argparse
+
+    from trainer import worker
+
+    parser = argparse.ArgumentParser(description="trainer.worker with a replica killed mid-exchange")
+    parser.add_argument("--kill-replica", type=int, required=True)
+    parser.add_argument("--at-outer-step", type=int, required=True)
+    parser.add_argument("--marker", type=Path, required=True)
+    parser.add_argument("worker_args", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    _kill_in_flight(args.kill_replica, args.at_outer_step, args.marker)
+    return worker.main([a for a in args.worker_args if a != "--"])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
