@@ -431,3 +431,18 @@ def test_timeout_must_be_positive_and_is_named():
     for bad in (0, -1.0, "60", True):
         with pytest.raises(ValueError, match=r"timeout_s="):
             _diloco(timeout_s=bad)
+
+
+def test_split_parameters_cuts_the_flat_parameters_into_equal_shares_of_views():
+    from trainer.diloco import split_parameters
+
+    model = nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 2))  # 15 + 5 + 10 + 2 = 32 elements
+    shares = split_parameters(list(model.parameters()), 3)
+    assert [sum(t.numel() for t in share) for share in shares] == [10, 11, 11]
+    flat = torch.cat([t.reshape(-1) for share in shares for t in share])
+    assert torch.equal(flat, torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    with torch.no_grad():
+        shares[1][0].fill_(7.0)  # a share is a view: writing it writes the model
+    assert (model[0].weight.reshape(-1)[10:15] == 7.0).all()
+    with pytest.raises(ValueError, match="cannot fill"):
+        split_parameters([torch.zeros(2)], 3)

@@ -122,6 +122,26 @@ class Stateful(Protocol):
     def load_state_dict(self, state: Any, /) -> Any: ...
 
 
+class PerProcessState:
+    """A member whose state differs between the processes of one replica (each one's share of the
+    DiLoCo exchange): saved as the list of every process's state, each loading its own."""
+
+    def __init__(self, member: Stateful, group: Any, local_rank: int, size: int) -> None:
+        self.member, self.group, self.local_rank, self.size = member, group, local_rank, size
+
+    def state_dict(self) -> list[Any]:
+        states: list[Any] = [None] * self.size
+        torch.distributed.all_gather_object(states, self.member.state_dict(), group=self.group)
+        return states
+
+    def load_state_dict(self, states: list[Any]) -> None:
+        if len(states) != self.size:
+            raise ValueError(
+                f"checkpoint holds {len(states)} per-process states, this replica has {self.size} processes"
+            )
+        self.member.load_state_dict(states[self.local_rank])
+
+
 class TrainingState:
     """One registry of a replica's training state; `save` and `load` walk the same mapping.
 
@@ -137,10 +157,15 @@ class TrainingState:
         self.model = model
         self.members: dict[str, Stateful] = {name: m for name, m in members.items() if m is not None}
 
-    def save(self, root: Path, outer_step: int, replica_id: int, *, round_index: int) -> None:
-        """This replica's share of the checkpoint for `outer_step` (atomic, fsynced files)."""
+    def save(self, root: Path, outer_step: int, replica_id: int, *, round_index: int, write: bool = True) -> None:
+        """This replica's share of the checkpoint for `outer_step` (atomic, fsynced files).
+
+        Every process of the replica calls it (a member's `state_dict` may gather from all of
+        them); the one with `write` writes the files.
+        """
         state = {"round": round_index, **{name: member.state_dict() for name, member in self.members.items()}}
-        save_replica(root, outer_step, replica_id, self.model, state)
+        if write:
+            save_replica(root, outer_step, replica_id, self.model, state)
 
     def load(self, root: Path, outer_step: int, replica_id: int) -> int:
         """Fill the model and every member from the checkpoint; returns the saved round.

@@ -48,7 +48,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -68,6 +68,7 @@ __all__ = [
     "payload_bytes",
     "parameters_hash",
     "shard_bounds",
+    "split_parameters",
 ]
 
 logger = logging.getLogger(__name__)
@@ -234,6 +235,11 @@ class DiLoCo:
 
     Args:
         model: the replica's module; its trainable parameters (module order) are synced.
+        parameters: the part of `model`'s trainable parameters this process exchanges (tensors
+            or views into them, module order); None: all of them. A replica of S processes splits its parameters with
+            :func:`split_parameters` so that each process ships 1/S of the model across replicas
+            (`group` is then "this process's counterparts in the other replicas"); the caller
+            shares each process's synced part with the rest of its replica after a sync.
         inner_optimizer: the caller's inner optimizer. DiLoCo only touches it to drop the state of
             parameters a non-finite replica had to reset (stale NaN moments would re-poison them).
         sync_every: H, inner steps between two syncs of the same parameters.
@@ -297,6 +303,7 @@ class DiLoCo:
         error_feedback: bool = False,
         backup_device: str | torch.device = "cpu",
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        parameters: Sequence[torch.Tensor] | None = None,
     ) -> None:
         if not isinstance(inner_optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -323,7 +330,7 @@ class DiLoCo:
         self.timeout_s = float(timeout_s)
         self.group = _resolve_group(group)
 
-        self._local = [p for p in model.parameters() if p.requires_grad]
+        self._local = [p for p in model.parameters() if p.requires_grad] if parameters is None else list(parameters)
         if not self._local:
             raise ValueError("DiLoCo(model=...): the model has no trainable parameters to sync")
         if fragments > len(self._local):
@@ -866,6 +873,31 @@ def _build_outer_optimizer(factory: OuterOptimizerFactory | None, params: list[n
             "the parameters it is given (the global copy)"
         )
     return optimizer
+
+
+def split_parameters(parameters: Sequence[nn.Parameter], parts: int) -> list[list[torch.Tensor]]:
+    """Cut the parameters' elements (module order, flattened) into `parts` equal contiguous shares.
+
+    How a replica of `parts` processes shares out the cross-replica exchange: process k passes
+    share k to its DiLoCo as `parameters`. A share is a list of 1-D views into the parameters (a
+    tensor may be cut between two shares), so writing a share writes the model; element counts
+    differ by at most one between shares. Raises ValueError for fewer elements than parts.
+    """
+    flat = [p.view(-1) for p in parameters]
+    total = sum(f.numel() for f in flat)
+    if total < parts:
+        raise ValueError(f"split_parameters: {total} elements cannot fill {parts} non-empty shares")
+    bounds = [total * k // parts for k in range(parts + 1)]
+    shares: list[list[torch.Tensor]] = [[] for _ in range(parts)]
+    start = 0
+    for tensor in flat:
+        end = start + tensor.numel()
+        for k in range(parts):
+            lo, hi = max(start, bounds[k]), min(end, bounds[k + 1])
+            if lo < hi:
+                shares[k].append(tensor[lo - start : hi - start])
+        start = end
+    return shares
 
 
 def _split_contiguous(numels: list[int], parts: int) -> list[range]:

@@ -41,9 +41,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from trainer import checkpoint
-from trainer.checkpoint import TrainingState
+from trainer.checkpoint import PerProcessState, TrainingState
 from trainer.config import Config, ConfigError, dump_config, load_config_or_exit
-from trainer.diloco import DiLoCo, parameters_hash
+from trainer.diloco import DiLoCo, parameters_hash, split_parameters
 from trainer.envs import Environment, make_env
 from trainer.evaluation import EvalCounts, evaluate
 from trainer.losses import ComposerBatch, ComposerLossOutput, composer_total_loss
@@ -108,6 +108,8 @@ class Replica:
     feed: PreferenceFeed | None
     forward_calls: list[int] = field(default_factory=lambda: [0])  # policy forwards, counted by a hook
     round_clock: tuple[float, float] = (0.0, 0.0)  # DiLoCo's compute/communication seconds at round start
+    # A replica of S processes: each process's share of the parameters it exchanges across replicas.
+    shares: list[list[torch.Tensor]] | None = None
 
 
 @dataclass
@@ -307,6 +309,10 @@ def build_replica(run: Run) -> Replica:
     feed = build_preference_feed(run) if config.loss.beta > 0 else None
     inner_optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     d = config.diloco
+    topo = run.topo
+    shares = None  # with S > 1 processes a replica, each exchanges 1/S of the model across replicas
+    if topo.inner_group is not None:
+        shares = split_parameters([p for p in model.parameters() if p.requires_grad], topo.replica_size)
     diloco = DiLoCo(
         model,
         inner_optimizer,
@@ -321,11 +327,14 @@ def build_replica(run: Run) -> Replica:
         compression=d.compression,
         error_feedback=d.error_feedback,
         timeout_s=d.timeout_s,
+        parameters=shares[topo.local_rank] if shares else None,
     )
     use_ema = config.loss.alpha > 0 and config.loss.teacher == "ema"
     teacher = EMATeacher(model, rate=config.loss.ema_rate) if use_ema else None
-    state = TrainingState(model, inner_optimizer=inner_optimizer, diloco=diloco, replay=feed, teacher=teacher)
-    replica = Replica(state, inner_optimizer, diloco, teacher, feed)
+    saved_diloco = PerProcessState(diloco, topo.inner_group, topo.local_rank, topo.replica_size) if shares else diloco
+    state = TrainingState(model, inner_optimizer=inner_optimizer, diloco=saved_diloco, replay=feed, teacher=teacher)
+    replica = Replica(state, inner_optimizer, diloco, teacher, feed, shares=shares)
+    share_synced_parameters(run, replica)
     # Forwards of the policy inside the loss (student, teacher-as-policy, DPO): the cost of the
     # channels, logged so that alpha = 0 / beta = 0 runs show that they skipped their passes.
     # Registered after the teacher and reference copies were made, so only the policy counts.
@@ -407,6 +416,8 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
     applied = optimizer_step(run, replica, out.total)
     loss_s = time.perf_counter() - loss_start
     synced = replica.diloco.step()
+    if synced:
+        share_synced_parameters(run, replica)
     replay = replica.feed.replay if replica.feed is not None else None
     stats = samples.stats
     return dict(
@@ -429,6 +440,21 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
         reference_forwards=replay.reference_forward_passes if replay is not None else 0,
         **out.metrics,
     )
+
+
+def share_synced_parameters(run: Run, replica: Replica) -> None:
+    """Each process of a replica broadcasts its share (which only it synced) to the others."""
+    if replica.shares is None:
+        return
+    first = run.topo.replica_index * run.topo.replica_size  # the replica's ranks are consecutive
+    with torch.no_grad():
+        for k, share in enumerate(replica.shares):
+            flat = torch.cat([p.detach().reshape(-1) for p in share])
+            dist.broadcast(flat, src=first + k, group=run.topo.inner_group)
+            offset = 0
+            for p in share:
+                p.copy_(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
 
 
 def teacher_model(run: Run, replica: Replica) -> torch.nn.Module | None:
@@ -502,8 +528,9 @@ def end_of_round(
     if books.metrics is not None:
         log_round(run, replica, books, everyone, round_index, seconds)
     # Every replica saves its share, then rank 0 seals the folder.
-    if run.topo.local_rank == 0:
-        replica.state.save(run.ckpt_root, diloco.outer_step, run.topo.replica_id, round_index=round_index)
+    replica.state.save(
+        run.ckpt_root, diloco.outer_step, run.topo.replica_id, round_index=round_index, write=run.topo.local_rank == 0
+    )
     barrier()
     if run.topo.lead:
         info = dict(round=round_index, replicas=run.topo.replicas, world_size=run.topo.world_size)
@@ -561,6 +588,7 @@ def log_round(run: Run, replica: Replica, books: Books, everyone: list[dict], ro
         participants=diloco.last_participants,
         bytes_sent=bytes_sent,
         bytes_received=sum(v["bytes_received"] for v in everyone),
+        bytes_sent_per_rank=[v["bytes_sent"] for v in everyone],
         compute_s=[v["compute_s"] for v in everyone],
         communication_s=[v["communication_s"] for v in everyone],
         param_hash=hashes[0],

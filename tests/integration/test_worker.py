@@ -238,3 +238,29 @@ def test_a_finished_run_is_never_resumed_the_next_run_writes_beside_it(uninterru
     assert summary(run_dir) == summary(uninterrupted)  # left as it was
     assert not records(run_dir.with_name("done-2"), "resume")
     assert summary(run_dir.with_name("done-2"))["final_param_hash"] == summary(uninterrupted)["final_param_hash"]
+
+
+def test_a_replica_of_two_processes_ships_half_the_model_per_process_and_replicas_agree(tmp_path):
+    """replica_size 2, 2 replicas (4 processes): each process exchanges its half of the parameters
+    with its counterpart, then shares it inside the replica; before, every process shipped all of it."""
+    whole = records(run_and_check(tmp_path / "s1", nproc=2), "outer")  # 2 replicas of 1 process
+    split = records(run_and_check(tmp_path / "s2", nproc=4, replica_size=2), "outer")
+    assert [len(r["bytes_sent_per_rank"]) for r in split] == [4, 4]
+    for one, two in zip(whole, split, strict=True):
+        full = one["bytes_sent_per_rank"][0]  # one process shipping the whole model
+        assert full > 0 and one["bytes_sent_per_rank"] == [full, full]
+        halves = two["bytes_sent_per_rank"]
+        assert halves[0] + halves[1] == pytest.approx(full, rel=0.01)  # the replica ships one model's worth
+        assert max(halves) <= 0.51 * full
+        assert len(set(two["replica_hashes"])) == 1 and two["replicas"] == 2
+    done = summary(tmp_path / "s2")
+    assert done["replicas_agree"] and done["world_size"] == 4
+
+
+def run_and_check(run_dir: Path, *, nproc: int, replica_size: int = 1) -> Path:
+    command = [TORCHRUN, "--standalone", f"--nproc-per-node={nproc}"]
+    command += worker_command("rounds=2", f"replica_size={replica_size}", "eval.every=0")
+    env = {**os.environ, "COMPOSER_RUN_DIR": str(run_dir), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir
