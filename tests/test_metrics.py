@@ -82,3 +82,13 @@ def test_run_summary_reads_every_round_once_even_after_a_resume_repeated_one(tmp
     assert (summary["skipped_steps"], summary["skipped_replica_steps"]) == (1, 1)
     assert (summary["eval_pass_at_1_first"], summary["eval_pass_at_1_last"]) == (0.25, 0.5)
     assert (summary["eval_pass_at_k_first"], summary["eval_pass_at_k_last"]) == (0.5, 0.75)
+
+
+def test_paired_rise_counts_only_the_tasks_that_changed():
+    from trainer.metrics import paired_rise
+
+    before = [0, 0, 0, 0, 1, 1, 1, 0]
+    after = [1, 1, 1, 1, 1, 1, 0, 0]  # 4 gained, 1 lost, 8 tasks
+    rise, sigmas = paired_rise(before, after)
+    assert math.isclose(rise, 3 / 8) and math.isclose(sigmas, (3 / 8) / (math.sqrt(5) / 8))
+    assert math.isnan(paired_rise([1, 0], [1, 0])[1])

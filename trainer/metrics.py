@@ -54,6 +54,22 @@ def reward_rise(step_rewards_by_round: list[list[float]]) -> dict[str, float]:
     )
 
 
+def paired_rise(before: list[bool], after: list[bool]) -> tuple[float, float]:
+    """(rise, rise in standard errors) of pass@1 between two evaluations of the same tasks.
+
+    The same tasks are scored twice, so the noise is in the tasks that changed: with b tasks gained
+    and c lost out of n, rise = (b - c) / n and its standard error sqrt(b + c) / n (the paired,
+    McNemar form); nan sigmas when nothing changed.
+    """
+    if len(before) != len(after):
+        raise ValueError(f"paired_rise: {len(before)} and {len(after)} outcomes; evaluate the same tasks")
+    gained = sum(1 for b, a in zip(before, after, strict=True) if a and not b)
+    lost = sum(1 for b, a in zip(before, after, strict=True) if b and not a)
+    n = len(before)
+    rise = (gained - lost) / n
+    return rise, rise / (math.sqrt(gained + lost) / n) if gained + lost else float("nan")
+
+
 def table_header() -> str:
     return " ".join(f"{c:>8}" for c in TABLE_COLUMNS)
 
@@ -110,6 +126,9 @@ def run_summary(path: Path) -> dict[str, Any]:
             summary[f"eval_{key}_first"] = evals[0][key]
             summary[f"eval_{key}_last"] = evals[-1][key]
         summary["eval_size"], summary["eval_k"] = evals[-1]["size"], evals[-1]["k"]
+        if len(evals) >= 2 and "greedy_correct" in evals[0] and "greedy_correct" in evals[-1]:
+            rise, sigmas = paired_rise(evals[0]["greedy_correct"], evals[-1]["greedy_correct"])
+            summary["eval_pass_at_1_rise"], summary["eval_pass_at_1_rise_sigmas"] = rise, sigmas
     return summary
 
 

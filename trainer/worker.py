@@ -562,7 +562,14 @@ def evaluate_held_out(run: Run, books: Books, *, rounds_done: int, outer_step: i
     total = sum(gather(counts), EvalCounts([], [], config.eval.k))
     if books.metrics is not None:
         figures = total.summary()
-        books.metrics.log("eval", round=rounds_done, outer_step=outer_step, **figures)
+        # per-task greedy outcomes (task order is the same at every evaluation): the paired rise
+        books.metrics.log(
+            "eval",
+            round=rounds_done,
+            outer_step=outer_step,
+            **figures,
+            greedy_correct=list(map(int, total.greedy_correct)),
+        )
         print(
             f"held-out after {rounds_done} rounds: pass@1 {figures['pass_at_1']:.3f}, "
             f"pass@{config.eval.k} {figures['pass_at_k']:.3f} ({figures['size']} prompts)",
