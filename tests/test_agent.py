@@ -1,0 +1,274 @@
+"""trainer.agent: multi-turn episodes, token-in/token-out, malformed output as error observations,
+the loss mask on model-sampled tokens only, and episodes written as replayable traces.
+
+Most episodes here are driven by `ScriptedPolicy`: the project's tiny Qwen2 whose next-token
+logits are overridden to emit given token ids, run through the real `generate`, tokenizer, chat
+template, workspace and sandbox. A random tiny model does not write tool calls, and these tests
+need exact ones (a malformed call of each kind, a non-canonical tokenization); the loss-mask test
+also runs the plain tiny model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Qwen2ForCausalLM
+
+from trainer.agent import (
+    Episode,
+    TemplateError,
+    episode_metrics,
+    parse_tool_calls,
+    render_ids,
+    run_episode,
+    write_episodes,
+)
+from trainer.envs import make_env
+from trainer.model import tiny_model_and_tokenizer
+from trainer.sandbox import SandboxUnavailable, make_sandbox
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    try:
+        box = make_sandbox()
+    except SandboxUnavailable as error:
+        pytest.skip(str(error))
+    yield box
+    box.close()
+
+
+@pytest.fixture(scope="module")
+def env():
+    return make_env("agent_code_arith")
+
+
+@pytest.fixture(scope="module")
+def tiny(env):
+    return tiny_model_and_tokenizer(env.corpus()[:400])
+
+
+class ScriptedPolicy(Qwen2ForCausalLM):
+    """The tiny Qwen2, made to emit `turns[i]` (token ids) on its i-th `generate` call; records the
+    ids each call was given."""
+
+    def script(self, turns: list[list[int]]) -> ScriptedPolicy:
+        self.turns, self.inputs, self._target = [list(t) for t in turns], [], []
+        return self
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        length = (cache.get_seq_length() if cache is not None else 0) + input_ids.shape[1]
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if input_ids.shape[1] > 1:  # the first forward of a generate call sees the whole input
+            self.inputs.append(input_ids[0].tolist())
+            self._target, self._offset = self.turns.pop(0), length
+        step = length - self._offset
+        token = self._target[step] if step < len(self._target) else self.config.eos_token_id
+        forced = torch.full_like(out.logits[:, -1], -1e9)
+        forced[:, token] = 0.0
+        out.logits = out.logits.clone()
+        out.logits[:, -1] = forced
+        return out
+
+
+def scripted(tiny, texts_or_ids: list[str | list[int]]) -> ScriptedPolicy:
+    model, tokenizer = tiny
+    policy = ScriptedPolicy(model.config)
+    policy.load_state_dict(model.state_dict())
+    policy.generation_config = model.generation_config
+    turns = [t if isinstance(t, list) else render_ids(tokenizer, t) for t in texts_or_ids]
+    return policy.script([ids + [tokenizer.eos_token_id] for ids in turns])
+
+
+def call(name: str, **arguments) -> str:
+    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
+
+
+def episode(tiny, sandbox, task, turns, **options) -> tuple[Episode, ScriptedPolicy]:
+    policy = scripted(tiny, turns)
+    settings = dict(max_turns=len(turns), max_tokens=2048, temperature=1.0, sandbox=sandbox) | options
+    return run_episode(policy, tiny[1], task, **settings), policy
+
+
+def test_a_correct_edit_passes_and_the_next_input_is_the_previous_ids_plus_the_observation(tiny, sandbox, env):
+    task = env.train[0]
+    turns = [
+        "Let me look. " + call("read_file", path="test_calc.py"),
+        call("write_file", path="calc.py", content=task.reference),
+        call("run_tests"),
+        call("finish"),
+    ]
+    result, policy = episode(tiny, sandbox, task, turns)
+    assert (result.stop, result.reward, result.passed, result.feedback) == ("finish", 1.0, True, "All tests passed.")
+    assert [len(result.turns), dict(result.tool_calls), dict(result.errors)] == [
+        4,
+        {"read_file": 1, "write_file": 1, "run_tests": 1, "finish": 1},
+        {},
+    ]
+    # token-in/token-out: each generate call was fed exactly the episode's ids up to that turn
+    assert [len(ids) for ids in policy.inputs] == [turn.start for turn in result.turns]
+    for ids, turn in zip(policy.inputs, result.turns, strict=True):
+        assert ids == result.token_ids[: turn.start]
+    roles = [m["role"] for m in result.messages]
+    assert roles == ["system", "user"] + ["assistant", "tool"] * 4  # finish is answered too (OpenAI pairing)
+    assert result.messages[2]["content"] == "Let me look."
+    assert result.messages[3]["content"] == dict(task.files)["test_calc.py"]
+    assert result.messages[7]["content"] == "All tests passed."
+    assert result.files["calc.py"] == task.reference
+    assert not any(turn.failed for turn in result.turns)
+
+
+def test_the_episode_keeps_the_sampled_ids_where_retokenizing_the_conversation_differs(tiny, sandbox, env):
+    _, tokenizer = tiny
+    task = env.train[1]
+    # The model spells its call one character per token (a valid, non-canonical tokenization) with
+    # JSON spacing the chat template's `tojson` does not reproduce.
+    text = '<tool_call>{"name":"read_file",   "arguments":{"path":"calc.py"}}</tool_call>'
+    spelled = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(ch))[0] for ch in text]
+    assert spelled != render_ids(tokenizer, text)
+    result, _ = episode(tiny, sandbox, task, [spelled, call("finish")])
+    first = result.turns[0]
+    assert result.token_ids[first.start : first.end] == [*spelled, tokenizer.eos_token_id]
+    assert result.tool_calls["read_file"] == 1 and result.messages[3]["content"] == dict(task.files)["calc.py"]
+    retokenized = tokenizer.apply_chat_template(result.messages, tokenize=True)
+    retokenized = list(retokenized["input_ids"] if hasattr(retokenized, "keys") else retokenized)
+    assert retokenized != result.token_ids[: len(retokenized)]
+    assert tokenizer.decode(result.token_ids[first.start : first.end], skip_special_tokens=True) == text
+
+
+@pytest.mark.parametrize(
+    ("output", "kind"),
+    [
+        ('<tool_call>{"name": "read_file", "arguments": {"path": "calc.py"</tool_call>', "bad_json"),
+        ("<tool_call>[1, 2]</tool_call>", "bad_json"),
+        (call("bash", command="ls"), "unknown_tool"),
+        (call("read_file", file="calc.py"), "bad_arguments"),
+        (call("write_file", path="calc.py", content=7), "bad_arguments"),
+        ('<tool_call>{"name": "read_file", "arguments": "path"}</tool_call>', "bad_arguments"),
+        (call("edit_file", path="calc.py", old="nothing like this", new="x"), "bad_arguments"),
+        (call("read_file", path="../../../etc/passwd"), "outside_workspace"),
+        (call("write_file", path="/tmp/escape.py", content="x = 1"), "outside_workspace"),
+        (call("read_file", path="missing.py"), "missing_file"),
+        ('<tool_call>{"name": "run_tests", "arguments": {}}', "unclosed_call"),
+    ],
+)
+def test_malformed_output_is_an_error_observation_and_a_counted_metric(tiny, sandbox, env, output, kind):
+    task = env.train[2]
+    result, _ = episode(tiny, sandbox, task, [output, call("finish")])
+    assert result.stop == "finish" and len(result.turns) == 2  # the episode went on after the error
+    assert dict(result.errors) == {kind: 1}
+    assert result.turns[0].failed and result.first_failed_turn() == 0
+    observation = result.messages[3]
+    assert observation["role"] == "tool" and observation["content"].startswith(f"Error ({kind}):")
+    assert observation["tool_call_id"] == result.messages[2]["tool_calls"][0]["id"]
+    assert not Path("/tmp/escape.py").exists()
+    assert episode_metrics([result])[f"errors/{kind}"] == 1.0
+
+
+def test_failing_tests_mark_the_turn_failed_and_the_reward_is_the_end_state(tiny, sandbox, env):
+    task = env.train[3]
+    wrong = task.reference.replace("return ", "return 1 + ")
+    turns = [
+        call("write_file", path="calc.py", content=wrong),
+        call("run_tests"),
+        call("edit_file", path="calc.py", old="return 1 + ", new="return "),
+    ]
+    result, _ = episode(tiny, sandbox, task, turns)
+    assert [t.failed for t in result.turns] == [False, True, False] and result.first_failed_turn() == 1
+    assert result.turns[1].feedback.startswith("failed:") and "AssertionError" in result.turns[1].feedback
+    assert result.messages[5]["content"] == result.turns[1].feedback
+    # the last edit repaired the file: the end state passes although the episode ran out of turns
+    assert (result.stop, result.files["calc.py"], result.reward, result.passed) == (
+        "max_turns",
+        task.reference,
+        1.0,
+        True,
+    )
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused(tiny, sandbox, env):
+    model, tokenizer = tiny
+    rewriting = copy.deepcopy(tokenizer)
+    # Like templates that drop past reasoning: only the last message keeps its content.
+    rewriting.chat_template = (
+        "{%- for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{%- if loop.last %}{{ m['content'] }}{%- endif %}<|im_end|>\n{%- endfor %}"
+        "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+    )
+    policy = scripted((model, rewriting), ["Reading. " + call("read_file", path="calc.py")])
+    with pytest.raises(TemplateError, match="renders earlier turns differently"):
+        run_episode(policy, rewriting, env.train[0], max_turns=2, max_tokens=1024, temperature=1.0, sandbox=sandbox)
+
+
+def assert_loss_only_on_assistant_text(result: Episode, tokenizer) -> None:
+    """Every loss_mask=1 id lies in a turn's sampled span and those spans decode to their assistant
+    message (text outside calls + the calls); every other id decodes to no assistant text."""
+    sampled = {i for turn in result.turns for i in range(turn.start, turn.end)}
+    assert {i for i, m in enumerate(result.loss_mask) if m} == sampled
+    assert len(result.loss_mask) == len(result.token_ids)
+    for turn in result.turns:
+        text = tokenizer.decode(result.token_ids[turn.start : turn.end], skip_special_tokens=True)
+        message = result.messages[turn.message]
+        content, calls = parse_tool_calls(text)
+        assert message["role"] == "assistant" and message["content"] == content
+        assert [c["function"]["name"] for c in message.get("tool_calls", [])] == [c.name for c in calls]
+    unmasked = tokenizer.decode([t for t, m in zip(result.token_ids, result.loss_mask, strict=True) if not m])
+    for message in result.messages:
+        if message["role"] == "tool" and message["content"]:
+            assert message["content"] in unmasked  # observations are all in the unmasked ids
+
+
+def test_loss_mask_covers_only_model_sampled_tokens_over_real_tiny_model_episodes(tiny, sandbox, env):
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    episodes = [
+        run_episode(
+            model, tokenizer, task, max_turns=3, max_tokens=300, temperature=1.0, max_turn_tokens=48, sandbox=sandbox
+        )
+        for task in env.train[:3]
+    ]
+    task = env.train[4]
+    episodes.append(
+        episode(tiny, sandbox, task, [call("read_file", path="calc.py"), "Done. " + call("run_tests"), "bye"])[0]
+    )
+    assert sum(len(e.turns) for e in episodes) >= 6
+    assert sum(e.loss_mask.count(1) for e in episodes) > 100
+    for result in episodes:
+        assert_loss_only_on_assistant_text(result, tokenizer)
+
+
+def test_episodes_written_as_traces_ingest_strictly_with_their_counts(tiny, sandbox, env, tmp_path):
+    task = env.train[5]
+    episodes = [
+        episode(tiny, sandbox, task, [call("write_file", path="calc.py", content=task.reference), call("finish")])[0],
+        episode(tiny, sandbox, task, ["<tool_call>{oops</tool_call>", call("run_tests"), "I give up."])[0],
+    ]
+    directory = tmp_path / "runs" / "agent" / "episodes"
+    write_episodes(episodes[:1], directory / "step-0.jsonl")
+    write_episodes(episodes[1:], directory / "step-0.jsonl")
+    records = [json.loads(line) for line in (directory / "step-0.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["resolved"], r["reward"]) for r in records] == [
+        ("episode-0", True, 1.0),
+        ("episode-1", False, 0.0),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "trainer.traces", "ingest", str(directory), "--strict"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    total = next(line.split() for line in done.stdout.splitlines() if line.startswith("total"))
+    messages = sum(len(r["messages"]) for r in records)
+    calls = sum(len(m.get("tool_calls", [])) for r in records for m in r["messages"])
+    assert (messages, calls) == (6 + 7, 2 + 2)
+    assert total == ["total", "1", "2", "2", str(messages), str(calls), "0"]

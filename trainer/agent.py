@@ -1,0 +1,624 @@
+"""Multi-turn agent episodes: the policy works in a small repository with tools, token-in/token-out.
+
+Why this shape. Composer is rewarded for the end state of a repository after a multi-turn
+episode (read files, edit them, run the tests). The most-reported correctness bug of public
+agent-RL frameworks is multi-turn tokenization: rendering the conversation again and tokenizing
+it does not give back the ids the model sampled (chat templates rewrite earlier turns, BPE merges
+differ at boundaries, tool-call JSON is re-serialised), so the trainer would score tokens the
+sampler never produced. Here the episode *is* its token ids:
+
+- the first input is the chat template's rendering of the system and user messages;
+- each turn appends the ids the model sampled (`loss_mask` 1), untouched;
+- the tools' observation is appended as the ids of the text the template adds after the
+  assistant's turn (the tool messages and the next generation prompt), found as the difference
+  between two renderings of the conversation (so any template that only appends works; one that
+  rewrites earlier turns raises `TemplateError`);
+- `messages` (OpenAI chat format) is a record for humans and traces, never re-tokenized.
+
+Tools (`TOOLS`): `read_file(path)`, `write_file(path, content)`, `edit_file(path, old, new)` (a
+patch: `old` must occur exactly once), `run_tests()`, `finish()`, on a
+`Workspace` (the task's files laid out in a fresh temporary directory on the host: only reads
+and writes of text happen there). Tests run in the sandbox only (`trainer.sandbox`): the target
+file is the candidate program, the task's trusted `Check` the judge (the test file the model can
+read and even rewrite in its workspace is never what scores it). Malformed output (unparseable
+tool-call JSON, an unknown tool, bad arguments, a path outside the workspace, an unclosed call)
+becomes an error observation and a counted metric (`Episode.errors`), never an exception.
+
+The reward is the end state: the target file of the final workspace, run against the check.
+Tool calls are parsed in the Hugging Face / Qwen convention `<tool_call>{"name": ..., "arguments":
+{...}}</tool_call>` (the project's tiny model renders them the same way, `trainer.model`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from trainer.envs.base import Score, Task
+from trainer.envs.code import CodeTask, score_of
+from trainer.sandbox import Check, Sandbox, default_sandbox
+
+TOOLS = ("read_file", "write_file", "edit_file", "run_tests", "finish")
+TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+OPEN_TAG = "<tool_call>"
+MAX_FILE_BYTES = 64 * 1024  # a write larger than this is an error observation
+OBSERVATION_LIMIT = 2000  # characters of a file or test report shown to the model (the tail is cut)
+SYSTEM_PROMPT = (
+    "You are a coding agent in a repository. Call tools as <tool_call>{json}</tool_call>: "
+    "read_file(path), write_file(path, content), edit_file(path, old, new), run_tests(), finish()."
+)
+# OpenAI function schemas, passed to chat templates that render tools (Qwen's do; the tiny one ignores them).
+TOOL_SPECS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "read_file",
+            "description": "Read a text file of the repository.",
+            "parameters": {
+                "type": "object",
+                "properties": {"path": {"type": "string"}},
+                "required": ["path"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "write_file",
+            "description": "Replace a file of the repository (or create it) with `content`.",
+            "parameters": {
+                "type": "object",
+                "properties": {"path": {"type": "string"}, "content": {"type": "string"}},
+                "required": ["path", "content"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "edit_file",
+            "description": "Replace the one occurrence of `old` in a file by `new`.",
+            "parameters": {
+                "type": "object",
+                "properties": {"path": {"type": "string"}, "old": {"type": "string"}, "new": {"type": "string"}},
+                "required": ["path", "old", "new"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "run_tests",
+            "description": "Run the repository's tests.",
+            "parameters": {"type": "object", "properties": {}},
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "finish",
+            "description": "End the episode.",
+            "parameters": {"type": "object", "properties": {}},
+        },
+    },
+]
+ERROR_KINDS = ("bad_json", "unknown_tool", "bad_arguments", "outside_workspace", "missing_file", "unclosed_call")
+
+
+class TemplateError(ValueError):
+    """The chat template rewrites earlier turns: observations cannot be appended as ids."""
+
+
+class ToolError(Exception):
+    """A tool call the environment refuses; `kind` is one of ERROR_KINDS (the metric it counts under)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks and workspaces
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkspaceTask(Task):
+    """A repository (relative path -> text) and the trusted check its `target` file must pass.
+
+    reference: the target file's correct content; hints: weakest first (a partial hint, the reference).
+    """
+
+    name: str
+    files: tuple[tuple[str, str], ...]
+    target: str
+    check: Check
+    instruction: str
+    hints: tuple[str, ...]
+    reference: str | None
+    timeout_s: float = 3.0
+    memory_mb: int = 512
+
+    def prompt(self, hint: str | None = None) -> str:
+        listing = ", ".join(path for path, _ in self.files)
+        hinted = "" if hint is None else f"\nHint: {hint}"
+        return f"{self.instruction}\nFiles: {listing}{hinted}"
+
+    def score(self, completion: str, *, sandbox: Sandbox | None = None) -> Score:
+        """`completion` taken as the target file's final content."""
+        return self.score_files({self.target: completion}, sandbox=sandbox)
+
+    def score_files(self, files: dict[str, str], *, sandbox: Sandbox | None = None) -> Score:
+        """The target file of `files` (falling back to the task's own) run against the check, in the sandbox."""
+        source = files.get(self.target, dict(self.files)[self.target])
+        result = (sandbox or default_sandbox()).run(
+            source, timeout_s=self.timeout_s, memory_mb=self.memory_mb, check=self.check
+        )
+        return score_of(result)
+
+    def demonstration(self) -> str | None:
+        return self.reference
+
+
+def workspace_task(task: CodeTask, *, target: str, test_file: str, tests: str, instruction: str) -> WorkspaceTask:
+    """A single-turn code task in multi-file form: `target` holds the stub, `test_file` the tests to read."""
+    reference = task.program(task.demonstration() or "") if task.reference is not None else None
+    return WorkspaceTask(
+        name=f"{task.name}@workspace",
+        files=((target, task.code), (test_file, tests)),
+        target=target,
+        check=task.check,
+        instruction=instruction,
+        hints=task.hints,
+        reference=reference,
+        timeout_s=task.timeout_s,
+        memory_mb=task.memory_mb,
+    )
+
+
+class Workspace:
+    """The task's files in a fresh temporary directory; paths are relative and stay inside it.
+
+    Only text is read and written here (on the host); nothing in it is executed outside the sandbox.
+    """
+
+    def __init__(self, files: Sequence[tuple[str, str]] | dict[str, str]) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="composer-workspace-")
+        self.root = Path(self._dir.name).resolve()
+        for path, text in dict(files).items():
+            self.write(path, text)
+
+    def resolve(self, path: Any) -> Path:
+        """The absolute path of `path` inside the workspace. Raises ToolError for anything else."""
+        if not isinstance(path, str) or not path.strip():
+            raise ToolError("bad_arguments", f"`path` must be a non-empty string, got {path!r}")
+        if "\x00" in path:
+            raise ToolError("bad_arguments", "`path` contains a NUL byte")
+        candidate = (self.root / path).resolve()
+        if candidate != self.root and self.root not in candidate.parents:
+            raise ToolError("outside_workspace", f"{path!r} is outside the repository")
+        return candidate
+
+    def read(self, path: Any) -> str:
+        file = self.resolve(path)
+        if not file.is_file():
+            raise ToolError("missing_file", f"no file {path!r}; files: {', '.join(self.files())}")
+        return file.read_text(errors="replace")
+
+    def write(self, path: Any, content: Any) -> int:
+        if not isinstance(content, str):
+            raise ToolError("bad_arguments", f"`content` must be a string, got {type(content).__name__}")
+        if len(content.encode()) > MAX_FILE_BYTES:
+            raise ToolError("bad_arguments", f"`content` is over {MAX_FILE_BYTES} bytes")
+        file = self.resolve(path)
+        if file == self.root or file.is_dir():
+            raise ToolError("bad_arguments", f"{path!r} is a directory")
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(content)
+        return len(content.encode())
+
+    def files(self) -> list[str]:
+        return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file())
+
+    def snapshot(self) -> dict[str, str]:
+        return {path: (self.root / path).read_text(errors="replace") for path in self.files()}
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+
+# --------------------------------------------------------------------------------------------
+# Episodes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Turn:
+    """Offsets into `Episode.token_ids` (half-open): [header_start, start) is the generation prompt
+    the template adds before the model speaks, [start, end) the ids the model sampled (loss_mask 1),
+    [end, next header_start) the template tokens closing the turn and the observation.
+
+    message: index of this turn's assistant message in `Episode.messages`; failed: an action of this
+    turn failed (an error observation or failing tests); feedback: what the environment said then.
+    """
+
+    header_start: int
+    start: int
+    end: int
+    message: int
+    failed: bool = False
+    feedback: str = ""
+
+
+@dataclass
+class Episode:
+    """One multi-turn attempt at a task. Lengths: len(loss_mask) == len(token_ids).
+
+    token_ids: every id fed to and sampled from the model, in order (ints). loss_mask: 1 on the
+    model-sampled ids, 0 on the prompt, template tokens and observations. reward/passed/feedback:
+    the end state's score. tool_calls: calls by tool name ("invalid" for unparseable ones). errors:
+    error observations by kind (ERROR_KINDS). stop: why it ended ("finish", "no_tool_call",
+    "max_turns", "max_tokens"). model_s/tools_s: seconds sampling vs running tools and the final check.
+    """
+
+    task: WorkspaceTask
+    messages: list[dict[str, Any]]
+    token_ids: list[int]
+    loss_mask: list[int]
+    turns: list[Turn]
+    tool_calls: Counter[str]
+    errors: Counter[str]
+    reward: float
+    passed: bool
+    feedback: str
+    stop: str
+    model_s: float = 0.0
+    tools_s: float = 0.0
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def prompt_length(self) -> int:
+        return self.turns[0].start if self.turns else len(self.token_ids)
+
+    def first_failed_turn(self) -> int | None:
+        return next((i for i, turn in enumerate(self.turns) if turn.failed), None)
+
+    def trace_record(self, episode_id: str) -> dict[str, Any]:
+        """The episode as one OpenAI-format record `trainer.traces` reads (its outcome included)."""
+        return {
+            "id": episode_id,
+            "task_id": self.task.name,
+            "reward": self.reward,
+            "resolved": self.passed,
+            "messages": self.messages,
+        }
+
+
+def render_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Ids of template text (special tokens as written in it; no BOS/EOS added)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], *, generation: bool) -> str:
+    return tokenizer.apply_chat_template(
+        [_template_message(m) for m in messages],
+        tools=TOOL_SPECS,
+        add_generation_prompt=generation,
+        tokenize=False,
+    )
+
+
+def _template_message(message: dict[str, Any]) -> dict[str, Any]:
+    """Templates want tool-call arguments as a dict (OpenAI messages carry a JSON string)."""
+    if not message.get("tool_calls"):
+        return message
+    calls = []
+    for call in message["tool_calls"]:
+        function = dict(call["function"])
+        try:
+            arguments = json.loads(function["arguments"])
+        except json.JSONDecodeError:
+            arguments = {"raw": function["arguments"]}
+        function["arguments"] = arguments if isinstance(arguments, dict) else {"raw": arguments}
+        calls.append({**call, "function": function})
+    return {**message, "tool_calls": calls}
+
+
+def appended_text(
+    tokenizer: PreTrainedTokenizerBase,
+    before: list[dict[str, Any]],
+    after: list[dict[str, Any]],
+    *,
+    generation: bool,
+) -> str:
+    """What the template adds when `before` (already rendered) becomes `after`.
+
+    Raises TemplateError when the rendering of `before` is not a prefix of the rendering of
+    `after` (the template rewrites earlier turns, e.g. drops a past turn's reasoning).
+    """
+    old = _render(tokenizer, before, generation=False)
+    new = _render(tokenizer, after, generation=generation)
+    if not new.startswith(old):
+        raise TemplateError(
+            "the chat template renders earlier turns differently once a message is appended; "
+            "episodes need a template that only appends"
+        )
+    return new[len(old) :]
+
+
+def _turn_closing(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> str:
+    """Template text after the assistant's end-of-turn token (e.g. ChatML's newline after <|im_end|>)."""
+    rendered = _render(tokenizer, messages, generation=False)
+    eos = tokenizer.eos_token
+    return rendered[rendered.rindex(eos) + len(eos) :] if eos and eos in rendered else ""
+
+
+@dataclass
+class ParsedCall:
+    name: str
+    arguments: dict[str, Any] | None  # None: unparseable (error says why)
+    raw: str
+    error: ToolError | None = None
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[ParsedCall]]:
+    """(the text outside tool calls, the calls in order). Never raises: a malformed call is a
+    ParsedCall with `error` set (bad_json, bad_arguments, unclosed_call)."""
+    calls = []
+    for match in TOOL_CALL.finditer(text):
+        raw = match.group(1).strip()
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as error:
+            calls.append(ParsedCall("invalid", None, raw, ToolError("bad_json", f"tool call is not JSON: {error}")))
+            continue
+        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+            calls.append(
+                ParsedCall("invalid", None, raw, ToolError("bad_json", 'expected {"name": ..., "arguments": {...}}'))
+            )
+            continue
+        arguments = value.get("arguments", {})
+        if isinstance(arguments, str):  # some models write the OpenAI string form
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError:
+                arguments = None
+        if not isinstance(arguments, dict):
+            error = ToolError("bad_arguments", "`arguments` must be a JSON object")
+            calls.append(ParsedCall(value["name"], None, raw, error))
+            continue
+        calls.append(ParsedCall(value["name"], arguments, raw))
+    outside = TOOL_CALL.sub("", text)
+    if OPEN_TAG in outside:
+        raw = outside[outside.index(OPEN_TAG) + len(OPEN_TAG) :]
+        calls.append(ParsedCall("invalid", None, raw.strip(), ToolError("unclosed_call", "<tool_call> is not closed")))
+        outside = outside[: outside.index(OPEN_TAG)]
+    return outside.strip(), calls
+
+
+def _arguments_json(call: ParsedCall) -> str:
+    return json.dumps(call.arguments if call.arguments is not None else {"raw": call.raw})
+
+
+def _execute(
+    call: ParsedCall, task: WorkspaceTask, workspace: Workspace, sandbox: Sandbox, tools: Sequence[str]
+) -> tuple[str, bool]:
+    """(observation text, whether the action failed). Raises ToolError for a refused call."""
+    if call.error is not None:
+        raise call.error
+    if call.name not in tools:
+        raise ToolError("unknown_tool", f"unknown tool {call.name!r}; tools: {', '.join(tools)}")
+    arguments = call.arguments or {}
+    expected = {
+        "read_file": {"path"},
+        "write_file": {"path", "content"},
+        "edit_file": {"path", "old", "new"},
+        "run_tests": set(),
+        "finish": set(),
+    }
+    wanted = expected.get(call.name, set())
+    if set(arguments) != wanted:
+        raise ToolError("bad_arguments", f"{call.name} takes {sorted(wanted)}, got {sorted(arguments)}")
+    if call.name == "read_file":
+        text = workspace.read(arguments["path"])
+        return (text if len(text) <= OBSERVATION_LIMIT else text[:OBSERVATION_LIMIT] + "\n[...truncated]"), False
+    if call.name == "write_file":
+        size = workspace.write(arguments["path"], arguments["content"])
+        return f"Wrote {size} bytes to {arguments['path']}.", False
+    if call.name == "edit_file":
+        old, new = arguments["old"], arguments["new"]
+        if not isinstance(old, str) or not isinstance(new, str) or not old:
+            raise ToolError("bad_arguments", "`old` must be a non-empty string and `new` a string")
+        text = workspace.read(arguments["path"])
+        if text.count(old) != 1:
+            raise ToolError("bad_arguments", f"`old` occurs {text.count(old)} times in {arguments['path']}, not once")
+        size = workspace.write(arguments["path"], text.replace(old, new))
+        return f"Edited {arguments['path']} ({size} bytes).", False
+    if call.name == "run_tests":
+        score = task.score_files(workspace.snapshot(), sandbox=sandbox)
+        return ("All tests passed." if score.passed else score.feedback[-OBSERVATION_LIMIT:]), not score.passed
+    return "Finished.", False
+
+
+def run_episode(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: WorkspaceTask,
+    *,
+    tools: Sequence[str] = TOOLS,
+    max_turns: int,
+    max_tokens: int,
+    temperature: float,
+    sandbox: Sandbox | None = None,
+    max_turn_tokens: int | None = None,
+    greedy: bool = False,
+) -> Episode:
+    """Run one episode of `task`; see the module docstring.
+
+    tools: the tool names offered (a subset of TOOLS). max_turns: assistant turns at most.
+    max_tokens: the episode's whole length in tokens (prompt, samples and observations); a turn
+    samples at most min(max_turn_tokens, what is left). temperature: pure sampling at it (as
+    `trainer.rollout.sample`); greedy: argmax (evaluation). sandbox: where the tests run (default:
+    `trainer.sandbox.default_sandbox()`).
+
+    Raises TemplateError (the chat template cannot be appended to), ValueError (a tool outside
+    TOOLS, or a prompt longer than max_tokens). Malformed model output never raises.
+    """
+    from trainer.rollout import sample  # the one sampler; imported here: rollout imports the envs
+
+    unknown = [t for t in tools if t not in TOOLS]
+    if unknown:
+        raise ValueError(f"tools {unknown} are not in {TOOLS}")
+    sandbox = sandbox or default_sandbox()
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": task.prompt()},
+    ]
+    token_ids = render_ids(tokenizer, _render(tokenizer, messages, generation=False))
+    header = render_ids(tokenizer, appended_text(tokenizer, messages, messages, generation=True))
+    header_start = len(token_ids)
+    token_ids += header
+    loss_mask = [0] * len(token_ids)
+    if len(token_ids) >= max_tokens:
+        raise ValueError(f"the prompt of {task.name} is {len(token_ids)} tokens, not under max_tokens={max_tokens}")
+    turns: list[Turn] = []
+    calls_by_tool: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    model_s = tools_s = 0.0
+    workspace = Workspace(task.files)
+    stop = "max_turns"
+    try:
+        for _ in range(max_turns):
+            budget = max_tokens - len(token_ids)
+            if budget <= 0:
+                stop = "max_tokens"
+                break
+            clock = time.perf_counter()
+            drawn = sample(
+                model,
+                tokenizer,
+                [token_ids],
+                max_new_tokens=min(budget, max_turn_tokens or budget),
+                temperature=temperature,
+                greedy=greedy,
+            )
+            model_s += time.perf_counter() - clock
+            sampled = drawn.completion_ids[0][drawn.completion_mask[0].bool()].tolist()
+            start = len(token_ids)
+            token_ids += sampled
+            loss_mask += [1] * len(sampled)
+            text = tokenizer.decode(sampled, skip_special_tokens=True)
+            content, calls = parse_tool_calls(text)
+            turn_message = {"role": "assistant", "content": content}
+            if calls:
+                turn_message["tool_calls"] = [
+                    {
+                        "id": f"call_{len(turns)}_{i}",
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": _arguments_json(call)},
+                    }
+                    for i, call in enumerate(calls)
+                ]
+            messages.append(turn_message)
+            turn = Turn(header_start=header_start, start=start, end=len(token_ids), message=len(messages) - 1)
+            turns.append(turn)
+            ended = bool(sampled) and sampled[-1] == tokenizer.eos_token_id
+            if not ended:
+                stop = "max_tokens"
+                break
+            if not calls:
+                stop = "no_tool_call"
+                break
+            before = list(messages)
+            clock = time.perf_counter()
+            finished = False
+            for call, record in zip(calls, turn_message["tool_calls"], strict=True):
+                calls_by_tool[call.name if call.error is None else "invalid"] += 1
+                try:
+                    observation, failed = _execute(call, task, workspace, sandbox, tools)
+                except ToolError as error:
+                    errors[error.kind] += 1
+                    observation, failed = f"Error ({error.kind}): {error}", True
+                if failed and not turn.failed:
+                    turn.failed, turn.feedback = True, observation
+                finished |= call.name == "finish" and call.error is None and call.name in tools
+                messages.append({"role": "tool", "tool_call_id": record["id"], "content": observation})
+            tools_s += time.perf_counter() - clock
+            if finished:
+                stop = "finish"
+                break
+            closing = _turn_closing(tokenizer, before)
+            observation_text = appended_text(tokenizer, before, messages, generation=False)
+            observation_ids = render_ids(tokenizer, closing + observation_text)
+            header = render_ids(tokenizer, appended_text(tokenizer, messages, messages, generation=True))
+            if len(token_ids) + len(observation_ids) + len(header) >= max_tokens:
+                stop = "max_tokens"
+                break
+            token_ids += observation_ids
+            header_start = len(token_ids)
+            token_ids += header
+            loss_mask += [0] * (len(observation_ids) + len(header))
+        clock = time.perf_counter()
+        files = workspace.snapshot()
+        score = task.score_files(files, sandbox=sandbox)
+        tools_s += time.perf_counter() - clock
+    finally:
+        workspace.close()
+    return Episode(
+        task=task,
+        messages=messages,
+        token_ids=token_ids,
+        loss_mask=loss_mask,
+        turns=turns,
+        tool_calls=calls_by_tool,
+        errors=errors,
+        reward=score.reward,
+        passed=score.passed,
+        feedback=score.feedback,
+        stop=stop,
+        model_s=model_s,
+        tools_s=tools_s,
+        files=files,
+    )
+
+
+def write_episodes(episodes: Sequence[Episode], path: str | Path, *, prefix: str = "episode") -> Path:
+    """Append `episodes` to the JSONL file `path` (parents made), one OpenAI-format record each
+    (`Episode.trace_record`), ids `<prefix>-<n>` numbered from the file's current line count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existing = sum(1 for _ in path.open()) if path.exists() else 0
+    with path.open("a") as handle:
+        for n, episode in enumerate(episodes, start=existing):
+            handle.write(json.dumps(episode.trace_record(f"{prefix}-{n}")) + "\n")
+    return path
+
+
+def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
+    """Per-step means and totals: turns, tool calls by tool, error observations by kind, reward,
+    pass rate, seconds in the model vs in tools."""
+    count = max(len(episodes), 1)
+    metrics: dict[str, float] = {
+        "episodes": float(len(episodes)),
+        "episode_reward": sum(e.reward for e in episodes) / count,
+        "episode_passed": sum(e.passed for e in episodes) / count,
+        "episode_turns": sum(len(e.turns) for e in episodes) / count,
+        "episode_tokens": sum(len(e.token_ids) for e in episodes) / count,
+        "model_s": sum(e.model_s for e in episodes),
+        "tools_s": sum(e.tools_s for e in episodes),
+        "error_observations": float(sum(sum(e.errors.values()) for e in episodes)),
+    }
+    for name in (*TOOLS, "invalid"):
+        metrics[f"tool_calls/{name}"] = float(sum(e.tool_calls[name] for e in episodes))
+    for kind in ERROR_KINDS:
+        metrics[f"errors/{kind}"] = float(sum(e.errors[kind] for e in episodes))
+    return metrics
