@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,14 +25,19 @@ from transformers import Qwen2ForCausalLM
 from trainer.agent import (
     Episode,
     TemplateError,
+    add_episode_pairs,
     episode_metrics,
+    episode_policy_batch,
     parse_tool_calls,
     render_ids,
     run_episode,
     write_episodes,
 )
+from trainer.batching import pad_sequences
 from trainer.envs import make_env
+from trainer.losses import ComposerBatch, completion_logits, composer_total_loss, token_logps
 from trainer.model import tiny_model_and_tokenizer
+from trainer.replay import PreferenceReplay
 from trainer.sandbox import SandboxUnavailable, make_sandbox
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,8 +73,8 @@ def tiny(env):
 
 
 class ScriptedPolicy(Qwen2ForCausalLM):
-    """The tiny Qwen2, made to emit `turns[i]` (token ids) on its i-th `generate` call; records the
-    ids each call was given."""
+    """The tiny Qwen2, made to emit `turns[i]` (token ids) on its i-th `generate` call, and to sample
+    from its own logits once the script is over; records the ids each call was given."""
 
     def script(self, turns: list[list[int]]) -> ScriptedPolicy:
         self.turns, self.inputs, self._target = [list(t) for t in turns], [], []
@@ -79,7 +86,9 @@ class ScriptedPolicy(Qwen2ForCausalLM):
         out = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if input_ids.shape[1] > 1:  # the first forward of a generate call sees the whole input
             self.inputs.append(input_ids[0].tolist())
-            self._target, self._offset = self.turns.pop(0), length
+            self._target, self._offset = (self.turns.pop(0) if self.turns else None), length
+        if self._target is None:  # past the script: the tiny model's own distribution
+            return out
         step = length - self._offset
         token = self._target[step] if step < len(self._target) else self.config.eos_token_id
         forced = torch.full_like(out.logits[:, -1], -1e9)
@@ -281,3 +290,125 @@ def test_episodes_written_as_traces_ingest_strictly_with_their_counts(tiny, sand
     calls = sum(len(m.get("tool_calls", [])) for r in records for m in r["messages"])
     assert (messages, calls) == (6 + 7, 2 + 2)
     assert total == ["total", "1", "2", "2", str(messages), str(calls), "0"]
+
+
+@pytest.fixture(scope="module")
+def graded_group(tiny, sandbox, env):
+    """One task's group of two scripted episodes: the first passes; the second fails its first
+    run_tests (turn 1) and ends with a wrong file."""
+    task = env.train[6]
+    wrong = task.reference.replace("return ", "return 1 + ")
+    right, _ = episode(
+        tiny, sandbox, task, [call("write_file", path="calc.py", content=task.reference), call("finish")]
+    )
+    failing, _ = episode(
+        tiny,
+        sandbox,
+        task,
+        ["I will edit. " + call("write_file", path="calc.py", content=wrong), call("run_tests"), call("finish")],
+    )
+    assert (right.passed, failing.passed, failing.first_failed_turn()) == (True, False, 1)
+    return [right, failing]
+
+
+def test_episode_batch_trains_on_sampled_tokens_only_with_one_advantage_per_episode(tiny, graded_group):
+    model, tokenizer = tiny
+    batch = episode_policy_batch(graded_group, tokenizer, group_size=2, hint_level=None)
+    assert batch.advantages.tolist() == [0.5, -0.5]  # Dr.GRPO: reward minus the group mean, no std
+    for row, result in enumerate(graded_group):
+        start, length = result.prompt_length, len(result.token_ids)
+        assert batch.prompt_ids[row][batch.prompt_mask[row].bool()].tolist() == result.token_ids[:start]
+        completion = batch.completion_ids[row][batch.completion_mask[row].bool()].tolist()
+        assert completion == result.token_ids[start:]
+        assert batch.loss_mask[row, : length - start].tolist() == result.loss_mask[start:]
+        assert batch.loss_mask[row].sum() < batch.completion_mask[row].sum()  # observations are not in it
+    out = composer_total_loss(model, ComposerBatch(batch), alpha=0.0, beta=0.0)
+    # on-policy Dr.GRPO: per-token loss -A on each sampled token, over B * C
+    sampled = batch.loss_mask.sum(dim=1).float()
+    expected = -(batch.advantages * sampled).sum() / batch.loss_mask.numel()
+    assert out.grpo.item() == pytest.approx(expected.item(), abs=1e-6)
+    # the same batch without its loss mask would train on the observations too: a different loss
+    batch.loss_mask = None
+    unmasked = composer_total_loss(model, ComposerBatch(batch), alpha=0.0, beta=0.0).grpo.item()
+    assert unmasked != pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_the_trainer_scores_episode_tokens_as_the_sampler_drew_them(tiny, sandbox, env):
+    model, tokenizer = tiny
+    torch.manual_seed(1)
+    # turn 0 is scripted (a read_file call); the turns after the observation are the tiny model's own samples
+    options = dict(max_turns=3, max_tokens=400, temperature=0.7, max_turn_tokens=40)
+    episodes = [
+        episode(tiny, sandbox, task, [call("read_file", path="calc.py")], **options)[0] for task in env.train[7:9]
+    ]
+    batch = episode_policy_batch(episodes, tokenizer, group_size=2, hint_level=None)
+    logits = completion_logits(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+    with torch.no_grad():
+        logp = token_logps(logits / 0.7, batch.completion_ids)
+    free = torch.zeros_like(batch.loss_mask, dtype=torch.bool)
+    for row, result in enumerate(episodes):
+        assert len(result.turns) >= 2 and result.messages[3]["content"] == dict(result.task.files)["calc.py"]
+        for turn in result.turns[1:]:
+            free[row, turn.start - result.prompt_length : turn.end - result.prompt_length] = True
+    assert int(free.sum()) >= 40
+    gap = (logp - batch.sampler_logps).abs()[free]
+    assert gap.max().item() < 1e-4  # the ids after the observation are scored exactly as they were drawn
+
+
+def test_the_sdpo_teacher_gets_the_hint_at_the_first_failed_turn_and_scores_from_there(tiny, graded_group):
+    model, tokenizer = tiny
+    right, failing = graded_group
+    batch = episode_policy_batch(graded_group, tokenizer, group_size=2, hint_level="feedback")
+    assert batch.sdpo_weight.tolist() == [0.0, 1.0]  # a passed episode has nothing to correct
+    turn = failing.turns[1]
+    offset = int(batch.teacher_offsets[1])
+    assert offset == turn.start - failing.prompt_length
+    hint = render_ids(
+        tokenizer, f"<|im_start|>user\nA previous attempt failed here. The environment said:\n{turn.feedback}"
+    )
+    teacher = batch.teacher_prompt_ids[1][batch.teacher_prompt_mask[1].bool()].tolist()
+    header = failing.token_ids[turn.header_start : turn.start]
+    assert teacher[: turn.header_start] == failing.token_ids[: turn.header_start]
+    assert teacher[turn.header_start : turn.header_start + len(hint)] == hint
+    assert teacher[-len(header) :] == header and len(teacher) == turn.header_start + len(hint) + 2 + len(header)
+    hinted = composer_total_loss(model, ComposerBatch(batch), alpha=1.0, beta=0.0).sdpo.item()
+    # The same alignment with the student's own context as the teacher's: identical logits, no loss.
+    own, mask = pad_sequences([right.token_ids[: right.prompt_length], failing.token_ids[: turn.start]], 0, left=True)
+    batch.teacher_prompt_ids, batch.teacher_prompt_mask = own, mask
+    unhinted = composer_total_loss(model, ComposerBatch(batch), alpha=1.0, beta=0.0).sdpo.item()
+    # (a random tiny model barely reacts to the hint: ~4e-5 here, vs ~5e-10 of float noise)
+    assert unhinted < 1e-8 and hinted > 1000 * unhinted
+
+
+def test_dpo_pairs_come_from_episodes_of_one_task_with_different_outcomes(tiny, graded_group):
+    model, tokenizer = tiny
+    replay = PreferenceReplay(model, pad_token_id=tokenizer.pad_token_id)
+    assert add_episode_pairs(replay, graded_group, group_size=2, id_prefix="step-0") == 1
+    assert add_episode_pairs(replay, graded_group[:1] * 2, group_size=2, id_prefix="step-1") == 0  # same outcome
+    pairs = replay.sample(1)
+    right, failing = graded_group
+    assert pairs.chosen_ids[0, : len(right.token_ids)].tolist() == right.token_ids
+    assert pairs.chosen_loss_mask[0, : len(right.loss_mask)].tolist() == right.loss_mask
+    assert pairs.rejected_loss_mask[0, : len(failing.loss_mask)].tolist() == failing.loss_mask
+    batch = episode_policy_batch(graded_group, tokenizer, group_size=2, hint_level=None)
+    out = composer_total_loss(model, ComposerBatch(batch, pairs), alpha=0.0, beta=1.0)
+    assert out.dpo.item() == pytest.approx(math.log(2), abs=1e-5)  # policy == reference: -log sigmoid(0)
+
+
+def test_the_loss_generalisation_leaves_single_turn_batches_unchanged(tiny, graded_group):
+    """loss_mask = completion_mask and teacher_offsets = 0 give what the single-turn fields (None) give."""
+    model, tokenizer = tiny
+    batch = episode_policy_batch(graded_group, tokenizer, group_size=2, hint_level="feedback")
+    batch.sdpo_weight = None
+    explicit = replace(batch, loss_mask=batch.completion_mask.clone(), teacher_offsets=torch.zeros(2, dtype=torch.long))
+    implicit = replace(batch, loss_mask=None, teacher_offsets=None)
+    first = composer_total_loss(model, ComposerBatch(explicit), alpha=1.0, beta=0.0, temperature=0.7)
+    second = composer_total_loss(model, ComposerBatch(implicit), alpha=1.0, beta=0.0, temperature=0.7)
+    assert first.metrics == second.metrics and first.metrics["sdpo"] > 0
+    with pytest.raises(ValueError, match=r"teacher_offsets must be in \[0, "):
+        composer_total_loss(
+            model,
+            ComposerBatch(replace(batch, teacher_offsets=torch.tensor([0, 10_000]))),
+            alpha=1.0,
+            beta=0.0,
+        )

@@ -41,10 +41,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from trainer.batching import pad_sequences
 from trainer.envs.base import Score, Task
 from trainer.envs.code import CodeTask, score_of
+from trainer.losses import PolicyBatch, group_advantages
+from trainer.replay import PreferenceReplay
 from trainer.sandbox import Check, Sandbox, default_sandbox
 
 TOOLS = ("read_file", "write_file", "edit_file", "run_tests", "finish")
@@ -268,6 +272,8 @@ class Episode:
     the end state's score. tool_calls: calls by tool name ("invalid" for unparseable ones). errors:
     error observations by kind (ERROR_KINDS). stop: why it ended ("finish", "no_tool_call",
     "max_turns", "max_tokens"). model_s/tools_s: seconds sampling vs running tools and the final check.
+    files: the workspace's final files. sampler_logps: the log-prob (nats, at the sampling
+    temperature) each sampled id was drawn with.
     """
 
     task: WorkspaceTask
@@ -284,6 +290,7 @@ class Episode:
     model_s: float = 0.0
     tools_s: float = 0.0
     files: dict[str, str] = field(default_factory=dict)
+    sampler_logps: list[float] = field(default_factory=list)  # per token_ids entry; 0.0 where loss_mask is 0
 
     @property
     def prompt_length(self) -> int:
@@ -488,6 +495,7 @@ def run_episode(
     header_start = len(token_ids)
     token_ids += header
     loss_mask = [0] * len(token_ids)
+    sampler_logps: list[float] = []
     if len(token_ids) >= max_tokens:
         raise ValueError(f"the prompt of {task.name} is {len(token_ids)} tokens, not under max_tokens={max_tokens}")
     turns: list[Turn] = []
@@ -512,8 +520,10 @@ def run_episode(
                 greedy=greedy,
             )
             model_s += time.perf_counter() - clock
-            sampled = drawn.completion_ids[0][drawn.completion_mask[0].bool()].tolist()
+            kept = drawn.completion_mask[0].bool()
+            sampled = drawn.completion_ids[0][kept].tolist()
             start = len(token_ids)
+            sampler_logps += [0.0] * (start - len(sampler_logps)) + drawn.sampler_logps[0][kept].tolist()
             token_ids += sampled
             loss_mask += [1] * len(sampled)
             text = tokenizer.decode(sampled, skip_special_tokens=True)
@@ -588,6 +598,7 @@ def run_episode(
         model_s=model_s,
         tools_s=tools_s,
         files=files,
+        sampler_logps=sampler_logps + [0.0] * (len(token_ids) - len(sampler_logps)),
     )
 
 
@@ -622,3 +633,129 @@ def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
     for kind in ERROR_KINDS:
         metrics[f"errors/{kind}"] = float(sum(e.errors[kind] for e in episodes))
     return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Losses over episodes
+# --------------------------------------------------------------------------------------------
+
+
+def episode_hint(episode: Episode, level: int | str) -> tuple[int, str] | None:
+    """(turn index, hint text) for the SDPO teacher, or None for an episode that passed.
+
+    The turn is the first whose action failed (an error observation or failing tests), else the
+    first turn. The hint at level "feedback" is what the environment said at that turn (the end
+    state's feedback when no action failed); other levels are the task's layered hints
+    (`trainer.envs.hint_for`).
+    """
+    from trainer.envs import hint_for
+
+    if episode.passed or not episode.turns:
+        return None
+    turn = episode.first_failed_turn()
+    index = 0 if turn is None else turn
+    if level == "feedback":
+        said = episode.feedback if turn is None else episode.turns[turn].feedback
+        return index, f"A previous attempt failed here. The environment said:\n{said.strip()}"
+    return index, hint_for(episode.task, level, "", Score(episode.reward, episode.passed, episode.feedback))
+
+
+def teacher_prompt_ids(tokenizer: PreTrainedTokenizerBase, episode: Episode, turn: int, hint: str) -> list[int]:
+    """The episode's own ids up to turn `turn`'s generation prompt, then the hint as a user message
+    (the ids of what the template adds for it), then that generation prompt's ids again: the
+    teacher's context for re-scoring the student's ids of turn `turn` onward."""
+    at = episode.turns[turn]
+    before = episode.messages[: at.message]
+    hinted = appended_text(tokenizer, before, [*before, {"role": "user", "content": hint}], generation=False)
+    return (
+        episode.token_ids[: at.header_start]
+        + render_ids(tokenizer, hinted)
+        + episode.token_ids[at.header_start : at.start]
+    )
+
+
+def episode_policy_batch(
+    episodes: Sequence[Episode],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    group_size: int,
+    hint_level: int | str | None = "feedback",
+    device: str | Any = "cpu",
+) -> PolicyBatch:
+    """Episodes as one `PolicyBatch` (B = len(episodes), task-major groups of `group_size`).
+
+    prompt: each episode's ids before its first sampled token (LEFT-padded, (B, P)); completion:
+    the rest, observations included (RIGHT-padded, (B, C)), `completion_mask` its attention mask
+    and `loss_mask` the episode's loss_mask there (1 on sampled ids only). advantages: Dr.GRPO's
+    reward minus the group mean (`group_advantages`, Liu et al. 2025, arXiv 2503.20783), one per
+    episode, applied to all its sampled tokens. sampler_logps: the sampler's own log-probs.
+
+    SDPO (hint_level not None): per episode, `episode_hint`'s turn k and hint; the teacher prompt is
+    `teacher_prompt_ids(...)` and `teacher_offsets` the column where turn k's sampled ids start, so
+    the teacher re-scores the student's ids from turn k on; `sdpo_weight` is 0 for passed episodes
+    (nothing to correct). Raises ValueError for an episode without a turn or a count not divisible
+    by group_size.
+    """
+    if len(episodes) % group_size:
+        raise ValueError(f"{len(episodes)} episodes are not groups of {group_size}")
+    empty = [e.task.name for e in episodes if not e.turns]
+    if empty:
+        raise ValueError(f"episodes without a sampled turn cannot be trained on: {empty}")
+    pad = tokenizer.pad_token_id
+    starts = [e.prompt_length for e in episodes]
+    prompt_ids, prompt_mask = pad_sequences(
+        [e.token_ids[:s] for e, s in zip(episodes, starts, strict=True)], pad, left=True
+    )
+    completion_ids, completion_mask = pad_sequences(
+        [e.token_ids[s:] for e, s in zip(episodes, starts, strict=True)], pad
+    )
+    loss_mask, _ = pad_sequences([e.loss_mask[s:] for e, s in zip(episodes, starts, strict=True)], 0)
+    sampler = torch.zeros(completion_ids.shape, dtype=torch.float32)
+    for row, (e, s) in enumerate(zip(episodes, starts, strict=True)):
+        sampler[row, : len(e.token_ids) - s] = torch.tensor(e.sampler_logps[s:], dtype=torch.float32)
+    rewards = torch.tensor([e.reward for e in episodes], dtype=torch.float32)
+    batch = PolicyBatch(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        advantages=group_advantages(rewards, group_size),
+        sampler_logps=sampler,
+        loss_mask=loss_mask,
+    )
+    if hint_level is not None:
+        prompts, offsets, weights = [], [], []
+        for e, s in zip(episodes, starts, strict=True):
+            found = episode_hint(e, hint_level)
+            turn, hint = found if found is not None else (0, "")
+            prompts.append(teacher_prompt_ids(tokenizer, e, turn, hint) if found else e.token_ids[:s])
+            offsets.append(e.turns[turn].start - s)
+            weights.append(float(found is not None))
+        batch.teacher_prompt_ids, batch.teacher_prompt_mask = pad_sequences(prompts, pad, left=True)
+        batch.teacher_offsets = torch.tensor(offsets, dtype=torch.long)
+        batch.sdpo_weight = torch.tensor(weights)
+    for name, value in vars(batch).items():
+        if isinstance(value, torch.Tensor):
+            setattr(batch, name, value.to(device))
+    return batch
+
+
+def add_episode_pairs(replay: PreferenceReplay, episodes: Sequence[Episode], *, group_size: int, id_prefix: str) -> int:
+    """DPO pairs from each group's episodes with different outcomes (chosen = passed), added to
+    `replay` as whole episodes (ids and loss_mask: only sampled ids are scored). The i-th passed
+    episode of a group is paired with its i-th failed one. Returns the number of pairs added."""
+    added = 0
+    for group in range(0, len(episodes), group_size):
+        members = episodes[group : group + group_size]
+        passed = [e for e in members if e.passed]
+        failed = [e for e in members if not e.passed and any(e.loss_mask)]
+        for i, (chosen, rejected) in enumerate(zip(passed, failed, strict=False)):
+            replay.add(
+                f"{id_prefix}/{group // group_size}/{i}",
+                chosen.token_ids,
+                chosen.loss_mask,
+                rejected.token_ids,
+                rejected.loss_mask,
+            )
+            added += 1
+    return added
