@@ -32,6 +32,7 @@ Tool calls are parsed in the Hugging Face / Qwen convention `<tool_call>{"name":
 from __future__ import annotations
 
 import json
+import random
 import re
 import tempfile
 import time
@@ -47,8 +48,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trainer.batching import pad_sequences
 from trainer.envs.base import Score, Task
 from trainer.envs.code import CodeTask, score_of
-from trainer.losses import PolicyBatch, group_advantages
-from trainer.replay import PreferenceReplay
+from trainer.evaluation import EvalCounts
+from trainer.losses import PolicyBatch, PreferenceBatch, group_advantages
+from trainer.replay import PreferenceFeed, PreferenceReplay
+from trainer.rollout import RolloutStats, sample
 from trainer.sandbox import Check, Sandbox, default_sandbox
 
 TOOLS = ("read_file", "write_file", "edit_file", "run_tests", "finish")
@@ -300,13 +303,19 @@ class Episode:
         return next((i for i, turn in enumerate(self.turns) if turn.failed), None)
 
     def trace_record(self, episode_id: str) -> dict[str, Any]:
-        """The episode as one OpenAI-format record `trainer.traces` reads (its outcome included)."""
+        """The episode as one OpenAI-format record `trainer.traces` reads (its outcome included),
+        plus what the trainer saw (`token_ids`, `loss_mask`, `turns` as [header_start, start, end,
+        message] offsets, `stop`), which trace readers ignore and audits of a run read."""
         return {
             "id": episode_id,
             "task_id": self.task.name,
             "reward": self.reward,
             "resolved": self.passed,
             "messages": self.messages,
+            "stop": self.stop,
+            "token_ids": self.token_ids,
+            "loss_mask": self.loss_mask,
+            "turns": [[t.header_start, t.start, t.end, t.message] for t in self.turns],
         }
 
 
@@ -480,8 +489,6 @@ def run_episode(
     Raises TemplateError (the chat template cannot be appended to), ValueError (a tool outside
     TOOLS, or a prompt longer than max_tokens). Malformed model output never raises.
     """
-    from trainer.rollout import sample  # the one sampler; imported here: rollout imports the envs
-
     unknown = [t for t in tools if t not in TOOLS]
     if unknown:
         raise ValueError(f"tools {unknown} are not in {TOOLS}")
@@ -759,3 +766,167 @@ def add_episode_pairs(replay: PreferenceReplay, episodes: Sequence[Episode], *, 
             )
             added += 1
     return added
+
+
+# --------------------------------------------------------------------------------------------
+# A training step's episodes, the warm-up and the held-out evaluation (what the worker calls)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EpisodeRollout:
+    """One step's episodes: N tasks x G episodes (task-major), packed for the loss."""
+
+    policy: PolicyBatch
+    episodes: list[Episode]
+    stats: RolloutStats
+    metrics: dict[str, float]
+
+
+def agent_rollout(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[WorkspaceTask],
+    *,
+    group_size: int,
+    max_turns: int,
+    max_tokens: int,
+    max_turn_tokens: int | None,
+    temperature: float,
+    tools: Sequence[str] = TOOLS,
+    hint_level: int | str | None = "feedback",
+    sandbox: Sandbox | None = None,
+) -> EpisodeRollout:
+    """G episodes per task (one at a time), packed by `episode_policy_batch` on the model's device.
+
+    hint_level None: no SDPO teacher context. stats: `trainer.rollout.RolloutStats` (generation_s
+    = seconds in the model, execution_s = seconds in tools); metrics: `episode_metrics`.
+    """
+    episodes = [
+        run_episode(
+            model,
+            tokenizer,
+            task,
+            tools=tools,
+            max_turns=max_turns,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            sandbox=sandbox,
+            max_turn_tokens=max_turn_tokens,
+        )
+        for task in tasks
+        for _ in range(group_size)
+    ]
+    device = next(model.parameters()).device
+    policy = episode_policy_batch(episodes, tokenizer, group_size=group_size, hint_level=hint_level, device=device)
+    passed = torch.tensor([e.passed for e in episodes]).view(len(tasks), group_size)
+    stats = RolloutStats(
+        reward=sum(e.reward for e in episodes) / len(episodes),
+        teacher_reward=None,
+        solved_groups=passed.any(dim=1).float().mean().item(),
+        completion_tokens=sum(sum(e.loss_mask) for e in episodes),
+        generation_s=sum(e.model_s for e in episodes),
+        execution_s=sum(e.tools_s for e in episodes),
+    )
+    return EpisodeRollout(policy, episodes, stats, episode_metrics(episodes))
+
+
+def episode_preferences(
+    feed: PreferenceFeed, rollout: EpisodeRollout, *, group_size: int, id_prefix: str, rng: random.Random
+) -> PreferenceBatch | None:
+    """`PreferenceFeed.step` for episodes: this step's (passed, failed) episode pairs enter the store
+    (unless the run's traces feed it), then the step's pairs are drawn; None while it is empty."""
+    if feed.traces is None:
+        add_episode_pairs(feed.replay, rollout.episodes, group_size=group_size, id_prefix=id_prefix)
+    if len(feed.replay) == 0:
+        return None
+    generator = torch.Generator().manual_seed(rng.getrandbits(63))
+    return feed.replay.sample(min(feed.pairs_per_step, len(feed.replay)), generator=generator)
+
+
+def demonstration_ids(
+    tokenizer: PreTrainedTokenizerBase, prompt_messages: list[dict[str, Any]], steps: list[dict[str, Any]]
+) -> tuple[list[int], list[int]]:
+    """(ids, loss mask) of a scripted episode laid out as `run_episode` lays out a sampled one: the
+    prompt and each generation prompt, then each assistant message's body and end-of-turn token
+    (mask 1), then the closing template text and the observations (mask 0)."""
+    messages = list(prompt_messages)
+    ids = render_ids(tokenizer, _render(tokenizer, messages, generation=False))
+    mask = [0] * len(ids)
+    for message in steps:
+        if message["role"] == "assistant":
+            header = appended_text(tokenizer, messages, messages, generation=True)
+            turn = appended_text(tokenizer, messages, [*messages, message], generation=False)
+            if not turn.startswith(header) or tokenizer.eos_token not in turn:
+                raise TemplateError("the chat template's assistant turn does not start with its generation prompt")
+            body = turn[len(header) : turn.rindex(tokenizer.eos_token) + len(tokenizer.eos_token)]
+            closing = turn[len(header) + len(body) :]
+            pieces = [(header, 0), (body, 1), (closing, 0)]
+        else:
+            pieces = [(appended_text(tokenizer, messages, [*messages, message], generation=False), 0)]
+        for text, learn in pieces:
+            piece = render_ids(tokenizer, text)
+            ids += piece
+            mask += [learn] * len(piece)
+        messages.append(message)
+    return ids, mask
+
+
+def episode_warmup(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[WorkspaceTask],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    rng: random.Random,
+) -> list[float]:
+    """Supervised warm-up on scripted episodes (`trainer.envs.agentic.scripted_messages`):
+    cross-entropy on the assistant tokens only; returns the losses. For tiny models, as
+    `trainer.warmup.supervised_warmup` is for single-turn tasks."""
+    from trainer.envs.agentic import scripted_messages
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        rows = []
+        for task in (rng.choice(tasks) for _ in range(batch_size)):
+            prompt = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": task.prompt()}]
+            rows.append(demonstration_ids(tokenizer, prompt, scripted_messages(task, rng)))
+        ids, attention = pad_sequences([r[0] for r in rows], tokenizer.pad_token_id)
+        learn, _ = pad_sequences([r[1] for r in rows], 0)
+        labels = ids.masked_fill(learn == 0, -100)
+        logits = model(input_ids=ids, attention_mask=attention).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def evaluate_episodes(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[WorkspaceTask],
+    *,
+    k: int,
+    max_turns: int,
+    max_tokens: int,
+    max_turn_tokens: int | None,
+    temperature: float,
+    tools: Sequence[str] = TOOLS,
+    sandbox: Sandbox | None = None,
+) -> EvalCounts:
+    """Held-out pass@1 (one greedy episode per task) and k sampled episodes, as `trainer.evaluation`."""
+    settings = dict(
+        tools=tools, max_turns=max_turns, max_tokens=max_tokens, max_turn_tokens=max_turn_tokens, sandbox=sandbox
+    )
+    greedy = [run_episode(model, tokenizer, t, temperature=1.0, greedy=True, **settings).passed for t in tasks]
+    sampled = [
+        sum(run_episode(model, tokenizer, t, temperature=temperature, **settings).passed for _ in range(k))
+        for t in tasks
+    ]
+    return EvalCounts(greedy_correct=greedy, sampled_correct=sampled, k=k)
