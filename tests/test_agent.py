@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Qwen2ForCausalLM
+from transformers import AutoTokenizer, Qwen2ForCausalLM
 
 from trainer.agent import (
     Episode,
@@ -240,7 +241,7 @@ def assert_loss_only_on_assistant_text(result: Episode, tokenizer) -> None:
         assert message["role"] == "assistant" and message["content"] == content
         assert [c["function"]["name"] for c in message.get("tool_calls", [])] == [c.name for c in calls]
     unmasked = tokenizer.decode([t for t, m in zip(result.token_ids, result.loss_mask, strict=True) if not m])
-    for message in result.messages:
+    for message in result.messages[: result.turns[-1].message]:  # what the model was shown
         if message["role"] == "tool" and message["content"]:
             assert message["content"] in unmasked  # observations are all in the unmasked ids
 
@@ -412,3 +413,68 @@ def test_the_loss_generalisation_leaves_single_turn_batches_unchanged(tiny, grad
             alpha=1.0,
             beta=0.0,
         )
+
+
+@pytest.fixture(scope="module")
+def agent_run(tmp_path_factory, sandbox):
+    """configs/agent-smoke.yaml cut to one round under torchrun: 2 replicas x 2 steps x 4 episodes."""
+    run_dir = tmp_path_factory.mktemp("agent-smoke")
+    overrides = [
+        "rounds=1",
+        "optim.sft_steps=150",
+        "optim.sft_batch_size=4",
+        "rollout.prompts_per_step=2",
+        "rollout.group_size=2",
+    ]
+    overrides += ["eval.size=2", "eval.k=1"]
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node=2"]
+        + ["-m", "trainer.worker", "--config", str(REPO / "configs" / "agent-smoke.yaml")]
+        + [arg for key in overrides for arg in ("--set", key)],
+        cwd=REPO,
+        env={**os.environ, "COMPOSER_RUN_DIR": str(run_dir)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
+def test_a_runs_episodes_ingest_strictly_with_the_counts_it_logged(agent_run):
+    records = [json.loads(line) for path in sorted((agent_run / "episodes").glob("*.jsonl")) for line in path.open()]
+    inner = [json.loads(line) for line in (agent_run / "metrics.jsonl").open()]
+    inner = [r for r in inner if r["event"] == "inner"]
+    assert len(records) == sum(r["episodes"] for r in inner) == 2 * 2 * 4
+    calls = sum(len(m.get("tool_calls", [])) for r in records for m in r["messages"])
+    logged_calls = sum(v for r in inner for k, v in r.items() if k.startswith("tool_calls/"))
+    assert calls == logged_calls > 0
+    done = subprocess.run(
+        [sys.executable, "-m", "trainer.traces", "ingest", str(agent_run / "episodes"), "--strict"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    total = next(line.split() for line in done.stdout.splitlines() if line.startswith("total"))
+    messages = sum(len(r["messages"]) for r in records)
+    assert total == ["total", "2", str(len(records)), str(len(records)), str(messages), str(calls), "0"]
+    assert all(r["sampler_logp_diff"] < 1e-4 for r in inner)  # the trainer scored what the sampler drew
+
+
+def test_a_runs_loss_tokens_decode_only_to_assistant_text(agent_run):
+    (tokenizer_dir,) = agent_run.glob("tokenizer-*")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    records = [json.loads(line) for path in sorted((agent_run / "episodes").glob("*.jsonl")) for line in path.open()]
+    assert sum(len(r["turns"]) for r in records) >= len(records)
+    for record in records:
+        ids, mask, messages = record["token_ids"], record["loss_mask"], record["messages"]
+        assert {i for i, m in enumerate(mask) if m} == {i for _, s, e, _ in record["turns"] for i in range(s, e)}
+        for _, start, end, index in record["turns"]:
+            content, calls = parse_tool_calls(tokenizer.decode(ids[start:end], skip_special_tokens=True))
+            assert messages[index]["role"] == "assistant" and messages[index]["content"] == content
+            assert [c["function"]["name"] for c in messages[index].get("tool_calls", [])] == [c.name for c in calls]
+        unmasked = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if not m])
+        # every message the model was shown (all before its last turn) is in the unmasked ids
+        shown = messages[: record["turns"][-1][3]] if record["turns"] else messages
+        assert all(m["content"] in unmasked for m in shown if m["role"] in ("system", "user", "tool"))

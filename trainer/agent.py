@@ -272,7 +272,7 @@ class Episode:
 
     token_ids: every id fed to and sampled from the model, in order (ints). loss_mask: 1 on the
     model-sampled ids, 0 on the prompt, template tokens and observations. reward/passed/feedback:
-    the end state's score. tool_calls: calls by tool name ("invalid" for unparseable ones). errors:
+    the end state's score. tool_calls: calls by tool name ("invalid": unparseable or not an offered tool). errors:
     error observations by kind (ERROR_KINDS). stop: why it ended ("finish", "no_tool_call",
     "max_turns", "max_tokens"). model_s/tools_s: seconds sampling vs running tools and the final check.
     files: the workspace's final files. sampler_logps: the log-prob (nats, at the sampling
@@ -546,6 +546,8 @@ def run_episode(
                     for i, call in enumerate(calls)
                 ]
             messages.append(turn_message)
+            for call in calls:  # what the model emitted, executed or not (a turn cut by max_tokens is not)
+                calls_by_tool[call.name if call.error is None and call.name in tools else "invalid"] += 1
             turn = Turn(header_start=header_start, start=start, end=len(token_ids), message=len(messages) - 1)
             turns.append(turn)
             ended = bool(sampled) and sampled[-1] == tokenizer.eos_token_id
@@ -559,7 +561,6 @@ def run_episode(
             clock = time.perf_counter()
             finished = False
             for call, record in zip(calls, turn_message["tool_calls"], strict=True):
-                calls_by_tool[call.name if call.error is None else "invalid"] += 1
                 try:
                     observation, failed = _execute(call, task, workspace, sandbox, tools)
                 except ToolError as error:
