@@ -425,10 +425,15 @@ def _arguments_json(call: ParsedCall) -> str:
     return json.dumps(call.arguments if call.arguments is not None else {"raw": call.raw})
 
 
-def _execute(
+def execute_tool(
     call: ParsedCall, task: WorkspaceTask, workspace: Workspace, sandbox: Sandbox, tools: Sequence[str]
 ) -> tuple[str, bool]:
-    """(observation text, whether the action failed). Raises ToolError for a refused call."""
+    """Run one parsed call on `workspace` (run_tests: `task`'s check in `sandbox`).
+
+    Returns (observation text, whether the action failed: failing tests). Raises ToolError (its
+    `kind` one of ERROR_KINDS) for a call the environment refuses; run_episode turns that into an
+    error observation.
+    """
     if call.error is not None:
         raise call.error
     if call.name not in tools:
@@ -562,7 +567,7 @@ def run_episode(
             finished = False
             for call, record in zip(calls, turn_message["tool_calls"], strict=True):
                 try:
-                    observation, failed = _execute(call, task, workspace, sandbox, tools)
+                    observation, failed = execute_tool(call, task, workspace, sandbox, tools)
                 except ToolError as error:
                     errors[error.kind] += 1
                     observation, failed = f"Error ({error.kind}): {error}", True
