@@ -24,6 +24,7 @@ import torch
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
 from trainer.agent import (
+    TOOLS,
     Episode,
     TemplateError,
     add_episode_pairs,
@@ -35,11 +36,13 @@ from trainer.agent import (
     write_episodes,
 )
 from trainer.batching import pad_sequences
+from trainer.config import AGENT_TOOLS, AgentConfig, Config, ConfigError, TaskConfig
 from trainer.envs import make_env
 from trainer.losses import ComposerBatch, completion_logits, composer_total_loss, token_logps
 from trainer.model import tiny_model_and_tokenizer
 from trainer.replay import PreferenceReplay
 from trainer.sandbox import SandboxUnavailable, make_sandbox
+from trainer.worker import build_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -478,3 +481,12 @@ def test_a_runs_loss_tokens_decode_only_to_assistant_text(agent_run):
         # every message the model was shown (all before its last turn) is in the unmasked ids
         shown = messages[: record["turns"][-1][3]] if record["turns"] else messages
         assert all(m["content"] in unmasked for m in shown if m["role"] in ("system", "user", "tool"))
+
+
+def test_the_agent_config_knows_the_tools_and_refuses_a_single_turn_source():
+    assert AGENT_TOOLS == TOOLS
+    with pytest.raises(ConfigError, match=r"agent.tools: unknown \['bash'\]"):
+        AgentConfig(tools=["read_file", "bash"])
+    config = Config(task=TaskConfig(source="addition"), agent=AgentConfig(enabled=True))
+    with pytest.raises(ConfigError, match="agent.enabled: task.source 'addition' is not an agentic source"):
+        build_env(config)
