@@ -268,6 +268,18 @@ def test_loss_mask_covers_only_model_sampled_tokens_over_real_tiny_model_episode
         assert_loss_only_on_assistant_text(result, tokenizer)
 
 
+def ingest_strictly(directory: Path) -> list[str]:
+    """`python -m trainer.traces ingest DIR --strict` must exit 0; returns its `total` row's cells."""
+    done = subprocess.run(
+        [sys.executable, "-m", "trainer.traces", "ingest", str(directory), "--strict"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return next(line.split() for line in done.stdout.splitlines() if line.startswith("total"))
+
+
 def test_episodes_written_as_traces_ingest_strictly_with_their_counts(tiny, sandbox, env, tmp_path):
     task = env.train[5]
     episodes = [
@@ -282,14 +294,7 @@ def test_episodes_written_as_traces_ingest_strictly_with_their_counts(tiny, sand
         ("episode-0", True, 1.0),
         ("episode-1", False, 0.0),
     ]
-    done = subprocess.run(
-        [sys.executable, "-m", "trainer.traces", "ingest", str(directory), "--strict"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    total = next(line.split() for line in done.stdout.splitlines() if line.startswith("total"))
+    total = ingest_strictly(directory)
     messages = sum(len(r["messages"]) for r in records)
     calls = sum(len(m.get("tool_calls", [])) for r in records for m in r["messages"])
     assert (messages, calls) == (6 + 7, 2 + 2)
@@ -452,14 +457,7 @@ def test_a_runs_episodes_ingest_strictly_with_the_counts_it_logged(agent_run):
     calls = sum(len(m.get("tool_calls", [])) for r in records for m in r["messages"])
     logged_calls = sum(v for r in inner for k, v in r.items() if k.startswith("tool_calls/"))
     assert calls == logged_calls > 0
-    done = subprocess.run(
-        [sys.executable, "-m", "trainer.traces", "ingest", str(agent_run / "episodes"), "--strict"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    total = next(line.split() for line in done.stdout.splitlines() if line.startswith("total"))
+    total = ingest_strictly(agent_run / "episodes")
     messages = sum(len(r["messages"]) for r in records)
     assert total == ["total", "2", str(len(records)), str(len(records)), str(messages), str(calls), "0"]
     assert all(r["sampler_logp_diff"] < 1e-4 for r in inner)  # the trainer scored what the sampler drew
