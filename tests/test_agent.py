@@ -16,6 +16,7 @@ import math
 import os
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -488,3 +489,17 @@ def test_the_agent_config_knows_the_tools_and_refuses_a_single_turn_source():
     config = Config(task=TaskConfig(source="addition"), agent=AgentConfig(enabled=True))
     with pytest.raises(ConfigError, match="agent.enabled: task.source 'addition' is not an agentic source"):
         build_env(config)
+
+
+def test_feature_deletion_in_multi_file_form_is_restored_by_a_patch(tiny, sandbox):
+    env = make_env("agent_feature_deletion", modules=("mathutils",))
+    task = env.tasks[0]
+    files = dict(task.files)
+    assert task.target.startswith("boltons/mathutils.py") and len(files) == 2
+    assert not task.score_files(files, sandbox=sandbox).passed  # the module as given fails its doctests
+    original = task.hints[-1].removeprefix("The original function:\n")  # signature, docstring, body
+    head = original[: original.index('"""', original.index('"""') + 3) + 4]
+    assert files[task.target].count(head) == 1 and original.startswith(head)
+    turns = [call("edit_file", path=task.target, old=head, new=original), call("run_tests"), call("finish")]
+    result, _ = episode(tiny, sandbox, task, turns, max_tokens=30000)
+    assert (result.passed, result.errors, result.messages[5]["content"]) == (True, Counter(), "All tests passed.")

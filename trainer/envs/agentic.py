@@ -63,10 +63,10 @@ class AgentFeatureDeletion(FiniteEnvironment):
     name = "agent_feature_deletion"
     executes_code = True
 
-    def __init__(self, held_out_every: int = 5, workers: int = 2) -> None:
-        from trainer.envs.feature_deletion import FeatureDeletion
+    def __init__(self, modules: tuple[str, ...] | None = None, held_out_every: int = 5, workers: int = 2) -> None:
+        from trainer.envs.feature_deletion import MODULES, FeatureDeletion
 
-        source = FeatureDeletion(held_out_every=held_out_every, workers=workers)
+        source = FeatureDeletion(modules=tuple(modules or MODULES), held_out_every=held_out_every, workers=workers)
         self.excluded = source.excluded
         self.tasks = [_deletion_task(task) for task in source.tasks]
         self.train, self.held_out = split(self.tasks, held_out_every)
@@ -83,7 +83,7 @@ def _deletion_task(task) -> WorkspaceTask:
         check=task.check,
         instruction=f"The body of `{function}` in boltons/{module}.py was deleted. Restore it so the tests pass.",
         hints=task.hints,
-        reference=None,
+        reference=task.check.setup,  # the original module
         timeout_s=task.timeout_s,
         memory_mb=task.memory_mb,
     )
