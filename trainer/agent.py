@@ -890,7 +890,9 @@ def episode_warmup(
 ) -> list[float]:
     """Supervised warm-up on scripted episodes (`trainer.envs.agentic.scripted_messages`):
     cross-entropy on the assistant tokens only; returns the losses. For tiny models, as
-    `trainer.warmup.supervised_warmup` is for single-turn tasks."""
+    `trainer.warmup.supervised_warmup` is for single-turn tasks. Half the episodes carry the
+    task's partial hint as a user message before the first turn, where the SDPO teacher's hint
+    goes, so the teacher has learnt to read one."""
     from trainer.envs.agentic import scripted_messages
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -900,6 +902,8 @@ def episode_warmup(
         rows = []
         for task in (rng.choice(tasks) for _ in range(batch_size)):
             prompt = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": task.prompt()}]
+            if task.hints and rng.random() < 0.5:
+                prompt.append({"role": "user", "content": task.hints[0]})
             rows.append(demonstration_ids(tokenizer, prompt, scripted_messages(task, rng)))
         ids, attention = pad_sequences([r[0] for r in rows], tokenizer.pad_token_id)
         learn, _ = pad_sequences([r[1] for r in rows], 0)

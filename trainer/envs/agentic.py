@@ -90,12 +90,13 @@ def _deletion_task(task) -> WorkspaceTask:
 
 
 def scripted_messages(task: WorkspaceTask, rng: random.Random | None = None) -> list[dict[str, Any]]:
-    """A correct episode's assistant and tool messages after the prompt (OpenAI format): write the
-    reference into the target, run the tests, finish. With `rng`, half the time it reads the test
-    file first. For a supervised warm-up; needs `task.reference`."""
+    """A correct episode's assistant and tool messages after the prompt (OpenAI format): read the
+    target (the prompt does not say what the function must do: the file's docstring does), write
+    the reference into it, run the tests, finish. With `rng`, half the time it also reads the test
+    file. For a supervised warm-up; needs `task.reference`."""
     if task.reference is None:
         raise ValueError(f"{task.name} has no reference to script an episode from")
-    steps: list[tuple[str, dict[str, Any], str]] = []
+    steps: list[tuple[str, dict[str, Any], str]] = [("read_file", {"path": task.target}, dict(task.files)[task.target])]
     if rng is not None and rng.random() < 0.5:
         test_file = next(path for path, _ in task.files if path != task.target)
         steps.append(("read_file", {"path": test_file}, dict(task.files)[test_file]))
