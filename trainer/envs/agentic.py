@@ -1,8 +1,10 @@
 """Agentic task families: repositories an agent repairs with tools (`trainer.agent`).
 
 - `agent_code_arith`: `code_arith` in multi-file form: `calc.py` holds the function's signature
-  and docstring without a body, `test_calc.py` the tests. Small enough for the tiny CPU model at
-  smoke scale after a supervised warm-up on scripted episodes (`scripted_messages`).
+  and docstring without a body, `test_calc.py` the tests; the instruction repeats the docstring
+  ("in calc.py, g: Return x plus 6."), since copying it out of a read_file observation is beyond
+  the 2-layer tiny model at smoke scale (a first run read calc.py and never passed). Small enough
+  for that model after a supervised warm-up on scripted episodes (`scripted_messages`).
 - `agent_feature_deletion`: the feature-deletion tasks (boltons) in multi-file form:
   `boltons/<module>.py` with the function's body deleted, `tests/test_<function>.py` its doctests.
   The whole module is the candidate program and the doctests its trusted check, as in
@@ -53,8 +55,12 @@ def _arith_task(task) -> WorkspaceTask:
         target="calc.py",
         test_file="test_calc.py",
         tests=task.check.tests,
-        instruction=f"Make the tests pass: write the body of {task.check.entry_point} in calc.py.",
+        instruction=f"Make the tests pass: in calc.py, {task.check.entry_point}: {_docstring(task.code)}",
     )
+
+
+def _docstring(code: str) -> str:
+    return code.split('"""')[1]
 
 
 class AgentFeatureDeletion(FiniteEnvironment):
