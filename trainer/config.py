@@ -222,6 +222,28 @@ class EvalConfig:
         _require(self.k >= 1, "eval.k", "must be >= 1")
 
 
+AGENT_TOOLS = ("read_file", "write_file", "edit_file", "run_tests", "finish")  # trainer.agent.TOOLS
+
+
+@dataclass
+class AgentConfig:
+    """Multi-turn episodes (trainer.agent) instead of single-turn rollouts; task.source agent_*."""
+
+    enabled: bool = False
+    max_turns: int = 4  # assistant turns per episode
+    max_tokens: int = 512  # an episode's whole length: prompt, samples and observations
+    max_turn_tokens: int = 96  # sampled per turn at most
+    tools: list[str] = field(default_factory=lambda: list(AGENT_TOOLS))
+    write_episodes: bool = True  # <run_dir>/episodes/*.jsonl, OpenAI messages trainer.traces reads
+
+    def __post_init__(self) -> None:
+        _require(self.max_turns >= 1, "agent.max_turns", "must be >= 1")
+        _require(self.max_turn_tokens >= 1, "agent.max_turn_tokens", "must be >= 1")
+        _require(self.max_tokens > self.max_turn_tokens, "agent.max_tokens", "must be > agent.max_turn_tokens")
+        unknown = [t for t in self.tools if t not in AGENT_TOOLS]
+        _require(not unknown, "agent.tools", f"unknown {unknown}; known: {', '.join(AGENT_TOOLS)}")
+
+
 @dataclass
 class DebugConfig:
     """Deterministic fault injection for tests and chaos runs (torchft-style); all off by default."""
@@ -255,6 +277,7 @@ class Config:
     diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
     sandbox: SandboxSection = field(default_factory=SandboxSection)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def __post_init__(self) -> None:

@@ -65,6 +65,12 @@ class PolicyBatch:
     teacher_prompt_mask: Tensor | None = None
     sdpo_weight: Tensor | None = None  # (B,) 0/1 rows that get distillation; None = every row
     sampler_logps: Tensor | None = None  # (B, C) float32 log-probs the sampler drew the tokens with; diagnostic
+    # Multi-turn episodes (trainer.agent): the completion holds tool observations the model did not
+    # sample. loss_mask (B, C) 0/1 marks the tokens every channel trains on (None: completion_mask);
+    # completion_mask stays the attention mask. teacher_offsets (B,) long: the SDPO teacher scores
+    # completion[o:] behind its prompt (the hint inserted at the turn where column o starts); None: 0.
+    loss_mask: Tensor | None = None
+    teacher_offsets: Tensor | None = None
 
 
 @dataclass
@@ -488,14 +494,16 @@ def composer_total_loss(
     were drawn from (as TRL's GRPOTrainer does). DPO compares whole-sequence likelihoods against a
     reference scored at 1 and is left at temperature 1. With `PolicyBatch.sampler_logps`, metrics
     gain `sampler_logp_diff`: mean |trainer log-prob - sampler log-prob| over completion tokens
-    (nats), which is ~0 when sampling and training agree.
+    (nats), which is ~0 when sampling and training agree. With `PolicyBatch.loss_mask` (episodes),
+    every channel and metric counts only its 1s; the forwards still attend to the whole completion.
     """
     if alpha < 0 or beta < 0:
         raise ValueError(f"alpha={alpha} and beta={beta} must be >= 0")
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0")
     policy = batch.policy
-    mask = policy.completion_mask
+    mask = policy.completion_mask if policy.loss_mask is None else policy.loss_mask
+    _check_shape("PolicyBatch.loss_mask", mask, tuple(policy.completion_mask.shape))
 
     student_logits = completion_logits(
         model, policy.prompt_ids, policy.prompt_mask, policy.completion_ids, policy.completion_mask
@@ -536,6 +544,7 @@ def composer_total_loss(
             model if teacher is None else teacher,
             policy,
             student_logits,
+            mask,
             alpha=sdpo_jsd_alpha,
             top_k=sdpo_top_k,
             temperature=temperature,
@@ -571,12 +580,17 @@ def _sdpo_channel(
     teacher: Callable[..., Any],
     policy: PolicyBatch,
     student_logits: Tensor,
+    loss_mask: Tensor,
     *,
     alpha: float,
     top_k: int | None,
     temperature: float = 1.0,
 ) -> Tensor:
-    """Teacher re-scores the student's completion under the hinted prompt; rows with weight 0 skip."""
+    """Teacher re-scores the student's completion under the hinted prompt; rows with weight 0 skip.
+
+    With `teacher_offsets`, row b's teacher sees completion[o_b:] only (shifted to column 0) and is
+    compared with the student's logits at the same tokens.
+    """
     if policy.teacher_prompt_ids is None or policy.teacher_prompt_mask is None:
         raise ValueError("the SDPO channel (alpha > 0) needs PolicyBatch.teacher_prompt_ids and teacher_prompt_mask")
     batch = policy.completion_ids.shape[0]
@@ -593,10 +607,31 @@ def _sdpo_channel(
         if selected.numel() < batch:
             rows = selected
     completion_ids, completion_mask = policy.completion_ids[rows], policy.completion_mask[rows]
+    loss_mask, student_logits = loss_mask[rows], student_logits[rows]
+    if policy.teacher_offsets is not None:
+        _check_shape("PolicyBatch.teacher_offsets", policy.teacher_offsets, (batch,))
+        offsets = policy.teacher_offsets[rows].long()
+        completion_ids, completion_mask, loss_mask, student_logits = (
+            _shift_left(t, offsets) for t in (completion_ids, completion_mask, loss_mask, student_logits)
+        )
     with torch.no_grad():
         teacher_logits = completion_logits(
             teacher, policy.teacher_prompt_ids[rows], policy.teacher_prompt_mask[rows], completion_ids, completion_mask
         )
         if temperature != 1.0:
             teacher_logits = teacher_logits / temperature
-    return sdpo_loss(student_logits[rows], teacher_logits, completion_mask, alpha=alpha, top_k=top_k)
+    return sdpo_loss(student_logits, teacher_logits, loss_mask, alpha=alpha, top_k=top_k)
+
+
+def _shift_left(tensor: Tensor, offsets: Tensor) -> Tensor:
+    """Row b of a (B, C, ...) tensor moved left by offsets[b] columns, zeros after its end."""
+    width = tensor.shape[1]
+    if ((offsets < 0) | (offsets >= width)).any():
+        raise ValueError(f"PolicyBatch.teacher_offsets must be in [0, {width}), got {offsets.tolist()}")
+    index = torch.arange(width, device=tensor.device)[None] + offsets[:, None]
+    valid = index < width
+    index = index.clamp(max=width - 1)
+    for _ in range(tensor.dim() - 2):
+        index, valid = index[..., None], valid[..., None]
+    gathered = tensor.gather(1, index.expand(-1, -1, *tensor.shape[2:]))
+    return torch.where(valid, gathered, torch.zeros((), dtype=tensor.dtype, device=tensor.device))

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from trainer import checkpoint
+from trainer import agent, checkpoint
 from trainer.checkpoint import PerProcessState, TrainingState
 from trainer.config import Config, ConfigError, dump_config, load_config_or_exit
 from trainer.diloco import DiLoCo, parameters_hash, split_parameters
@@ -270,6 +270,8 @@ def build_env(config: Config) -> Environment:
     except ValueError as error:
         key = "eval.size" if "held_out" in str(error) else "task.options"
         raise ConfigError(f"{key}: {error}") from None
+    if config.agent.enabled and not env.name.startswith("agent_"):  # issue 12: episodes need workspaces
+        raise ConfigError(f"agent.enabled: task.source {config.task.source!r} is not an agentic source (agent_*)")
     if env.executes_code:
         s = config.sandbox
         try:
@@ -286,19 +288,31 @@ def warm_up(run: Run) -> None:
     if not config.optim.sft_steps:
         return
     # Same seed on every rank: replicas finish the warm-up bit-identical, no sync needed.
+    rng = random.Random(step_seed(config.seed, -1))
     with run.autocast():
-        sft_losses = supervised_warmup(
-            run.model,
-            run.tokenizer,
-            run.env,
-            steps=config.optim.sft_steps,
-            batch_size=config.optim.sft_batch_size,
-            lr=config.optim.sft_lr,
-            hint_level=config.task.hint_level,
-            sibling_hints=config.task.sibling_hints,
-            max_prompt_length=config.rollout.max_prompt_length,
-            rng=random.Random(step_seed(config.seed, -1)),
-        )
+        if config.agent.enabled:  # issue 12: scripted episodes
+            sft_losses = agent.episode_warmup(
+                run.model,
+                run.tokenizer,
+                run.env.train,
+                steps=config.optim.sft_steps,
+                batch_size=config.optim.sft_batch_size,
+                lr=config.optim.sft_lr,
+                rng=rng,
+            )
+        else:
+            sft_losses = supervised_warmup(
+                run.model,
+                run.tokenizer,
+                run.env,
+                steps=config.optim.sft_steps,
+                batch_size=config.optim.sft_batch_size,
+                lr=config.optim.sft_lr,
+                hint_level=config.task.hint_level,
+                sibling_hints=config.task.sibling_hints,
+                max_prompt_length=config.rollout.max_prompt_length,
+                rng=rng,
+            )
     if run.topo.lead:
         print(f"warm-up: {len(sft_losses)} SFT steps, loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f}", flush=True)
 
@@ -391,23 +405,8 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
     rng = random.Random(seed)
     step_start = time.perf_counter()
     with run.autocast():
-        samples = rollout(
-            run.model,
-            run.tokenizer,
-            [run.env.sample(rng) for _ in range(config.rollout.prompts_per_step)],
-            group_size=config.rollout.group_size,
-            max_prompt_length=config.rollout.max_prompt_length,
-            max_completion_length=config.rollout.max_completion_length,
-            temperature=config.rollout.temperature,
-            hint_level=config.task.hint_level,
-            sibling_hints=config.task.sibling_hints,
-            teacher=teacher_model(run, replica),
-            score_many=functools.partial(run.env.score_many, workers=config.sandbox.workers),
-        )
-        preference = None
-        if replica.feed is not None:
-            prefix = f"r{topo.replica_id}-{topo.local_rank}-s{step}"
-            preference = replica.feed.step(samples, id_prefix=prefix, rng=rng)
+        collect = agent_step if config.agent.enabled else single_turn_step  # episodes, or one completion each
+        samples, preference = collect(run, replica, step, rng)
         forwards_before = replica.forward_calls[0]
         loss_start = time.perf_counter()
         out = three_channel_loss(run, replica, ComposerBatch(policy=samples.policy, preference=preference))
@@ -438,6 +437,7 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
         loss_s=loss_s,
         loss_forwards=replica.forward_calls[0] - forwards_before,
         reference_forwards=replay.reference_forward_passes if replay is not None else 0,
+        **getattr(samples, "metrics", {}),
         **out.metrics,
     )
 
@@ -455,6 +455,54 @@ def share_synced_parameters(run: Run, replica: Replica) -> None:
             for p in share:
                 p.copy_(flat[offset : offset + p.numel()].view_as(p))
                 offset += p.numel()
+
+
+def single_turn_step(run: Run, replica: Replica, step: int, rng: random.Random) -> tuple[Any, Any]:
+    """This step's samples (G completions of each prompt, scored) and its DPO pairs."""
+    config, topo = run.config, run.topo
+    samples = rollout(
+        run.model,
+        run.tokenizer,
+        [run.env.sample(rng) for _ in range(config.rollout.prompts_per_step)],
+        group_size=config.rollout.group_size,
+        max_prompt_length=config.rollout.max_prompt_length,
+        max_completion_length=config.rollout.max_completion_length,
+        temperature=config.rollout.temperature,
+        hint_level=config.task.hint_level,
+        sibling_hints=config.task.sibling_hints,
+        teacher=teacher_model(run, replica),
+        score_many=functools.partial(run.env.score_many, workers=config.sandbox.workers),
+    )
+    preference = None
+    if replica.feed is not None:
+        preference = replica.feed.step(samples, id_prefix=f"r{topo.replica_id}-{topo.local_rank}-s{step}", rng=rng)
+    return samples, preference
+
+
+def agent_step(run: Run, replica: Replica, step: int, rng: random.Random) -> tuple[Any, Any]:
+    """Issue 12: this step's episodes (written to <run_dir>/episodes when asked) and DPO pairs."""
+    config, topo, a = run.config, run.topo, run.config.agent
+    samples = agent.agent_rollout(
+        run.model,
+        run.tokenizer,
+        [run.env.sample(rng) for _ in range(config.rollout.prompts_per_step)],
+        group_size=config.rollout.group_size,
+        max_turns=a.max_turns,
+        max_tokens=a.max_tokens,
+        max_turn_tokens=a.max_turn_tokens,
+        temperature=config.rollout.temperature,
+        tools=a.tools,
+        hint_level=config.task.hint_level if config.loss.alpha > 0 else None,
+    )
+    prefix = f"r{topo.replica_id}-{topo.local_rank}-s{step}"
+    if a.write_episodes:
+        agent.write_episodes(samples.episodes, run.run_dir / "episodes" / f"rank{topo.rank}.jsonl", prefix=prefix)
+    preference = None
+    if replica.feed is not None:
+        preference = agent.episode_preferences(
+            replica.feed, samples, group_size=config.rollout.group_size, id_prefix=prefix, rng=rng
+        )
+    return samples, preference
 
 
 def teacher_model(run: Run, replica: Replica) -> torch.nn.Module | None:
@@ -476,7 +524,7 @@ def three_channel_loss(run: Run, replica: Replica, batch: ComposerBatch) -> Comp
         loss_type=loss.loss_type,
         epsilon_low=loss.epsilon_low,
         epsilon_high=loss.epsilon_high,
-        max_completion_length=r.max_completion_length,
+        max_completion_length=run.config.agent.max_tokens if run.config.agent.enabled else r.max_completion_length,
         sdpo_jsd_alpha=loss.sdpo_jsd_alpha,
         sdpo_top_k=loss.sdpo_top_k,
         dpo_beta=loss.dpo_beta,
@@ -549,15 +597,19 @@ def evaluate_held_out(run: Run, books: Books, *, rounds_done: int, outer_step: i
     shard = list(held_out[: config.eval.size])[topo.rank :: topo.world_size]
     torch.manual_seed(step_seed(config.seed, -2, outer_step, topo.rank))
     with run.autocast():
-        counts = evaluate(
-            run.model,
-            run.tokenizer,
-            shard,
-            k=config.eval.k,
-            max_prompt_length=config.rollout.max_prompt_length,
-            max_completion_length=config.rollout.max_completion_length,
-            temperature=config.rollout.temperature,
-            score_many=functools.partial(run.env.score_many, workers=config.sandbox.workers),
+        counts = (
+            agent_evaluate(run, shard)
+            if config.agent.enabled
+            else evaluate(
+                run.model,
+                run.tokenizer,
+                shard,
+                k=config.eval.k,
+                max_prompt_length=config.rollout.max_prompt_length,
+                max_completion_length=config.rollout.max_completion_length,
+                temperature=config.rollout.temperature,
+                score_many=functools.partial(run.env.score_many, workers=config.sandbox.workers),
+            )
         )
     total = sum(gather(counts), EvalCounts([], [], config.eval.k))
     if books.metrics is not None:
@@ -575,6 +627,22 @@ def evaluate_held_out(run: Run, books: Books, *, rounds_done: int, outer_step: i
             f"pass@{config.eval.k} {figures['pass_at_k']:.3f} ({figures['size']} prompts)",
             flush=True,
         )
+
+
+def agent_evaluate(run: Run, tasks: list) -> EvalCounts:
+    """Issue 12: held-out pass@1 (greedy) and pass@k over whole episodes."""
+    a, config = run.config.agent, run.config
+    return agent.evaluate_episodes(
+        run.model,
+        run.tokenizer,
+        tasks,
+        k=config.eval.k,
+        max_turns=a.max_turns,
+        max_tokens=a.max_tokens,
+        max_turn_tokens=a.max_turn_tokens,
+        temperature=config.rollout.temperature,
+        tools=a.tools,
+    )
 
 
 def log_round(run: Run, replica: Replica, books: Books, everyone: list[dict], round_index: int, seconds: float) -> None:

@@ -4,7 +4,8 @@
     task = env.sample(rng)                         # never a held-out task
     scores = env.score_many(tasks, completions)    # Score(reward, passed, feedback) each
 
-Sources: `addition`, `reasoning_gym:<dataset>`, `humaneval`, `feature_deletion`, `code_arith`.
+Sources: `addition`, `reasoning_gym:<dataset>`, `humaneval`, `feature_deletion`, `code_arith`, and
+the agentic (multi-turn, `trainer.agent`) `agent_code_arith`, `agent_feature_deletion`.
 A worker's hint levels, weakest first: `feedback` (feedback_hint(completion, score) of this very
 attempt), then task.hints[0] (partial), task.hints[-1] (reference); a correct sibling's solution
 stays the strongest where the config asks for it.
@@ -33,6 +34,8 @@ SOURCES = {
     "humaneval": "trainer.envs.humaneval:HumanEval",
     "feature_deletion": "trainer.envs.feature_deletion:FeatureDeletion",
     "code_arith": "trainer.envs.code_arith:CodeArith",
+    "agent_code_arith": "trainer.envs.agentic:AgentCodeArith",
+    "agent_feature_deletion": "trainer.envs.agentic:AgentFeatureDeletion",
 }
 
 

@@ -1,0 +1,505 @@
+"""trainer.agent: multi-turn episodes, token-in/token-out, malformed output as error observations,
+the loss mask on model-sampled tokens only, and episodes written as replayable traces.
+
+Most episodes here are driven by `ScriptedPolicy`: the project's tiny Qwen2 whose next-token
+logits are overridden to emit given token ids, run through the real `generate`, tokenizer, chat
+template, workspace and sandbox. A random tiny model does not write tool calls, and these tests
+need exact ones (a malformed call of each kind, a non-canonical tokenization); the loss-mask test
+also runs the plain tiny model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+from trainer.agent import (
+    TOOLS,
+    Episode,
+    TemplateError,
+    add_episode_pairs,
+    episode_metrics,
+    episode_policy_batch,
+    parse_tool_calls,
+    render_ids,
+    run_episode,
+    write_episodes,
+)
+from trainer.batching import pad_sequences
+from trainer.config import AGENT_TOOLS, AgentConfig, Config, ConfigError, TaskConfig
+from trainer.envs import make_env
+from trainer.losses import ComposerBatch, completion_logits, composer_total_loss, token_logps
+from trainer.model import tiny_model_and_tokenizer
+from trainer.replay import PreferenceReplay
+from trainer.sandbox import SandboxUnavailable, make_sandbox
+from trainer.worker import build_env
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Token-by-token decoding of a tiny model: one thread is ~10x faster than two on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    try:
+        box = make_sandbox()
+    except SandboxUnavailable as error:
+        pytest.skip(str(error))
+    yield box
+    box.close()
+
+
+@pytest.fixture(scope="module")
+def env():
+    return make_env("agent_code_arith")
+
+
+@pytest.fixture(scope="module")
+def tiny(env):
+    return tiny_model_and_tokenizer(env.corpus()[:400])
+
+
+class ScriptedPolicy(Qwen2ForCausalLM):
+    """The tiny Qwen2, made to emit `turns[i]` (token ids) on its i-th `generate` call, and to sample
+    from its own logits once the script is over; records the ids each call was given."""
+
+    def script(self, turns: list[list[int]]) -> ScriptedPolicy:
+        self.turns, self.inputs, self._target = [list(t) for t in turns], [], []
+        return self
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        length = (cache.get_seq_length() if cache is not None else 0) + input_ids.shape[1]
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if input_ids.shape[1] > 1:  # the first forward of a generate call sees the whole input
+            self.inputs.append(input_ids[0].tolist())
+            self._target, self._offset = (self.turns.pop(0) if self.turns else None), length
+        if self._target is None:  # past the script: the tiny model's own distribution
+            return out
+        step = length - self._offset
+        token = self._target[step] if step < len(self._target) else self.config.eos_token_id
+        forced = torch.full_like(out.logits[:, -1], -1e9)
+        forced[:, token] = 0.0
+        out.logits = out.logits.clone()
+        out.logits[:, -1] = forced
+        return out
+
+
+def scripted(tiny, texts_or_ids: list[str | list[int]]) -> ScriptedPolicy:
+    model, tokenizer = tiny
+    policy = ScriptedPolicy(model.config)
+    policy.load_state_dict(model.state_dict())
+    policy.generation_config = model.generation_config
+    turns = [t if isinstance(t, list) else render_ids(tokenizer, t) for t in texts_or_ids]
+    return policy.script([ids + [tokenizer.eos_token_id] for ids in turns])
+
+
+def call(name: str, **arguments) -> str:
+    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
+
+
+def episode(tiny, sandbox, task, turns, **options) -> tuple[Episode, ScriptedPolicy]:
+    policy = scripted(tiny, turns)
+    settings = dict(max_turns=len(turns), max_tokens=2048, temperature=1.0, sandbox=sandbox) | options
+    return run_episode(policy, tiny[1], task, **settings), policy
+
+
+def test_a_correct_edit_passes_and_the_next_input_is_the_previous_ids_plus_the_observation(tiny, sandbox, env):
+    task = env.train[0]
+    turns = [
+        "Let me look. " + call("read_file", path="test_calc.py"),
+        call("write_file", path="calc.py", content=task.reference),
+        call("run_tests"),
+        call("finish"),
+    ]
+    result, policy = episode(tiny, sandbox, task, turns)
+    assert (result.stop, result.reward, result.passed, result.feedback) == ("finish", 1.0, True, "All tests passed.")
+    assert [len(result.turns), dict(result.tool_calls), dict(result.errors)] == [
+        4,
+        {"read_file": 1, "write_file": 1, "run_tests": 1, "finish": 1},
+        {},
+    ]
+    # token-in/token-out: each generate call was fed exactly the episode's ids up to that turn
+    assert [len(ids) for ids in policy.inputs] == [turn.start for turn in result.turns]
+    for ids, turn in zip(policy.inputs, result.turns, strict=True):
+        assert ids == result.token_ids[: turn.start]
+    roles = [m["role"] for m in result.messages]
+    assert roles == ["system", "user"] + ["assistant", "tool"] * 4  # finish is answered too (OpenAI pairing)
+    assert result.messages[2]["content"] == "Let me look."
+    assert result.messages[3]["content"] == dict(task.files)["test_calc.py"]
+    assert result.messages[7]["content"] == "All tests passed."
+    assert result.files["calc.py"] == task.reference
+    assert not any(turn.failed for turn in result.turns)
+
+
+def test_the_episode_keeps_the_sampled_ids_where_retokenizing_the_conversation_differs(tiny, sandbox, env):
+    _, tokenizer = tiny
+    task = env.train[1]
+    # The model spells its call one character per token (a valid, non-canonical tokenization) with
+    # JSON spacing the chat template's `tojson` does not reproduce.
+    text = '<tool_call>{"name":"read_file",   "arguments":{"path":"calc.py"}}</tool_call>'
+    spelled = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(ch))[0] for ch in text]
+    assert spelled != render_ids(tokenizer, text)
+    result, _ = episode(tiny, sandbox, task, [spelled, call("finish")])
+    first = result.turns[0]
+    assert result.token_ids[first.start : first.end] == [*spelled, tokenizer.eos_token_id]
+    assert result.tool_calls["read_file"] == 1 and result.messages[3]["content"] == dict(task.files)["calc.py"]
+    retokenized = tokenizer.apply_chat_template(result.messages, tokenize=True)
+    retokenized = list(retokenized["input_ids"] if hasattr(retokenized, "keys") else retokenized)
+    assert retokenized != result.token_ids[: len(retokenized)]
+    assert tokenizer.decode(result.token_ids[first.start : first.end], skip_special_tokens=True) == text
+
+
+@pytest.mark.parametrize(
+    ("output", "kind"),
+    [
+        ('<tool_call>{"name": "read_file", "arguments": {"path": "calc.py"</tool_call>', "bad_json"),
+        ("<tool_call>[1, 2]</tool_call>", "bad_json"),
+        (call("bash", command="ls"), "unknown_tool"),
+        (call("read_file", file="calc.py"), "bad_arguments"),
+        (call("write_file", path="calc.py", content=7), "bad_arguments"),
+        ('<tool_call>{"name": "read_file", "arguments": "path"}</tool_call>', "bad_arguments"),
+        (call("edit_file", path="calc.py", old="nothing like this", new="x"), "bad_arguments"),
+        (call("read_file", path="../../../etc/passwd"), "outside_workspace"),
+        (call("write_file", path="/tmp/escape.py", content="x = 1"), "outside_workspace"),
+        (call("read_file", path="missing.py"), "missing_file"),
+        ('<tool_call>{"name": "run_tests", "arguments": {}}', "unclosed_call"),
+    ],
+)
+def test_malformed_output_is_an_error_observation_and_a_counted_metric(tiny, sandbox, env, output, kind):
+    task = env.train[2]
+    result, _ = episode(tiny, sandbox, task, [output, call("finish")])
+    assert result.stop == "finish" and len(result.turns) == 2  # the episode went on after the error
+    assert dict(result.errors) == {kind: 1}
+    assert result.turns[0].failed and result.first_failed_turn() == 0
+    observation = result.messages[3]
+    assert observation["role"] == "tool" and observation["content"].startswith(f"Error ({kind}):")
+    assert observation["tool_call_id"] == result.messages[2]["tool_calls"][0]["id"]
+    assert not Path("/tmp/escape.py").exists()
+    assert episode_metrics([result])[f"errors/{kind}"] == 1.0
+
+
+def test_failing_tests_mark_the_turn_failed_and_the_reward_is_the_end_state(tiny, sandbox, env):
+    task = env.train[3]
+    wrong = task.reference.replace("return ", "return 1 + ")
+    turns = [
+        call("write_file", path="calc.py", content=wrong),
+        call("run_tests"),
+        call("edit_file", path="calc.py", old="return 1 + ", new="return "),
+    ]
+    result, _ = episode(tiny, sandbox, task, turns)
+    assert [t.failed for t in result.turns] == [False, True, False] and result.first_failed_turn() == 1
+    assert result.turns[1].feedback.startswith("failed:") and "AssertionError" in result.turns[1].feedback
+    assert result.messages[5]["content"] == result.turns[1].feedback
+    # the last edit repaired the file: the end state passes although the episode ran out of turns
+    assert (result.stop, result.files["calc.py"], result.reward, result.passed) == (
+        "max_turns",
+        task.reference,
+        1.0,
+        True,
+    )
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused(tiny, sandbox, env):
+    model, tokenizer = tiny
+    rewriting = copy.deepcopy(tokenizer)
+    # Like templates that drop past reasoning: only the last message keeps its content.
+    rewriting.chat_template = (
+        "{%- for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{%- if loop.last %}{{ m['content'] }}{%- endif %}<|im_end|>\n{%- endfor %}"
+        "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+    )
+    policy = scripted((model, rewriting), ["Reading. " + call("read_file", path="calc.py")])
+    with pytest.raises(TemplateError, match="renders earlier turns differently"):
+        run_episode(policy, rewriting, env.train[0], max_turns=2, max_tokens=1024, temperature=1.0, sandbox=sandbox)
+
+
+def assert_loss_only_on_assistant_text(result: Episode, tokenizer) -> None:
+    """Every loss_mask=1 id lies in a turn's sampled span and those spans decode to their assistant
+    message (text outside calls + the calls); every other id decodes to no assistant text."""
+    sampled = {i for turn in result.turns for i in range(turn.start, turn.end)}
+    assert {i for i, m in enumerate(result.loss_mask) if m} == sampled
+    assert len(result.loss_mask) == len(result.token_ids)
+    for turn in result.turns:
+        text = tokenizer.decode(result.token_ids[turn.start : turn.end], skip_special_tokens=True)
+        message = result.messages[turn.message]
+        content, calls = parse_tool_calls(text)
+        assert message["role"] == "assistant" and message["content"] == content
+        assert [c["function"]["name"] for c in message.get("tool_calls", [])] == [c.name for c in calls]
+    unmasked = tokenizer.decode([t for t, m in zip(result.token_ids, result.loss_mask, strict=True) if not m])
+    for message in result.messages[: result.turns[-1].message]:  # what the model was shown
+        if message["role"] == "tool" and message["content"]:
+            assert message["content"] in unmasked  # observations are all in the unmasked ids
+
+
+def test_loss_mask_covers_only_model_sampled_tokens_over_real_tiny_model_episodes(tiny, sandbox, env):
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    episodes = [
+        run_episode(
+            model, tokenizer, task, max_turns=3, max_tokens=300, temperature=1.0, max_turn_tokens=48, sandbox=sandbox
+        )
+        for task in env.train[:3]
+    ]
+    task = env.train[4]
+    episodes.append(
+        episode(tiny, sandbox, task, [call("read_file", path="calc.py"), "Done. " + call("run_tests"), "bye"])[0]
+    )
+    assert sum(len(e.turns) for e in episodes) >= 6
+    assert sum(e.loss_mask.count(1) for e in episodes) > 100
+    for result in episodes:
+        assert_loss_only_on_assistant_text(result, tokenizer)
+
+
+def ingest_strictly(directory: Path) -> list[str]:
+    """`python -m trainer.traces ingest DIR --strict` must exit 0; returns its `total` row's cells."""
+    done = subprocess.run(
+        [sys.executable, "-m", "trainer.traces", "ingest", str(directory), "--strict"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return next(line.split() for line in done.stdout.splitlines() if line.startswith("total"))
+
+
+def test_episodes_written_as_traces_ingest_strictly_with_their_counts(tiny, sandbox, env, tmp_path):
+    task = env.train[5]
+    episodes = [
+        episode(tiny, sandbox, task, [call("write_file", path="calc.py", content=task.reference), call("finish")])[0],
+        episode(tiny, sandbox, task, ["<tool_call>{oops</tool_call>", call("run_tests"), "I give up."])[0],
+    ]
+    directory = tmp_path / "runs" / "agent" / "episodes"
+    write_episodes(episodes[:1], directory / "step-0.jsonl")
+    write_episodes(episodes[1:], directory / "step-0.jsonl")
+    records = [json.loads(line) for line in (directory / "step-0.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["resolved"], r["reward"]) for r in records] == [
+        ("episode-0", True, 1.0),
+        ("episode-1", False, 0.0),
+    ]
+    total = ingest_strictly(directory)
+    messages = sum(len(r["messages"]) for r in records)
+    calls = sum(len(m.get("tool_calls", [])) for r in records for m in r["messages"])
+    assert (messages, calls) == (6 + 7, 2 + 2)
+    assert total == ["total", "1", "2", "2", str(messages), str(calls), "0"]
+
+
+@pytest.fixture(scope="module")
+def graded_group(tiny, sandbox, env):
+    """One task's group of two scripted episodes: the first passes; the second fails its first
+    run_tests (turn 1) and ends with a wrong file."""
+    task = env.train[6]
+    wrong = task.reference.replace("return ", "return 1 + ")
+    right, _ = episode(
+        tiny, sandbox, task, [call("write_file", path="calc.py", content=task.reference), call("finish")]
+    )
+    failing, _ = episode(
+        tiny,
+        sandbox,
+        task,
+        ["I will edit. " + call("write_file", path="calc.py", content=wrong), call("run_tests"), call("finish")],
+    )
+    assert (right.passed, failing.passed, failing.first_failed_turn()) == (True, False, 1)
+    return [right, failing]
+
+
+def test_episode_batch_trains_on_sampled_tokens_only_with_one_advantage_per_episode(tiny, graded_group):
+    model, tokenizer = tiny
+    batch = episode_policy_batch(graded_group, tokenizer, group_size=2, hint_level=None)
+    assert batch.advantages.tolist() == [0.5, -0.5]  # Dr.GRPO: reward minus the group mean, no std
+    for row, result in enumerate(graded_group):
+        start, length = result.prompt_length, len(result.token_ids)
+        assert batch.prompt_ids[row][batch.prompt_mask[row].bool()].tolist() == result.token_ids[:start]
+        completion = batch.completion_ids[row][batch.completion_mask[row].bool()].tolist()
+        assert completion == result.token_ids[start:]
+        assert batch.loss_mask[row, : length - start].tolist() == result.loss_mask[start:]
+        assert batch.loss_mask[row].sum() < batch.completion_mask[row].sum()  # observations are not in it
+    out = composer_total_loss(model, ComposerBatch(batch), alpha=0.0, beta=0.0)
+    # on-policy Dr.GRPO: per-token loss -A on each sampled token, over B * C
+    sampled = batch.loss_mask.sum(dim=1).float()
+    expected = -(batch.advantages * sampled).sum() / batch.loss_mask.numel()
+    assert out.grpo.item() == pytest.approx(expected.item(), abs=1e-6)
+    # the same batch without its loss mask would train on the observations too: a different loss
+    batch.loss_mask = None
+    unmasked = composer_total_loss(model, ComposerBatch(batch), alpha=0.0, beta=0.0).grpo.item()
+    assert unmasked != pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_the_trainer_scores_episode_tokens_as_the_sampler_drew_them(tiny, sandbox, env):
+    model, tokenizer = tiny
+    torch.manual_seed(1)
+    # turn 0 is scripted (a read_file call); the turns after the observation are the tiny model's own samples
+    options = dict(max_turns=3, max_tokens=400, temperature=0.7, max_turn_tokens=40)
+    episodes = [
+        episode(tiny, sandbox, task, [call("read_file", path="calc.py")], **options)[0] for task in env.train[7:9]
+    ]
+    batch = episode_policy_batch(episodes, tokenizer, group_size=2, hint_level=None)
+    logits = completion_logits(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+    with torch.no_grad():
+        logp = token_logps(logits / 0.7, batch.completion_ids)
+    free = torch.zeros_like(batch.loss_mask, dtype=torch.bool)
+    for row, result in enumerate(episodes):
+        assert len(result.turns) >= 2 and result.messages[3]["content"] == dict(result.task.files)["calc.py"]
+        for turn in result.turns[1:]:
+            free[row, turn.start - result.prompt_length : turn.end - result.prompt_length] = True
+    assert int(free.sum()) >= 40
+    gap = (logp - batch.sampler_logps).abs()[free]
+    assert gap.max().item() < 1e-4  # the ids after the observation are scored exactly as they were drawn
+
+
+def test_the_sdpo_teacher_gets_the_hint_at_the_first_failed_turn_and_scores_from_there(tiny, graded_group):
+    model, tokenizer = tiny
+    right, failing = graded_group
+    batch = episode_policy_batch(graded_group, tokenizer, group_size=2, hint_level="feedback")
+    assert batch.sdpo_weight.tolist() == [0.0, 1.0]  # a passed episode has nothing to correct
+    turn = failing.turns[1]
+    offset = int(batch.teacher_offsets[1])
+    assert offset == turn.start - failing.prompt_length
+    hint = render_ids(
+        tokenizer, f"<|im_start|>user\nA previous attempt failed here. The environment said:\n{turn.feedback}"
+    )
+    teacher = batch.teacher_prompt_ids[1][batch.teacher_prompt_mask[1].bool()].tolist()
+    header = failing.token_ids[turn.header_start : turn.start]
+    assert teacher[: turn.header_start] == failing.token_ids[: turn.header_start]
+    assert teacher[turn.header_start : turn.header_start + len(hint)] == hint
+    assert teacher[-len(header) :] == header and len(teacher) == turn.header_start + len(hint) + 2 + len(header)
+    hinted = composer_total_loss(model, ComposerBatch(batch), alpha=1.0, beta=0.0).sdpo.item()
+    # The same alignment with the student's own context as the teacher's: identical logits, no loss.
+    own, mask = pad_sequences([right.token_ids[: right.prompt_length], failing.token_ids[: turn.start]], 0, left=True)
+    batch.teacher_prompt_ids, batch.teacher_prompt_mask = own, mask
+    unhinted = composer_total_loss(model, ComposerBatch(batch), alpha=1.0, beta=0.0).sdpo.item()
+    # (a random tiny model barely reacts to the hint: ~4e-5 here, vs ~5e-10 of float noise)
+    assert unhinted < 1e-8 and hinted > 1000 * unhinted
+
+
+def test_dpo_pairs_come_from_episodes_of_one_task_with_different_outcomes(tiny, graded_group):
+    model, tokenizer = tiny
+    replay = PreferenceReplay(model, pad_token_id=tokenizer.pad_token_id)
+    assert add_episode_pairs(replay, graded_group, group_size=2, id_prefix="step-0") == 1
+    assert add_episode_pairs(replay, graded_group[:1] * 2, group_size=2, id_prefix="step-1") == 0  # same outcome
+    pairs = replay.sample(1)
+    right, failing = graded_group
+    assert pairs.chosen_ids[0, : len(right.token_ids)].tolist() == right.token_ids
+    assert pairs.chosen_loss_mask[0, : len(right.loss_mask)].tolist() == right.loss_mask
+    assert pairs.rejected_loss_mask[0, : len(failing.loss_mask)].tolist() == failing.loss_mask
+    batch = episode_policy_batch(graded_group, tokenizer, group_size=2, hint_level=None)
+    out = composer_total_loss(model, ComposerBatch(batch, pairs), alpha=0.0, beta=1.0)
+    assert out.dpo.item() == pytest.approx(math.log(2), abs=1e-5)  # policy == reference: -log sigmoid(0)
+
+
+def test_the_loss_generalisation_leaves_single_turn_batches_unchanged(tiny, graded_group):
+    """loss_mask = completion_mask and teacher_offsets = 0 give what the single-turn fields (None) give."""
+    model, tokenizer = tiny
+    batch = episode_policy_batch(graded_group, tokenizer, group_size=2, hint_level="feedback")
+    batch.sdpo_weight = None
+    explicit = replace(batch, loss_mask=batch.completion_mask.clone(), teacher_offsets=torch.zeros(2, dtype=torch.long))
+    implicit = replace(batch, loss_mask=None, teacher_offsets=None)
+    first = composer_total_loss(model, ComposerBatch(explicit), alpha=1.0, beta=0.0, temperature=0.7)
+    second = composer_total_loss(model, ComposerBatch(implicit), alpha=1.0, beta=0.0, temperature=0.7)
+    assert first.metrics == second.metrics and first.metrics["sdpo"] > 0
+    with pytest.raises(ValueError, match=r"teacher_offsets must be in \[0, "):
+        composer_total_loss(
+            model,
+            ComposerBatch(replace(batch, teacher_offsets=torch.tensor([0, 10_000]))),
+            alpha=1.0,
+            beta=0.0,
+        )
+
+
+@pytest.fixture(scope="module")
+def agent_run(tmp_path_factory, sandbox):
+    """configs/agent-smoke.yaml cut to one round under torchrun: 2 replicas x 2 steps x 4 episodes."""
+    run_dir = tmp_path_factory.mktemp("agent-smoke")
+    overrides = [
+        "rounds=1",
+        "optim.sft_steps=150",
+        "optim.sft_batch_size=4",
+        "rollout.prompts_per_step=2",
+        "rollout.group_size=2",
+    ]
+    overrides += ["eval.size=2", "eval.k=1"]
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node=2"]
+        + ["-m", "trainer.worker", "--config", str(REPO / "configs" / "agent-smoke.yaml")]
+        + [arg for key in overrides for arg in ("--set", key)],
+        cwd=REPO,
+        env={**os.environ, "COMPOSER_RUN_DIR": str(run_dir)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
+def test_a_runs_episodes_ingest_strictly_with_the_counts_it_logged(agent_run):
+    records = [json.loads(line) for path in sorted((agent_run / "episodes").glob("*.jsonl")) for line in path.open()]
+    inner = [json.loads(line) for line in (agent_run / "metrics.jsonl").open()]
+    inner = [r for r in inner if r["event"] == "inner"]
+    assert len(records) == sum(r["episodes"] for r in inner) == 2 * 2 * 4
+    calls = sum(len(m.get("tool_calls", [])) for r in records for m in r["messages"])
+    logged_calls = sum(v for r in inner for k, v in r.items() if k.startswith("tool_calls/"))
+    assert calls == logged_calls > 0
+    total = ingest_strictly(agent_run / "episodes")
+    messages = sum(len(r["messages"]) for r in records)
+    assert total == ["total", "2", str(len(records)), str(len(records)), str(messages), str(calls), "0"]
+    assert all(r["sampler_logp_diff"] < 1e-4 for r in inner)  # the trainer scored what the sampler drew
+
+
+def test_a_runs_loss_tokens_decode_only_to_assistant_text(agent_run):
+    (tokenizer_dir,) = agent_run.glob("tokenizer-*")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    records = [json.loads(line) for path in sorted((agent_run / "episodes").glob("*.jsonl")) for line in path.open()]
+    assert sum(len(r["turns"]) for r in records) >= len(records)
+    for record in records:
+        ids, mask, messages = record["token_ids"], record["loss_mask"], record["messages"]
+        assert {i for i, m in enumerate(mask) if m} == {i for _, s, e, _ in record["turns"] for i in range(s, e)}
+        for _, start, end, index in record["turns"]:
+            content, calls = parse_tool_calls(tokenizer.decode(ids[start:end], skip_special_tokens=True))
+            assert messages[index]["role"] == "assistant" and messages[index]["content"] == content
+            assert [c["function"]["name"] for c in messages[index].get("tool_calls", [])] == [c.name for c in calls]
+        unmasked = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if not m])
+        # every message the model was shown (all before its last turn) is in the unmasked ids
+        shown = messages[: record["turns"][-1][3]] if record["turns"] else messages
+        assert all(m["content"] in unmasked for m in shown if m["role"] in ("system", "user", "tool"))
+
+
+def test_the_agent_config_knows_the_tools_and_refuses_a_single_turn_source():
+    assert AGENT_TOOLS == TOOLS
+    with pytest.raises(ConfigError, match=r"agent.tools: unknown \['bash'\]"):
+        AgentConfig(tools=["read_file", "bash"])
+    config = Config(task=TaskConfig(source="addition"), agent=AgentConfig(enabled=True))
+    with pytest.raises(ConfigError, match="agent.enabled: task.source 'addition' is not an agentic source"):
+        build_env(config)
+
+
+def test_feature_deletion_in_multi_file_form_is_restored_by_a_patch(tiny, sandbox):
+    env = make_env("agent_feature_deletion", modules=("mathutils",))
+    task = env.tasks[0]
+    files = dict(task.files)
+    assert task.target.startswith("boltons/mathutils.py") and len(files) == 2
+    assert not task.score_files(files, sandbox=sandbox).passed  # the module as given fails its doctests
+    original = task.hints[-1].removeprefix("The original function:\n")  # signature, docstring, body
+    head = original[: original.index('"""', original.index('"""') + 3) + 4]
+    assert files[task.target].count(head) == 1 and original.startswith(head)
+    turns = [call("edit_file", path=task.target, old=head, new=original), call("run_tests"), call("finish")]
+    result, _ = episode(tiny, sandbox, task, turns, max_tokens=30000)
+    assert (result.passed, result.errors, result.messages[5]["content"]) == (True, Counter(), "All tests passed.")
