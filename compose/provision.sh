@@ -102,15 +102,31 @@ wheelhouse() {
         log "wheelhouse: up to date ($(ls wheelhouse/*.whl | wc -l) wheels)"; return
     fi
     log "wheelhouse: downloading"
-    rm -rf wheelhouse; mkdir -p wheelhouse
+    rm -rf wheelhouse; mkdir -p wheelhouse "$CACHE"
     printf '%s\n' "$reqs" >wheelhouse/requirements.txt
     # pip does not widen --platform to older manylinux tags by itself: list every glibc <= 2.28.
     local arch platforms=() v
     arch=$(uname -m)
     for v in 28 27 26 25 24 23 22 21 20 19 18 17; do platforms+=(--platform "manylinux_2_${v}_$arch"); done
     platforms+=(--platform "manylinux2014_$arch" --platform "manylinux2010_$arch" --platform "manylinux1_$arch")
-    "$PYTHON" -m pip download -qq --dest wheelhouse --only-binary=:all: --implementation cp \
-        --python-version 3.11 "${platforms[@]}" -r wheelhouse/requirements.txt >&2
+    # A dependency published only as source has no wheel to download:
+    # build that one here (pure Python gives a py3-none-any wheel) and resolve again, at most 8 times.
+    local attempt missing
+    for attempt in 1 2 3 4 5 6 7 8 9; do
+        if "$PYTHON" -m pip download -qq --dest wheelhouse --find-links wheelhouse --only-binary=:all: \
+            --implementation cp --python-version 3.11 "${platforms[@]}" -r wheelhouse/requirements.txt \
+            2>"$CACHE/pip-download.log"; then
+            break
+        fi
+        missing=$(sed -n 's/.*No matching distribution found for \([^ ]*\).*/\1/p' "$CACHE/pip-download.log" | head -n 1)
+        if [ -z "$missing" ] || [ "$attempt" = 9 ]; then
+            tail -n 20 "$CACHE/pip-download.log" >&2
+            die "wheelhouse: pip download failed (see $CACHE/pip-download.log)"
+        fi
+        log "wheelhouse: $missing has no wheel on the index; building it from source"
+        "$PYTHON" -m pip wheel -qq --no-deps --wheel-dir wheelhouse "$missing" >&2 \
+            || die "wheelhouse: cannot build a wheel for $missing"
+    done
     rm wheelhouse/requirements.txt
     printf '%s\n' "$reqs" >"$stamp"
     log "wheelhouse: $(ls wheelhouse/*.whl | wc -l) wheels, $(du -sh wheelhouse | cut -f1)"

@@ -83,6 +83,8 @@ class TaskConfig:
             check_source(self.source)
         except UnknownSourceError as error:
             raise ConfigError(str(error)) from None
+        except ImportError as error:
+            raise ConfigError(f"task.source: {error}") from None
 
 
 @dataclass

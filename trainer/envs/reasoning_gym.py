@@ -13,7 +13,14 @@ from trainer.envs.base import FiniteEnvironment, Score, Task, UnknownSourceError
 
 
 def dataset_names() -> list[str]:
-    from reasoning_gym.factory import DATASETS
+    """The generators reasoning-gym offers. Raises ImportError (with the install line) without it."""
+    try:
+        from reasoning_gym.factory import DATASETS
+    except ImportError:
+        raise ImportError(
+            "reasoning_gym:<dataset> needs the reasoning-gym package: pip install 'composer-replication[envs]' "
+            "(the container image does not carry it)"
+        ) from None
 
     return sorted(DATASETS)
 
