@@ -56,8 +56,8 @@ def test_log_table_and_curves(tmp_path):
 def test_compare_metrics_ignores_timings_and_names_every_other_difference(tmp_path):
     def write(path, reward, speed):
         log = MetricsLog(path)
-        log.log("inner", step=0, reward=reward, tokens_per_s=speed)
-        log.log("outer", outer_step=1, param_hash="ab")
+        log.log("inner", step=0, reward=reward, tokens_per_s=speed, generation_s=1 / speed, loss_s=2 / speed)
+        log.log("outer", outer_step=1, param_hash="ab", compute_s=[1 / speed], communication_s=[3 / speed])
         log.close()
         return path
 

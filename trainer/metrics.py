@@ -174,7 +174,9 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
 
 
 # Keys that measure speed, not what the run computed: they differ between two runs of one seed.
-TIMING_KEYS = frozenset({"tokens_per_s"})
+TIMING_KEYS = frozenset(
+    {"tokens_per_s", "generation_s", "execution_s", "loss_s", "compute_s", "communication_s", "model_s", "tools_s"}
+)
 
 
 def compare_metrics(a: Path, b: Path, *, ignore: frozenset[str] = TIMING_KEYS) -> list[str]:
