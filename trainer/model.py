@@ -133,7 +133,7 @@ def tiny_model_and_tokenizer(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config)
-    _set_generation_ids(model, tokenizer)
+    _own_generation_config(model, tokenizer)
     return model, tokenizer
 
 
@@ -189,11 +189,6 @@ def save_tiny_hub_model(directory: str | Path, *, seed: int = 0, **generation: o
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
-
-
-def _set_generation_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> None:
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
 
 
 def main(argv: list[str] | None = None) -> int:
