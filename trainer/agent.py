@@ -37,7 +37,7 @@ import re
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,8 +49,8 @@ from trainer.batching import pad_sequences
 from trainer.envs.base import Score, Task
 from trainer.envs.code import CodeTask, score_of
 from trainer.evaluation import EvalCounts
-from trainer.losses import PolicyBatch, PreferenceBatch, group_advantages
-from trainer.replay import PreferenceFeed, PreferenceReplay
+from trainer.losses import PolicyBatch, group_advantages
+from trainer.replay import PreferenceReplay
 from trainer.rollout import RolloutStats, sample
 from trainer.sandbox import Check, Sandbox, default_sandbox
 
@@ -753,24 +753,27 @@ def episode_policy_batch(
     return batch
 
 
-def add_episode_pairs(replay: PreferenceReplay, episodes: Sequence[Episode], *, group_size: int, id_prefix: str) -> int:
-    """DPO pairs from each group's episodes with different outcomes (chosen = passed), added to
-    `replay` as whole episodes (ids and loss_mask: only sampled ids are scored). The i-th passed
-    episode of a group is paired with its i-th failed one. Returns the number of pairs added."""
-    added = 0
+def episode_pairs(
+    episodes: Sequence[Episode], *, group_size: int, id_prefix: str
+) -> Iterator[tuple[str, list[int], list[int], list[int], list[int]]]:
+    """DPO pairs from each group's episodes with different outcomes (chosen = passed), as whole
+    episodes (ids and loss_mask: only sampled ids are scored): (pair_id, chosen ids, chosen mask,
+    rejected ids, rejected mask). The i-th passed episode of a group is paired with its i-th failed one."""
     for group in range(0, len(episodes), group_size):
         members = episodes[group : group + group_size]
         passed = [e for e in members if e.passed]
         failed = [e for e in members if not e.passed and any(e.loss_mask)]
         for i, (chosen, rejected) in enumerate(zip(passed, failed, strict=False)):
-            replay.add(
-                f"{id_prefix}/{group // group_size}/{i}",
-                chosen.token_ids,
-                chosen.loss_mask,
-                rejected.token_ids,
-                rejected.loss_mask,
-            )
-            added += 1
+            pair_id = f"{id_prefix}/{group // group_size}/{i}"
+            yield pair_id, chosen.token_ids, chosen.loss_mask, rejected.token_ids, rejected.loss_mask
+
+
+def add_episode_pairs(replay: PreferenceReplay, episodes: Sequence[Episode], *, group_size: int, id_prefix: str) -> int:
+    """`episode_pairs` added to `replay`; returns the number of pairs added."""
+    added = 0
+    for pair_id, *tokens in episode_pairs(episodes, group_size=group_size, id_prefix=id_prefix):
+        replay.add(pair_id, *tokens)
+        added += 1
     return added
 
 
@@ -835,19 +838,6 @@ def agent_rollout(
         execution_s=sum(e.tools_s for e in episodes),
     )
     return EpisodeRollout(policy, episodes, stats, episode_metrics(episodes))
-
-
-def episode_preferences(
-    feed: PreferenceFeed, rollout: EpisodeRollout, *, group_size: int, id_prefix: str, rng: random.Random
-) -> PreferenceBatch | None:
-    """`PreferenceFeed.step` for episodes: this step's (passed, failed) episode pairs enter the store
-    (unless the run's traces feed it), then the step's pairs are drawn; None while it is empty."""
-    if feed.traces is None:
-        add_episode_pairs(feed.replay, rollout.episodes, group_size=group_size, id_prefix=id_prefix)
-    if len(feed.replay) == 0:
-        return None
-    generator = torch.Generator().manual_seed(rng.getrandbits(63))
-    return feed.replay.sample(min(feed.pairs_per_step, len(feed.replay)), generator=generator)
 
 
 def demonstration_ids(

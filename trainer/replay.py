@@ -15,7 +15,7 @@ this step's pairs.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -281,9 +281,19 @@ class PreferenceFeed:
         `id_prefix` makes pair ids unique per (replica, rank, step); `rng` seeds the draw, so a
         resumed run draws the same pairs. None while the store is empty (the DPO channel skips).
         """
+        return self.step_pairs(
+            ((f"{id_prefix}-{group}", *tokens) for group, *tokens in sibling_pairs(rollout)), rng=rng
+        )
+
+    def step_pairs(
+        self, pairs: Iterable[tuple[str, Any, Any, Any, Any]], *, rng: random.Random
+    ) -> PreferenceBatch | None:
+        """The step for any source of rollout pairs (sibling completions, agent episodes): `pairs`
+        (pair_id, chosen ids, chosen mask, rejected ids, rejected mask) enter the store unless traces
+        feed it (then they are not even produced), then this step's batch is drawn; None while empty."""
         if self.traces is None:
-            for group, *tokens in sibling_pairs(rollout):
-                self.replay.add(f"{id_prefix}-{group}", *tokens)
+            for pair_id, *tokens in pairs:
+                self.replay.add(pair_id, *tokens)
         if len(self.replay) == 0:
             return None
         generator = torch.Generator().manual_seed(rng.getrandbits(63))

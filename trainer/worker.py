@@ -499,9 +499,8 @@ def agent_step(run: Run, replica: Replica, step: int, rng: random.Random) -> tup
         agent.write_episodes(samples.episodes, run.run_dir / "episodes" / f"rank{topo.rank}.jsonl", prefix=prefix)
     preference = None
     if replica.feed is not None:
-        preference = agent.episode_preferences(
-            replica.feed, samples, group_size=config.rollout.group_size, id_prefix=prefix, rng=rng
-        )
+        pairs = agent.episode_pairs(samples.episodes, group_size=config.rollout.group_size, id_prefix=prefix)
+        preference = replica.feed.step_pairs(pairs, rng=rng)
     return samples, preference
 
 
