@@ -126,6 +126,27 @@ def test_run_many_keeps_input_order(box):
     assert [r.stdout.strip() for r in results] == [str(i) for i in range(6)]
 
 
+@needs_root
+def test_a_zygote_outlives_the_thread_that_started_it():
+    """bwrap's --die-with-parent follows the forking *thread*: a zygote started from a run_many
+    pool thread used to die with the pool, and the next program on its slot got no verdict."""
+    sandbox = make_sandbox(SandboxConfig(uid_base=UID_BASE, zygote=True))
+    try:
+        sandbox.close()  # the start-up probe's zygote came from this thread; start afresh
+        first = []
+        thread = threading.Thread(target=lambda: first.append(sandbox.run("print(1)", timeout_s=10.0, memory_mb=256)))
+        thread.start()
+        thread.join()
+        time.sleep(0.5)  # PR_SET_PDEATHSIG fires at the thread's exit; give the kill time to land
+        zygotes = dict(sandbox._zygotes)
+        assert [z.alive() for z in zygotes.values()] == [True] * len(zygotes) and zygotes
+        second = sandbox.run("print(2)", timeout_s=10.0, memory_mb=256)
+        assert (first[0].status, second.status, second.stdout) == ("passed", "passed", "2\n")
+        assert sandbox._zygotes == zygotes  # the same zygote served both programs
+    finally:
+        sandbox.close()
+
+
 # ---- acceptance 2: hostile programs ---------------------------------------------------------
 
 ADD = Check(

@@ -341,6 +341,11 @@ class ProcessSandbox(Sandbox):
         self._probe()
         self._zygotes: dict[int, _Zygote] = {}
         self._zygotes_lock = threading.Lock()
+        # bwrap's --die-with-parent is PR_SET_PDEATHSIG, and for that the parent is the *thread*
+        # that forked it (prctl(2)): a zygote started from a run_many pool thread was SIGKILLed
+        # when the pool shut down, and the next program on its slot got no verdict. Zygotes are
+        # started from this one thread, which lives as long as the sandbox.
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-zygote-spawner")
         atexit.register(self.close)
         if self.as_root and config.zygote:  # the zygote needs namespaces and mounts of its own
             probe = self.run("import os; os.listdir('/work')", timeout_s=10.0, memory_mb=256)
@@ -356,7 +361,7 @@ class ProcessSandbox(Sandbox):
             with self._zygotes_lock:
                 zygote = self._zygotes.get(slot)
             if zygote is None or not zygote.alive():
-                zygote = _Zygote(self, slot)
+                zygote = self._spawner.submit(_Zygote, self, slot).result()
                 with self._zygotes_lock:
                     self._zygotes[slot] = zygote
             report, healthy, timed_out = zygote.run(request, wall_s)
