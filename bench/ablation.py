@@ -86,8 +86,8 @@ CELLS = (
     Cell("+sdpo answer", 1.0, 0.0, "answer"),
     Cell("+sdpo sibling", 1.0, 0.0, "sibling"),
     Cell("+sdpo answer, on failed", 1.0, 0.0, "answer", "failed"),
-    Cell("+dpo", 0.0, 1.0, None),
-    Cell("all three", 1.0, 1.0, "answer"),
+    Cell("+dpo", 0.0, 0.1, None),  # alpha and beta as configs/smoke.yaml and code-smoke.yaml set them
+    Cell("all three", 1.0, 0.1, "answer"),
 )
 
 

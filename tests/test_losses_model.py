@@ -330,3 +330,29 @@ def test_sdpo_on_failures_gives_failed_rows_distillation_only_and_passed_rows_gr
     # the passed rows' own divergence is not in it
     everyone = sdpo_loss(student, teacher, batch.completion_mask)
     assert everyone.item() != pytest.approx(out.sdpo.item(), rel=0.05)
+
+
+def test_the_smoke_configs_dpo_settings_separate_short_answers_with_grpo_in_the_batch(model_and_tokenizer):
+    """Issue 15: with dpo_beta 0.1 (the default, sized for long answers) the implicit reward of 1-3-token
+    answers stays ~0.1 nat and the loss near log 2 (0.61 after these 20 steps); configs/smoke.yaml's DPO
+    settings, against a GRPO batch at the smoke learning rate, take it well below and the margin up."""
+    from trainer.config import load_config
+
+    config = load_config(REPO / "configs" / "smoke.yaml")
+    model, tokenizer = model_and_tokenizer
+    replay = replay_buffer(model, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=0.0)
+    margins, losses = [], []
+    for _ in range(20):
+        pairs = replay.sample(4, generator=torch.Generator().manual_seed(0))
+        batch = ComposerBatch(policy=policy_batch(model, tokenizer), preference=pairs)
+        out = composer_total_loss(model, batch, alpha=0.0, beta=config.loss.beta, dpo_beta=config.loss.dpo_beta)
+        optimizer.zero_grad()
+        out.total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.max_grad_norm)
+        optimizer.step()
+        margins.append(out.metrics["dpo_reward_margin"])
+        losses.append(out.dpo.item())
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and margins[0] == 0.0
+    assert losses[-1] < 0.45, losses
+    assert 0 < margins[5] < margins[10] < margins[-1], margins
