@@ -195,19 +195,32 @@ def run_grid(
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)), PYTHONPATH=str(ROOT))
     todo = [r for r in runs if run_dir_state(r[3]) != "done"]
     print(f"ablation: {len(runs)} runs ({len(runs) - len(todo)} already done), {jobs} at a time", flush=True)
-    for task in tasks:  # warm-ups first, in order; skipped when saved
-        for seed in range(seeds):
-            warm_dir = out / task / "warm-up" / f"seed{seed}"
-            if not (warm_dir / "model" / "DONE").exists() and any(t == task and s == seed for t, _, s, _ in todo):
-                start = time.perf_counter()
-                subprocess.run(
+    warm_ups = [  # first, `jobs` at a time; one saved is never redone
+        (task, seed, out / task / "warm-up" / f"seed{seed}")
+        for task in tasks
+        for seed in range(seeds)
+        if not (out / task / "warm-up" / f"seed{seed}" / "model" / "DONE").exists()
+        and any(t == task and s == seed for t, _, s, _ in todo)
+    ]
+    while warm_ups:
+        batch, warm_ups = warm_ups[:jobs], warm_ups[jobs:]
+        start = time.perf_counter()
+        procs = []
+        for task, seed, warm_dir in batch:
+            warm_dir.mkdir(parents=True, exist_ok=True)
+            procs.append(
+                subprocess.Popen(
                     [sys.executable, __file__, "--warm-start", task, str(seed), str(warm_dir)]
                     + ([] if warmup_steps is None else ["--warmup-steps", str(warmup_steps)]),
                     env=env,
-                    check=True,
-                    stdout=subprocess.DEVNULL,
+                    stdout=(warm_dir / "warm-up.log").open("w"),
+                    stderr=subprocess.STDOUT,
                 )
-                print(f"  warm-up {task} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+            )
+        for proc, (task, seed, warm_dir) in zip(procs, batch, strict=True):
+            if proc.wait() != 0:
+                raise SystemExit(f"ablation: the warm-up of {task} seed {seed} failed; see {warm_dir}/warm-up.log")
+            print(f"  warm-up {task} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
     started, running, finished = time.perf_counter(), [], 0
     queue = list(todo)
     while queue or running:
