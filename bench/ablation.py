@@ -1,7 +1,8 @@
 """`make ablation`: does each channel of `grpo + alpha * sdpo + beta * dpo` help, on held-out accuracy?
 
 The issue-15 grid: GRPO alone (alpha = beta = 0), + SDPO with each hint kind (feedback, partial,
-answer, a successful sibling), + SDPO on failures only (`loss.sdpo_on: failed`), + DPO, and all three,
+answer, a successful sibling), + SDPO on failures only (`loss.sdpo_on: failed`), + DPO, all three,
+and + SDPO with the live policy as teacher instead of the configs' EMA copy (does its lag cost?),
 on `addition` (configs/smoke.yaml) and `code_arith` (configs/code-smoke.yaml), >= 3 seeds a cell.
 
 Every run is the real trainer: `python -m trainer.worker` on the task's config with the cell's
@@ -76,6 +77,7 @@ class Cell:
     beta: float
     hint: str | None  # feedback | partial | answer | sibling; None: no SDPO channel
     sdpo_on: str = "all"
+    teacher: str = "ema"  # loss.teacher: the configs' slow EMA copy, or the live policy
 
 
 HINT_LEVELS = {"feedback": "feedback", "partial": "partial", "answer": "reference", "sibling": "sibling"}
@@ -88,6 +90,7 @@ CELLS = (
     Cell("+sdpo answer, on failed", 1.0, 0.0, "answer", "failed"),
     Cell("+dpo", 0.0, 0.1, None),  # alpha and beta as configs/smoke.yaml and code-smoke.yaml set them
     Cell("all three", 1.0, 0.1, "answer"),
+    Cell("+sdpo answer, policy teacher", 1.0, 0.0, "answer", teacher="policy"),  # does the EMA's lag cost?
 )
 
 
@@ -101,6 +104,7 @@ def cell_overrides(cell: Cell) -> dict:
         "loss.alpha": cell.alpha,
         "loss.beta": cell.beta,
         "loss.sdpo_on": cell.sdpo_on,
+        "loss.teacher": cell.teacher,
         "task.hint_level": level,
         "task.sibling_hints": False,  # the hint kind is the cell's alone
     }
@@ -329,6 +333,7 @@ def summarise(out: Path, tasks: list[str], cells: list[Cell], seeds: int) -> dic
                     beta=cell.beta,
                     hint=cell.hint,
                     sdpo_on=cell.sdpo_on,
+                    teacher=cell.teacher if cell.alpha > 0 else None,
                     seeds=len(by_seed),
                     auc=auc_mean,
                     auc_sigma=auc_sigma,
