@@ -50,7 +50,7 @@ RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
 
 from trainer.checkpoint import latest_complete  # noqa: E402
-from trainer.metrics import latest_records, read_metrics  # noqa: E402
+from trainer.metrics import latest_records, paired_rise, read_metrics  # noqa: E402
 
 # The task's config, and the overrides that size one run to the budget (every cell alike).
 TASKS: dict[str, dict] = {
@@ -325,6 +325,11 @@ def summarise(out: Path, tasks: list[str], cells: list[Cell], seeds: int) -> dic
             auc_mean, auc_sigma = mean_sigma(list(aucs.values()))
             final, final_sigma = mean_sigma([p[-1][1] for p in by_seed.values()])
             delta, delta_sigma = mean_sigma(deltas)
+            # the final evaluation against GRPO's, problem by problem (same problems, same seeds): McNemar
+            pairs = [(r, grpo[s][-1][2]) for s, p in by_seed.items() if s in grpo for *_, r in p[-1:]]
+            final_delta, final_delta_sigmas = paired_rise(
+                [c for _, g in pairs for c in g["greedy_correct"]], [c for r, _ in pairs for c in r["greedy_correct"]]
+            )
             rows.append(
                 dict(
                     task=task,
@@ -339,6 +344,8 @@ def summarise(out: Path, tasks: list[str], cells: list[Cell], seeds: int) -> dic
                     auc_sigma=auc_sigma,
                     auc_delta=delta,
                     auc_delta_sigma=None if delta_sigma is None else delta_sigma / math.sqrt(len(deltas)),
+                    final_delta=final_delta,
+                    final_delta_sigma=abs(final_delta / final_delta_sigmas) if final_delta else None,
                     samples_to_threshold=mean_sigma(reach)[0],
                     reached=f"{sum(r is not None for r in reach)}/{len(reach)}",
                     threshold=threshold,
@@ -400,8 +407,10 @@ def write_results(summary: dict, results: Path, wall_s: float | None, jobs: int)
         "`make ablation` (bench/ablation.py); every run is `python -m trainer.worker` on the task's config,",
         "one replica, cells sharing one warm-up per seed. AUC: mean pass@1 over training; Δ AUC: paired",
         "difference to GRPO alone (same seed, same warm-up), ± its standard error; σ: standard deviation",
-        "across seeds. Samples: completions generated until pass@1 first reaches the threshold (GRPO's",
-        "mean final pass@1), mean over the seeds that reach it. Gate: mean per-token log-prob of the correct",
+        "across seeds; Δ final: the last evaluation against GRPO's, problem by problem over all seeds, ± the",
+        "paired (McNemar) standard error sqrt(gained + lost) / n. Samples: completions generated until pass@1",
+        "first reaches the threshold (GRPO's mean final pass@1), mean over the seeds that reach it.",
+        "Gate: mean per-token log-prob of the correct",
         "held-out completion under the hinted teacher (the cell's hint; cells without SDPO: the answer",
         "hint, the policy as teacher) and under the student, averaged over evaluations.",
         "",
@@ -415,16 +424,21 @@ def write_results(summary: dict, results: Path, wall_s: float | None, jobs: int)
             f"## {task} (threshold {fmt(task_rows[0]['threshold'])})",
             "",
             "| cell | α | β | hint | sdpo_on | seeds | start | AUC ± σ | Δ AUC vs GRPO | final ± σ "
-            "| samples to threshold (reached) | teacher logp | student logp |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| Δ final vs GRPO | samples to threshold (reached) | teacher logp | student logp |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in task_rows:
             delta = "–" if r["auc_delta"] is None else f"{r['auc_delta']:+.3f} ± {fmt(r['auc_delta_sigma'])}"
             samples = "–" if r["samples_to_threshold"] is None else f"{r['samples_to_threshold']:.0f}"
+            final_delta = "–"
+            if r["final_delta_sigma"] is not None:
+                final_delta = f"{r['final_delta']:+.3f} ± {r['final_delta_sigma']:.3f}"
             lines.append(
                 f"| {r['cell']} | {r['alpha']:g} | {r['beta']:g} | {r['hint'] or '–'} | {r['sdpo_on']} | {r['seeds']} "
                 f"| {fmt(r['start'])} | {fmt(r['auc'])} ± {fmt(r['auc_sigma'])} | {delta} "
-                f"| {fmt(r['final'])} ± {fmt(r['final_sigma'])} | {samples} ({r['reached']}) "
+                f"| {fmt(r['final'])} ± {fmt(r['final_sigma'])} "
+                f"| {final_delta} "
+                f"| {samples} ({r['reached']}) "
                 f"| {fmt(r['teacher_logp'], 2)} ({r['gate_kind']}) | {fmt(r['student_logp'], 2)} |"
             )
     (results / "ablation.md").write_text("\n".join(lines) + "\n")
