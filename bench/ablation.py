@@ -195,8 +195,9 @@ def run_grid(
     jobs: int,
     extra: list[str],
     warmup_steps: int | None = None,
-) -> None:
-    """Warm-ups, then every run of `plan` not yet done, `jobs` at a time; one progress line per run."""
+) -> int:
+    """Warm-ups, then every run of `plan` not yet done, `jobs` at a time; one progress line per run.
+    Returns how many runs it started."""
     runs = plan(out, tasks, cells, seeds)
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)), PYTHONPATH=str(ROOT))
     todo = [r for r in runs if run_dir_state(r[3]) != "done"]
@@ -260,6 +261,7 @@ def run_grid(
                 f"({time.perf_counter() - t0:.0f} s; ETA {eta / 60:.1f} min)",
                 flush=True,
             )
+    return len(todo)
 
 
 # ---- reading the runs ----------------------------------------------------------------------------
@@ -417,7 +419,8 @@ def write_results(summary: dict, results: Path, wall_s: float | None, jobs: int)
         "hint, the policy as teacher) and under the student, averaged over evaluations.",
         "",
         f"Time: {summary['run_seconds'] / 60:.1f} min of runs ({jobs} at a time on {os.cpu_count()} cores, "
-        f"warm-ups not counted); this invocation's wall time {fmt(wall_s / 60 if wall_s else None, 1)} min.",
+        f"warm-ups not counted); wall time of the invocation that ran them "
+        f"{fmt(wall_s / 60 if wall_s else None, 1)} min (other work shared the cores).",
     ]
     for task in dict.fromkeys(r["task"] for r in rows):
         task_rows = [r for r in rows if r["task"] == task]
@@ -494,9 +497,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cells = [c for c in ALL_CELLS if c.name in args.cells]  # the fixed order, whatever the order asked
     start = time.perf_counter()
-    run_grid(args.out, args.tasks, cells, args.seeds, args.jobs, args.set, args.warmup_steps)
-    summary = summarise(args.out, args.tasks, cells, args.seeds)
-    write_results(summary, args.results, time.perf_counter() - start, args.jobs)
+    started = run_grid(args.out, args.tasks, cells, args.seeds, args.jobs, args.set, args.warmup_steps)
+    wall_s = time.perf_counter() - start
+    previous = args.results / "ablation.json"
+    if not started and previous.exists():  # nothing ran: keep the wall time of the invocation that did
+        wall_s = json.loads(previous.read_text()).get("wall_s", wall_s)
+    write_results(summarise(args.out, args.tasks, cells, args.seeds), args.results, wall_s, args.jobs)
     print(f"wrote {args.results}/ablation.md, ablation.json, ablation.png", flush=True)
     return 0
 
