@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed-stamp
 CONFIG  ?= configs/smoke.yaml
 WORKERS ?= 8
 
-.PHONY: venv smoke hub-standin test lint format docker-ready test-fast bench bench-wan image docker-up docker-down clean
+.PHONY: venv smoke hub-standin test lint format docker-ready test-fast bench bench-wan ablation image docker-up docker-down clean
 
 # (Re)create the venv whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -56,6 +56,11 @@ bench: venv
 # The default grid takes ~15 min on 2 cores; ARGS="--full" runs every rate and compression at M = 2, 4, 8.
 bench-wan: image
 	$(BIN)/python bench/bench_wan.py $(ARGS)
+
+# Issue 15: the alpha/beta ablation on held-out pass@1 (bench/results/ablation.{md,json,png}), ~40 min
+# on 2 cores; rerunning continues where it stopped (runs/ablation/). ARGS="--seeds 5" etc.
+ablation: venv
+	$(BIN)/python bench/ablation.py $(ARGS)
 
 image: venv
 	bash compose/provision.sh

@@ -42,6 +42,17 @@ def test_values_and_overrides(tmp_path):
         ("name: x\ndiloco:\n  compression: zip\n", 3, "diloco.compression"),
         ("name: x\ndiloco:\n  sync_every: 6\n  fragments: 4\n", 4, "diloco.fragments"),
         ("loss: 3\n", 1, "loss"),
+        ("name: x\nloss:\n  sdpo_on: passed\n", 3, "loss.sdpo_on"),
+        (
+            "name: x\ntask:\n  source: agent_code_arith\nloss:\n  sdpo_on: failed\nagent:\n  enabled: true\n",
+            5,
+            "loss.sdpo_on",
+        ),
+        (
+            "name: x\ntask:\n  source: agent_code_arith\n  hint_level: sibling\nagent:\n  enabled: true\n",
+            4,
+            "task.hint_level",
+        ),
     ],
 )
 def test_bad_values_name_file_line_and_key(tmp_path, text, line, key):

@@ -1,12 +1,16 @@
 """Held-out evaluation: pass@1 (greedy) and pass@k, counted so that shards add up exactly."""
 
+import copy
+
+import pytest
 import torch
 
 from trainer.envs import Score
 from trainer.envs.addition import Addition as AdditionTasks
 from trainer.envs.addition import AdditionTask as Task
-from trainer.evaluation import EvalCounts, evaluate
+from trainer.evaluation import EvalCounts, evaluate, teacher_gate
 from trainer.model import tiny_model_and_tokenizer
+from trainer.rollout import chat_prompt_ids
 
 
 def test_shards_add_up_and_pass_at_k_is_any_of_k_correct():
@@ -41,3 +45,58 @@ def test_evaluate_scores_greedy_and_k_samples_of_every_task():
     # greedy decoding is deterministic: the same model answers the same way twice
     again = evaluate(model, tokenizer, held, k=3, max_prompt_length=64, max_completion_length=3, temperature=1.0)
     assert again.greedy_correct == never.greedy_correct
+
+
+def mean_answer_logp(model, tokenizer, prompt_text, answer):
+    """Mean per-token log-prob of `answer` + EOS behind a one-turn chat prompt, from one unpadded forward."""
+    prompt = chat_prompt_ids(tokenizer, [prompt_text], max_length=10**6)[0]
+    completion = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None]).mean().item()
+
+
+def test_teacher_gate_scores_the_correct_answer_under_the_student_and_each_hinted_teacher():
+    tasks = AdditionTasks(5, held_out=3)
+    student, tokenizer = tiny_model_and_tokenizer(tasks.corpus(), vocab_size=300, hidden_size=32, num_layers=1)
+    teacher = copy.deepcopy(student)  # a different teacher: the EMA copy of a student that moved on
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    held = tasks.held_out
+    attempts = [
+        ("12", Score(0.0, False, "12 is wrong.")),
+        ("3", Score(1.0, True, "3 is correct.")),
+        ("", Score(0, 0, "")),
+    ]
+    gate = teacher_gate(student, teacher, tokenizer, held, attempts, max_prompt_length=128)
+    assert set(gate) == {"student", "feedback", "partial", "reference", "sibling"}
+    for i, task in enumerate(held):
+        assert gate["student"][i] == pytest.approx(
+            mean_answer_logp(student, tokenizer, task.prompt(), task.answer), abs=1e-5
+        )
+        hints = {
+            "feedback": f"A previous attempt {'passed' if attempts[i][1].passed else 'did not pass'}. The attempt:\n"
+            f"{attempts[i][0]}\nFeedback:\n{attempts[i][1].feedback}",
+            "partial": task.hints[0],
+            "reference": task.hints[-1],
+            "sibling": f"A correct answer is {task.answer}.",
+        }
+        for kind, hint in hints.items():
+            expected = mean_answer_logp(teacher, tokenizer, task.prompt(hint), task.answer)
+            assert gate[kind][i] == pytest.approx(expected, abs=1e-5), kind
+    with pytest.raises(ValueError, match="3 tasks but 2 attempts"):
+        teacher_gate(student, teacher, tokenizer, held, attempts[:2], max_prompt_length=128)
+
+
+def test_evaluate_keeps_each_greedy_attempt_for_the_feedback_gate():
+    tasks = AdditionTasks(5, held_out=4)
+    model, tokenizer = tiny_model_and_tokenizer(tasks.corpus(), vocab_size=300, hidden_size=32, num_layers=1)
+    counts = evaluate(
+        model, tokenizer, tasks.held_out, k=1, max_prompt_length=64, max_completion_length=3, temperature=1.0
+    )
+    assert [score.passed for _, score in counts.greedy_attempts] == counts.greedy_correct
+    assert [task.score(text) for task, (text, _) in zip(tasks.held_out, counts.greedy_attempts, strict=True)] == [
+        score for _, score in counts.greedy_attempts
+    ]

@@ -10,6 +10,7 @@ from trainer.losses import (
     dpo_loss,
     group_advantages,
     grpo_loss,
+    route_sdpo_on_failures,
     sdpo_loss,
     sequence_logps,
     token_logps,
@@ -388,3 +389,19 @@ def test_grpo_loss_ignores_non_finite_values_at_padding(name):
     {"old_logp": old, "ref_logp": ref}[name][1, 2] = float("nan")
     loss = grpo_loss(logp, old, ADV, MASK, loss_type="bnpo", ref_logp=ref, kl_beta=0.1)
     assert torch.isfinite(loss) and loss.item() == expected.item()
+
+
+# ---------------------------------------------------------------------------- sdpo_on: failed
+
+
+def test_sdpo_on_failures_distils_failed_samples_and_keeps_the_group_advantage_of_passed_ones():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])  # two groups of four
+    advantages = group_advantages(rewards, 4)  # [0.75, -0.25, -0.25, -0.25, 0.25, 0.25, -0.75, 0.25]
+    routed, weight = route_sdpo_on_failures(advantages, rewards > 0)
+    assert routed.tolist() == [0.75, 0.0, 0.0, 0.0, 0.25, 0.25, 0.0, 0.25]
+    assert weight.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    # a failed row that has no teacher (weight 0, e.g. hint_level sibling without a correct sibling) stays 0
+    _, weight = route_sdpo_on_failures(advantages, rewards > 0, torch.tensor([1.0, 1.0, 0.0, 1.0, 1, 1, 1, 1]))
+    assert weight.tolist() == [0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="passed has shape"):
+        route_sdpo_on_failures(advantages, torch.ones(3, dtype=torch.bool))

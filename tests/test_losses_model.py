@@ -17,6 +17,7 @@ from trainer.losses import (
     composer_total_loss,
     dpo_loss,
     grpo_loss,
+    route_sdpo_on_failures,
     sdpo_loss,
     sequence_logps,
     token_logps,
@@ -304,3 +305,54 @@ def test_quickstart_prints_a_falling_loss_curve():
     totals = [float(line.split("total=")[1].split()[0]) for line in result.stdout.splitlines() if "total=" in line]
     assert len(totals) == 5 and all(math.isfinite(t) for t in totals)
     assert totals[-1] < totals[0], result.stdout
+
+
+def test_sdpo_on_failures_gives_failed_rows_distillation_only_and_passed_rows_grpo_only(model_and_tokenizer):
+    """Rows 1 and 3 failed (advantages -1, -0.5), rows 0 and 2 passed: the composed SDPO term is the
+    divergence over rows 1 and 3 alone, the GRPO term the policy gradient of rows 0 and 2 alone."""
+    model, tokenizer = model_and_tokenizer
+    batch = policy_batch(model, tokenizer)
+    passed = torch.tensor([True, False, True, False])
+    batch.advantages, batch.sdpo_weight = route_sdpo_on_failures(batch.advantages, passed)
+    out = composer_total_loss(model, ComposerBatch(policy=batch), alpha=1.0, beta=0.0)
+
+    student = completion_logits(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+    with torch.no_grad():
+        teacher = completion_logits(
+            model, batch.teacher_prompt_ids, batch.teacher_prompt_mask, batch.completion_ids, batch.completion_mask
+        )
+    failed = torch.tensor([1, 3])
+    expected_sdpo = sdpo_loss(student[failed], teacher[failed], batch.completion_mask[failed])
+    logp = token_logps(student, batch.completion_ids)
+    expected_grpo = grpo_loss(logp, batch.old_logps, torch.tensor([1.0, 0.0, 0.5, 0.0]), batch.completion_mask)
+    assert out.sdpo.item() == pytest.approx(expected_sdpo.item(), abs=1e-6) and out.sdpo.item() > 0
+    assert out.grpo.item() == pytest.approx(expected_grpo.item(), abs=1e-6)
+    # the passed rows' own divergence is not in it
+    everyone = sdpo_loss(student, teacher, batch.completion_mask)
+    assert everyone.item() != pytest.approx(out.sdpo.item(), rel=0.05)
+
+
+def test_the_smoke_configs_dpo_settings_separate_short_answers_with_grpo_in_the_batch(model_and_tokenizer):
+    """Issue 15: with dpo_beta 0.1 (the default, sized for long answers) the implicit reward of 1-3-token
+    answers stays ~0.1 nat and the loss near log 2 (0.61 after these 20 steps); configs/smoke.yaml's DPO
+    settings, against a GRPO batch at the smoke learning rate, take it well below and the margin up."""
+    from trainer.config import load_config
+
+    config = load_config(REPO / "configs" / "smoke.yaml")
+    model, tokenizer = model_and_tokenizer
+    replay = replay_buffer(model, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=0.0)
+    margins, losses = [], []
+    for _ in range(20):
+        pairs = replay.sample(4, generator=torch.Generator().manual_seed(0))
+        batch = ComposerBatch(policy=policy_batch(model, tokenizer), preference=pairs)
+        out = composer_total_loss(model, batch, alpha=0.0, beta=config.loss.beta, dpo_beta=config.loss.dpo_beta)
+        optimizer.zero_grad()
+        out.total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.max_grad_norm)
+        optimizer.step()
+        margins.append(out.metrics["dpo_reward_margin"])
+        losses.append(out.dpo.item())
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and margins[0] == 0.0
+    assert losses[-1] < 0.45, losses
+    assert 0 < margins[5] < margins[10] < margins[-1], margins

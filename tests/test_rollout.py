@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+from trainer.envs import Score
 from trainer.envs.addition import Addition as AdditionTasks
 from trainer.envs.addition import AdditionTask as Task
 from trainer.model import tiny_model_and_tokenizer
@@ -96,3 +97,34 @@ def test_a_hint_too_long_for_the_prompt_budget_keeps_its_end(policy):
     )
     with pytest.raises(ValueError, match="rollout.max_prompt_length=3"):
         hinted_prompt_ids(tokenizer, task, hint, max_length=3)
+
+
+class EvenLength(Task):
+    """Passes about half of a random model's samples, so a group mixes passes and failures."""
+
+    def score(self, completion: str) -> Score:
+        even = len(completion) % 2 == 0
+        return Score(float(even), even, "even" if even else "odd")
+
+
+def test_hint_level_sibling_distils_only_rows_that_have_a_correct_sibling(policy):
+    """`hint_level: sibling`: a row's teacher reads a correct sibling's answer; a row without one is not
+    distilled (sdpo_weight 0) and its teacher prompt is the plain prompt."""
+    _, tokenizer, _ = policy
+    task = EvenLength("What is 2+2?", "4", ("even", "between", "The answer is 4."))
+    for seed in range(40):  # a rollout whose group has exactly one correct sample
+        torch.manual_seed(seed)
+        batch = run(policy, [task], hint_level="sibling", sibling_hints=False)
+        correct = [s.passed for s in batch.scores]
+        if sum(correct) == 1:
+            break
+    assert sum(correct) == 1
+    weight = batch.policy.sdpo_weight.tolist()
+    teacher_text = tokenizer.batch_decode(batch.policy.teacher_prompt_ids, skip_special_tokens=True)
+    student_text = tokenizer.batch_decode(batch.policy.prompt_ids, skip_special_tokens=True)
+    for row in range(G):
+        has_sibling = any(correct[j] for j in range(G) if j != row)
+        assert weight[row] == float(has_sibling)
+        assert ("A correct answer is" in teacher_text[row]) == has_sibling
+        if not has_sibling:
+            assert teacher_text[row] == student_text[row]

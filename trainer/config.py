@@ -68,9 +68,10 @@ class TaskConfig:
     options: dict = field(default_factory=dict)
     max_operand: int = 19  # addition: operands are drawn from [0, max_operand]
     # What the SDPO teacher reads: "feedback" (the environment's verdict on this very sample),
-    # "partial" (the task's weakest static hint), "reference" (its strongest), or an index into
-    # the task's hints (0 = weakest).
-    hint_level: int | Literal["feedback", "partial", "reference"] = 2
+    # "partial" (the task's weakest static hint), "reference" (its strongest), an index into
+    # the task's hints (0 = weakest), or "sibling" (a correct sibling's answer only: samples whose
+    # group has no other correct sample get no distillation).
+    hint_level: int | Literal["feedback", "partial", "reference", "sibling"] = 2
     sibling_hints: bool = True  # a correct sibling rollout, when there is one, replaces the hint
     traces: str | None = None  # agent-trace file/dir: DPO pairs come from it instead of siblings
 
@@ -113,6 +114,9 @@ class LossConfig:
     dpo_pairs_per_step: int = 16
     teacher: Literal["policy", "ema"] = "policy"
     ema_rate: float = 0.05
+    # Which samples SDPO distils (single-turn rollouts): "all", or "failed" (distillation on the
+    # samples that failed, the GRPO signal only on the ones that passed; issue 15).
+    sdpo_on: Literal["all", "failed"] = "all"
 
     def __post_init__(self) -> None:
         _require(self.alpha >= 0, "loss.alpha", f"must be >= 0, got {self.alpha}")
@@ -288,6 +292,11 @@ class Config:
         _require(self.replica_size is None or self.replica_size >= 1, "replica_size", "must be >= 1")
         _require(self.dist_timeout_s > 0, "dist_timeout_s", "must be > 0")
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        _require(
+            not (self.agent.enabled and (self.loss.sdpo_on == "failed" or self.task.hint_level == "sibling")),
+            "loss.sdpo_on" if self.loss.sdpo_on == "failed" else "task.hint_level",
+            "single-turn rollouts only (agent episodes already distil only the failed ones, from their own turn)",
+        )
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:

@@ -9,15 +9,21 @@ pass@k with k samples at the rollout temperature, using the unbiased estimator o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trainer.envs import Task
-from trainer.rollout import ScoreMany, chat_prompt_ids, decode_completions, sample, score_each
+from trainer.batching import pad_sequences
+from trainer.envs import Score, Task, hint_for, sibling_hint
+from trainer.losses import completion_logits, token_logps
+from trainer.rollout import ScoreMany, chat_prompt_ids, decode_completions, hinted_prompt_ids, sample, score_each
 
-__all__ = ["EvalCounts", "evaluate"]
+__all__ = ["EvalCounts", "evaluate", "teacher_gate", "GATE_HINT_KINDS"]
+
+GATE_HINT_KINDS = ("feedback", "partial", "reference", "sibling")
 
 
 @dataclass
@@ -27,10 +33,14 @@ class EvalCounts:
     greedy_correct: list[bool]  # one per task
     sampled_correct: list[int]  # correct samples out of k, one per task
     k: int
+    greedy_attempts: list[tuple[str, Score]] = field(default_factory=list)  # (text, score) per task, if kept
 
     def __add__(self, other: EvalCounts) -> EvalCounts:
         return EvalCounts(
-            self.greedy_correct + other.greedy_correct, self.sampled_correct + other.sampled_correct, self.k
+            self.greedy_correct + other.greedy_correct,
+            self.sampled_correct + other.sampled_correct,
+            self.k,
+            self.greedy_attempts + other.greedy_attempts,
         )
 
     def summary(self) -> dict[str, float | int]:
@@ -74,4 +84,66 @@ def evaluate(
         greedy_correct=[s.reward > 0 for s in greedy_scores],
         sampled_correct=[sum(sampled_scores[i * k + j].reward > 0 for j in range(k)) for i in range(len(tasks))],
         k=k,
+        greedy_attempts=list(zip(greedy_texts, greedy_scores, strict=True)),
     )
+
+
+def gate_hint(task: Task, kind: str, attempt: str, score: Score) -> str:
+    """The hint of `kind` for the gate: the environment's feedback on the student's greedy `attempt`,
+    the task's partial or reference hint, or (sibling) the reference answer as a correct sibling's."""
+    if kind == "sibling":
+        return sibling_hint(task.demonstration() or "")
+    return hint_for(task, kind, attempt, score)
+
+
+@torch.no_grad()
+def teacher_gate(
+    student: Callable[..., Any],
+    teacher: Callable[..., Any],
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[Task],
+    attempts: Sequence[tuple[str, Score]],
+    *,
+    max_prompt_length: int,
+    kinds: Sequence[str] = GATE_HINT_KINDS,
+) -> dict[str, list[float]]:
+    """SDPO's gate: does the hinted teacher know more than the student? Per task, the mean per-token
+    log-probability (nats, float) of a correct completion (the task's demonstration and EOS) under
+    the student behind the plain prompt ("student") and under the teacher behind each hint kind.
+
+    SDPO (self-distillation from the hinted policy, the recipe's second channel) distils the
+    teacher's token distribution into the student; it can only help where the teacher puts more
+    mass on correct answers, i.e. where
+    `result[kind]` exceeds `result["student"]`. `attempts` are the student's greedy (text, Score)
+    per task, the context of the `feedback` kind. Returns {"student": [...], kind: [...]}, one
+    float per task, in task order ({} keys with empty lists for no tasks).
+
+    Raises:
+        ValueError: `attempts` and `tasks` differ in length, or a task has no demonstration.
+    """
+    if len(attempts) != len(tasks):
+        raise ValueError(f"teacher_gate: {len(tasks)} tasks but {len(attempts)} attempts")
+    result: dict[str, list[float]] = {"student": [], **{kind: [] for kind in kinds}}
+    if not tasks:
+        return result
+    answers = []
+    for task in tasks:
+        if task.demonstration() is None:
+            raise ValueError(f"teacher_gate: task {task!r} has no demonstration (a correct completion)")
+        ids = tokenizer(task.demonstration(), add_special_tokens=False)["input_ids"]
+        answers.append(ids + [tokenizer.eos_token_id])
+    device = next(student.parameters()).device
+    completion_ids, completion_mask = (t.to(device) for t in pad_sequences(answers, tokenizer.pad_token_id))
+    contexts = {"student": (student, chat_prompt_ids(tokenizer, [t.prompt() for t in tasks], max_prompt_length))}
+    for kind in kinds:
+        hinted = [
+            hinted_prompt_ids(tokenizer, task, gate_hint(task, kind, *attempt), max_prompt_length)
+            for task, attempt in zip(tasks, attempts, strict=True)
+        ]
+        contexts[kind] = (teacher, hinted)
+    for name, (model, prompts) in contexts.items():
+        prompt_ids, prompt_mask = (t.to(device) for t in pad_sequences(prompts, tokenizer.pad_token_id, left=True))
+        logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        logp = token_logps(logits, completion_ids) * completion_mask
+        result[name] = (logp.sum(dim=1) / completion_mask.sum(dim=1)).tolist()
+    return result

@@ -31,6 +31,7 @@ __all__ = [
     "ComposerBatch",
     "ComposerLossOutput",
     "group_advantages",
+    "route_sdpo_on_failures",
     "grpo_loss",
     "sdpo_loss",
     "dpo_loss",
@@ -158,6 +159,34 @@ def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "none", e
             raise ValueError("scale='batch' needs at least 2 rewards (Bessel-corrected std)")
         advantages = advantages / (rewards.float().std() + eps)
     return advantages.reshape(-1)
+
+
+def route_sdpo_on_failures(
+    advantages: Tensor, passed: Tensor, sdpo_weight: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """SDPO on failures (`loss.sdpo_on: failed`): (advantages, sdpo_weight) that send each sample to one channel.
+
+    A sample that failed is distilled (weight 1, times any weight it had: a row with no teacher stays
+    0) and leaves the policy gradient (advantage 0); a sample that passed keeps its group advantage
+    and gets no distillation. Plain SDPO distils passed samples too, pulling correct answers toward
+    a teacher that may know no better; routing keeps the verifier's signal where it is right.
+
+    Args:
+        advantages: (B,) float, e.g. `group_advantages` (computed over the whole group, failures
+            included, so a passed sample's advantage is unchanged).
+        passed: (B,) bool (or 0/1): the sample's reward > 0.
+        sdpo_weight: (B,) 0/1 or None (every row).
+
+    Raises:
+        ValueError: shapes differ.
+    """
+    _check_shape("passed", passed, tuple(advantages.shape))
+    if sdpo_weight is not None:
+        _check_shape("sdpo_weight", sdpo_weight, tuple(advantages.shape))
+    passed = passed.bool().to(advantages.device)
+    failed = (~passed).to(advantages.dtype)
+    weight = failed if sdpo_weight is None else failed * sdpo_weight.to(failed)
+    return torch.where(passed, advantages, torch.zeros_like(advantages)), weight
 
 
 def grpo_loss(

@@ -133,7 +133,8 @@ def run_summary(path: Path) -> dict[str, Any]:
 
 
 def plot_curves(metrics_path: Path, png_path: Path) -> None:
-    """Reward (student and hinted teacher), the loss channels, pseudo-gradient norm, held-out pass@1/pass@k."""
+    """Reward (student and hinted teacher), the loss channels, pseudo-gradient norm, held-out pass@1/pass@k,
+    and the DPO reward margin when the run has a DPO channel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,7 +143,8 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
     records = read_metrics(metrics_path)
     inner, evals = latest_records(records)
     outer = [r for r in records if r["event"] == "outer"]
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    margin = any("dpo_reward_margin" in r for r in inner)  # issue 15: the DPO channel's signal
+    fig, axes = plt.subplots(1, 5 if margin else 4, figsize=(25 if margin else 20, 4))
     by_step: dict[int, list[dict]] = {}
     for r in inner:
         by_step.setdefault(r["step"], []).append(r)
@@ -166,6 +168,18 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
         axes[3].plot([r["outer_step"] for r in evals], [r["pass_at_k"] for r in evals], marker="s", label=f"pass@{k}")
         axes[3].legend()
     axes[3].set(xlabel="outer step", ylim=(0, 1), title=f"held-out ({evals[-1]['size'] if evals else 0} prompts)")
+    if margin:
+        margins = [sum(r.get("dpo_reward_margin", 0.0) for r in by_step[s]) / len(by_step[s]) for s in steps]
+        axes[4].plot(steps, margins, alpha=0.4, label="per step")
+        window = max(1, len(steps) // 8)
+        smooth = [
+            sum(margins[max(0, i - window + 1) : i + 1]) / len(margins[max(0, i - window + 1) : i + 1])
+            for i in range(len(margins))
+        ]
+        axes[4].plot(steps, smooth, label=f"mean of {window} steps")
+        axes[4].axhline(0, color="grey", lw=0.5)
+        axes[4].set(xlabel="inner step", title="DPO reward margin (chosen - rejected)")
+        axes[4].legend()
     for ax in axes[:2]:
         ax.legend()
     fig.tight_layout()

@@ -91,8 +91,9 @@ def generation_config(
     )
 
 
-def hinted_prompt_ids(tokenizer: PreTrainedTokenizerBase, task: Task, hint: str, max_length: int) -> list[int]:
-    """The teacher's prompt (the task with `hint`), the hint shortened from the front until it fits.
+def hinted_prompt_ids(tokenizer: PreTrainedTokenizerBase, task: Task, hint: str | None, max_length: int) -> list[int]:
+    """The teacher's prompt (the task with `hint`; None: the plain prompt), the hint shortened from
+    the front until it fits.
 
     Environment feedback (a traceback, a long failing assertion) can outgrow
     `rollout.max_prompt_length`; its end says the most (the exception comes last), so the start goes.
@@ -100,6 +101,8 @@ def hinted_prompt_ids(tokenizer: PreTrainedTokenizerBase, task: Task, hint: str,
     Raises:
         ValueError: the task's prompt does not fit even with an empty hint.
     """
+    if hint is None:
+        return chat_prompt_ids(tokenizer, [task.prompt()], max_length)[0]
     keep = len(hint)
     while True:
         text = hint if keep >= len(hint) else "..." + hint[len(hint) - keep :]
@@ -217,10 +220,14 @@ def rollout(
         ]
         teacher_ids, teacher_mask = pad_sequences(hinted, tokenizer.pad_token_id, left=True)
         policy.teacher_prompt_ids, policy.teacher_prompt_mask = teacher_ids.to(device), teacher_mask.to(device)
+        if any(hint is None for hint in hints):  # hint_level "sibling": no correct sibling, no teacher
+            policy.sdpo_weight = torch.tensor([float(hint is not None) for hint in hints], device=device)
         clock = time.perf_counter()
-        # the level's hint for each task (never a sibling's answer), with its first sample's feedback
+        # the level's hint for each task (never a sibling's answer; for "sibling", the group's first
+        # correct sample, or no hint), with its first sample's feedback
         first = [
-            hint_for(task, hint_level, texts[n * group_size], scores[n * group_size]) for n, task in enumerate(tasks)
+            _group_hint(task, hint_level, texts[n * group_size : (n + 1) * group_size], scores[n * group_size :])
+            for n, task in enumerate(tasks)
         ]
         teacher_reward, teacher_execution_s = _teacher_reward(
             teacher, tokenizer, tasks, first, max_prompt_length, max_completion_length, temperature, score_many
@@ -247,25 +254,38 @@ def _teacher_hints(
     *,
     hint_level: int | str,
     use_siblings: bool,
-) -> list[str]:
-    """Per row: a correct sibling's answer when one exists (not the row itself), else the hint at the level."""
+) -> list[str | None]:
+    """Per row: a correct sibling's answer when one exists (not the row itself), else the hint at the level.
+
+    `hint_level` "sibling" has no fallback: a row without a correct sibling gets None (no distillation).
+    """
     group_size = correct.shape[1]
-    hints = []
+    hints: list[str | None] = []
     for row in range(len(texts)):
         group, member = divmod(row, group_size)
         siblings = [j for j in range(group_size) if j != member and correct[group, j]]
-        if use_siblings and siblings:
+        if (use_siblings or hint_level == "sibling") and siblings:
             hints.append(sibling_hint(texts[group * group_size + siblings[0]]))
+        elif hint_level == "sibling":
+            hints.append(None)
         else:
             hints.append(hint_for(tasks[group], hint_level, texts[row], scores[row]))
     return hints
+
+
+def _group_hint(task: Task, hint_level: int | str, texts: list[str], scores: list[Score]) -> str | None:
+    """The hint the teacher-reward probe reads for one group: the level's hint on the first sample, or
+    (level "sibling") the first correct sample's answer, or no hint when none is correct."""
+    if hint_level != "sibling":
+        return hint_for(task, hint_level, texts[0], scores[0])
+    return next((sibling_hint(text) for text, score in zip(texts, scores, strict=False) if score.reward > 0), None)
 
 
 def _teacher_reward(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     tasks: list[Task],
-    hints: list[str],
+    hints: list[str | None],
     max_prompt_length: int,
     max_completion_length: int,
     temperature: float,

@@ -64,8 +64,8 @@ def _warmup_prompt(task: Task, hint_level: int | str, sibling_hints: bool, rng: 
     """No hint half of the time; else the teacher's hint (a sibling's answer, if the run uses those)."""
     if rng.random() < 0.5:
         return task.prompt()
-    if sibling_hints and rng.random() < 0.5:
+    if (sibling_hints or hint_level == "sibling") and rng.random() < 0.5:
         return task.prompt(sibling_hint(task.demonstration()))
     # No sample exists yet to give feedback on: a feedback run learns to read the reference hint.
-    level = {"partial": 0, "reference": -1, "feedback": -1}.get(hint_level, hint_level)
+    level = {"partial": 0, "reference": -1, "feedback": -1, "sibling": -1}.get(hint_level, hint_level)
     return task.prompt(task.hints[level])

@@ -45,8 +45,8 @@ from trainer.checkpoint import PerProcessState, TrainingState
 from trainer.config import Config, ConfigError, dump_config, load_config_or_exit
 from trainer.diloco import DiLoCo, parameters_hash, split_parameters
 from trainer.envs import Environment, make_env
-from trainer.evaluation import EvalCounts, evaluate
-from trainer.losses import ComposerBatch, ComposerLossOutput, composer_total_loss
+from trainer.evaluation import EvalCounts, evaluate, teacher_gate
+from trainer.losses import ComposerBatch, ComposerLossOutput, composer_total_loss, route_sdpo_on_failures
 from trainer.metrics import MetricsLog, mean_and_error, plot_curves, run_summary, table_header, table_row
 from trainer.model import cached_tokenizer, pretrained_model_and_tokenizer, tiny_model_and_tokenizer
 from trainer.precision import autocast, compute_dtype
@@ -190,7 +190,7 @@ def train(config: Config) -> dict:
     start_round = resume(run, replica)
     books = open_books(run, start_round)
     if start_round == 0:
-        evaluate_held_out(run, books, rounds_done=0, outer_step=0)
+        evaluate_held_out(run, books, rounds_done=0, outer_step=0, teacher=teacher_module(replica))
     replica.round_clock = (replica.diloco.compute_seconds, replica.diloco.communication_seconds)
     H = config.diloco.sync_every
     for round_index in range(start_round, config.rounds):
@@ -473,6 +473,9 @@ def single_turn_step(run: Run, replica: Replica, step: int, rng: random.Random) 
         teacher=teacher_model(run, replica),
         score_many=functools.partial(run.env.score_many, workers=config.sandbox.workers),
     )
+    if config.loss.sdpo_on == "failed" and config.loss.alpha > 0:  # issue 15: each sample to one channel
+        p = samples.policy
+        p.advantages, p.sdpo_weight = route_sdpo_on_failures(p.advantages, samples.rewards > 0, p.sdpo_weight)
     preference = None
     if replica.feed is not None:
         preference = replica.feed.step(samples, id_prefix=f"r{topo.replica_id}-{topo.local_rank}-s{step}", rng=rng)
@@ -508,7 +511,12 @@ def teacher_model(run: Run, replica: Replica) -> torch.nn.Module | None:
     """The model the SDPO teacher samples with for its reward: the EMA copy, the policy, or none."""
     if run.config.loss.alpha == 0:
         return None
-    return replica.teacher.module if replica.teacher is not None else run.model
+    return teacher_module(replica) or run.model
+
+
+def teacher_module(replica: Replica) -> torch.nn.Module | None:
+    """The SDPO teacher's own weights (the EMA copy), None when the teacher is the policy."""
+    return replica.teacher.module if replica.teacher is not None else None
 
 
 def three_channel_loss(run: Run, replica: Replica, batch: ComposerBatch) -> ComposerLossOutput:
@@ -584,11 +592,20 @@ def end_of_round(
         checkpoint.mark_complete(run.ckpt_root, diloco.outer_step, info, run.config.keep_checkpoints)
     every = run.config.eval.every
     if every and ((round_index + 1) % every == 0 or round_index + 1 == run.config.rounds):
-        evaluate_held_out(run, books, rounds_done=round_index + 1, outer_step=diloco.outer_step)
+        evaluate_held_out(
+            run, books, rounds_done=round_index + 1, outer_step=diloco.outer_step, teacher=teacher_module(replica)
+        )
 
 
-def evaluate_held_out(run: Run, books: Books, *, rounds_done: int, outer_step: int) -> None:
-    """Held-out pass@1 (greedy) and pass@k, the split shared out over all ranks; rank 0 logs an `eval` record."""
+def evaluate_held_out(
+    run: Run, books: Books, *, rounds_done: int, outer_step: int, teacher: torch.nn.Module | None = None
+) -> None:
+    """Held-out pass@1 (greedy) and pass@k, the split shared out over all ranks; rank 0 logs an `eval` record.
+
+    Single-turn runs add the teacher gate (issue 15): `student_logp` and `teacher_logp` (per hint
+    kind), the mean per-token log-prob of correct completions under the student and the hinted
+    `teacher` (the SDPO teacher's weights; None: the policy).
+    """
     config, topo = run.config, run.topo
     held_out = getattr(run.env, "held_out", None)
     if not config.eval.every or not held_out:
@@ -610,9 +627,14 @@ def evaluate_held_out(run: Run, books: Books, *, rounds_done: int, outer_step: i
                 score_many=functools.partial(run.env.score_many, workers=config.sandbox.workers),
             )
         )
+        gate = {} if config.agent.enabled else held_out_gate(run, teacher, shard, counts)
     total = sum(gather(counts), EvalCounts([], [], config.eval.k))
+    gates = gather(gate)
     if books.metrics is not None:
         figures = total.summary()
+        gate_means = {
+            name: sum(v for g in gates for v in g[name]) / max(1, sum(len(g[name]) for g in gates)) for name in gate
+        }
         # per-task greedy outcomes (task order is the same at every evaluation): the paired rise
         books.metrics.log(
             "eval",
@@ -620,12 +642,25 @@ def evaluate_held_out(run: Run, books: Books, *, rounds_done: int, outer_step: i
             outer_step=outer_step,
             **figures,
             greedy_correct=list(map(int, total.greedy_correct)),
+            **(dict(student_logp=gate_means.pop("student"), teacher_logp=gate_means) if gate_means else {}),
         )
         print(
             f"held-out after {rounds_done} rounds: pass@1 {figures['pass_at_1']:.3f}, "
             f"pass@{config.eval.k} {figures['pass_at_k']:.3f} ({figures['size']} prompts)",
             flush=True,
         )
+
+
+def held_out_gate(run: Run, teacher: torch.nn.Module | None, tasks: list, counts: EvalCounts) -> dict[str, list[float]]:
+    """This rank's share of the teacher gate (`trainer.evaluation.teacher_gate`), per held-out task."""
+    return teacher_gate(
+        run.model,
+        run.model if teacher is None else teacher,
+        run.tokenizer,
+        tasks,
+        counts.greedy_attempts,
+        max_prompt_length=run.config.rollout.max_prompt_length,
+    )
 
 
 def agent_evaluate(run: Run, tasks: list) -> EvalCounts:

@@ -129,6 +129,8 @@ def hint_for(task: Task, level: int | str, completion: str, score: Score) -> str
         return task.hints[0]
     if level == "reference":
         return task.hints[-1]
+    if level == "sibling":
+        raise ValueError("task.hint_level: 'sibling' is a correct sibling's answer; it needs a rollout group")
     if not 0 <= int(level) < len(task.hints):
         raise ValueError(
             f"task.hint_level: {level} is past this task's {len(task.hints)} hints; use 0..{len(task.hints) - 1}"
