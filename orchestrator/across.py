@@ -33,6 +33,7 @@ from orchestrator.cluster import (
     LABEL_RUN,
     RDZV_PORT,
     RUNS_MOUNT,
+    ClusterError,
     interface_address,
     route_interface,
 )
@@ -111,7 +112,10 @@ def choose_interface(options: AcrossOptions, toward: str | None, out: Callable[[
     if options.interface:
         interface, address, why = options.interface, interface_address(options.interface), "--interface"
     else:
-        interface, address = route_interface(toward or "192.0.2.1")  # TEST-NET-1: the default route
+        try:
+            interface, address = route_interface(toward or "192.0.2.1")  # TEST-NET-1: the default route
+        except ClusterError as error:
+            raise JoinError(f"{error}: pass --interface (the network card the other machines reach)") from None
         why = "the route to the coordinator" if toward else "the default route"
     out(f"interface {interface} ({address}): {why}; Gloo/NCCL bind to it (--interface to choose another)")
     return interface, address

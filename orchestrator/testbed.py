@@ -39,6 +39,8 @@ ENGINE_START_S = 60.0
 class TestBedError(RuntimeError):
     """The test bed cannot run here; the message says what is missing."""
 
+    __test__ = False  # not a pytest test class
+
 
 def _run(*command: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     result = subprocess.run(command, capture_output=True, text=True, **kwargs)
@@ -90,6 +92,8 @@ class EmulatedHost:
 
 
 class TestBed:
+    __test__ = False  # not a pytest test class
+
     def __init__(self, hosts: int) -> None:
         self.hosts = [EmulatedHost(f"h{i}", i) for i in range(1, hosts + 1)]
         self.bridge = f"{PREFIX}-br"
