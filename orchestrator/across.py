@@ -235,6 +235,8 @@ def serve(
             "COMPOSER_RDZV_PORT": str(options.port),
             "COMPOSER_GATE_BIND": address,
             "COMPOSER_IMAGE_ID": image.id,
+            "COMPOSER_HOST_NAME": options.name,  # this machine holds replicas 0.. (the lead's)
+            "COMPOSER_HOST_WORKERS": str(options.workers),
             gate.SECRET_FILE_ENV: SECRET_MOUNT,
         },
         labels={LABEL_RUN: options.run, LABEL_ROLE: "coordinator"},

@@ -171,10 +171,15 @@ class Membership:
     config differs from the coordinator's is refused with one line naming the difference.
     """
 
-    def __init__(self, world: int, image: str, config: dict[str, Any]) -> None:
+    def __init__(self, world: int, image: str, config: dict[str, Any], own: tuple[str, int, str] | None = None) -> None:
+        """`own`: the coordinator's machine (name, workers, address); it holds replicas 0.. from the
+        start, so replica 0, whose first process writes the books, is on the machine that keeps them."""
         self.world, self.image, self.config = world, image, config
         self.run_dir = ""  # the coordinator's choice, told to every host
         self.hosts: dict[str, dict[str, Any]] = {}
+        if own is not None:
+            name, workers, address = own
+            self.hosts[name] = {"replicas": list(range(workers)), "address": address, "joins": 0}
         self.lock = threading.Lock()
 
     def admit(self, request: dict[str, Any], peer: str) -> dict[str, Any]:
@@ -202,7 +207,8 @@ class Membership:
                         "error": f"host {name} joined before with {len(known['replicas'])} workers; join with as many",
                     }
                 known["address"], known["joins"] = request.get("address") or peer, known["joins"] + 1
-                return {"ok": True, "replicas": known["replicas"], "rejoined": True, "run_dir": self.run_dir}
+                rejoined = known["joins"] > 1
+                return {"ok": True, "replicas": known["replicas"], "rejoined": rejoined, "run_dir": self.run_dir}
             taken = {r for host in self.hosts.values() for r in host["replicas"]}
             free = [r for r in range(self.world) if r not in taken]
             if workers < 1 or workers > len(free):
@@ -242,7 +248,11 @@ class Coordinator:
                 config = dump_config(load_config(settings.config, list(settings.overrides)))
             except ConfigError as error:
                 raise ClusterError(str(error)) from None
-            self.membership = Membership(self.fixed_workers, env.get("COMPOSER_IMAGE_ID", ""), config)
+            own = None
+            if env.get("COMPOSER_HOST_NAME"):
+                workers = int_env(env, "COMPOSER_HOST_WORKERS", 1)
+                own = (env["COMPOSER_HOST_NAME"], workers, env.get("COMPOSER_GATE_BIND", ""))
+            self.membership = Membership(self.fixed_workers, env.get("COMPOSER_IMAGE_ID", ""), config, own)
             self.membership.run_dir = str(self.run_dir)
         if self.fixed_workers is None:
             try:

@@ -5,8 +5,8 @@ Docker engine (a `dockerd` started inside the namespace with its own data and ex
 socket), so a container with host networking sits in that host's namespace, exactly as on a real
 machine: `python -m orchestrator serve/join` run inside the namespace (`nsenter --net`) with
 DOCKER_HOST at that engine are the commands a user types on each machine. The image travels into
-each engine with `docker save | docker load`, no registry; it is loaded only when the engine does
-not hold that image id yet (the engines' data roots are kept between runs under ROOT for that).
+each engine with `docker save` and `docker load`, no registry; it is loaded only when the engine
+does not hold that image id yet (the engines' data roots are kept between runs under ROOT for that).
 
 Links: host `hN`'s end in the root namespace is the veth `<prefix>-hN`; `tc` on it shapes what
 the host receives, as bench/bench_wan.py shapes container veths.
@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,22 +168,36 @@ class TestBed:
             time.sleep(0.5)
 
     def load_image(self, image: str, source_env: dict[str, str] | None = None) -> dict[str, float]:
-        """`docker save image | docker load` into every host whose engine lacks this image id;
-        returns the seconds each load took (0.0: it was there already)."""
+        """`docker save` once, `docker load` into every host whose engine lacks this image id (in
+        parallel); returns the seconds each host's load took (0.0: it held the image already)."""
         wanted = _run("docker", "image", "inspect", "--format", "{{.Id}}", image, env=source_env).stdout.strip()
-        seconds = {}
-        for host in self.hosts:
-            have = _run("docker", "image", "inspect", "--format", "{{.Id}}", image, check=False, env=host.env())
-            if have.stdout.strip() == wanted:
-                seconds[host.name] = 0.0
-                continue
-            started = time.monotonic()
-            save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE, env=source_env)
-            load = _run("docker", "load", check=False, stdin=save.stdout, env=host.env())
-            save.stdout.close()
-            if save.wait() or load.returncode:
-                raise TestBedError(f"docker save {image} | docker load into {host.name} failed: {load.stderr.strip()}")
-            seconds[host.name] = round(time.monotonic() - started, 1)
+        missing = [
+            host
+            for host in self.hosts
+            if _run(
+                "docker", "image", "inspect", "--format", "{{.Id}}", image, check=False, env=host.env()
+            ).stdout.strip()
+            != wanted
+        ]
+        seconds = {host.name: 0.0 for host in self.hosts}
+        if not missing:
+            return seconds
+        ROOT.mkdir(parents=True, exist_ok=True)
+        archive = ROOT / "image.tar"
+        started = time.monotonic()
+        _run("docker", "save", "--output", str(archive), image, env=source_env)
+        saved = time.monotonic() - started
+
+        def load(host: EmulatedHost) -> None:
+            began = time.monotonic()
+            _run("docker", "load", "--input", str(archive), env=host.env())
+            seconds[host.name] = round(saved + time.monotonic() - began, 1)
+
+        try:
+            with ThreadPoolExecutor(len(missing)) as pool:
+                list(pool.map(load, missing))
+        finally:
+            archive.unlink(missing_ok=True)
         return seconds
 
     def down(self, purge: bool = False) -> None:

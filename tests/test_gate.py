@@ -132,6 +132,13 @@ def test_membership_gives_free_replicas_and_the_same_ones_to_a_host_that_comes_b
     }
 
 
+def test_the_coordinators_machine_holds_replica_zero_whoever_asks_first() -> None:
+    members = Membership(world=3, image="sha256:aaa", config=CONFIG, own=("h1", 1, "10.0.0.1"))
+    early = members.admit(join_request("h2"), "10.0.0.2:5000")
+    own = members.admit(join_request("h1"), "10.0.0.1:5000")
+    assert (early["replicas"], own["replicas"], own["rejoined"]) == ([1], [0], False)
+
+
 def test_membership_refuses_a_different_image_or_config_in_one_line_naming_the_difference() -> None:
     members = Membership(world=2, image="sha256:aaa", config=CONFIG)
     image = members.admit(join_request("h2", image="sha256:bbb"), "10.0.0.2:5000")

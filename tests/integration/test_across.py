@@ -106,7 +106,8 @@ def test_three_hosts_run_to_the_end_with_equal_replicas_and_a_killed_host_rejoin
 ) -> None:
     run = "pytest-across"
     runs = {h: tmp_path / f"h{h}-runs" for h in (1, 2, 3)}
-    sets = ["--run", run, "--set", "dist_timeout_s=30"]
+    # Six rounds: the kill lands after the first checkpoint with rounds to spare on a loaded machine.
+    sets = ["--run", run, "--set", "dist_timeout_s=30", "--set", "rounds=6"]
     serve = start(
         bed,
         1,
@@ -115,15 +116,16 @@ def test_three_hosts_run_to_the_end_with_equal_replicas_and_a_killed_host_rejoin
         ),
         tmp_path / "serve.log",
     )
-    joins = {
-        h: start(
-            bed,
-            h,
-            orchestrator(bed, h, "join", "--coordinator", "10.213.0.1:29400", *sets, secret=secret_file, runs=runs[h]),
-            tmp_path / f"join-h{h}.log",
+    joins = {}
+    for h in (2, 3):  # one after the other, so h2 gets replica 1 and h3 replica 2
+        command = orchestrator(
+            bed, h, "join", "--coordinator", "10.213.0.1:29400", *sets, secret=secret_file, runs=runs[h]
         )
-        for h in (2, 3)
-    }
+        joins[h] = start(bed, h, command, tmp_path / f"join-h{h}.log")
+        deadline = time.monotonic() + 120
+        while "joined run" not in (tmp_path / f"join-h{h}.log").read_text():
+            assert joins[h].poll() is None and time.monotonic() < deadline, (tmp_path / f"join-h{h}.log").read_text()
+            time.sleep(0.2)
     rejoin = None
     try:
         run_dir = runs[1] / run
