@@ -37,7 +37,7 @@ from orchestrator.cluster import (
     interface_address,
     route_interface,
 )
-from orchestrator.images import DEFAULT_IMAGE, GPU_IMAGE, ensure_image, repo_root
+from orchestrator.images import DEFAULT_IMAGE, GPU_IMAGE, ensure_image, image_identity, repo_root
 from orchestrator.launcher import _watch, container_config_path, down, resource_name
 from orchestrator.supervisor import WorkerSupervisor
 from trainer.config import ConfigError, dump_config, load_config
@@ -128,7 +128,7 @@ def hello(options: AcrossOptions, image: Image, coordinator: tuple[str, int], ad
         "kind": "join",
         "host": options.name,
         "workers": options.workers,
-        "image": image.id,
+        "image": image_identity(image),
         "config": run_config(options),
         "address": address,
     }
@@ -234,7 +234,7 @@ def serve(
             "COMPOSER_WORKERS": str(replicas),
             "COMPOSER_RDZV_PORT": str(options.port),
             "COMPOSER_GATE_BIND": address,
-            "COMPOSER_IMAGE_ID": image.id,
+            "COMPOSER_IMAGE_ID": image_identity(image),
             "COMPOSER_HOST_NAME": options.name,  # this machine holds replicas 0.. (the lead's)
             "COMPOSER_HOST_WORKERS": str(options.workers),
             gate.SECRET_FILE_ENV: SECRET_MOUNT,

@@ -153,6 +153,15 @@ def cluster_summary(run_dir: Path, progress: RunProgress, *, finished: bool, rea
     }
 
 
+def same_image(ours: str, theirs: str) -> bool:
+    """Images as `orchestrator.images.image_identity` writes them ("<id> source <hash>"): the same
+    image id (`docker save | docker load` keeps it), or the same source hash (a build of the same
+    tree elsewhere: every file the Dockerfile copies, the wheel names, the base image)."""
+    our_id, _, our_source = ours.partition(" source ")
+    their_id, _, their_source = theirs.partition(" source ")
+    return our_id == their_id or bool(our_source) and our_source == their_source
+
+
 def _shown(value: Any) -> str:
     return "<absent>" if value is None else json.dumps(value)
 
@@ -186,9 +195,11 @@ class Membership:
         if request.get("kind") == "ping":
             return {"ok": True}
         name, workers = str(request.get("host", "")), int(request.get("workers", 0))
-        if request.get("image") != self.image:
-            theirs = request.get("image")
-            return {"ok": False, "error": f"image differs: this host runs {theirs}, the coordinator {self.image}"}
+        if not same_image(request.get("image", ""), self.image):
+            return {
+                "ok": False,
+                "error": f"image differs: this host runs {request.get('image')}, the coordinator {self.image}",
+            }
         differing = config_differences(self.config, request.get("config") or {})
         if differing:
             ours, theirs = self.config, request["config"]

@@ -112,12 +112,14 @@ def test_the_secret_comes_from_a_file_or_the_environment_and_must_be_long_enough
     assert gate.fingerprint(SECRET) != gate.fingerprint(b"x" * 32) and SECRET.decode() not in gate.fingerprint(SECRET)
 
 
-def join_request(host: str, workers: int = 1, image: str = "sha256:aaa", config: dict | None = None) -> dict:
+def join_request(
+    host: str, workers: int = 1, image: str = "sha256:aaa source 1111", config: dict | None = None
+) -> dict:
     return {"kind": "join", "host": host, "workers": workers, "image": image, "config": config or CONFIG}
 
 
 def test_membership_gives_free_replicas_and_the_same_ones_to_a_host_that_comes_back() -> None:
-    members = Membership(world=4, image="sha256:aaa", config=CONFIG)
+    members = Membership(world=4, image="sha256:aaa source 1111", config=CONFIG)
     members.run_dir = "/app/runs/test"
     first = members.admit(join_request("h1", workers=2), "10.0.0.1:5000")
     second = members.admit(join_request("h2"), "10.0.0.2:5000")
@@ -133,17 +135,27 @@ def test_membership_gives_free_replicas_and_the_same_ones_to_a_host_that_comes_b
 
 
 def test_the_coordinators_machine_holds_replica_zero_whoever_asks_first() -> None:
-    members = Membership(world=3, image="sha256:aaa", config=CONFIG, own=("h1", 1, "10.0.0.1"))
+    members = Membership(world=3, image="sha256:aaa source 1111", config=CONFIG, own=("h1", 1, "10.0.0.1"))
     early = members.admit(join_request("h2"), "10.0.0.2:5000")
     own = members.admit(join_request("h1"), "10.0.0.1:5000")
     assert (early["replicas"], own["replicas"], own["rejoined"]) == ([1], [0], False)
 
 
-def test_membership_refuses_a_different_image_or_config_in_one_line_naming_the_difference() -> None:
-    members = Membership(world=2, image="sha256:aaa", config=CONFIG)
-    image = members.admit(join_request("h2", image="sha256:bbb"), "10.0.0.2:5000")
-    assert image["error"] == "image differs: this host runs sha256:bbb, the coordinator sha256:aaa"
+def test_membership_takes_the_same_image_loaded_or_built_from_the_same_tree_and_refuses_another() -> None:
+    members = Membership(world=3, image="sha256:aaa source 1111", config=CONFIG)
+    assert members.admit(join_request("h2", image="sha256:aaa source 1111"), "10.0.0.2:5000")["ok"]  # docker load
+    assert members.admit(join_request("h3", image="sha256:ccc source 1111"), "10.0.0.3:5000")["ok"]  # same tree
+    other = Membership(world=2, image="sha256:aaa source 1111", config=CONFIG)
+    refused = other.admit(join_request("h2", image="sha256:bbb source 2222"), "10.0.0.2:5000")
+    assert refused == {
+        "ok": False,
+        "error": "image differs: this host runs sha256:bbb source 2222, the coordinator sha256:aaa source 1111",
+    }
+
+
+def test_membership_refuses_a_different_config_in_one_line_naming_the_key_and_both_values() -> None:
+    members = Membership(world=2, image="sha256:aaa source 1111", config=CONFIG)
     changed = {**CONFIG, "optim": {"lr": 0.002, "sft_steps": 20}}
     config = members.admit(join_request("h2", config=changed), "10.0.0.2:5000")
     assert config["error"] == "config differs from the coordinator's at optim.lr (coordinator 0.001, this host 0.002)"
-    assert not image["ok"] and not config["ok"] and members.hosts == {}
+    assert not config["ok"] and members.hosts == {}

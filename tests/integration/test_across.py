@@ -26,7 +26,7 @@ os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
 import docker  # noqa: E402
 
-from orchestrator.images import DEFAULT_IMAGE, ensure_image, repo_root  # noqa: E402
+from orchestrator.images import DEFAULT_IMAGE, SOURCE_LABEL, ensure_image, repo_root  # noqa: E402
 from orchestrator.testbed import TestBed, TestBedError  # noqa: E402
 from trainer.checkpoint import latest_complete  # noqa: E402
 
@@ -249,19 +249,19 @@ def test_a_host_with_a_different_config_is_refused_in_one_line_naming_the_key(
 def test_a_host_with_a_different_image_is_refused_in_one_line_naming_both(
     bed: TestBed, secret_file: Path, waiting_run: Path
 ) -> None:
+    """An image built from another tree (its source hash differs), as a stale checkout would make."""
     client = docker.DockerClient(base_url=bed.hosts[2].docker_host)
     ours = client.images.get(IMAGE)
-    other, _ = client.images.build(
-        fileobj=io.BytesIO(f"FROM {ours.id}\nLABEL composer-test=a-different-image\n".encode()),
-        tag="composer-pytest:other",
-    )
+    dockerfile = f"FROM {ours.id}\nLABEL {SOURCE_LABEL}=0123456789abcdef\n"
+    other, _ = client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag="composer-pytest:other")
     try:
         code, output, _ = try_join(bed, 3, secret_file, waiting_run, "--image", "composer-pytest:other")
     finally:
         client.images.remove(other.id, force=True)
     assert code == 2
     assert output.strip().splitlines()[-1] == (
-        f"error: refused: image differs: this host runs {other.id}, the coordinator {ours.id}"
+        f"error: refused: image differs: this host runs {other.id} source 0123456789abcdef, "
+        f"the coordinator {ours.id} source {ours.labels[SOURCE_LABEL]}"
     )
 
 
