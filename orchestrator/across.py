@@ -121,9 +121,16 @@ def choose_interface(options: AcrossOptions, toward: str | None, out: Callable[[
     return interface, address
 
 
-def hello(options: AcrossOptions, image: Image, coordinator: tuple[str, int], address: str) -> dict:
+def hello(
+    options: AcrossOptions,
+    image: Image,
+    coordinator: tuple[str, int],
+    address: str,
+    local: Container | None = None,
+) -> dict:
     """Ask the coordinator for this machine's replicas; retries while nothing answers, up to
-    `options.timeout_s`, then one clear error. A refusal is final."""
+    `options.timeout_s`, then one clear error. A refusal is final; so is the exit of the `local`
+    coordinator container (serve), whose last log lines the error carries."""
     message = {
         "kind": "join",
         "host": options.name,
@@ -142,6 +149,11 @@ def hello(options: AcrossOptions, image: Image, coordinator: tuple[str, int], ad
                 raise JoinError(str(error)) from None  # refused, or not this run's coordinator
             if time.monotonic() > deadline:
                 raise JoinError(f"{error}; gave up after {options.timeout_s:.0f} s") from None
+            if local is not None:
+                local.reload()
+                if local.status in ("exited", "dead"):
+                    tail = local.logs(tail=3).decode(errors="replace").strip()
+                    raise JoinError(f"the coordinator exited before it answered: {tail}") from None
             time.sleep(1.0)
     if not answer.get("ok"):
         raise JoinError(f"refused: {answer.get('error')}")
@@ -246,7 +258,7 @@ def serve(
     )
     coordinator.start()
     endpoint = (address, options.port)
-    answer = hello(options, image, endpoint, address)
+    answer = hello(options, image, endpoint, address, local=coordinator)
     run_dir = runs_dir / PurePosixPath(answer["run_dir"]).name
     start_workers(client, options, image, answer["replicas"], endpoint, interface, secret_path)
     out(

@@ -282,17 +282,8 @@ class Coordinator:
             store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
             log(f"rendezvous store on port {self.settings.port}")
             return store
-        listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
-        port = listener.getsockname()[1]
-        store = TCPStore(
-            "127.0.0.1",
-            port,
-            is_master=True,
-            wait_for_workers=False,
-            timeout=timedelta(seconds=60),
-            master_listen_fd=listener.detach(),  # the store's for good: loopback only
-            use_libuv=False,  # the libuv server takes no listening socket
-        )
+        store = gate.loopback_store()
+        port = store.port
         bind = os.environ.get("COMPOSER_GATE_BIND", "0.0.0.0")
         self.gate = gate.Gate(self.secret, (bind, self.settings.port), port, self.membership.admit, log=log).start()
         log(

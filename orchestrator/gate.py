@@ -40,8 +40,11 @@ import secrets
 import socket
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+from torch.distributed import TCPStore
 
 PROTOCOL = "COMPOSER-GATE/1"
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -129,6 +132,32 @@ def _splice(a: socket.socket, b: socket.socket) -> None:
     threading.Thread(target=_pump, args=(b, a), daemon=True).start()
 
 
+def _accept_forever(listener: socket.socket, handle: Callable[[socket.socket, str], None]) -> None:
+    """Hand every accepted connection to `handle(sock, "host:port")` in its own thread, until
+    the listener is closed."""
+    while True:
+        try:
+            sock, address = listener.accept()
+        except OSError:
+            return
+        threading.Thread(target=handle, args=(sock, f"{address[0]}:{address[1]}"), daemon=True).start()
+
+
+def loopback_store(timeout_s: float = 60.0) -> TCPStore:
+    """A TCPStore server that listens on 127.0.0.1 only, on a free port (`store.port`): torch's
+    own server binds every interface, so it is handed a socket already bound to loopback."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    return TCPStore(
+        "127.0.0.1",
+        listener.getsockname()[1],
+        is_master=True,
+        wait_for_workers=False,
+        timeout=timedelta(seconds=timeout_s),
+        master_listen_fd=listener.detach(),  # the store's for good
+        use_libuv=False,  # the libuv server takes no listening socket
+    )
+
+
 class Gate:
     """The coordinator's public port: authenticates each connection, then relays it to the store
     on loopback (`store`) or answers a join request (`hello`: `on_hello(request, peer) -> answer`).
@@ -158,12 +187,7 @@ class Gate:
         self.listener.close()
 
     def _serve(self) -> None:
-        while True:
-            try:
-                peer, address = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._admit, args=(peer, f"{address[0]}:{address[1]}"), daemon=True).start()
+        _accept_forever(self.listener, self._admit)
 
     def _admit(self, peer: socket.socket, address: str) -> None:
         peer.settimeout(HANDSHAKE_TIMEOUT_S)
@@ -264,21 +288,16 @@ class Tunnel:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.failures: list[str] = []
-        threading.Thread(target=self._serve, name="tunnel", daemon=True).start()
+        threading.Thread(target=_accept_forever, args=(self.listener, self._relay), name="tunnel", daemon=True).start()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                local, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                remote = _open(self.secret, self.coordinator, "store", self.timeout_s)
-            except GateError as error:
-                self.failures.append(str(error))
-                local.close()
-                continue
-            _splice(local, remote)
+    def _relay(self, local: socket.socket, _address: str) -> None:
+        try:
+            remote = _open(self.secret, self.coordinator, "store", self.timeout_s)
+        except GateError as error:
+            self.failures.append(str(error))
+            local.close()
+            return
+        _splice(local, remote)
 
     def close(self) -> None:
         self.listener.close()

@@ -133,7 +133,8 @@ def main() -> int:
             f"replica index {replica} is outside a world of {nnodes} workers; "
             "remove stale worker containers (docker compose down) and start again"
         )
-    threading.Thread(target=heartbeat, args=(settings, replica), name="heartbeat", daemon=True).start()
+    if settings.coordinator == "127.0.0.1" and (env.get(SECRET_FILE_ENV) or os.environ.get(SECRET_ENV)):
+        threading.Thread(target=heartbeat, args=(settings, replica), name="heartbeat", daemon=True).start()
     print(
         f"[node] replica {replica} of {nnodes} at {address}, start {start}, "
         f"rendezvous {settings.coordinator}:{settings.port} id {rdzv_id}",

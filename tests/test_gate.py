@@ -11,6 +11,7 @@ import pytest
 from torch.distributed import TCPStore
 
 from orchestrator import gate
+from orchestrator.cluster import ClusterError, route_interface
 from orchestrator.coordinator import Membership
 
 SECRET = b"correct horse battery staple 42"
@@ -24,17 +25,8 @@ def admit_all(request: dict, peer: str) -> dict:
 @pytest.fixture
 def store_behind_gate():
     """A loopback-only TCPStore and a gate on another port in front of it."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    store = TCPStore(
-        "127.0.0.1",
-        port,
-        is_master=True,
-        wait_for_workers=False,
-        timeout=timedelta(seconds=10),
-        master_listen_fd=listener.detach(),
-        use_libuv=False,
-    )
+    store = gate.loopback_store(timeout_s=10)
+    port = store.port
     logged: list[str] = []
     front = gate.Gate(SECRET, ("127.0.0.1", 0), port, admit_all, log=logged.append).start()
     yield store, front, logged
@@ -50,6 +42,17 @@ def test_a_tunnel_with_the_secret_reaches_the_store_and_sees_what_the_coordinato
     client.set("composer/done/1", "1")
     assert store.get("composer/done/1") == b"1"
     assert front.refused == 0 and logged == []
+
+
+def test_the_store_behind_the_gate_is_reachable_on_loopback_only(store_behind_gate) -> None:
+    store, _, _ = store_behind_gate
+    try:
+        _, address = route_interface("192.0.2.1")  # this machine's address on its default route
+    except ClusterError:
+        pytest.skip("no non-loopback address here")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((address, store.port), timeout=5)
+    socket.create_connection(("127.0.0.1", store.port), timeout=5).close()
 
 
 def test_a_wrong_secret_is_refused_by_name_and_logged_without_either_secret(store_behind_gate) -> None:
