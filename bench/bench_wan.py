@@ -412,7 +412,8 @@ def _pair(base: dict, row: dict, field: str, fmt: str) -> str:
 
 
 def markdown_hosts(rows: list[dict], setup: dict, single_host: list[dict]) -> str:
-    """wan_hosts.md: the rows measured between emulated hosts beside the one-host rows of wan.json."""
+    """wan_hosts.md: the rows measured between emulated hosts beside the same grid measured on one
+    Docker bridge minutes before (same load), and a pointer to wan.md's published figures."""
     lines = [
         "# DiLoCo over rate-limited links between emulated hosts",
         "",
@@ -424,9 +425,16 @@ def markdown_hosts(rows: list[dict], setup: dict, single_host: list[dict]) -> st
         f"{setup['parameters'] / 1e6:.2f} M-parameter MLP, batch {BATCH}, H = {SYNC_EVERY}, "
         f"{setup['rounds']} measured rounds after a warm-up round; {platform.machine()}, {os.cpu_count()} "
         f"cores shared with other jobs (load average at the end {setup['load_average_end']:.1f}). "
-        f"Grid: {setup['grid']}; {setup['minutes']:.1f} minutes. No latency is added (no netem here).",
+        f"Grid: {setup['grid']}; {setup['minutes']:.1f} minutes with the comparison. No latency is added "
+        "(no netem here).",
         "",
-        "## Against one Docker host (wan.json)",
+        "## Against one Docker host",
+        "",
+        "Each M's grid runs twice back to back: first with the containers on one Docker bridge (the "
+        "layout of wan.md, measured again here so that both see the same load on the shared cores), "
+        "then one per emulated host. The load on these 2 cores moves compute per round by 2x or "
+        "more between runs minutes apart, and utilisation with it; compare the pairs, not these "
+        "with wan.md's rows.",
         "",
         "| M | Mbit/s | compression | fragments, tau | utilisation: one host / hosts | link efficiency: one host / "
         "hosts | wire / DiLoCo: one host / hosts | round s: one host / hosts |",
@@ -574,17 +582,20 @@ def main() -> None:
 
         bed = TestBed(max(args.replicas)).up()
         print(f"emulated hosts up; image loaded in {bed.load_image(IMAGE)} s", flush=True)
-    else:
-        subprocess.run(["docker", "network", "create", NETWORK], capture_output=True)
+    subprocess.run(["docker", "network", "create", NETWORK], capture_output=True)
     rows: list[dict[str, Any]] = []
+    one_host: list[dict[str, Any]] = []  # --layout hosts: the same grid on one bridge, minutes apart
     started = time.time()
     try:
         for replicas in args.replicas:
+            if bed is not None:
+                print(f"M={replicas}, one Docker bridge (the comparison, under the same load):", flush=True)
+                one_host += measure(replicas, grid(replicas, args.full), args.rounds)
+                print(f"M={replicas}, one emulated host per replica:", flush=True)
             rows += measure(replicas, grid(replicas, args.full), args.rounds, bed)
     finally:
-        if bed is None:
-            subprocess.run(["docker", "network", "rm", NETWORK], capture_output=True)
-        else:
+        subprocess.run(["docker", "network", "rm", NETWORK], capture_output=True)
+        if bed is not None:
             bed.down()
     described = (
         "the full grid at every M"
@@ -604,12 +615,12 @@ def main() -> None:
     }
     RESULTS.mkdir(exist_ok=True)
     stem = "wan" if bed is None else "wan_hosts"
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2) + "\n")
+    saved = {"setup": setup, "rows": rows} | ({"one_host_rows": one_host} if bed is not None else {})
+    (RESULTS / f"{stem}.json").write_text(json.dumps(saved, indent=2) + "\n")
     if bed is None:
         (RESULTS / "wan.md").write_text(markdown(rows, setup))
     else:
-        single_host = json.loads((RESULTS / "wan.json").read_text())["rows"] if (RESULTS / "wan.json").exists() else []
-        (RESULTS / "wan_hosts.md").write_text(markdown_hosts(rows, setup, single_host))
+        (RESULTS / "wan_hosts.md").write_text(markdown_hosts(rows, setup, one_host))
     plot(rows, RESULTS / f"{stem}.png")
     print((RESULTS / f"{stem}.md").read_text())
 
