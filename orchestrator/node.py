@@ -154,6 +154,9 @@ def main() -> int:
     code = 128 - code if code < 0 else code  # killed by signal N: exit 128 + N, as a shell would
     if code == 0:
         store.set(key_done(replica), str(start))
+        # set() does not wait for an answer, and across machines the tunnel that carries it runs
+        # in this process's threads: read it back, so it has reached the store before we exit.
+        store.get(key_done(replica))
     print(f"[node] replica {replica}: torchrun exited {code}", flush=True)
     return code
 

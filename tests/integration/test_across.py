@@ -253,7 +253,9 @@ def test_a_host_with_a_different_image_is_refused_in_one_line_naming_both(
     client = docker.DockerClient(base_url=bed.hosts[2].docker_host)
     ours = client.images.get(IMAGE)
     dockerfile = f"FROM {ours.id}\nLABEL {SOURCE_LABEL}=0123456789abcdef\n"
-    other, _ = client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag="composer-pytest:other")
+    other, _ = client.images.build(
+        fileobj=io.BytesIO(dockerfile.encode()), tag="composer-pytest:other", rm=True, forcerm=True
+    )
     try:
         code, output, _ = try_join(bed, 3, secret_file, waiting_run, "--image", "composer-pytest:other")
     finally:
