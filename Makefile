@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed-stamp
 CONFIG  ?= configs/smoke.yaml
 WORKERS ?= 8
 
-.PHONY: venv smoke hub-standin test lint format docker-ready test-fast bench bench-wan ablation image docker-up docker-down clean
+.PHONY: venv smoke hub-standin test lint format docker-ready test-fast bench bench-wan ablation image docker-up docker-down serve join clean
 
 # (Re)create the venv whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -72,6 +72,25 @@ docker-up: image
 
 docker-down:
 	docker compose down --remove-orphans
+
+# One run over several machines (README "Across machines"). First machine:
+#   make serve REPLICAS=3            (prints the join command; the secret lands in runs/.secrets/)
+# every other machine:
+#   make join COORDINATOR=10.0.0.1:29400 SECRET_FILE=run.secret   (or SECRET=..., see the README)
+# The secret reaches python through the environment, never its command line.
+REPLICAS ?= 2
+JOIN_WORKERS ?= 1
+ACROSS_ARGS = --config $(CONFIG) --workers $(JOIN_WORKERS) $(if $(SECRET_FILE),--secret-file $(SECRET_FILE)) \
+	$(if $(INTERFACE),--interface $(INTERFACE)) $(foreach s,$(SET),--set $(s))
+ifneq ($(SECRET),)
+serve join: export COMPOSER_SECRET = $(SECRET)
+endif
+serve: venv
+	$(BIN)/python -m orchestrator serve --replicas $(REPLICAS) $(ACROSS_ARGS)
+
+join: venv
+	@test -n "$(COORDINATOR)" || { echo "usage: make join COORDINATOR=host:port SECRET_FILE=file (or SECRET=...)"; exit 2; }
+	$(BIN)/python -m orchestrator join --coordinator $(COORDINATOR) $(ACROSS_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -48,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ QUEUE = os.environ.get("BENCH_WAN_QUEUE", "1s")  # tbf queue, as time at the rat
 
 
 def _counters() -> tuple[int, int]:
-    net = Path("/sys/class/net/eth0/statistics")
+    net = Path(f"/sys/class/net/{os.environ.get('BENCH_WAN_IFACE', 'eth0')}/statistics")
     return int((net / "tx_bytes").read_text()), int((net / "rx_bytes").read_text())
 
 
@@ -158,8 +159,8 @@ def node(rank: int, world: int, master: str, port: int, configs: list[dict], rou
 # ------------------------------------------------------------------------------ on the host
 
 
-def _run(*command: str, check: bool = True) -> str:
-    return subprocess.run(command, check=check, capture_output=True, text=True).stdout.strip()
+def _run(*command: str, check: bool = True, env: dict[str, str] | None = None) -> str:
+    return subprocess.run(command, check=check, capture_output=True, text=True, env=env).stdout.strip()
 
 
 def host_veth(container: str) -> str:
@@ -209,21 +210,58 @@ RATES: list[int | None] = [None, 1000, 100, 20]
 SELECTED = list(COMPRESSIONS)
 
 
-def measure(replicas: int, plan: list[tuple[int | None, list[dict]]], rounds: int) -> list[dict]:
-    names = [f"{PREFIX}-{replicas}-{rank}" for rank in range(replicas)]
+@dataclass
+class Placement:
+    """Where the M replica containers run and how their links are found.
+
+    `bridge` (the default): M containers on one Docker bridge, each link its host-side veth.
+    `hosts`: one container per emulated host of orchestrator.testbed (a network namespace with its
+    own address and Docker engine, host networking, Gloo on eth1), each link the host's veth in
+    the root namespace: the layout of a run across machines (issue 16).
+    """
+
+    names: list[str]
+    envs: list[dict[str, str] | None]  # the docker CLI's environment per container (its engine)
+    networks: list[list[str]]  # docker run's network arguments per container
+    master: str  # rank 0's address as the others dial it
+    iface: str  # the interface Gloo binds to and whose counters are read
+
+    @classmethod
+    def bridge(cls, replicas: int) -> Placement:
+        names = [f"{PREFIX}-{replicas}-{rank}" for rank in range(replicas)]
+        networks = [["--network", NETWORK, "--hostname", name] for name in names]
+        return cls(names, [None] * replicas, networks, names[0], "eth0")
+
+    @classmethod
+    def hosts(cls, replicas: int, bed: Any) -> Placement:
+        chosen = bed.hosts[:replicas]
+        names = [f"{PREFIX}-{replicas}-{rank}" for rank in range(replicas)]
+        envs = [host.env() for host in chosen]
+        return cls(names, envs, [["--network", "host"]] * replicas, chosen[0].address, "eth1")
+
+    def links(self, bed: Any) -> list[str]:
+        if bed is None:
+            return [host_veth(name) for name in self.names]
+        return [host.link for host in bed.hosts[: len(self.names)]]
+
+
+def measure(replicas: int, plan: list[tuple[int | None, list[dict]]], rounds: int, bed: Any = None) -> list[dict]:
+    place = Placement.bridge(replicas) if bed is None else Placement.hosts(replicas, bed)
+    names = place.names
     out_dir = Path(tempfile.mkdtemp(prefix="bench-wan-"))
     out_dir.chmod(0o777)
     veths: list[str] = []
     rows: list[dict] = []
     try:
-        for name in names:
+        for name, env, network in zip(names, place.envs, place.networks, strict=True):
             _run(
-                "docker", "run", "-d", "--rm", "--name", name, "--hostname", name, "--network", NETWORK,
+                "docker", "run", "-d", "--rm", "--name", name, *network,
                 "-v", f"{ROOT / 'trainer'}:/app/trainer:ro", "-v", f"{ROOT / 'bench'}:/app/bench:ro",
-                "-v", f"{out_dir}:/out", "-e", "GLOO_SOCKET_IFNAME=eth0", "-e", "OMP_NUM_THREADS=1",
-                "--entrypoint", "sleep", IMAGE, "infinity",
+                "-v", f"{out_dir}:/out", "-e", f"GLOO_SOCKET_IFNAME={place.iface}",
+                "-e", f"BENCH_WAN_IFACE={place.iface}", "-e", "OMP_NUM_THREADS=1",
+                "--entrypoint", "sleep", IMAGE, "infinity", env=env,
             )  # fmt: skip
-        veths = [host_veth(name) for name in names]
+        veths = place.links(bed)
         for attempt, (rate, configs) in enumerate(plan):
             for veth in veths:
                 shape(veth, rate)
@@ -243,7 +281,7 @@ def measure(replicas: int, plan: list[tuple[int | None, list[dict]]], rounds: in
                         "--world",
                         str(replicas),
                         "--master",
-                        names[0],
+                        place.master,
                         "--port",
                         str(PORT + attempt),
                         "--rounds",
@@ -256,6 +294,7 @@ def measure(replicas: int, plan: list[tuple[int | None, list[dict]]], rounds: in
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
                     text=True,
+                    env=place.envs[rank],
                 )  # fmt: skip
                 for rank, name in enumerate(names)
             ]
@@ -270,8 +309,8 @@ def measure(replicas: int, plan: list[tuple[int | None, list[dict]]], rounds: in
     finally:
         for veth in veths:
             shape(veth, None)
-        for name in names:
-            _run("docker", "rm", "-f", name, check=False)
+        for name, env in zip(names, place.envs, strict=True):
+            _run("docker", "rm", "-f", name, check=False, env=env)
         shutil.rmtree(out_dir, ignore_errors=True)
     return rows
 
@@ -312,6 +351,26 @@ def _mbit(rate: int | None) -> str:
     return "unlimited" if rate is None else f"{rate}"
 
 
+def rows_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "## All rows",
+        "",
+        "| M | Mbit/s | compression | fragments, tau | utilisation | link efficiency | wire MB / outer step "
+        "| DiLoCo MB / outer step | wire / DiLoCo | round s | final MSE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        efficiency = "" if row["link_efficiency"] is None else f"{row['link_efficiency']:.2f}"
+        lines.append(
+            f"| {row['replicas']} | {_mbit(row['rate_mbit'])} | {row['compression']} | "
+            f"{row['fragments']}, {row['fragment_delay']} | {row['utilisation']:.1%} | {efficiency} | "
+            f"{row['wire_bytes_per_outer_step'] / 1e6:.3f} | {row['diloco_bytes_per_outer_step'] / 1e6:.3f} | "
+            f"{row['wire_bytes_per_outer_step'] / row['diloco_bytes_per_outer_step']:.3f} | "
+            f"{row['round_wall_s']:.2f} | {row['final_metric']:.4f} |"
+        )
+    return lines
+
+
 def markdown(rows: list[dict], setup: dict) -> str:
     lines = [
         "# DiLoCo over rate-limited links",
@@ -343,22 +402,60 @@ def markdown(rows: list[dict], setup: dict) -> str:
         "DiLoCo's `bytes_sent`; final = held-out MSE of replica 0 after the last round.",
         "",
         *acceptance(rows),
-        "## All rows",
+        *rows_table(rows),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _pair(base: dict, row: dict, field: str, fmt: str) -> str:
+    return " / ".join("" if r[field] is None else format(r[field], fmt) for r in (base, row))
+
+
+def markdown_hosts(rows: list[dict], setup: dict, single_host: list[dict]) -> str:
+    """wan_hosts.md: the rows measured between emulated hosts beside the same grid measured on one
+    Docker bridge minutes before (same load), and a pointer to wan.md's published figures."""
+    lines = [
+        "# DiLoCo over rate-limited links between emulated hosts",
         "",
-        "| M | Mbit/s | compression | fragments, tau | utilisation | link efficiency | wire MB / outer step "
-        "| DiLoCo MB / outer step | wire / DiLoCo | round s | final MSE |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"Written by `bench/bench_wan.py --layout hosts`. Each replica runs in its own emulated host "
+        f"(orchestrator.testbed: a network namespace with its own address on a bridge and its own "
+        f"Docker engine; the container uses the host's network and Gloo binds to the host's eth1, as "
+        f"a run across machines does), and the link is `tc tbf` on the host's veth in the root "
+        f"namespace (the host's ingress). Same workload, schedule and shaping as wan.md: "
+        f"{setup['parameters'] / 1e6:.2f} M-parameter MLP, batch {BATCH}, H = {SYNC_EVERY}, "
+        f"{setup['rounds']} measured rounds after a warm-up round; {platform.machine()}, {os.cpu_count()} "
+        f"cores shared with other jobs (load average at the end {setup['load_average_end']:.1f}). "
+        f"Grid: {setup['grid']}; {setup['minutes']:.1f} minutes with the comparison. No latency is added "
+        "(no netem here).",
+        "",
+        "## Against one Docker host",
+        "",
+        "Each M's grid runs twice back to back: first with the containers on one Docker bridge (the "
+        "layout of wan.md, measured again here so that both see the same load on the shared cores), "
+        "then one per emulated host. The load on these 2 cores moves compute per round by 2x or "
+        "more between runs minutes apart, and utilisation with it; compare the pairs, not these "
+        "with wan.md's rows.",
+        "",
+        "| M | Mbit/s | compression | fragments, tau | utilisation: one host / hosts | link efficiency: one host / "
+        "hosts | wire / DiLoCo: one host / hosts | round s: one host / hosts |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        efficiency = "" if row["link_efficiency"] is None else f"{row['link_efficiency']:.2f}"
+        key = (row["replicas"], row["rate_mbit"], row["compression"], row["fragments"])
+        base = next(
+            (b for b in single_host if (b["replicas"], b["rate_mbit"], b["compression"], b["fragments"]) == key), None
+        )
+        if base is None:
+            continue
+
+        ratio = [r["wire_bytes_per_outer_step"] / r["diloco_bytes_per_outer_step"] for r in (base, row)]
         lines.append(
             f"| {row['replicas']} | {_mbit(row['rate_mbit'])} | {row['compression']} | "
-            f"{row['fragments']}, {row['fragment_delay']} | {row['utilisation']:.1%} | {efficiency} | "
-            f"{row['wire_bytes_per_outer_step'] / 1e6:.3f} | {row['diloco_bytes_per_outer_step'] / 1e6:.3f} | "
-            f"{row['wire_bytes_per_outer_step'] / row['diloco_bytes_per_outer_step']:.3f} | "
-            f"{row['round_wall_s']:.2f} | {row['final_metric']:.4f} |"
+            f"{row['fragments']}, {row['fragment_delay']} | {_pair(base, row, 'utilisation', '.1%')} | "
+            f"{_pair(base, row, 'link_efficiency', '.2f')} | {ratio[0]:.3f} / {ratio[1]:.3f} | "
+            f"{_pair(base, row, 'round_wall_s', '.2f')} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", *rows_table(rows)]) + "\n"
 
 
 def _row(rows: list[dict], replicas: int, rate: int | None, compression: str, fragments: int) -> dict | None:
@@ -452,6 +549,13 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="the whole rate x compression grid at every M")
     parser.add_argument("--compressions", nargs="+", default=list(COMPRESSIONS), choices=COMPRESSIONS)
     parser.add_argument("--rewrite", action="store_true", help="only rewrite wan.md and wan.png from wan.json")
+    parser.add_argument(
+        "--layout",
+        choices=("bridge", "hosts"),
+        default="bridge",
+        help="bridge: containers on one Docker bridge (wan.*); hosts: one emulated host each "
+        "(orchestrator.testbed, wan_hosts.*), e.g. --layout hosts --rates 100",
+    )
     args = parser.parse_args()
     if args.mode == "node":
         sys.path.insert(0, "/app")
@@ -471,14 +575,28 @@ def main() -> None:
         return
     RATES[:] = [rate or None for rate in args.rates]
     SELECTED[:] = args.compressions
+    bed = None
+    if args.layout == "hosts":
+        sys.path.insert(0, str(ROOT))
+        from orchestrator.testbed import TestBed
+
+        bed = TestBed(max(args.replicas)).up()
+        print(f"emulated hosts up; image loaded in {bed.load_image(IMAGE)} s", flush=True)
     subprocess.run(["docker", "network", "create", NETWORK], capture_output=True)
     rows: list[dict[str, Any]] = []
+    one_host: list[dict[str, Any]] = []  # --layout hosts: the same grid on one bridge, minutes apart
     started = time.time()
     try:
         for replicas in args.replicas:
-            rows += measure(replicas, grid(replicas, args.full), args.rounds)
+            if bed is not None:
+                print(f"M={replicas}, one Docker bridge (the comparison, under the same load):", flush=True)
+                one_host += measure(replicas, grid(replicas, args.full), args.rounds)
+                print(f"M={replicas}, one emulated host per replica:", flush=True)
+            rows += measure(replicas, grid(replicas, args.full), args.rounds, bed)
     finally:
         subprocess.run(["docker", "network", "rm", NETWORK], capture_output=True)
+        if bed is not None:
+            bed.down()
     described = (
         "the full grid at every M"
         if args.full
@@ -496,10 +614,15 @@ def main() -> None:
         "load_average_end": os.getloadavg()[0],
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "wan.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2) + "\n")
-    (RESULTS / "wan.md").write_text(markdown(rows, setup))
-    plot(rows, RESULTS / "wan.png")
-    print((RESULTS / "wan.md").read_text())
+    stem = "wan" if bed is None else "wan_hosts"
+    saved = {"setup": setup, "rows": rows} | ({"one_host_rows": one_host} if bed is not None else {})
+    (RESULTS / f"{stem}.json").write_text(json.dumps(saved, indent=2) + "\n")
+    if bed is None:
+        (RESULTS / "wan.md").write_text(markdown(rows, setup))
+    else:
+        (RESULTS / "wan_hosts.md").write_text(markdown_hosts(rows, setup, one_host))
+    plot(rows, RESULTS / f"{stem}.png")
+    print((RESULTS / f"{stem}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ Imported inside worker containers, so it must not import `docker`.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
+import struct
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +31,11 @@ KEY_RUN_DIR = "composer/run_dir"  # the directory the coordinator chose (a finis
 def key_starts(replica: int) -> str:
     """Counter bumped by each start of a replica's container: starts - 1 = restarts."""
     return f"composer/starts/{replica}"
+
+
+def key_beat(replica: int) -> str:
+    """Counter a replica's node bumps every few seconds: the coordinator's sign of a live host."""
+    return f"composer/beat/{replica}"
 
 
 def key_done(replica: int) -> str:
@@ -131,6 +139,7 @@ def torchrun_command(settings: RunSettings, *, nnodes: int, rdzv_id: str, local_
         f"--nproc-per-node={settings.nproc_per_node}",
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={settings.coordinator}:{settings.port}",
+        "--rdzv-conf=is_host=false",  # the coordinator hosts the store, never a node
         f"--rdzv-id={rdzv_id}",
         f"--max-restarts={settings.max_restarts}",
         f"--local-addr={local_addr}",
@@ -157,3 +166,44 @@ def connect_store(host: str, port: int, timeout_s: float) -> TCPStore:
                     f"no rendezvous store answers at {host}:{port} after {timeout_s:.0f} s: {error}"
                 ) from error
             time.sleep(1.0)
+
+
+def interface_address(interface: str) -> str:
+    """The IPv4 address of a network interface (SIOCGIFADDR), e.g. eth1 -> 10.0.0.2.
+
+    Raises:
+        ClusterError: no such interface, or it has no IPv4 address; the message lists the interfaces.
+    """
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        packed = fcntl.ioctl(probe.fileno(), 0x8915, struct.pack("256s", interface[:15].encode()))
+    except OSError:
+        names = ", ".join(name for _, name in socket.if_nameindex())
+        raise ClusterError(f"interface {interface!r} has no IPv4 address here (interfaces: {names})") from None
+    finally:
+        probe.close()
+    return socket.inet_ntoa(packed[20:24])
+
+
+def route_interface(host: str, port: int = RDZV_PORT) -> tuple[str, str]:
+    """The interface (and its address) this machine's kernel routes traffic to `host` through:
+    what the collectives should bind to when the coordinator is reached that way. No packet is sent.
+
+    Raises:
+        ClusterError: no route to `host`, or the source address belongs to no interface.
+    """
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect((socket.gethostbyname(host), port))
+        source = probe.getsockname()[0]
+    except OSError as error:
+        raise ClusterError(f"no route to {host} from this machine ({error.strerror or error})") from None
+    finally:
+        probe.close()
+    for _, name in socket.if_nameindex():
+        try:
+            if interface_address(name) == source:
+                return name, source
+        except ClusterError:
+            continue
+    raise ClusterError(f"the route to {host} leaves from {source}, which no interface holds")

@@ -8,6 +8,14 @@ replica has finished, writes `cluster.json`, and exits with the run's status.
 World size: COMPOSER_WORKERS when the host orchestrator set it; otherwise (Compose) the number of
 worker containers of this Compose project, counted through the Docker socket. In that case it
 also restarts dead workers, since no host process is there to do it.
+
+Across machines (`python -m orchestrator serve`, issue 16; a run secret in COMPOSER_SECRET_FILE)
+the store listens on loopback only and the port faces the network through an
+`orchestrator.gate.Gate`: only holders of the secret reach the store, and a machine joins with a
+`hello` that the coordinator answers with its replica indices (the same ones again when a host
+comes back under its name) or refuses in one line naming what differs (image, config, a full
+world). Heartbeats tell it which host is gone: one silent for COMPOSER_HOST_TIMEOUT_S fails the
+run by name, and cluster.json lists every host with its replicas and when it was last heard.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import pwd
 import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from datetime import timedelta
@@ -27,6 +36,7 @@ from typing import Any
 import docker
 from torch.distributed import TCPStore
 
+from orchestrator import gate
 from orchestrator.cluster import (
     COMPOSE_PROJECT,
     COMPOSE_SERVICE,
@@ -38,13 +48,15 @@ from orchestrator.cluster import (
     RunSettings,
     compose_replica_index,
     int_env,
+    key_beat,
     key_done,
     key_replica_of,
     key_starts,
 )
 from orchestrator.progress import MetricsTail, RunProgress, missing_outer_steps
 from orchestrator.supervisor import WorkerSupervisor
-from trainer.run_dir import choose_run_dir
+from trainer.config import ConfigError, dump_config, load_config
+from trainer.run_dir import choose_run_dir, config_differences
 
 POLL_S = 1.0
 PROGRESS_EVERY_S = 20.0
@@ -141,6 +153,89 @@ def cluster_summary(run_dir: Path, progress: RunProgress, *, finished: bool, rea
     }
 
 
+def same_image(ours: str, theirs: str) -> bool:
+    """Images as `orchestrator.images.image_identity` writes them ("<id> source <hash>"): the same
+    image id (`docker save | docker load` keeps it), or the same source hash (a build of the same
+    tree elsewhere: every file the Dockerfile copies, the wheel names, the base image)."""
+    our_id, _, our_source = ours.partition(" source ")
+    their_id, _, their_source = theirs.partition(" source ")
+    return our_id == their_id or bool(our_source) and our_source == their_source
+
+
+def _shown(value: Any) -> str:
+    return "<absent>" if value is None else json.dumps(value)
+
+
+def _flat(config: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+class Membership:
+    """Which machine holds which replicas, and whether a machine may join (issue 16).
+
+    A host is known by the name it joins with; it gets the lowest free replica indices, and the
+    same ones again when it comes back (so it resumes its own checkpoints). A host whose image or
+    config differs from the coordinator's is refused with one line naming the difference.
+    """
+
+    def __init__(self, world: int, image: str, config: dict[str, Any], own: tuple[str, int, str] | None = None) -> None:
+        """`own`: the coordinator's machine (name, workers, address); it holds replicas 0.. from the
+        start, so replica 0, whose first process writes the books, is on the machine that keeps them."""
+        self.world, self.image, self.config = world, image, config
+        self.run_dir = ""  # the coordinator's choice, told to every host
+        self.hosts: dict[str, dict[str, Any]] = {}
+        if own is not None:
+            name, workers, address = own
+            self.hosts[name] = {"replicas": list(range(workers)), "address": address, "joins": 0}
+        self.lock = threading.Lock()
+
+    def admit(self, request: dict[str, Any], peer: str) -> dict[str, Any]:
+        if request.get("kind") == "ping":
+            return {"ok": True}
+        name, workers = str(request.get("host", "")), int(request.get("workers", 0))
+        if not same_image(request.get("image", ""), self.image):
+            return {
+                "ok": False,
+                "error": f"image differs: this host runs {request.get('image')}, the coordinator {self.image}",
+            }
+        differing = config_differences(self.config, request.get("config") or {})
+        if differing:
+            ours, theirs = self.config, request["config"]
+            shown = "; ".join(
+                f"{key} (coordinator {_shown(_flat(ours, key))}, this host {_shown(_flat(theirs, key))})"
+                for key in differing[:5]
+            )
+            more = f" and {len(differing) - 5} more" if len(differing) > 5 else ""
+            return {"ok": False, "error": f"config differs from the coordinator's at {shown}{more}"}
+        with self.lock:
+            known = self.hosts.get(name)
+            if known is not None:
+                if len(known["replicas"]) != workers:
+                    return {
+                        "ok": False,
+                        "error": f"host {name} joined before with {len(known['replicas'])} workers; join with as many",
+                    }
+                known["address"], known["joins"] = request.get("address") or peer, known["joins"] + 1
+                rejoined = known["joins"] > 1
+                return {"ok": True, "replicas": known["replicas"], "rejoined": rejoined, "run_dir": self.run_dir}
+            taken = {r for host in self.hosts.values() for r in host["replicas"]}
+            free = [r for r in range(self.world) if r not in taken]
+            if workers < 1 or workers > len(free):
+                return {
+                    "ok": False,
+                    "error": f"the run has {self.world} replicas and {len(free)} are free "
+                    f"({', '.join(sorted(self.hosts)) or 'no host'} joined); this host asked for {workers}",
+                }
+            self.hosts[name] = {
+                "replicas": free[:workers],
+                "address": request.get("address") or peer,
+                "joins": 1,
+            }
+            return {"ok": True, "replicas": free[:workers], "rejoined": False, "run_dir": self.run_dir}
+
+
 class Coordinator:
     def __init__(self, settings: RunSettings, env: dict[str, str]) -> None:
         self.settings = settings
@@ -148,11 +243,28 @@ class Coordinator:
         if self.run_dir != Path(settings.run_dir):
             log(f"{settings.run_dir} holds a finished run; this run writes to {self.run_dir}")
         self.started = time.time()
+        self.started_monotonic = time.monotonic()
         self.stop_requested = False
         self.supervisor: WorkerSupervisor | None = None
         self.fixed_workers = int_env(env, "COMPOSER_WORKERS", 0) or None
         self.worker_restarts = int_env(env, "COMPOSER_WORKER_RESTARTS", 3)
         self.docker: docker.DockerClient | None = None
+        self.secret = gate.load_secret(env) if env.get(gate.SECRET_FILE_ENV) or env.get(gate.SECRET_ENV) else None
+        self.membership: Membership | None = None
+        self.host_timeout_s = int_env(env, "COMPOSER_HOST_TIMEOUT_S", 600)
+        if self.secret is not None:
+            if self.fixed_workers is None:
+                raise ClusterError("COMPOSER_WORKERS (the run's replicas over all hosts) must be set across machines")
+            try:
+                config = dump_config(load_config(settings.config, list(settings.overrides)))
+            except ConfigError as error:
+                raise ClusterError(str(error)) from None
+            own = None
+            if env.get("COMPOSER_HOST_NAME"):
+                workers = int_env(env, "COMPOSER_HOST_WORKERS", 1)
+                own = (env["COMPOSER_HOST_NAME"], workers, env.get("COMPOSER_GATE_BIND", ""))
+            self.membership = Membership(self.fixed_workers, env.get("COMPOSER_IMAGE_ID", ""), config, own)
+            self.membership.run_dir = str(self.run_dir)
         if self.fixed_workers is None:
             try:
                 self.docker = docker.from_env()
@@ -163,15 +275,25 @@ class Coordinator:
                     "mount /var/run/docker.sock into the coordinator or set COMPOSER_WORKERS"
                 ) from error
 
-    def run(self) -> int:
-        store = TCPStore(
-            "127.0.0.1",
-            self.settings.port,
-            is_master=True,
-            wait_for_workers=False,
-            timeout=timedelta(seconds=60),
+    def open_store(self) -> TCPStore:
+        """The rendezvous store: on the run's port, or, behind a gate, on a loopback-only port."""
+        if self.membership is None:
+            port = self.settings.port
+            store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+            log(f"rendezvous store on port {self.settings.port}")
+            return store
+        store = gate.loopback_store()
+        port = store.port
+        bind = os.environ.get("COMPOSER_GATE_BIND", "0.0.0.0")
+        self.gate = gate.Gate(self.secret, (bind, self.settings.port), port, self.membership.admit, log=log).start()
+        log(
+            f"rendezvous store on 127.0.0.1:{port}, reachable only through the gate on {bind}:{self.settings.port} "
+            f"(secret {gate.fingerprint(self.secret)}; {self.fixed_workers} replicas over all hosts)"
         )
-        log(f"rendezvous store on port {self.settings.port}")
+        return store
+
+    def run(self) -> int:
+        store = self.open_store()
         if self.fixed_workers is not None:
             nnodes = self.fixed_workers
         else:
@@ -202,7 +324,12 @@ class Coordinator:
         self.progress = RunProgress()
         done_keys = [key_done(replica) for replica in range(nnodes)]
         last_line_at = 0.0
+        self.beats: dict[int, tuple[int, float]] = {}  # replica -> (counter, when it last moved)
         while not self.stop_requested:
+            if self.membership is not None:
+                gone = self._gone_hosts(store, done_keys)
+                if gone:
+                    return False, "; ".join(gone)
             for record in self.progress.update(self.tail.read()):
                 log(f"outer step {record['outer_step']}: {self.progress.line()}")
                 last_line_at = time.monotonic()
@@ -220,6 +347,37 @@ class Coordinator:
                 return True, ""
             time.sleep(POLL_S)
         return False, "stopped before the run finished"
+
+    def _gone_hosts(self, store: TCPStore, done_keys: list[str]) -> list[str]:
+        """Hosts whose every unfinished replica has sent no heartbeat for host_timeout_s."""
+        now = time.monotonic()
+        for replica in range(len(done_keys)):
+            count = int(store.add(key_beat(replica), 0))
+            if self.beats.get(replica, (None, 0.0))[0] != count:
+                self.beats[replica] = (count, now)
+        gone = []
+        for name, host in sorted(self.membership.hosts.items()):
+            waiting = [r for r in host["replicas"] if not store.check([done_keys[r]])]
+            silent = [now - self.beats.get(r, (0, self.started_monotonic))[1] for r in waiting]
+            if waiting and min(silent) > self.host_timeout_s:
+                gone.append(
+                    f"host {name} ({host['address']}, replicas {waiting}) is gone: no heartbeat for {min(silent):.0f} s"
+                )
+        return gone
+
+    def hosts_report(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            name: {
+                "address": host["address"],
+                "replicas": host["replicas"],
+                "joins": host["joins"],
+                "last_heard_s": round(
+                    min(now - self.beats.get(r, (0, self.started_monotonic))[1] for r in host["replicas"]), 1
+                ),
+            }
+            for name, host in sorted(self.membership.hosts.items())
+        }
 
     def _publish_replica_indices(self, store: TCPStore) -> None:
         """Tells each worker container its replica index: Compose knows it, the container not."""
@@ -241,6 +399,8 @@ class Coordinator:
                 round(self.progress.first_outer_at - self.started, 1) if self.progress.first_outer_at else None
             ),
         }
+        if self.membership is not None:
+            report["hosts"] = self.hosts_report()
         if self.run_dir.exists():
             partial = self.run_dir / "cluster.json.tmp"
             partial.write_text(json.dumps(report, indent=2) + "\n")
@@ -259,7 +419,7 @@ def main() -> int:
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
         return coordinator.run()
-    except ClusterError as error:
+    except (ClusterError, gate.GateError) as error:
         log(f"error: {error}")
         return 2
 

@@ -26,6 +26,12 @@ class ImageBuildError(RuntimeError):
     pass
 
 
+def image_identity(image: Image) -> str:
+    """ "<image id> source <source hash>": what a machine joining a run shows the coordinator
+    (orchestrator.coordinator.same_image compares two)."""
+    return f"{image.id} source {image.labels.get(SOURCE_LABEL) or 'unlabelled'}"
+
+
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,8 @@ Launch under torchrun (`make smoke` runs two CPU processes = two DiLoCo replicas
 
 A replica is `replica_size` consecutive ranks (default: one torchrun node). Inside a replica,
 gradients are averaged every inner step (data parallel); across replicas only DiLoCo talks,
-once per `diloco.sync_every` steps. Global rank 0 writes metrics, the summary and the plot.
+once per `diloco.sync_every` steps. The lead (the first process of replica 0, global rank 0 unless
+a restart moved it) writes metrics, the summary and the plot.
 Environment: COMPOSER_RUN_DIR (where the run writes), COMPOSER_REPLICA_ID (stable replica
 identity for data and checkpoint files when torch ranks move around after an elastic restart).
 
@@ -68,10 +69,13 @@ class Topology:
     local_rank: int  # rank inside the replica
     inner_group: dist.ProcessGroup | None  # ranks of this replica (None: a replica of one)
     outer_group: dist.ProcessGroup | None  # rank `local_rank` of every replica (None: the world)
+    # The rank that writes the books: the first process of replica id 0, wherever torchrun's
+    # rendezvous put it (across machines it is the coordinator's host, which keeps the metrics).
+    lead_rank: int = 0
 
     @property
     def lead(self) -> bool:
-        return self.rank == 0
+        return self.rank == self.lead_rank
 
     @property
     def replica_size(self) -> int:
@@ -91,7 +95,8 @@ class Run:
     env: Environment
     device: torch.device
     dtype: torch.dtype | None  # autocast compute dtype (None: fp32 throughout); weights stay fp32
-    resume_from: int | None  # newest sealed checkpoint (rank 0's view), None: a fresh run
+    resume_from: int | None  # newest sealed checkpoint (the lead's view), None: a fresh run
+    keeper: bool = True  # this rank writes its disk's shared files (`storage_keeper`)
 
     def autocast(self) -> Any:
         return autocast(self.device, self.dtype)
@@ -142,7 +147,9 @@ def init_distributed(config: Config) -> Topology:
             outer_group = group if k == rank % size else outer_group
     replica_index = rank // size
     replica_id = int(os.environ.get("COMPOSER_REPLICA_ID", replica_index))
-    return Topology(rank, world, replicas, replica_index, replica_id, rank % size, inner_group, outer_group)
+    identities = gather((replica_id, rank % size))
+    lead_rank = identities.index(min(identities))
+    return Topology(rank, world, replicas, replica_index, replica_id, rank % size, inner_group, outer_group, lead_rank)
 
 
 def step_seed(*parts: int) -> int:
@@ -221,16 +228,17 @@ def build(config: Config) -> Run:
     """Processes, run directory, tasks, the model and tokenizer on this rank's device."""
     topo = init_distributed(config)
     base = Path(os.environ.get("COMPOSER_RUN_DIR") or config.run_dir or f"runs/{config.name}")
-    run_dir = gather(choose_run_dir(base))[0]  # rank 0's choice: a finished run is never resumed
+    run_dir = gather(choose_run_dir(base))[topo.lead_rank]  # the lead's choice: a finished run is never resumed
     if topo.lead and run_dir != base:
         print(f"{base} holds a finished run; this run writes to {run_dir}", flush=True)
     ckpt_root = Path(config.checkpoint_dir) if config.checkpoint_dir else run_dir / "checkpoints"
+    keeper = storage_keeper(topo, ckpt_root)
     if "OMP_NUM_THREADS" not in os.environ:  # an explicit setting (torchrun, compose) wins
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     env = build_env(config)
     if config.model.name == "tiny":
         corpus = env.corpus()
-        if topo.lead:  # train the tokenizer once; the others read the saved copy
+        if keeper:  # train the tokenizer once per disk; the others read the saved copy
             cached_tokenizer(corpus, vocab_size=config.model.vocab_size, cache_dir=run_dir)
         barrier()
         model, tokenizer = tiny_model_and_tokenizer(
@@ -246,14 +254,31 @@ def build(config: Config) -> Run:
         model, tokenizer = pretrained_model_and_tokenizer(config.model.name, tokenizer_name=config.model.tokenizer)
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    resume_from = gather(checkpoint.latest_complete(ckpt_root))[0]  # rank 0's view decides for all
+    resume_from = gather(checkpoint.latest_complete(ckpt_root))[topo.lead_rank]  # the lead's view decides for all
     if resume_from is not None:
         saved = checkpoint.step_info(ckpt_root, resume_from).get("replicas")
         check_resumable(
             run_dir, dump_config(config), resume=config.resume, replicas=topo.replicas, saved_replicas=saved
         )
     dtype = compute_dtype(config.model.dtype)
-    return Run(config, topo, run_dir, ckpt_root, model, tokenizer, env, device, dtype, resume_from)
+    return Run(config, topo, run_dir, ckpt_root, model, tokenizer, env, device, dtype, resume_from, keeper)
+
+
+def storage_keeper(topo: Topology, ckpt_root: Path) -> bool:
+    """Whether this rank keeps the shared files of its disk: the tokenizer, the DPO reference and
+    the checkpoint seals. One rank per checkpoint directory: the lead for its own; across machines
+    (each keeps its replicas' checkpoints, issue 16) the first rank of each other one. A directory
+    is known by (kernel boot id, device, inode), so one directory seen by several containers of a
+    machine is one disk, and two machines never share a keeper."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    boot_id = Path("/proc/sys/kernel/random/boot_id")
+    stat = ckpt_root.stat()
+    disk = (boot_id.read_text().strip() if boot_id.exists() else "", stat.st_dev, stat.st_ino)
+    disks = gather(disk)
+    keepers = {disks[topo.lead_rank]: topo.lead_rank}
+    for rank, other in enumerate(disks):
+        keepers.setdefault(other, rank)
+    return keepers[disk] == topo.rank
 
 
 def build_env(config: Config) -> Environment:
@@ -360,7 +385,7 @@ def build_preference_feed(run: Run) -> PreferenceFeed:
     """The frozen DPO reference (the policy after warm-up, saved once) and the pair feed over it."""
     reference = copy.deepcopy(run.model).requires_grad_(False).eval()
     if run.resume_from is None:
-        if run.topo.lead:
+        if run.keeper:
             checkpoint.save_reference(run.ckpt_root, reference)
     elif not checkpoint.load_reference(run.ckpt_root, reference):
         raise FileNotFoundError(f"{run.ckpt_root}/reference.safetensors: missing, cannot resume the DPO channel")
@@ -582,12 +607,12 @@ def end_of_round(
     replica.round_clock = (compute_s, communication_s)
     if books.metrics is not None:
         log_round(run, replica, books, everyone, round_index, seconds)
-    # Every replica saves its share, then rank 0 seals the folder.
+    # Every replica saves its share, then one rank per disk seals the folder.
     replica.state.save(
         run.ckpt_root, diloco.outer_step, run.topo.replica_id, round_index=round_index, write=run.topo.local_rank == 0
     )
     barrier()
-    if run.topo.lead:
+    if run.keeper:
         info = dict(round=round_index, replicas=run.topo.replicas, world_size=run.topo.world_size)
         checkpoint.mark_complete(run.ckpt_root, diloco.outer_step, info, run.config.keep_checkpoints)
     every = run.config.eval.every

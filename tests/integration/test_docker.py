@@ -50,9 +50,11 @@ def client() -> docker.DockerClient:
 
 @pytest.fixture(scope="module")
 def image(client: docker.DockerClient) -> str:
-    """The trainer image of this tree: rebuilt only when its inputs changed."""
-    ensure_image(client, tag=DEFAULT_IMAGE, log=lambda _line: None)
-    return DEFAULT_IMAGE
+    """The trainer image of this tree: rebuilt only when its inputs changed. COMPOSER_TEST_IMAGE
+    names another tag, so that checkouts sharing one engine do not rebuild each other's image."""
+    tag = os.environ.get("COMPOSER_TEST_IMAGE", DEFAULT_IMAGE)
+    ensure_image(client, tag=tag, log=lambda _line: None)
+    return tag
 
 
 @pytest.fixture
