@@ -34,6 +34,7 @@ from trainer.agent import (
     parse_tool_calls,
     render_ids,
     run_episode,
+    run_episodes,
     write_episodes,
 )
 from trainer.batching import pad_sequences
@@ -363,6 +364,31 @@ def test_the_trainer_scores_episode_tokens_as_the_sampler_drew_them(tiny, sandbo
     assert int(free.sum()) >= 40
     gap = (logp - batch.sampler_logps).abs()[free]
     assert gap.max().item() < 1e-4  # the ids after the observation are scored exactly as they were drawn
+
+
+def test_episodes_run_in_lockstep_are_the_episodes_run_one_at_a_time(tiny, sandbox, env):
+    model, tokenizer = tiny
+    options = dict(max_turns=3, max_tokens=300, temperature=1.0, max_turn_tokens=48, sandbox=sandbox, greedy=True)
+    # prompts of different lengths, so the rows are left-padded together; turn 0 is scripted (a
+    # read_file call), the turn after its observation the tiny model's own (greedy)
+    tasks = [replace(task, instruction=task.instruction + " Quickly." * i) for i, task in enumerate(env.train[:4])]
+    batched = run_episodes(scripted(tiny, [call("read_file", path="calc.py")]), tokenizer, tasks, **options)
+    alone = [run_episode(scripted(tiny, [call("read_file", path="calc.py")]), tokenizer, t, **options) for t in tasks]
+    assert len({e.prompt_length for e in batched}) == 4 and all(len(e.turns) == 2 for e in batched)
+    for together, single in zip(batched, alone, strict=True):
+        assert together.token_ids == single.token_ids and together.loss_mask == single.loss_mask
+        assert together.messages == single.messages and together.stop == single.stop
+        assert [(t.start, t.end) for t in together.turns] == [(t.start, t.end) for t in single.turns]
+        assert together.sampler_logps == pytest.approx(single.sampler_logps, abs=1e-4)
+        assert_loss_only_on_assistant_text(together, tokenizer)
+    # sampled in lockstep: the trainer scores each row's ids as the batched sampler drew them
+    torch.manual_seed(2)
+    sampled = run_episodes(model, tokenizer, tasks, **(options | dict(greedy=False)))
+    batch = episode_policy_batch(sampled, tokenizer, group_size=2, hint_level=None)
+    logits = completion_logits(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+    with torch.no_grad():
+        gap = (token_logps(logits, batch.completion_ids) - batch.sampler_logps).abs()[batch.loss_mask.bool()]
+    assert gap.numel() > 40 and gap.max().item() < 1e-4
 
 
 def test_the_sdpo_teacher_gets_the_hint_at_the_first_failed_turn_and_scores_from_there(tiny, graded_group):
