@@ -37,7 +37,7 @@ import re
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -465,9 +465,15 @@ def execute_tool(
         size = workspace.write(arguments["path"], text.replace(old, new))
         return f"Edited {arguments['path']} ({size} bytes).", False
     if call.name == "run_tests":
-        score = task.score_files(workspace.snapshot(), sandbox=sandbox)
-        return ("All tests passed." if score.passed else score.feedback[-OBSERVATION_LIMIT:]), not score.passed
+        return test_report(task, workspace.snapshot(), sandbox)
     return "Finished.", False
+
+
+def test_report(task: WorkspaceTask, files: dict[str, str], sandbox: Sandbox | None = None) -> tuple[str, bool]:
+    """What `run_tests` shows for a workspace holding `files`: (observation, whether the tests failed);
+    the target run against the task's check in the sandbox."""
+    score = task.score_files(files, sandbox=sandbox)
+    return ("All tests passed." if score.passed else score.feedback[-OBSERVATION_LIMIT:]), not score.passed
 
 
 class _EpisodeRun:
@@ -955,14 +961,17 @@ def episode_warmup(
     batch_size: int,
     lr: float,
     rng: random.Random,
+    script: Callable[[WorkspaceTask, random.Random], list[dict[str, Any]]] | None = None,
 ) -> list[float]:
-    """Supervised warm-up on scripted episodes (`trainer.envs.agentic.scripted_messages`):
-    cross-entropy on the assistant tokens only; returns the losses. For tiny models, as
-    `trainer.warmup.supervised_warmup` is for single-turn tasks. Half the episodes carry the
-    task's partial hint as a user message before the first turn, where the SDPO teacher's hint
-    goes, so the teacher has learnt to read one."""
+    """Supervised warm-up on scripted episodes: cross-entropy on the assistant tokens only; returns
+    the losses. For tiny models, as `trainer.warmup.supervised_warmup` is for single-turn tasks.
+    script(task, rng): an episode's messages after the prompt (an environment's `scripted_episode`;
+    default `trainer.envs.agentic.scripted_messages`, the reference patched in). Half the episodes
+    carry the task's partial hint as a user message before the first turn, where the SDPO teacher's
+    hint goes, so the teacher has learnt to read one."""
     from trainer.envs.agentic import scripted_messages
 
+    script = script or (lambda task, _rng: scripted_messages(task))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     losses = []
@@ -972,7 +981,7 @@ def episode_warmup(
             prompt = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": task.prompt()}]
             if task.hints and rng.random() < 0.5:
                 prompt.append({"role": "user", "content": task.hints[0]})
-            rows.append(demonstration_ids(tokenizer, prompt, scripted_messages(task, rng)))
+            rows.append(demonstration_ids(tokenizer, prompt, script(task, rng)))
         ids, attention = pad_sequences([r[0] for r in rows], tokenizer.pad_token_id)
         learn, _ = pad_sequences([r[1] for r in rows], 0)
         labels = ids.masked_fill(learn == 0, -100)
