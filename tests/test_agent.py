@@ -14,6 +14,7 @@ import copy
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from collections import Counter
@@ -529,3 +530,27 @@ def test_feature_deletion_in_multi_file_form_is_restored_by_a_patch(tiny, sandbo
     turns = [call("edit_file", path=task.target, old=head, new=original), call("run_tests"), call("finish")]
     result, _ = episode(tiny, sandbox, task, turns, max_tokens=30000)
     assert (result.passed, result.errors, result.messages[5]["content"]) == (True, Counter(), "All tests passed.")
+
+
+def test_arith_warm_up_scripts_teach_the_tools_and_leave_the_operator_to_rl(tiny, sandbox, env):
+    task = env.train[0]
+    files = dict(task.files)
+    stub = files[task.target]
+    assert stub.count(" ? ") == 1 and not task.score_files(files, sandbox=sandbox).passed
+    rng = random.Random(0)
+    scripts = [env.scripted_episode(task, rng) for _ in range(60)]
+    operators = Counter()
+    for messages in scripts:
+        edit, report = messages[0]["tool_calls"][0]["function"], messages[3]["content"]
+        arguments = json.loads(edit["arguments"])
+        assert (edit["name"], arguments["path"], arguments["old"]) == ("edit_file", "calc.py", "?")
+        operators[arguments["new"]] += 1
+        # the scripted run_tests observation is what the sandbox says of that very file
+        patched = stub.replace("?", arguments["new"])
+        assert (report == "All tests passed.") == task.score_files({"calc.py": patched}, sandbox=sandbox).passed
+        assert [m["tool_calls"][0]["function"]["name"] for m in messages[::2]] == ["edit_file", "run_tests", "finish"]
+    assert set(operators) == {"+", "-", "*"} and min(operators.values()) >= 10  # drawn, not the reference's
+    # the right patch, played through a real episode, passes
+    right = task.reference.split("\n")[-2].split()[-2]
+    result, _ = episode(tiny, sandbox, task, [call("edit_file", path="calc.py", old="?", new=right), call("finish")])
+    assert result.passed and result.files["calc.py"] == task.reference

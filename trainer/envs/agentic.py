@@ -1,10 +1,15 @@
 """Agentic task families: repositories an agent repairs with tools (`trainer.agent`).
 
-- `agent_code_arith`: `code_arith` in multi-file form: `calc.py` holds the function's signature
-  and docstring without a body, `test_calc.py` the tests; the instruction repeats the docstring
-  ("in calc.py, g: Return x plus 6."), since copying it out of a read_file observation is beyond
-  the 2-layer tiny model at smoke scale (a first run read calc.py and never passed). Small enough
-  for that model after a supervised warm-up on scripted episodes (`scripted_messages`).
+- `agent_code_arith`: `code_arith` in multi-file form: `calc.py` holds the function with its
+  one-line body's operator left out (`return x ? 6`), `test_calc.py` the tests; the instruction
+  repeats the docstring ("in calc.py, g: Return x plus 6."). The fix is one short `edit_file`
+  patch; what has to be right is the operator the docstring's word asks for. Why this shape: the
+  2-layer tiny model learns the tools and the workflow from a few hundred scripted episodes, but
+  copying the variable and the constant out of the instruction had not clicked after 600 warm-up
+  steps (a whole-file `write_file` never passed at all), so RL had no signal. The warm-up's
+  scripts (`AgentCodeArith.scripted_episode`) draw the operator at random, with the tests' real
+  verdict: they teach the format, not the answer, and RL has to learn word -> operator from the
+  reward alone; held-out tasks are unseen (name, variable, operator, constant) combinations.
 - `agent_feature_deletion`: the feature-deletion tasks (boltons) in multi-file form:
   `boltons/<module>.py` with the function's body deleted, `tests/test_<function>.py` its doctests.
   The whole module is the candidate program and the doctests its trusted check, as in
