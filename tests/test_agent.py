@@ -14,6 +14,7 @@ import copy
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from collections import Counter
@@ -34,6 +35,7 @@ from trainer.agent import (
     parse_tool_calls,
     render_ids,
     run_episode,
+    run_episodes,
     write_episodes,
 )
 from trainer.batching import pad_sequences
@@ -365,6 +367,31 @@ def test_the_trainer_scores_episode_tokens_as_the_sampler_drew_them(tiny, sandbo
     assert gap.max().item() < 1e-4  # the ids after the observation are scored exactly as they were drawn
 
 
+def test_episodes_run_in_lockstep_are_the_episodes_run_one_at_a_time(tiny, sandbox, env):
+    model, tokenizer = tiny
+    options = dict(max_turns=3, max_tokens=300, temperature=1.0, max_turn_tokens=48, sandbox=sandbox, greedy=True)
+    # prompts of different lengths, so the rows are left-padded together; turn 0 is scripted (a
+    # read_file call), the turn after its observation the tiny model's own (greedy)
+    tasks = [replace(task, instruction=task.instruction + " Quickly." * i) for i, task in enumerate(env.train[:4])]
+    batched = run_episodes(scripted(tiny, [call("read_file", path="calc.py")]), tokenizer, tasks, **options)
+    alone = [run_episode(scripted(tiny, [call("read_file", path="calc.py")]), tokenizer, t, **options) for t in tasks]
+    assert len({e.prompt_length for e in batched}) == 4 and all(len(e.turns) == 2 for e in batched)
+    for together, single in zip(batched, alone, strict=True):
+        assert together.token_ids == single.token_ids and together.loss_mask == single.loss_mask
+        assert together.messages == single.messages and together.stop == single.stop
+        assert [(t.start, t.end) for t in together.turns] == [(t.start, t.end) for t in single.turns]
+        assert together.sampler_logps == pytest.approx(single.sampler_logps, abs=1e-4)
+        assert_loss_only_on_assistant_text(together, tokenizer)
+    # sampled in lockstep: the trainer scores each row's ids as the batched sampler drew them
+    torch.manual_seed(2)
+    sampled = run_episodes(model, tokenizer, tasks, **(options | dict(greedy=False)))
+    batch = episode_policy_batch(sampled, tokenizer, group_size=2, hint_level=None)
+    logits = completion_logits(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+    with torch.no_grad():
+        gap = (token_logps(logits, batch.completion_ids) - batch.sampler_logps).abs()[batch.loss_mask.bool()]
+    assert gap.numel() > 40 and gap.max().item() < 1e-4
+
+
 def test_the_sdpo_teacher_gets_the_hint_at_the_first_failed_turn_and_scores_from_there(tiny, graded_group):
     model, tokenizer = tiny
     right, failing = graded_group
@@ -503,3 +530,27 @@ def test_feature_deletion_in_multi_file_form_is_restored_by_a_patch(tiny, sandbo
     turns = [call("edit_file", path=task.target, old=head, new=original), call("run_tests"), call("finish")]
     result, _ = episode(tiny, sandbox, task, turns, max_tokens=30000)
     assert (result.passed, result.errors, result.messages[5]["content"]) == (True, Counter(), "All tests passed.")
+
+
+def test_arith_warm_up_scripts_teach_the_tools_and_leave_the_operator_to_rl(tiny, sandbox, env):
+    task = env.train[0]
+    files = dict(task.files)
+    stub = files[task.target]
+    assert stub.count(" ? ") == 1 and not task.score_files(files, sandbox=sandbox).passed
+    rng = random.Random(0)
+    scripts = [env.scripted_episode(task, rng) for _ in range(60)]
+    operators = Counter()
+    for messages in scripts:
+        edit, report = messages[0]["tool_calls"][0]["function"], messages[3]["content"]
+        arguments = json.loads(edit["arguments"])
+        assert (edit["name"], arguments["path"], arguments["old"]) == ("edit_file", "calc.py", "?")
+        operators[arguments["new"]] += 1
+        # the scripted run_tests observation is what the sandbox says of that very file
+        patched = stub.replace("?", arguments["new"])
+        assert (report == "All tests passed.") == task.score_files({"calc.py": patched}, sandbox=sandbox).passed
+        assert [m["tool_calls"][0]["function"]["name"] for m in messages[::2]] == ["edit_file", "run_tests", "finish"]
+    assert set(operators) == {"+", "-", "*"} and min(operators.values()) >= 10  # drawn, not the reference's
+    # the right patch, played through a real episode, passes
+    right = task.reference.split("\n")[-2].split()[-2]
+    result, _ = episode(tiny, sandbox, task, [call("edit_file", path="calc.py", old="?", new=right), call("finish")])
+    assert result.passed and result.files["calc.py"] == task.reference

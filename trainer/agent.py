@@ -37,7 +37,7 @@ import re
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -465,9 +465,158 @@ def execute_tool(
         size = workspace.write(arguments["path"], text.replace(old, new))
         return f"Edited {arguments['path']} ({size} bytes).", False
     if call.name == "run_tests":
-        score = task.score_files(workspace.snapshot(), sandbox=sandbox)
-        return ("All tests passed." if score.passed else score.feedback[-OBSERVATION_LIMIT:]), not score.passed
+        return test_report(task, workspace.snapshot(), sandbox)
     return "Finished.", False
+
+
+def test_report(task: WorkspaceTask, files: dict[str, str], sandbox: Sandbox | None = None) -> tuple[str, bool]:
+    """What `run_tests` shows for a workspace holding `files`: (observation, whether the tests failed);
+    the target run against the task's check in the sandbox."""
+    score = task.score_files(files, sandbox=sandbox)
+    return ("All tests passed." if score.passed else score.feedback[-OBSERVATION_LIMIT:]), not score.passed
+
+
+class _EpisodeRun:
+    """One episode's state between turns (what `run_episodes` advances in lockstep with others).
+
+    `ready()` says whether it samples another turn; `take(...)` appends a sampled turn and runs its
+    tool calls; `result()` scores the end state and closes the workspace.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        task: WorkspaceTask,
+        *,
+        tools: Sequence[str],
+        max_turns: int,
+        max_tokens: int,
+        max_turn_tokens: int | None,
+        sandbox: Sandbox,
+    ) -> None:
+        self.tokenizer, self.task, self.tools, self.sandbox = tokenizer, task, tools, sandbox
+        self.max_turns, self.max_tokens, self.max_turn_tokens = max_turns, max_tokens, max_turn_tokens
+        self.messages: list[dict[str, Any]] = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": task.prompt()},
+        ]
+        self.token_ids = render_ids(tokenizer, _render(tokenizer, self.messages, generation=False))
+        header = render_ids(tokenizer, appended_text(tokenizer, self.messages, self.messages, generation=True))
+        self.header_start = len(self.token_ids)
+        self.token_ids += header
+        if len(self.token_ids) >= max_tokens:
+            raise ValueError(
+                f"the prompt of {task.name} is {len(self.token_ids)} tokens, not under max_tokens={max_tokens}"
+            )
+        self.loss_mask = [0] * len(self.token_ids)
+        self.sampler_logps: list[float] = []
+        self.turns: list[Turn] = []
+        self.calls_by_tool: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.model_s = self.tools_s = 0.0
+        self.stop = "max_turns"
+        self.over = False
+        self.workspace = Workspace(task.files)
+
+    def ready(self) -> bool:
+        """Whether another turn is sampled (False once the episode has stopped, for whatever reason)."""
+        if not self.over and len(self.turns) >= self.max_turns:
+            self.over = True  # stop stays "max_turns"
+        if not self.over and self.turn_budget() <= 0:
+            self.over, self.stop = True, "max_tokens"
+        return not self.over
+
+    def turn_budget(self) -> int:
+        """Tokens the next turn may sample: min(max_turn_tokens, what the episode has left)."""
+        budget = self.max_tokens - len(self.token_ids)
+        return min(budget, self.max_turn_tokens or budget)
+
+    def take(self, sampled: list[int], logps: list[float]) -> None:
+        """Append one sampled turn (ids up to and including EOS, and their sampler log-probs), run its calls."""
+        tokenizer, messages = self.tokenizer, self.messages
+        start = len(self.token_ids)
+        self.sampler_logps += [0.0] * (start - len(self.sampler_logps)) + logps
+        self.token_ids += sampled
+        self.loss_mask += [1] * len(sampled)
+        text = tokenizer.decode(sampled, skip_special_tokens=True)
+        content, calls = parse_tool_calls(text)
+        turn_message: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            turn_message["tool_calls"] = [
+                {
+                    "id": f"call_{len(self.turns)}_{i}",
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": _arguments_json(call)},
+                }
+                for i, call in enumerate(calls)
+            ]
+        messages.append(turn_message)
+        for call in calls:  # what the model emitted, executed or not (a turn cut by max_tokens is not)
+            self.calls_by_tool[call.name if call.error is None and call.name in self.tools else "invalid"] += 1
+        turn = Turn(header_start=self.header_start, start=start, end=len(self.token_ids), message=len(messages) - 1)
+        self.turns.append(turn)
+        ended = bool(sampled) and sampled[-1] == tokenizer.eos_token_id
+        if not ended:
+            self.over, self.stop = True, "max_tokens"
+            return
+        if not calls:
+            self.over, self.stop = True, "no_tool_call"
+            return
+        before = list(messages)
+        clock = time.perf_counter()
+        finished = False
+        for call, record in zip(calls, turn_message["tool_calls"], strict=True):
+            try:
+                observation, failed = execute_tool(call, self.task, self.workspace, self.sandbox, self.tools)
+            except ToolError as error:
+                self.errors[error.kind] += 1
+                observation, failed = f"Error ({error.kind}): {error}", True
+            if failed and not turn.failed:
+                turn.failed, turn.feedback = True, observation
+            finished |= call.name == "finish" and call.error is None and call.name in self.tools
+            messages.append({"role": "tool", "tool_call_id": record["id"], "content": observation})
+        self.tools_s += time.perf_counter() - clock
+        if finished:
+            self.over, self.stop = True, "finish"
+            return
+        closing = _turn_closing(tokenizer, before)
+        observation_text = appended_text(tokenizer, before, messages, generation=False)
+        observation_ids = render_ids(tokenizer, closing + observation_text)
+        header = render_ids(tokenizer, appended_text(tokenizer, messages, messages, generation=True))
+        if len(self.token_ids) + len(observation_ids) + len(header) >= self.max_tokens:
+            self.over, self.stop = True, "max_tokens"
+            return
+        self.token_ids += observation_ids
+        self.header_start = len(self.token_ids)
+        self.token_ids += header
+        self.loss_mask += [0] * (len(observation_ids) + len(header))
+
+    def result(self) -> Episode:
+        """The end state scored in the sandbox; closes the workspace."""
+        clock = time.perf_counter()
+        try:
+            files = self.workspace.snapshot()
+            score = self.task.score_files(files, sandbox=self.sandbox)
+        finally:
+            self.workspace.close()
+        self.tools_s += time.perf_counter() - clock
+        return Episode(
+            task=self.task,
+            messages=self.messages,
+            token_ids=self.token_ids,
+            loss_mask=self.loss_mask,
+            turns=self.turns,
+            tool_calls=self.calls_by_tool,
+            errors=self.errors,
+            reward=score.reward,
+            passed=score.passed,
+            feedback=score.feedback,
+            stop=self.stop,
+            model_s=self.model_s,
+            tools_s=self.tools_s,
+            files=files,
+            sampler_logps=self.sampler_logps + [0.0] * (len(self.token_ids) - len(self.sampler_logps)),
+        )
 
 
 def run_episode(
@@ -483,7 +632,7 @@ def run_episode(
     max_turn_tokens: int | None = None,
     greedy: bool = False,
 ) -> Episode:
-    """Run one episode of `task`; see the module docstring.
+    """Run one episode of `task`; see the module docstring (`run_episodes` with one task).
 
     tools: the tool names offered (a subset of TOOLS). max_turns: assistant turns at most.
     max_tokens: the episode's whole length in tokens (prompt, samples and observations); a turn
@@ -494,125 +643,63 @@ def run_episode(
     Raises TemplateError (the chat template cannot be appended to), ValueError (a tool outside
     TOOLS, or a prompt longer than max_tokens). Malformed model output never raises.
     """
+    settings = dict(max_turns=max_turns, max_tokens=max_tokens, max_turn_tokens=max_turn_tokens)
+    return run_episodes(
+        model, tokenizer, [task], tools=tools, temperature=temperature, sandbox=sandbox, greedy=greedy, **settings
+    )[0]
+
+
+def run_episodes(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[WorkspaceTask],
+    *,
+    tools: Sequence[str] = TOOLS,
+    max_turns: int,
+    max_tokens: int,
+    temperature: float,
+    sandbox: Sandbox | None = None,
+    max_turn_tokens: int | None = None,
+    greedy: bool = False,
+) -> list[Episode]:
+    """One episode per task (a task may repeat), their turns sampled in lockstep: each round, one
+    batched `trainer.rollout.sample` call over the episodes still running (each row its own ids,
+    left-padded), then each row's sampled ids up to its EOS (and its own turn budget) appended
+    untouched and its tool calls run. Same arguments, errors and token-in/token-out contract as
+    `run_episode`; an episode's `model_s` is its share of each batched call's seconds.
+    """
     unknown = [t for t in tools if t not in TOOLS]
     if unknown:
         raise ValueError(f"tools {unknown} are not in {TOOLS}")
     sandbox = sandbox or default_sandbox()
-    messages: list[dict[str, Any]] = [
-        {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": task.prompt()},
-    ]
-    token_ids = render_ids(tokenizer, _render(tokenizer, messages, generation=False))
-    header = render_ids(tokenizer, appended_text(tokenizer, messages, messages, generation=True))
-    header_start = len(token_ids)
-    token_ids += header
-    loss_mask = [0] * len(token_ids)
-    sampler_logps: list[float] = []
-    if len(token_ids) >= max_tokens:
-        raise ValueError(f"the prompt of {task.name} is {len(token_ids)} tokens, not under max_tokens={max_tokens}")
-    turns: list[Turn] = []
-    calls_by_tool: Counter[str] = Counter()
-    errors: Counter[str] = Counter()
-    model_s = tools_s = 0.0
-    workspace = Workspace(task.files)
-    stop = "max_turns"
+    settings = dict(max_turns=max_turns, max_tokens=max_tokens, max_turn_tokens=max_turn_tokens, sandbox=sandbox)
+    runs: list[_EpisodeRun] = []
     try:
-        for _ in range(max_turns):
-            budget = max_tokens - len(token_ids)
-            if budget <= 0:
-                stop = "max_tokens"
-                break
+        for task in tasks:
+            runs.append(_EpisodeRun(tokenizer, task, tools=tools, **settings))
+        while active := [run for run in runs if run.ready()]:
+            budgets = [run.turn_budget() for run in active]
             clock = time.perf_counter()
             drawn = sample(
                 model,
                 tokenizer,
-                [token_ids],
-                max_new_tokens=min(budget, max_turn_tokens or budget),
+                [run.token_ids for run in active],
+                max_new_tokens=max(budgets),
                 temperature=temperature,
                 greedy=greedy,
             )
-            model_s += time.perf_counter() - clock
-            kept = drawn.completion_mask[0].bool()
-            sampled = drawn.completion_ids[0][kept].tolist()
-            start = len(token_ids)
-            sampler_logps += [0.0] * (start - len(sampler_logps)) + drawn.sampler_logps[0][kept].tolist()
-            token_ids += sampled
-            loss_mask += [1] * len(sampled)
-            text = tokenizer.decode(sampled, skip_special_tokens=True)
-            content, calls = parse_tool_calls(text)
-            turn_message = {"role": "assistant", "content": content}
-            if calls:
-                turn_message["tool_calls"] = [
-                    {
-                        "id": f"call_{len(turns)}_{i}",
-                        "type": "function",
-                        "function": {"name": call.name, "arguments": _arguments_json(call)},
-                    }
-                    for i, call in enumerate(calls)
-                ]
-            messages.append(turn_message)
-            for call in calls:  # what the model emitted, executed or not (a turn cut by max_tokens is not)
-                calls_by_tool[call.name if call.error is None and call.name in tools else "invalid"] += 1
-            turn = Turn(header_start=header_start, start=start, end=len(token_ids), message=len(messages) - 1)
-            turns.append(turn)
-            ended = bool(sampled) and sampled[-1] == tokenizer.eos_token_id
-            if not ended:
-                stop = "max_tokens"
-                break
-            if not calls:
-                stop = "no_tool_call"
-                break
-            before = list(messages)
-            clock = time.perf_counter()
-            finished = False
-            for call, record in zip(calls, turn_message["tool_calls"], strict=True):
-                try:
-                    observation, failed = execute_tool(call, task, workspace, sandbox, tools)
-                except ToolError as error:
-                    errors[error.kind] += 1
-                    observation, failed = f"Error ({error.kind}): {error}", True
-                if failed and not turn.failed:
-                    turn.failed, turn.feedback = True, observation
-                finished |= call.name == "finish" and call.error is None and call.name in tools
-                messages.append({"role": "tool", "tool_call_id": record["id"], "content": observation})
-            tools_s += time.perf_counter() - clock
-            if finished:
-                stop = "finish"
-                break
-            closing = _turn_closing(tokenizer, before)
-            observation_text = appended_text(tokenizer, before, messages, generation=False)
-            observation_ids = render_ids(tokenizer, closing + observation_text)
-            header = render_ids(tokenizer, appended_text(tokenizer, messages, messages, generation=True))
-            if len(token_ids) + len(observation_ids) + len(header) >= max_tokens:
-                stop = "max_tokens"
-                break
-            token_ids += observation_ids
-            header_start = len(token_ids)
-            token_ids += header
-            loss_mask += [0] * (len(observation_ids) + len(header))
-        clock = time.perf_counter()
-        files = workspace.snapshot()
-        score = task.score_files(files, sandbox=sandbox)
-        tools_s += time.perf_counter() - clock
+            share = (time.perf_counter() - clock) / len(active)
+            for row, (run, budget) in enumerate(zip(active, budgets, strict=True)):
+                kept = drawn.completion_mask[row].bool()
+                run.model_s += share
+                run.take(
+                    drawn.completion_ids[row][kept].tolist()[:budget],
+                    drawn.sampler_logps[row][kept].tolist()[:budget],
+                )
+        return [run.result() for run in runs]
     finally:
-        workspace.close()
-    return Episode(
-        task=task,
-        messages=messages,
-        token_ids=token_ids,
-        loss_mask=loss_mask,
-        turns=turns,
-        tool_calls=calls_by_tool,
-        errors=errors,
-        reward=score.reward,
-        passed=score.passed,
-        feedback=score.feedback,
-        stop=stop,
-        model_s=model_s,
-        tools_s=tools_s,
-        files=files,
-        sampler_logps=sampler_logps + [0.0] * (len(token_ids) - len(sampler_logps)),
-    )
+        for run in runs:
+            run.workspace.close()
 
 
 def write_episodes(episodes: Sequence[Episode], path: str | Path, *, prefix: str = "episode") -> Path:
@@ -806,26 +893,23 @@ def agent_rollout(
     hint_level: int | str | None = "feedback",
     sandbox: Sandbox | None = None,
 ) -> EpisodeRollout:
-    """G episodes per task (one at a time), packed by `episode_policy_batch` on the model's device.
+    """G episodes per task (all N x G in lockstep, `run_episodes`), packed by `episode_policy_batch`
+    on the model's device.
 
     hint_level None: no SDPO teacher context. stats: `trainer.rollout.RolloutStats` (generation_s
     = seconds in the model, execution_s = seconds in tools); metrics: `episode_metrics`.
     """
-    episodes = [
-        run_episode(
-            model,
-            tokenizer,
-            task,
-            tools=tools,
-            max_turns=max_turns,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            sandbox=sandbox,
-            max_turn_tokens=max_turn_tokens,
-        )
-        for task in tasks
-        for _ in range(group_size)
-    ]
+    episodes = run_episodes(
+        model,
+        tokenizer,
+        [task for task in tasks for _ in range(group_size)],
+        tools=tools,
+        max_turns=max_turns,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        sandbox=sandbox,
+        max_turn_tokens=max_turn_tokens,
+    )
     device = next(model.parameters()).device
     policy = episode_policy_batch(episodes, tokenizer, group_size=group_size, hint_level=hint_level, device=device)
     passed = torch.tensor([e.passed for e in episodes]).view(len(tasks), group_size)
@@ -877,14 +961,17 @@ def episode_warmup(
     batch_size: int,
     lr: float,
     rng: random.Random,
+    script: Callable[[WorkspaceTask, random.Random], list[dict[str, Any]]] | None = None,
 ) -> list[float]:
-    """Supervised warm-up on scripted episodes (`trainer.envs.agentic.scripted_messages`):
-    cross-entropy on the assistant tokens only; returns the losses. For tiny models, as
-    `trainer.warmup.supervised_warmup` is for single-turn tasks. Half the episodes carry the
-    task's partial hint as a user message before the first turn, where the SDPO teacher's hint
-    goes, so the teacher has learnt to read one."""
+    """Supervised warm-up on scripted episodes: cross-entropy on the assistant tokens only; returns
+    the losses. For tiny models, as `trainer.warmup.supervised_warmup` is for single-turn tasks.
+    script(task, rng): an episode's messages after the prompt (an environment's `scripted_episode`;
+    default `trainer.envs.agentic.scripted_messages`, the reference patched in). Half the episodes
+    carry the task's partial hint as a user message before the first turn, where the SDPO teacher's
+    hint goes, so the teacher has learnt to read one."""
     from trainer.envs.agentic import scripted_messages
 
+    script = script or (lambda task, _rng: scripted_messages(task))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     losses = []
@@ -894,7 +981,7 @@ def episode_warmup(
             prompt = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": task.prompt()}]
             if task.hints and rng.random() < 0.5:
                 prompt.append({"role": "user", "content": task.hints[0]})
-            rows.append(demonstration_ids(tokenizer, prompt, scripted_messages(task, rng)))
+            rows.append(demonstration_ids(tokenizer, prompt, script(task, rng)))
         ids, attention = pad_sequences([r[0] for r in rows], tokenizer.pad_token_id)
         learn, _ = pad_sequences([r[1] for r in rows], 0)
         labels = ids.masked_fill(learn == 0, -100)
@@ -920,13 +1007,12 @@ def evaluate_episodes(
     tools: Sequence[str] = TOOLS,
     sandbox: Sandbox | None = None,
 ) -> EvalCounts:
-    """Held-out pass@1 (one greedy episode per task) and k sampled episodes, as `trainer.evaluation`."""
+    """Held-out pass@1 (one greedy episode per task) and k sampled episodes, as `trainer.evaluation`
+    (each set in lockstep, `run_episodes`)."""
     settings = dict(
         tools=tools, max_turns=max_turns, max_tokens=max_tokens, max_turn_tokens=max_turn_tokens, sandbox=sandbox
     )
-    greedy = [run_episode(model, tokenizer, t, temperature=1.0, greedy=True, **settings).passed for t in tasks]
-    sampled = [
-        sum(run_episode(model, tokenizer, t, temperature=temperature, **settings).passed for _ in range(k))
-        for t in tasks
-    ]
-    return EvalCounts(greedy_correct=greedy, sampled_correct=sampled, k=k)
+    greedy = [e.passed for e in run_episodes(model, tokenizer, tasks, temperature=1.0, greedy=True, **settings)]
+    sampled = run_episodes(model, tokenizer, [t for t in tasks for _ in range(k)], temperature=temperature, **settings)
+    counts = [sum(e.passed for e in sampled[i * k : (i + 1) * k]) for i in range(len(tasks))]
+    return EvalCounts(greedy_correct=greedy, sampled_correct=counts, k=k)

@@ -324,6 +324,7 @@ def warm_up(run: Run) -> None:
                 batch_size=config.optim.sft_batch_size,
                 lr=config.optim.sft_lr,
                 rng=rng,
+                script=getattr(run.env, "scripted_episode", None),
             )
         else:
             sft_losses = supervised_warmup(

@@ -1,10 +1,15 @@
 """Agentic task families: repositories an agent repairs with tools (`trainer.agent`).
 
-- `agent_code_arith`: `code_arith` in multi-file form: `calc.py` holds the function's signature
-  and docstring without a body, `test_calc.py` the tests; the instruction repeats the docstring
-  ("in calc.py, g: Return x plus 6."), since copying it out of a read_file observation is beyond
-  the 2-layer tiny model at smoke scale (a first run read calc.py and never passed). Small enough
-  for that model after a supervised warm-up on scripted episodes (`scripted_messages`).
+- `agent_code_arith`: `code_arith` in multi-file form: `calc.py` holds the function with its
+  one-line body's operator left out (`return x ? 6`), `test_calc.py` the tests; the instruction
+  repeats the docstring ("in calc.py, g: Return x plus 6."). The fix is one short `edit_file`
+  patch; what has to be right is the operator the docstring's word asks for. Why this shape: the
+  2-layer tiny model learns the tools and the workflow from a few hundred scripted episodes, but
+  copying the variable and the constant out of the instruction had not clicked after 600 warm-up
+  steps (a whole-file `write_file` never passed at all), so RL had no signal. The warm-up's
+  scripts (`AgentCodeArith.scripted_episode`) draw the operator at random, with the tests' real
+  verdict: they teach the format, not the answer, and RL has to learn word -> operator from the
+  reward alone; held-out tasks are unseen (name, variable, operator, constant) combinations.
 - `agent_feature_deletion`: the feature-deletion tasks (boltons) in multi-file form:
   `boltons/<module>.py` with the function's body deleted, `tests/test_<function>.py` its doctests.
   The whole module is the candidate program and the doctests its trusted check, as in
@@ -18,9 +23,11 @@ from __future__ import annotations
 
 import json
 import random
+import re
+from dataclasses import replace
 from typing import Any
 
-from trainer.agent import SYSTEM_PROMPT, WorkspaceTask, workspace_task
+from trainer.agent import SYSTEM_PROMPT, WorkspaceTask, test_report, workspace_task
 from trainer.envs.base import FiniteEnvironment, split
 from trainer.envs.code import score_code_many
 
@@ -37,6 +44,7 @@ class AgentCodeArith(FiniteEnvironment):
         source = CodeArith(held_out_every=held_out_every)
         self.tasks = [_arith_task(task) for task in source.tasks]
         self.train, self.held_out = split(self.tasks, held_out_every)
+        self._reports: dict[tuple[str, str], str] = {}
 
     def score_many(self, tasks, completions, *, workers=2):
         return score_code_many(tasks, completions, workers=workers)
@@ -45,18 +53,44 @@ class AgentCodeArith(FiniteEnvironment):
         lines = [SYSTEM_PROMPT]
         for task in self.tasks:
             lines += [task.prompt(), *task.hints, *(text for _, text in task.files)]
-            lines += [json.dumps(m) for m in scripted_messages(task)]
+            for message in scripted_messages(task):  # as the chat template renders calls
+                lines += [f"<tool_call>{json.dumps(_call_json(c))}</tool_call>" for c in message.get("tool_calls", [])]
+                lines += [message["content"]] if message["role"] == "tool" else []
         return lines
+
+    def scripted_episode(self, task: WorkspaceTask, rng: random.Random) -> list[dict[str, Any]]:
+        """A warm-up episode that teaches the tools and the workflow, not the answer: the operator
+        patched in for the placeholder is drawn uniformly from + - * (whatever the docstring says),
+        and the run_tests observation is what the tests said of that file, run in the sandbox
+        (cached per task and operator). Which operator a docstring's word asks for is left to RL."""
+        operator = rng.choice(OPERATORS)
+        key = (task.name, operator)
+        content = dict(task.files)[task.target].replace(f" {PLACEHOLDER} ", f" {operator} ", 1)
+        if key not in self._reports:
+            self._reports[key] = test_report(task, {task.target: content})[0]
+        return scripted_messages(task, content, self._reports[key])
+
+
+OPERATORS = ("+", "-", "*")
+PLACEHOLDER = "?"  # agent_code_arith's calc.py: `return x ? 6`, the operator left out
+
+
+def _call_json(call: dict[str, Any]) -> dict[str, Any]:
+    return {"name": call["function"]["name"], "arguments": json.loads(call["function"]["arguments"])}
 
 
 def _arith_task(task) -> WorkspaceTask:
-    return workspace_task(
+    made = workspace_task(
         task,
         target="calc.py",
         test_file="test_calc.py",
         tests=task.check.tests,
         instruction=f"Make the tests pass: in calc.py, {task.check.entry_point}: {_docstring(task.code)}",
     )
+    # The body is the reference's with the operator replaced by a placeholder: one short edit_file
+    # patch fixes it, and what the agent must get right is the operator the docstring's word names.
+    body = re.sub(r" [-+*] ", f" {PLACEHOLDER} ", task.demonstration(), count=1)
+    return replace(made, files=((made.target, task.code + body), *made.files[1:]))
 
 
 def _docstring(code: str) -> str:
@@ -95,31 +129,47 @@ def _deletion_task(task) -> WorkspaceTask:
     )
 
 
-def scripted_messages(task: WorkspaceTask, rng: random.Random | None = None) -> list[dict[str, Any]]:
-    """A correct episode's assistant and tool messages after the prompt (OpenAI format): read the
-    target (the prompt does not say what the function must do: the file's docstring does), write
-    the reference into it, run the tests, finish. With `rng`, half the time it also reads the test
-    file. For a supervised warm-up; needs `task.reference`."""
-    if task.reference is None:
+def demo_edit(before: str, after: str) -> tuple[str, str] | None:
+    """(old, new) for the smallest `edit_file` call that turns `before` into `after`: the span
+    between their common prefix and suffix, widened a character at a time to the left while `old`
+    is empty or occurs more than once. None when no such patch exists (e.g. `before` is empty)."""
+    head = 0
+    while head < min(len(before), len(after)) and before[head] == after[head]:
+        head += 1
+    tail = 0
+    while tail < min(len(before), len(after)) - head and before[-1 - tail] == after[-1 - tail]:
+        tail += 1
+    for start in range(head, -1, -1):
+        old, new = before[start : len(before) - tail], after[start : len(after) - tail]
+        if old and before.count(old) == 1:
+            return old, new
+    return None
+
+
+def scripted_messages(
+    task: WorkspaceTask, content: str | None = None, observation: str = "All tests passed."
+) -> list[dict[str, Any]]:
+    """A scripted episode's assistant and tool messages after the prompt (OpenAI format): patch the
+    target into `content` (default the reference) with one `edit_file` call (`demo_edit`;
+    `write_file` of the whole content where no patch exists), run the tests (`observation`: what
+    they said; the default is right for the reference only), finish. For a supervised warm-up."""
+    content = task.reference if content is None else content
+    if content is None:
         raise ValueError(f"{task.name} has no reference to script an episode from")
-    steps: list[tuple[str, dict[str, Any], str]] = [("read_file", {"path": task.target}, dict(task.files)[task.target])]
-    if rng is not None and rng.random() < 0.5:
-        test_file = next(path for path, _ in task.files if path != task.target)
-        steps.append(("read_file", {"path": test_file}, dict(task.files)[test_file]))
-    steps.append(
-        (
-            "write_file",
-            {"path": task.target, "content": task.reference},
-            f"Wrote {len(task.reference.encode())} bytes to {task.target}.",
-        )
-    )
-    steps.append(("run_tests", {}, "All tests passed."))
+    target = dict(task.files)[task.target]
+    patch = demo_edit(target, content)
+    size = len(content.encode())
+    if patch is not None:
+        old, new = patch
+        first = ("edit_file", {"path": task.target, "old": old, "new": new}, f"Edited {task.target} ({size} bytes).")
+    else:
+        first = ("write_file", {"path": task.target, "content": content}, f"Wrote {size} bytes to {task.target}.")
     messages: list[dict[str, Any]] = []
-    for turn, (name, arguments, observation) in enumerate(steps):
+    for turn, (name, arguments, said) in enumerate([first, ("run_tests", {}, observation)]):
         call_id = f"call_{turn}_0"
         call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
         messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
-        messages.append({"role": "tool", "tool_call_id": call_id, "content": observation})
-    finish = {"id": f"call_{len(steps)}_0", "type": "function", "function": {"name": "finish", "arguments": "{}"}}
+        messages.append({"role": "tool", "tool_call_id": call_id, "content": said})
+    finish = {"id": "call_2_0", "type": "function", "function": {"name": "finish", "arguments": "{}"}}
     messages.append({"role": "assistant", "content": "", "tool_calls": [finish]})
     return messages
