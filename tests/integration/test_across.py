@@ -33,9 +33,10 @@ from trainer.checkpoint import latest_complete  # noqa: E402
 pytestmark = [pytest.mark.docker, pytest.mark.integration]
 
 ROOT = repo_root()
-CONFIG = "configs/test.yaml"
+CONFIG = "configs/test.yaml"  # the refusals: they end before any training
+RUN_CONFIG = "configs/smoke.yaml"  # the run to the end: the smoke config as `make smoke` runs it
 IMAGE = os.environ.get("COMPOSER_TEST_IMAGE", DEFAULT_IMAGE)
-RUN_TIMEOUT_S = 900
+RUN_TIMEOUT_S = 2400  # three replicas on two loaded cores: ~17 min
 SECRET = "pytest-across-secret-0123456789abcdef"
 
 
@@ -106,8 +107,8 @@ def test_three_hosts_run_to_the_end_with_equal_replicas_and_a_killed_host_rejoin
 ) -> None:
     run = "pytest-across"
     runs = {h: tmp_path / f"h{h}-runs" for h in (1, 2, 3)}
-    # Six rounds: the kill lands after the first checkpoint with rounds to spare on a loaded machine.
-    sets = ["--run", run, "--set", "dist_timeout_s=30", "--set", "rounds=6"]
+    # The smoke config to its end (16 rounds); the kill lands after the first checkpoint.
+    sets = ["--run", run, "--config", RUN_CONFIG, "--set", "dist_timeout_s=30"]
     serve = start(
         bed,
         1,
