@@ -59,6 +59,7 @@ def test_torchrun_command_is_one_fixed_size_node_on_the_coordinators_store() -> 
         "--nproc-per-node=1",
         "--rdzv-backend=c10d",
         "--rdzv-endpoint=coordinator:29400",
+        "--rdzv-conf=is_host=false",
         "--rdzv-id=test-1a2b",
         "--max-restarts=3",
         "--local-addr=172.18.0.5",
