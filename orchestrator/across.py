@@ -71,11 +71,16 @@ class AcrossOptions:
 
 
 def local_image(client: docker.DockerClient, options: AcrossOptions, out: Callable[[str], None]) -> Image:
-    """The image this machine runs: `--image` exactly as it is here, else the default one, built
-    from this tree when missing or stale."""
+    """The image this machine runs: `--image` exactly as it is here, else the default tag as it is
+    here (moved in by `docker save | docker load`: never rebuilt, since a rebuild from a checkout
+    provisioned differently gives another image, which the coordinator refuses), built from this
+    tree only when the tag is missing."""
     if options.image is None:
         tag = GPU_IMAGE if options.gpus else DEFAULT_IMAGE
-        return ensure_image(client, tag=tag, gpu=options.gpus, log=out)
+        try:
+            return client.images.get(tag)
+        except docker.errors.ImageNotFound:
+            return ensure_image(client, tag=tag, gpu=options.gpus, log=out)
     try:
         return client.images.get(options.image)
     except docker.errors.ImageNotFound:

@@ -162,6 +162,12 @@ def same_image(ours: str, theirs: str) -> bool:
     return our_id == their_id or bool(our_source) and our_source == their_source
 
 
+def _machine(address: str) -> str:
+    """The machine part of an address: "10.0.0.1:5000" -> "10.0.0.1" (a peer's port changes per
+    connection); an address without a port as it is."""
+    return address.rsplit(":", 1)[0] if address.count(":") == 1 else address
+
+
 def _shown(value: Any) -> str:
     return "<absent>" if value is None else json.dumps(value)
 
@@ -211,13 +217,22 @@ class Membership:
             return {"ok": False, "error": f"config differs from the coordinator's at {shown}{more}"}
         with self.lock:
             known = self.hosts.get(name)
+            address = request.get("address") or peer
+            if known is not None and _machine(address) != _machine(known["address"]):
+                # Two machines with one hostname (cloud images named `ubuntu`) would otherwise share
+                # replicas as if one had rejoined, and a replica would have no host.
+                return {
+                    "ok": False,
+                    "error": f"host name {name} is already in this run at {_machine(known['address'])}; give this "
+                    f"machine ({_machine(address)}) its own --name (a host that comes back rejoins from its address)",
+                }
             if known is not None:
                 if len(known["replicas"]) != workers:
                     return {
                         "ok": False,
                         "error": f"host {name} joined before with {len(known['replicas'])} workers; join with as many",
                     }
-                known["address"], known["joins"] = request.get("address") or peer, known["joins"] + 1
+                known["address"], known["joins"] = address, known["joins"] + 1
                 rejoined = known["joins"] > 1
                 return {"ok": True, "replicas": known["replicas"], "rejoined": rejoined, "run_dir": self.run_dir}
             taken = {r for host in self.hosts.values() for r in host["replicas"]}
@@ -230,7 +245,7 @@ class Membership:
                 }
             self.hosts[name] = {
                 "replicas": free[:workers],
-                "address": request.get("address") or peer,
+                "address": address,
                 "joins": 1,
             }
             return {"ok": True, "replicas": free[:workers], "rejoined": False, "run_dir": self.run_dir}

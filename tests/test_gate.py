@@ -137,6 +137,19 @@ def test_membership_gives_free_replicas_and_the_same_ones_to_a_host_that_comes_b
     }
 
 
+def test_a_second_machine_with_a_known_host_name_is_refused_and_told_to_pick_its_own_name() -> None:
+    members = Membership(world=3, image="sha256:aaa source 1111", config=CONFIG)
+    assert members.admit(join_request("ubuntu"), "10.0.0.2:5000")["replicas"] == [0]
+    twin = members.admit(join_request("ubuntu"), "10.0.0.3:5000")
+    assert twin == {
+        "ok": False,
+        "error": "host name ubuntu is already in this run at 10.0.0.2; give this machine (10.0.0.3) its own "
+        "--name (a host that comes back rejoins from its address)",
+    }
+    assert members.admit(join_request("ubuntu-2"), "10.0.0.3:5000")["replicas"] == [1]
+    assert members.admit(join_request("ubuntu"), "10.0.0.2:7000")["rejoined"]  # the same machine, a new port
+
+
 def test_the_coordinators_machine_holds_replica_zero_whoever_asks_first() -> None:
     members = Membership(world=3, image="sha256:aaa source 1111", config=CONFIG, own=("h1", 1, "10.0.0.1"))
     early = members.admit(join_request("h2"), "10.0.0.2:5000")
