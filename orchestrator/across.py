@@ -70,17 +70,22 @@ class AcrossOptions:
     gpus: bool = False
 
 
-def local_image(client: docker.DockerClient, options: AcrossOptions, out: Callable[[str], None]) -> Image:
-    """The image this machine runs: `--image` exactly as it is here, else the default tag as it is
-    here (moved in by `docker save | docker load`: never rebuilt, since a rebuild from a checkout
-    provisioned differently gives another image, which the coordinator refuses), built from this
-    tree only when the tag is missing."""
+def local_image(
+    client: docker.DockerClient, options: AcrossOptions, out: Callable[[str], None], *, joining: bool
+) -> Image:
+    """The image this machine runs: `--image` exactly as it is here, else the default tag. The
+    serving machine's tree defines the run's image, so `serve` builds the tag when it is missing or
+    stale. A joining machine runs the tag as it has it (moved in by `docker save | docker load`:
+    never rebuilt, since a rebuild from a checkout provisioned differently gives another image,
+    which the coordinator refuses) and builds it from its tree only when the tag is missing."""
     if options.image is None:
         tag = GPU_IMAGE if options.gpus else DEFAULT_IMAGE
-        try:
-            return client.images.get(tag)
-        except docker.errors.ImageNotFound:
-            return ensure_image(client, tag=tag, gpu=options.gpus, log=out)
+        if joining:
+            try:
+                return client.images.get(tag)
+            except docker.errors.ImageNotFound:
+                pass
+        return ensure_image(client, tag=tag, gpu=options.gpus, log=out)
     try:
         return client.images.get(options.image)
     except docker.errors.ImageNotFound:
@@ -233,7 +238,7 @@ def serve(
     coordinator's exit status (0: the run finished with every outer step accounted for)."""
     if not 1 <= options.workers <= replicas:
         raise JoinError(f"--workers {options.workers} must be between 1 and --replicas {replicas}")
-    image = local_image(client, options, out)
+    image = local_image(client, options, out, joining=False)
     interface, address = choose_interface(options, None, out)
     down(client, options.run, out=lambda _line: None)
     runs_dir = options.runs_dir.resolve()
@@ -294,7 +299,7 @@ def join(
 ) -> int:
     """Another machine: ask to join, start this machine's workers, keep them alive (restarting a
     dead one) until each has finished; returns 0 when all did."""
-    image = local_image(client, options, out)
+    image = local_image(client, options, out, joining=True)
     interface, address = choose_interface(options, coordinator[0], out)
     answer = hello(options, image, coordinator, address)
     out(
