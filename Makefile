@@ -57,7 +57,7 @@ bench: venv
 bench-wan: image
 	$(BIN)/python bench/bench_wan.py $(ARGS)
 
-# Issue 15: the alpha/beta ablation on held-out pass@1 (bench/results/ablation.{md,json,png}), ~40 min
+# Issue 15: the alpha/beta ablation on held-out pass@1 (bench/results/ablation.{md,json,png}), <= 40 min
 # on 2 cores; rerunning continues where it stopped (runs/ablation/). ARGS="--seeds 5" etc.
 ablation: venv
 	$(BIN)/python bench/ablation.py $(ARGS)

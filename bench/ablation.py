@@ -473,7 +473,10 @@ def plot(summary: dict, path: Path) -> None:
             ax.plot(range(len(series)), series, label=f"{task}: {name}")
     ax.axhline(0, color="grey", lw=0.5)
     ax.set(xlabel="inner step", ylabel="β·(Δ chosen − Δ rejected)", title="DPO reward margin (mean over seeds)")
-    ax.legend(fontsize=7)
+    if summary["margins"] and any(summary["margins"].values()):
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no DPO cell in this grid", ha="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
