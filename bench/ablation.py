@@ -247,7 +247,9 @@ def run_grid(
                 continue
             running.remove(item)
             finished += 1
-            (run_dir.parent / f"seed{seed}.seconds").write_text(f"{time.perf_counter() - t0:.1f}\n")
+            seconds = run_dir.parent / f"seed{seed}.seconds"  # a resumed run adds to what it had run before
+            spent = float(seconds.read_text()) if seconds.exists() else 0.0
+            seconds.write_text(f"{spent + time.perf_counter() - t0:.1f}\n")
             if proc.returncode != 0:
                 raise SystemExit(
                     f"ablation: {task} / {cell.name} / seed {seed} failed; see {run_dir.parent}/seed{seed}.log"
@@ -482,15 +484,27 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def positive(text: str) -> int:
+    """argparse type: an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/ablation.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2: one per core)")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--jobs", type=positive, default=2, help="runs at a time (default 2: one per core)")
+    parser.add_argument("--seeds", type=positive, default=3, help="seeds a cell, 0..N-1 (default 3, the least σ needs)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--cells", nargs="+", default=[c.name for c in CELLS], choices=[c.name for c in ALL_CELLS])
     parser.add_argument("--warmup-steps", type=int, help="SFT steps of the shared warm-up (default: the config's)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "ablation", help="where the runs live")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where ablation.{md,json,png} go")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        help=f"where ablation.{{md,json,png}} go (default {RESULTS.relative_to(ROOT)}, for the whole grid at >= 3 seeds only)",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override, every run")
     parser.add_argument("--warm-start", nargs=3, metavar=("TASK", "SEED", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -499,6 +513,13 @@ def main(argv: list[str] | None = None) -> int:
         warm_start(task, int(seed), Path(directory), args.warmup_steps)
         return 0
     cells = [c for c in ALL_CELLS if c.name in args.cells]  # the fixed order, whatever the order asked
+    whole = set(args.tasks) == set(TASKS) and all(c in cells for c in CELLS) and args.seeds >= 3
+    if args.results is None and not whole:  # a subset must not overwrite the committed results
+        parser.error(
+            f"a subset of the grid (tasks, cells, or fewer than 3 seeds) needs --results DIR; "
+            f"{RESULTS.relative_to(ROOT)} holds the whole grid's"
+        )
+    args.results = args.results or RESULTS
     start = time.perf_counter()
     started = run_grid(args.out, args.tasks, cells, args.seeds, args.jobs, args.set, args.warmup_steps)
     wall_s = time.perf_counter() - start

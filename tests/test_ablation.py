@@ -91,3 +91,13 @@ def test_samples_to_threshold_is_the_first_evaluation_at_or_above_it():
     assert ablation.samples_to(points, 0.3) == 128
     assert ablation.samples_to(points, 0.45) == 256
     assert ablation.samples_to(points, 0.6) is None
+
+
+def test_a_subset_of_the_grid_is_refused_the_committed_results_and_a_zero_count_is_refused(capsys):
+    for args in (["--seeds", "1"], ["--tasks", "addition"], ["--cells", "grpo"], ["--seeds", "0"], ["--jobs", "0"]):
+        with pytest.raises(SystemExit) as stopped:
+            ablation.main(args)
+        assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("needs --results DIR; bench/results holds the whole grid's") == 3
+    assert "argument --seeds: 0 is not >= 1" in err and "argument --jobs: 0 is not >= 1" in err
