@@ -503,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--results",
         type=Path,
-        help=f"where ablation.{{md,json,png}} go (default {RESULTS.relative_to(ROOT)}, for the whole grid at >= 3 seeds only)",
+        help=f"where ablation.{{md,json,png}} go (default {RESULTS.relative_to(ROOT)}: the whole grid, >= 3 seeds)",
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override, every run")
     parser.add_argument("--warm-start", nargs=3, metavar=("TASK", "SEED", "DIR"), help=argparse.SUPPRESS)
