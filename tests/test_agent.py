@@ -532,25 +532,64 @@ def test_feature_deletion_in_multi_file_form_is_restored_by_a_patch(tiny, sandbo
     assert (result.passed, result.errors, result.messages[5]["content"]) == (True, Counter(), "All tests passed.")
 
 
-def test_arith_warm_up_scripts_teach_the_tools_and_leave_the_operator_to_rl(tiny, sandbox, env):
+def test_arith_warm_up_scripts_teach_the_tools_and_leave_the_operator_and_the_retry_to_rl(tiny, sandbox, env):
     task = env.train[0]
     files = dict(task.files)
     stub = files[task.target]
     assert stub.count(" ? ") == 1 and not task.score_files(files, sandbox=sandbox).passed
+    assert env.retry_rate == 0.45
     rng = random.Random(0)
-    scripts = [env.scripted_episode(task, rng) for _ in range(60)]
-    operators = Counter()
+    scripts = [env.scripted_episode(task, rng) for _ in range(300)]
+    first, failures, retries = Counter(), 0, 0
     for messages in scripts:
-        edit, report = messages[0]["tool_calls"][0]["function"], messages[3]["content"]
-        arguments = json.loads(edit["arguments"])
-        assert (edit["name"], arguments["path"], arguments["old"]) == ("edit_file", "calc.py", "?")
-        operators[arguments["new"]] += 1
-        # the scripted run_tests observation is what the sandbox says of that very file
-        patched = stub.replace("?", arguments["new"])
-        assert (report == "All tests passed.") == task.score_files({"calc.py": patched}, sandbox=sandbox).passed
-        assert [m["tool_calls"][0]["function"]["name"] for m in messages[::2]] == ["edit_file", "run_tests", "finish"]
-    assert set(operators) == {"+", "-", "*"} and min(operators.values()) >= 10  # drawn, not the reference's
+        names = [m["tool_calls"][0]["function"]["name"] for m in messages[::2]]
+        attempts = len(names) // 2
+        assert names == ["edit_file", "run_tests"] * attempts + ["finish"]
+        current, tried = stub, []
+        for attempt in range(attempts):
+            edit, report = messages[4 * attempt]["tool_calls"][0]["function"], messages[4 * attempt + 3]["content"]
+            arguments = json.loads(edit["arguments"])
+            # each patch replaces the operator the file holds now (the placeholder, then the last try)
+            assert (edit["name"], arguments["path"], arguments["old"]) == (
+                "edit_file",
+                "calc.py",
+                tried[-1] if tried else "?",
+            )
+            current = current.replace(f" {arguments['old']} ", f" {arguments['new']} ", 1)
+            tried.append(arguments["new"])
+            # the scripted run_tests observation is what the sandbox says of that very file
+            passed = task.score_files({"calc.py": current}, sandbox=sandbox).passed
+            assert (report == "All tests passed.") == passed
+            if attempt < attempts - 1:
+                assert not passed  # a retry follows a failure only
+            elif not passed:
+                failures += 1  # gave up after a failure (or ran out of operators)
+        assert len(set(tried)) == len(tried)  # a retry tries an operator not yet tried
+        first[tried[0]] += 1
+        retries += attempts - 1
+    assert set(first) == {"+", "-", "*"} and min(first.values()) >= 80  # drawn, not the reference's
+    # after a failure, another try with probability retry_rate (0.45): between 0.35 and 0.55 here
+    assert 0.35 < retries / (retries + failures) < 0.55
+    never, always = make_env("agent_code_arith", retry_rate=0.0), make_env("agent_code_arith", retry_rate=1.0)
+    assert all(len(never.scripted_episode(task, rng)) == 5 for _ in range(30))
+    assert all(m[-2]["content"] == "All tests passed." for m in (always.scripted_episode(task, rng) for _ in range(30)))
+    with pytest.raises(ValueError, match=r"task.options.retry_rate: 1.5 is not a probability"):
+        make_env("agent_code_arith", retry_rate=1.5)
     # the right patch, played through a real episode, passes
     right = task.reference.split("\n")[-2].split()[-2]
     result, _ = episode(tiny, sandbox, task, [call("edit_file", path="calc.py", old="?", new=right), call("finish")])
     assert result.passed and result.files["calc.py"] == task.reference
+
+
+def test_under_require_finish_an_episode_the_budget_cuts_earns_nothing_though_its_tests_pass(tiny, sandbox, env):
+    task = env.train[0]
+    right = task.reference.split("\n")[-2].split()[-2]
+    fixed = [call("edit_file", path="calc.py", old="?", new=right), call("run_tests")]
+    # the budget ends it after the passing run_tests: the end state passes, the agent never finished
+    cut, _ = episode(tiny, sandbox, task, fixed)
+    cut_strict, _ = episode(tiny, sandbox, task, fixed, require_finish=True)
+    assert (cut.stop, cut.passed, cut.reward) == ("max_turns", True, 1.0)
+    assert (cut_strict.stop, cut_strict.passed, cut_strict.reward) == ("max_turns", True, 0.0)
+    # the same repair, ended by the agent, keeps its reward
+    ended, _ = episode(tiny, sandbox, task, [*fixed, call("finish")], require_finish=True)
+    assert (ended.stop, ended.passed, ended.reward) == ("finish", True, 1.0)

@@ -118,6 +118,7 @@ TOOL_SPECS = [
         },
     },
 ]
+TRUNCATED = ("max_turns", "max_tokens")  # Episode.stop values of an episode the budget cut, not the agent
 ERROR_KINDS = ("bad_json", "unknown_tool", "bad_arguments", "outside_workspace", "missing_file", "unclosed_call")
 
 
@@ -272,9 +273,10 @@ class Episode:
 
     token_ids: every id fed to and sampled from the model, in order (ints). loss_mask: 1 on the
     model-sampled ids, 0 on the prompt, template tokens and observations. reward/passed/feedback:
-    the end state's score. tool_calls: calls by tool name ("invalid": unparseable or not an offered tool). errors:
-    error observations by kind (ERROR_KINDS). stop: why it ended ("finish", "no_tool_call",
-    "max_turns", "max_tokens"). model_s/tools_s: seconds sampling vs running tools and the final check.
+    the end state's score (reward 0 for a truncated episode under `require_finish`). tool_calls:
+    calls by tool name ("invalid": unparseable or not an offered tool). errors: error observations
+    by kind (ERROR_KINDS). stop: why it ended ("finish", "no_tool_call", "max_turns", "max_tokens").
+    model_s/tools_s: seconds sampling vs running tools and the final check.
     files: the workspace's final files. sampler_logps: the log-prob (nats, at the sampling
     temperature) each sampled id was drawn with.
     """
@@ -493,8 +495,10 @@ class _EpisodeRun:
         max_tokens: int,
         max_turn_tokens: int | None,
         sandbox: Sandbox,
+        require_finish: bool = False,
     ) -> None:
         self.tokenizer, self.task, self.tools, self.sandbox = tokenizer, task, tools, sandbox
+        self.require_finish = require_finish
         self.max_turns, self.max_tokens, self.max_turn_tokens = max_turns, max_tokens, max_turn_tokens
         self.messages: list[dict[str, Any]] = [
             {"role": "system", "content": SYSTEM_PROMPT},
@@ -608,13 +612,13 @@ class _EpisodeRun:
             turns=self.turns,
             tool_calls=self.calls_by_tool,
             errors=self.errors,
-            reward=score.reward,
             passed=score.passed,
             feedback=score.feedback,
             stop=self.stop,
             model_s=self.model_s,
             tools_s=self.tools_s,
             files=files,
+            reward=0.0 if self.require_finish and self.stop in TRUNCATED else score.reward,
             sampler_logps=self.sampler_logps + [0.0] * (len(self.token_ids) - len(self.sampler_logps)),
         )
 
@@ -631,6 +635,7 @@ def run_episode(
     sandbox: Sandbox | None = None,
     max_turn_tokens: int | None = None,
     greedy: bool = False,
+    require_finish: bool = False,
 ) -> Episode:
     """Run one episode of `task`; see the module docstring (`run_episodes` with one task).
 
@@ -638,12 +643,16 @@ def run_episode(
     max_tokens: the episode's whole length in tokens (prompt, samples and observations); a turn
     samples at most min(max_turn_tokens, what is left). temperature: pure sampling at it (as
     `trainer.rollout.sample`); greedy: argmax (evaluation). sandbox: where the tests run (default:
-    `trainer.sandbox.default_sandbox()`).
+    `trainer.sandbox.default_sandbox()`). require_finish: an episode cut by the turn or token budget
+    (`stop` in TRUNCATED) gets reward 0 whatever its end state (`passed` still says what the end
+    state is): the agent has to end the episode itself, by `finish` or a turn without a tool call.
 
     Raises TemplateError (the chat template cannot be appended to), ValueError (a tool outside
     TOOLS, or a prompt longer than max_tokens). Malformed model output never raises.
     """
-    settings = dict(max_turns=max_turns, max_tokens=max_tokens, max_turn_tokens=max_turn_tokens)
+    settings = dict(
+        max_turns=max_turns, max_tokens=max_tokens, max_turn_tokens=max_turn_tokens, require_finish=require_finish
+    )
     return run_episodes(
         model, tokenizer, [task], tools=tools, temperature=temperature, sandbox=sandbox, greedy=greedy, **settings
     )[0]
@@ -661,6 +670,7 @@ def run_episodes(
     sandbox: Sandbox | None = None,
     max_turn_tokens: int | None = None,
     greedy: bool = False,
+    require_finish: bool = False,
 ) -> list[Episode]:
     """One episode per task (a task may repeat), their turns sampled in lockstep: each round, one
     batched `trainer.rollout.sample` call over the episodes still running (each row its own ids,
@@ -672,7 +682,13 @@ def run_episodes(
     if unknown:
         raise ValueError(f"tools {unknown} are not in {TOOLS}")
     sandbox = sandbox or default_sandbox()
-    settings = dict(max_turns=max_turns, max_tokens=max_tokens, max_turn_tokens=max_turn_tokens, sandbox=sandbox)
+    settings = dict(
+        max_turns=max_turns,
+        max_tokens=max_tokens,
+        max_turn_tokens=max_turn_tokens,
+        sandbox=sandbox,
+        require_finish=require_finish,
+    )
     runs: list[_EpisodeRun] = []
     try:
         for task in tasks:
@@ -892,6 +908,7 @@ def agent_rollout(
     tools: Sequence[str] = TOOLS,
     hint_level: int | str | None = "feedback",
     sandbox: Sandbox | None = None,
+    require_finish: bool = False,
 ) -> EpisodeRollout:
     """G episodes per task (all N x G in lockstep, `run_episodes`), packed by `episode_policy_batch`
     on the model's device.
@@ -909,6 +926,7 @@ def agent_rollout(
         temperature=temperature,
         sandbox=sandbox,
         max_turn_tokens=max_turn_tokens,
+        require_finish=require_finish,
     )
     device = next(model.parameters()).device
     policy = episode_policy_batch(episodes, tokenizer, group_size=group_size, hint_level=hint_level, device=device)

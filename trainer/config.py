@@ -166,6 +166,11 @@ class RolloutConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-4  # inner AdamW
+    # Linear warm-up of the inner lr over the first N inner steps (0: none). AdamW's first steps move
+    # every weight by about lr whatever its gradient's size (the bias-corrected m / sqrt(v) is the
+    # gradient's sign), which on a tiny model shifts logits by ~1 nat a step and broke the agent
+    # smoke's tool-call format within one step at lr 6e-4 (issue 12).
+    warmup_steps: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     sft_steps: int = 0  # supervised warm-up on generated solutions before RL (tiny models only)
@@ -174,6 +179,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _require(self.lr >= 0, "optim.lr", "must be >= 0")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         _require(self.max_grad_norm > 0, "optim.max_grad_norm", "must be > 0")
         _require(self.sft_steps >= 0, "optim.sft_steps", "must be >= 0")
@@ -239,6 +245,9 @@ class AgentConfig:
     max_turns: int = 4  # assistant turns per episode
     max_tokens: int = 512  # an episode's whole length: prompt, samples and observations
     max_turn_tokens: int = 96  # sampled per turn at most
+    # Reward 0 for an episode the turn or token budget cut (the agent never ended it): without it, a
+    # policy that keeps emitting junk after its tests passed is rewarded for the junk (issue 12).
+    require_finish: bool = False
     tools: list[str] = field(default_factory=lambda: list(AGENT_TOOLS))
     write_episodes: bool = True  # <run_dir>/episodes/*.jsonl, OpenAI messages trainer.traces reads
 

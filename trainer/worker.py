@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from trainer import agent, checkpoint
 from trainer.checkpoint import PerProcessState, TrainingState
-from trainer.config import Config, ConfigError, dump_config, load_config_or_exit
+from trainer.config import Config, ConfigError, OptimConfig, dump_config, load_config_or_exit
 from trainer.diloco import DiLoCo, parameters_hash, split_parameters
 from trainer.envs import Environment, make_env
 from trainer.evaluation import EvalCounts, evaluate, teacher_gate
@@ -438,7 +438,7 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
         out = three_channel_loss(run, replica, ComposerBatch(policy=samples.policy, preference=preference))
     if config.debug.inject_nan_loss_at == step:  # fault injection (debug section): off by default
         out.total = out.total * float("nan")
-    applied = optimizer_step(run, replica, out.total)
+    applied = optimizer_step(run, replica, out.total, lr=inner_lr(config.optim, step))
     loss_s = time.perf_counter() - loss_start
     synced = replica.diloco.step()
     if synced:
@@ -522,6 +522,7 @@ def agent_step(run: Run, replica: Replica, step: int, rng: random.Random) -> tup
         temperature=config.rollout.temperature,
         tools=a.tools,
         hint_level=config.task.hint_level if config.loss.alpha > 0 else None,
+        require_finish=a.require_finish,
     )
     prefix = f"r{topo.replica_id}-{topo.local_rank}-s{step}"
     if a.write_episodes:
@@ -565,13 +566,26 @@ def three_channel_loss(run: Run, replica: Replica, batch: ComposerBatch) -> Comp
     )
 
 
-def optimizer_step(run: Run, replica: Replica, loss: torch.Tensor) -> bool:
-    """Backward, average inside the replica, clip, AdamW, EMA teacher; False (nothing moved) if non-finite.
+def inner_lr(optim: OptimConfig, step: int) -> float:
+    """The inner AdamW's lr at global inner step `step` (0-based): optim.lr, ramped linearly over the
+    first optim.warmup_steps steps (step k gets lr * (k + 1) / warmup_steps). A function of the step
+    alone, so a resumed run continues the ramp with nothing extra in its checkpoint."""
+    if optim.warmup_steps <= 0:
+        return optim.lr
+    return optim.lr * min(1.0, (step + 1) / optim.warmup_steps)
+
+
+def optimizer_step(run: Run, replica: Replica, loss: torch.Tensor, lr: float | None = None) -> bool:
+    """Backward, average inside the replica, clip, AdamW (at `lr` when given), EMA teacher; False
+    (nothing moved) if non-finite.
 
     A step whose loss or gradient norm is not finite takes no optimizer step and no teacher update,
     so a NaN never reaches the weights, the sampler or the teacher; the ranks of a replica decide
     together (their gradients were averaged, so one rank's NaN is everyone's).
     """
+    if lr is not None:
+        for group in replica.inner_optimizer.param_groups:
+            group["lr"] = lr
     replica.inner_optimizer.zero_grad(set_to_none=True)
     loss.backward()
     average_gradients(run.model, run.topo.inner_group)

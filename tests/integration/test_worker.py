@@ -264,3 +264,16 @@ def run_and_check(run_dir: Path, *, nproc: int, replica_size: int = 1) -> Path:
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir
+
+
+def test_the_inner_lr_ramps_linearly_over_warmup_steps_then_holds(tmp_path):
+    result = run_worker(tmp_path / "warm", "optim.warmup_steps=4")
+    assert result.returncode == 0, result.stdout[-3000:]
+    by_step = {}
+    for record in records(tmp_path / "warm", "inner"):
+        by_step.setdefault(record["step"], set()).add(record["lr"])
+    # configs/test.yaml: lr 1e-3, 3 rounds x 2 inner steps; step k takes lr * (k + 1) / 4 until k = 3
+    expected = [0.25e-3, 0.5e-3, 0.75e-3, 1e-3, 1e-3, 1e-3]
+    assert sorted(by_step) == list(range(6))
+    for step, lr in enumerate(expected):
+        assert [pytest.approx(lr)] == sorted(by_step[step]), (step, by_step[step])  # both replicas alike

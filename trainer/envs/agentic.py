@@ -8,8 +8,10 @@
   copying the variable and the constant out of the instruction had not clicked after 600 warm-up
   steps (a whole-file `write_file` never passed at all), so RL had no signal. The warm-up's
   scripts (`AgentCodeArith.scripted_episode`) draw the operator at random, with the tests' real
-  verdict: they teach the format, not the answer, and RL has to learn word -> operator from the
-  reward alone; held-out tasks are unseen (name, variable, operator, constant) combinations.
+  verdict, and after a failing run_tests try another operator only with probability `retry_rate`:
+  they teach the format, not the answer, and RL has to learn from the reward alone to react to a
+  failing test (retry rather than finish) and which operator a word asks for; held-out tasks are
+  unseen (name, variable, operator, constant) combinations.
 - `agent_feature_deletion`: the feature-deletion tasks (boltons) in multi-file form:
   `boltons/<module>.py` with the function's body deleted, `tests/test_<function>.py` its doctests.
   The whole module is the candidate program and the doctests its trusted check, as in
@@ -24,12 +26,20 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 from trainer.agent import SYSTEM_PROMPT, WorkspaceTask, test_report, workspace_task
 from trainer.envs.base import FiniteEnvironment, split
 from trainer.envs.code import score_code_many
+
+OPERATORS = ("+", "-", "*")
+# The warm-up scripts' chance of trying another operator after a failing run_tests: below 1/2, so
+# the warm-up policy (and its greedy decoding) mostly gives up after a failure and RL has the
+# retry to learn from the reward (configs/agent-smoke.yaml).
+RETRY_RATE = 0.45
+PLACEHOLDER = "?"  # agent_code_arith's calc.py: `return x ? 6`, the operator left out
 
 
 class AgentCodeArith(FiniteEnvironment):
@@ -38,13 +48,17 @@ class AgentCodeArith(FiniteEnvironment):
     name = "agent_code_arith"
     executes_code = True
 
-    def __init__(self, held_out_every: int = 5) -> None:
+    def __init__(self, held_out_every: int = 5, retry_rate: float = RETRY_RATE) -> None:
         from trainer.envs.code_arith import CodeArith
+
+        if not 0.0 <= retry_rate <= 1.0:
+            raise ValueError(f"task.options.retry_rate: {retry_rate} is not a probability in [0, 1]")
+        self.retry_rate = retry_rate
 
         source = CodeArith(held_out_every=held_out_every)
         self.tasks = [_arith_task(task) for task in source.tasks]
         self.train, self.held_out = split(self.tasks, held_out_every)
-        self._reports: dict[tuple[str, str], str] = {}
+        self._reports: dict[tuple[str, str], tuple[str, bool]] = {}
 
     def score_many(self, tasks, completions, *, workers=2):
         return score_code_many(tasks, completions, workers=workers)
@@ -62,17 +76,21 @@ class AgentCodeArith(FiniteEnvironment):
         """A warm-up episode that teaches the tools and the workflow, not the answer: the operator
         patched in for the placeholder is drawn uniformly from + - * (whatever the docstring says),
         and the run_tests observation is what the tests said of that file, run in the sandbox
-        (cached per task and operator). Which operator a docstring's word asks for is left to RL."""
-        operator = rng.choice(OPERATORS)
-        key = (task.name, operator)
-        content = dict(task.files)[task.target].replace(f" {PLACEHOLDER} ", f" {operator} ", 1)
-        if key not in self._reports:
-            self._reports[key] = test_report(task, {task.target: content})[0]
-        return scripted_messages(task, content, self._reports[key])
-
-
-OPERATORS = ("+", "-", "*")
-PLACEHOLDER = "?"  # agent_code_arith's calc.py: `return x ? 6`, the operator left out
+        (cached per task and operator). After a failing run_tests the script tries another operator
+        not yet tried with probability `retry_rate`, else it finishes. Which operator a docstring's
+        word asks for, and that a failing test is worth another try, are left to RL."""
+        stub = dict(task.files)[task.target]
+        attempts = []
+        for operator in rng.sample(OPERATORS, len(OPERATORS)):
+            key = (task.name, operator)
+            content = stub.replace(f" {PLACEHOLDER} ", f" {operator} ", 1)
+            if key not in self._reports:
+                self._reports[key] = test_report(task, {task.target: content})
+            report, failed = self._reports[key]
+            attempts.append((content, report))
+            if not failed or rng.random() >= self.retry_rate:
+                break
+        return scripted_messages(task, attempts=attempts)
 
 
 def _call_json(call: dict[str, Any]) -> dict[str, Any]:
@@ -147,29 +165,47 @@ def demo_edit(before: str, after: str) -> tuple[str, str] | None:
 
 
 def scripted_messages(
-    task: WorkspaceTask, content: str | None = None, observation: str = "All tests passed."
+    task: WorkspaceTask,
+    content: str | None = None,
+    observation: str = "All tests passed.",
+    *,
+    attempts: Sequence[tuple[str, str]] | None = None,
 ) -> list[dict[str, Any]]:
-    """A scripted episode's assistant and tool messages after the prompt (OpenAI format): patch the
-    target into `content` (default the reference) with one `edit_file` call (`demo_edit`;
-    `write_file` of the whole content where no patch exists), run the tests (`observation`: what
-    they said; the default is right for the reference only), finish. For a supervised warm-up."""
+    """A scripted episode's assistant and tool messages after the prompt (OpenAI format), for a
+    supervised warm-up: for each attempt (content, observation), patch the target into `content`
+    with one `edit_file` call (`demo_edit` from the file as the previous attempt left it;
+    `write_file` of the whole content where no patch exists) and run the tests (`observation`: what
+    they said), then finish. `attempts` defaults to the one attempt (`content`, `observation`), and
+    `content` to the reference (the default observation is right for the reference only).
+
+    Raises ValueError when the task has no reference and no content is given."""
     content = task.reference if content is None else content
-    if content is None:
-        raise ValueError(f"{task.name} has no reference to script an episode from")
-    target = dict(task.files)[task.target]
-    patch = demo_edit(target, content)
-    size = len(content.encode())
-    if patch is not None:
-        old, new = patch
-        first = ("edit_file", {"path": task.target, "old": old, "new": new}, f"Edited {task.target} ({size} bytes).")
-    else:
-        first = ("write_file", {"path": task.target, "content": content}, f"Wrote {size} bytes to {task.target}.")
+    if attempts is None:
+        if content is None:
+            raise ValueError(f"{task.name} has no reference to script an episode from")
+        attempts = [(content, observation)]
+    current = dict(task.files)[task.target]
+    steps: list[tuple[str, dict[str, str], str]] = []
+    for content, said in attempts:
+        patch = demo_edit(current, content)
+        size = len(content.encode())
+        if patch is not None:
+            old, new = patch
+            steps.append(
+                ("edit_file", {"path": task.target, "old": old, "new": new}, f"Edited {task.target} ({size} bytes).")
+            )
+        else:
+            steps.append(
+                ("write_file", {"path": task.target, "content": content}, f"Wrote {size} bytes to {task.target}.")
+            )
+        steps.append(("run_tests", {}, said))
+        current = content
     messages: list[dict[str, Any]] = []
-    for turn, (name, arguments, said) in enumerate([first, ("run_tests", {}, observation)]):
+    for turn, (name, arguments, said) in enumerate(steps):
         call_id = f"call_{turn}_0"
         call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
         messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
         messages.append({"role": "tool", "tool_call_id": call_id, "content": said})
-    finish = {"id": "call_2_0", "type": "function", "function": {"name": "finish", "arguments": "{}"}}
+    finish = {"id": f"call_{len(steps)}_0", "type": "function", "function": {"name": "finish", "arguments": "{}"}}
     messages.append({"role": "assistant", "content": "", "tool_calls": [finish]})
     return messages
