@@ -612,13 +612,13 @@ class _EpisodeRun:
             turns=self.turns,
             tool_calls=self.calls_by_tool,
             errors=self.errors,
+            reward=0.0 if self.require_finish and self.stop in TRUNCATED else score.reward,
             passed=score.passed,
             feedback=score.feedback,
             stop=self.stop,
             model_s=self.model_s,
             tools_s=self.tools_s,
             files=files,
-            reward=0.0 if self.require_finish and self.stop in TRUNCATED else score.reward,
             sampler_logps=self.sampler_logps + [0.0] * (len(self.token_ids) - len(self.sampler_logps)),
         )
 
