@@ -543,11 +543,17 @@ def test_arith_warm_up_scripts_teach_the_tools_and_leave_the_operator_and_the_re
     first, failures, retries = Counter(), 0, 0
     for messages in scripts:
         names = [m["tool_calls"][0]["function"]["name"] for m in messages[::2]]
-        attempts = len(names) // 2
-        assert names == ["edit_file", "run_tests"] * attempts + ["finish"]
+        attempts = (len(names) + 1) // 3
+        # edit, run the tests; each retry reads the file first (what its `old` quotes is then in view)
+        assert names == ["edit_file", "run_tests"] + ["read_file", "edit_file", "run_tests"] * (attempts - 1) + [
+            "finish"
+        ]
         current, tried = stub, []
         for attempt in range(attempts):
-            edit, report = messages[4 * attempt]["tool_calls"][0]["function"], messages[4 * attempt + 3]["content"]
+            at = 0 if attempt == 0 else 4 + 6 * (attempt - 1) + 2  # the attempt's edit_file message
+            if attempt:
+                assert messages[at - 1]["content"] == current  # read_file showed the file as it is
+            edit, report = messages[at]["tool_calls"][0]["function"], messages[at + 3]["content"]
             arguments = json.loads(edit["arguments"])
             # each patch replaces the operator the file holds now (the placeholder, then the last try)
             assert (edit["name"], arguments["path"], arguments["old"]) == (

@@ -76,8 +76,8 @@ class AgentCodeArith(FiniteEnvironment):
         """A warm-up episode that teaches the tools and the workflow, not the answer: the operator
         patched in for the placeholder is drawn uniformly from + - * (whatever the docstring says),
         and the run_tests observation is what the tests said of that file, run in the sandbox
-        (cached per task and operator). After a failing run_tests the script tries another operator
-        not yet tried with probability `retry_rate`, else it finishes. Which operator a docstring's
+        (cached per task and operator). After a failing run_tests the script reads the file and tries
+        another operator not yet tried with probability `retry_rate`, else it finishes. Which operator a docstring's
         word asks for, and that a failing test is worth another try, are left to RL."""
         stub = dict(task.files)[task.target]
         attempts = []
@@ -172,8 +172,9 @@ def scripted_messages(
     attempts: Sequence[tuple[str, str]] | None = None,
 ) -> list[dict[str, Any]]:
     """A scripted episode's assistant and tool messages after the prompt (OpenAI format), for a
-    supervised warm-up: for each attempt (content, observation), patch the target into `content`
-    with one `edit_file` call (`demo_edit` from the file as the previous attempt left it;
+    supervised warm-up: for each attempt (content, observation), read the target first (retries
+    only: the patch's `old` is then in the last observation), patch it into `content` with one
+    `edit_file` call (`demo_edit` from the file as the previous attempt left it;
     `write_file` of the whole content where no patch exists) and run the tests (`observation`: what
     they said), then finish. `attempts` defaults to the one attempt (`content`, `observation`), and
     `content` to the reference (the default observation is right for the reference only).
@@ -186,7 +187,9 @@ def scripted_messages(
         attempts = [(content, observation)]
     current = dict(task.files)[task.target]
     steps: list[tuple[str, dict[str, str], str]] = []
-    for content, said in attempts:
+    for attempt, (content, said) in enumerate(attempts):
+        if attempt:  # a retry reads the file first: what the next patch's `old` must quote is in view
+            steps.append(("read_file", {"path": task.target}, current))
         patch = demo_edit(current, content)
         size = len(content.encode())
         if patch is not None:
