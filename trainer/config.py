@@ -171,6 +171,10 @@ class OptimConfig:
     # gradient's sign), which on a tiny model shifts logits by ~1 nat a step and broke the agent
     # smoke's tool-call format within one step at lr 6e-4 (issue 12).
     warmup_steps: int = 0
+    # After the warm-up: hold the lr (none), or decay it to lr_min at the run's last inner step
+    # (rounds x diloco.sync_every), linearly or along a half cosine.
+    decay: Literal["none", "linear", "cosine"] = "none"
+    lr_min: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     sft_steps: int = 0  # supervised warm-up on generated solutions before RL (tiny models only)
@@ -180,6 +184,7 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _require(self.lr >= 0, "optim.lr", "must be >= 0")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _require(0 <= self.lr_min <= self.lr, "optim.lr_min", "must be between 0 and optim.lr")
         _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         _require(self.max_grad_norm > 0, "optim.max_grad_norm", "must be > 0")
         _require(self.sft_steps >= 0, "optim.sft_steps", "must be >= 0")

@@ -28,6 +28,7 @@ import copy
 import functools
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -438,7 +439,8 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
         out = three_channel_loss(run, replica, ComposerBatch(policy=samples.policy, preference=preference))
     if config.debug.inject_nan_loss_at == step:  # fault injection (debug section): off by default
         out.total = out.total * float("nan")
-    applied = optimizer_step(run, replica, out.total, lr=inner_lr(config.optim, step))
+    lr = inner_lr(config.optim, step, total_steps=config.rounds * config.diloco.sync_every)
+    applied = optimizer_step(run, replica, out.total, lr=lr)
     loss_s = time.perf_counter() - loss_start
     synced = replica.diloco.step()
     if synced:
@@ -566,13 +568,21 @@ def three_channel_loss(run: Run, replica: Replica, batch: ComposerBatch) -> Comp
     )
 
 
-def inner_lr(optim: OptimConfig, step: int) -> float:
-    """The inner AdamW's lr at global inner step `step` (0-based): optim.lr, ramped linearly over the
-    first optim.warmup_steps steps (step k gets lr * (k + 1) / warmup_steps). A function of the step
-    alone, so a resumed run continues the ramp with nothing extra in its checkpoint."""
-    if optim.warmup_steps <= 0:
+def inner_lr(optim: OptimConfig, step: int, total_steps: int) -> float:
+    """The inner AdamW's lr at global inner step `step` (0-based) of a run of `total_steps`:
+    optim.lr, ramped linearly over the first optim.warmup_steps steps (step k gets
+    lr * (k + 1) / warmup_steps), then held (optim.decay none) or decayed to optim.lr_min at the
+    last step, linearly or along a half cosine (the warm-up + decay schedule of torchtitan's
+    lr_scheduler and of Loshchilov & Hutter 2017, arXiv 1608.03983). A function of the step alone,
+    so a resumed run continues the schedule with nothing extra in its checkpoint."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    if optim.decay == "none":
         return optim.lr
-    return optim.lr * min(1.0, (step + 1) / optim.warmup_steps)
+    span = max(1, total_steps - 1 - optim.warmup_steps)
+    done = min(1.0, (step - optim.warmup_steps) / span)
+    shape = 1.0 - done if optim.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
+    return optim.lr_min + (optim.lr - optim.lr_min) * shape
 
 
 def optimizer_step(run: Run, replica: Replica, loss: torch.Tensor, lr: float | None = None) -> bool:

@@ -266,14 +266,22 @@ def run_and_check(run_dir: Path, *, nproc: int, replica_size: int = 1) -> Path:
     return run_dir
 
 
-def test_the_inner_lr_ramps_linearly_over_warmup_steps_then_holds(tmp_path):
-    result = run_worker(tmp_path / "warm", "optim.warmup_steps=4")
+@pytest.mark.parametrize(
+    ("decay", "expected"),
+    [
+        # configs/test.yaml: lr 1e-3, 3 rounds x 2 inner steps; step k < 2 takes lr * (k + 1) / 2
+        ("none", [0.5e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3]),
+        # then from lr at step 2 to lr_min (1e-4) at the last step (5), a third of the way a step
+        ("linear", [0.5e-3, 1e-3, 1e-3, 0.7e-3, 0.4e-3, 0.1e-3]),
+        ("cosine", [0.5e-3, 1e-3, 1e-3, 0.775e-3, 0.325e-3, 0.1e-3]),
+    ],
+)
+def test_the_inner_lr_ramps_over_warmup_steps_then_holds_or_decays_to_lr_min(tmp_path, decay, expected):
+    result = run_worker(tmp_path / "lr", "optim.warmup_steps=2", f"optim.decay={decay}", "optim.lr_min=1e-4")
     assert result.returncode == 0, result.stdout[-3000:]
     by_step = {}
-    for record in records(tmp_path / "warm", "inner"):
+    for record in records(tmp_path / "lr", "inner"):
         by_step.setdefault(record["step"], set()).add(record["lr"])
-    # configs/test.yaml: lr 1e-3, 3 rounds x 2 inner steps; step k takes lr * (k + 1) / 4 until k = 3
-    expected = [0.25e-3, 0.5e-3, 0.75e-3, 1e-3, 1e-3, 1e-3]
     assert sorted(by_step) == list(range(6))
     for step, lr in enumerate(expected):
         assert [pytest.approx(lr)] == sorted(by_step[step]), (step, by_step[step])  # both replicas alike
