@@ -164,27 +164,19 @@ def demo_edit(before: str, after: str) -> tuple[str, str] | None:
     return None
 
 
-def scripted_messages(
-    task: WorkspaceTask,
-    content: str | None = None,
-    observation: str = "All tests passed.",
-    *,
-    attempts: Sequence[tuple[str, str]] | None = None,
-) -> list[dict[str, Any]]:
+def scripted_messages(task: WorkspaceTask, attempts: Sequence[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
     """A scripted episode's assistant and tool messages after the prompt (OpenAI format), for a
     supervised warm-up: for each attempt (content, observation), read the target first (retries
     only: the patch's `old` is then in the last observation), patch it into `content` with one
-    `edit_file` call (`demo_edit` from the file as the previous attempt left it;
-    `write_file` of the whole content where no patch exists) and run the tests (`observation`: what
-    they said), then finish. `attempts` defaults to the one attempt (`content`, `observation`), and
-    `content` to the reference (the default observation is right for the reference only).
+    `edit_file` call (`demo_edit` from the file as the previous attempt left it; `write_file` of
+    the whole content where no patch exists) and run the tests (`observation`: what they said),
+    then finish. `attempts` defaults to one attempt: the reference, "All tests passed.".
 
-    Raises ValueError when the task has no reference and no content is given."""
-    content = task.reference if content is None else content
+    Raises ValueError when attempts is None and the task has no reference."""
     if attempts is None:
-        if content is None:
+        if task.reference is None:
             raise ValueError(f"{task.name} has no reference to script an episode from")
-        attempts = [(content, observation)]
+        attempts = [(task.reference, "All tests passed.")]
     current = dict(task.files)[task.target]
     steps: list[tuple[str, dict[str, str], str]] = []
     for attempt, (content, said) in enumerate(attempts):
