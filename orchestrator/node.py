@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 from torch.distributed import TCPStore
 
@@ -41,6 +42,7 @@ from orchestrator.cluster import (
     torchrun_command,
 )
 from orchestrator.gate import SECRET_ENV, SECRET_FILE_ENV, GateError, Tunnel, load_secret, request
+from trainer.run_dir import is_finished
 
 STORE_WAIT_S = 600.0
 BEAT_S = 5.0
@@ -113,6 +115,27 @@ def heartbeat(settings: RunSettings, replica: int) -> None:
         time.sleep(BEAT_S)
 
 
+def after_the_end(code: int, run_dir: Path, replica: int) -> int:
+    """torchrun's exit status, or 0 when it failed after the run had ended.
+
+    The trainer writes summary.json once every replica has finished (their final hashes are in
+    it). A worker that dies after that, in a library's teardown, makes torchrun restart the group
+    (the restarted trainers find the run done, `trainer.worker.place_run`), unless a peer's agent
+    has already left and closed the rendezvous: then torchrun fails, and restarting the container
+    could only fail again on the closed rendezvous. The run is over and its verdict is in the
+    summary, which the coordinator reports; this node's part is done. (Across machines only the
+    lead's host holds summary.json; the other hosts see the failure.)
+    """
+    if code != 0 and is_finished(run_dir):
+        print(
+            f"[node] replica {replica}: torchrun exited {code} after the run had ended "
+            f"({run_dir / 'summary.json'} is written): this node is done",
+            flush=True,
+        )
+        return 0
+    return code
+
+
 def main() -> int:
     env = dict(os.environ)
     env.pop(SECRET_ENV, None)  # torchrun and the trainer never need the secret
@@ -152,6 +175,7 @@ def main() -> int:
         signal.signal(signum, lambda received, _frame: child.send_signal(received))
     code = child.wait()
     code = 128 - code if code < 0 else code  # killed by signal N: exit 128 + N, as a shell would
+    code = after_the_end(code, Path(run_dir), replica)
     if code == 0:
         store.set(key_done(replica), str(start))
         # set() does not wait for an answer, and across machines the tunnel that carries it runs

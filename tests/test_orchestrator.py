@@ -195,3 +195,17 @@ def test_a_streaming_round_accounts_for_every_fragment_outer_step_it_covers() ->
     assert missing_outer_steps(progress.outer_steps, 4) == []
     progress.update([{"event": "outer", "outer_step": 6}])  # a record without the field covers itself
     assert missing_outer_steps(progress.outer_steps, 6) == [5]
+
+
+def test_a_node_whose_torchrun_fails_after_the_summary_is_done_and_one_that_fails_before_is_not(
+    tmp_path, capsys
+) -> None:
+    from orchestrator.node import after_the_end
+
+    assert after_the_end(1, tmp_path, 2) == 1  # no summary yet: a real failure, the container restarts
+    assert after_the_end(134, tmp_path, 2) == 134
+    (tmp_path / "summary.json").write_text('{"status": "failed"}')
+    assert after_the_end(0, tmp_path, 2) == 0 and capsys.readouterr().out == ""
+    # the run has ended (whatever its verdict, which the coordinator reads): nothing to restart
+    assert after_the_end(1, tmp_path, 2) == 0
+    assert "replica 2: torchrun exited 1 after the run had ended" in capsys.readouterr().out

@@ -269,11 +269,14 @@ class DebugConfig:
     """Deterministic fault injection for tests and chaos runs (torchft-style); all off by default."""
 
     inject_nan_loss_at: int | None = None  # global inner step whose loss is made NaN on every rank
+    # This global rank aborts (SIGABRT, as a C++ std::terminate in a library's teardown does) after
+    # the run's summary is written, on torchrun's first attempt only: the restart must find the run done.
+    abort_at_exit_rank: int | None = None
 
     def __post_init__(self) -> None:
-        _require(
-            self.inject_nan_loss_at is None or self.inject_nan_loss_at >= 0, "debug.inject_nan_loss_at", "must be >= 0"
-        )
+        for key in ("inject_nan_loss_at", "abort_at_exit_rank"):
+            value = getattr(self, key)
+            _require(value is None or value >= 0, f"debug.{key}", "must be >= 0")
 
 
 @dataclass

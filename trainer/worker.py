@@ -1,6 +1,6 @@
 """The training run as a schedule of named phases, top to bottom:
 
-    build -> warm-up (fresh runs) -> replica state -> resume -> rounds of
+    place (run directory) -> build -> warm-up (fresh runs) -> replica state -> resume -> rounds of
         (inner step x H: rollout -> DPO pairs -> three-channel loss -> AdamW -> diloco.step())
         -> end of round (metrics, checkpoint)
     -> finish (the run's verdict in summary.json)
@@ -54,7 +54,7 @@ from trainer.model import cached_tokenizer, pretrained_model_and_tokenizer, tiny
 from trainer.precision import autocast, compute_dtype
 from trainer.replay import PreferenceFeed, PreferenceReplay
 from trainer.rollout import rollout
-from trainer.run_dir import check_resumable, choose_run_dir
+from trainer.run_dir import check_resumable, choose_run_dir, is_finished
 from trainer.sandbox import SandboxConfig, SandboxUnavailable, make_sandbox, set_default_sandbox
 from trainer.teacher import EMATeacher
 from trainer.warmup import supervised_warmup
@@ -191,7 +191,11 @@ def barrier() -> None:
 
 def train(config: Config) -> dict:
     """Run `config` to the end (or resume it) and return the summary written to summary.json."""
-    run = build(config)
+    topo = init_distributed(config)
+    run_dir, after_end = place_run(config, topo)
+    if after_end:
+        return already_finished(topo, run_dir)
+    run = build(config, topo, run_dir)
     if run.resume_from is None:
         warm_up(run)
     replica = build_replica(run)
@@ -225,13 +229,24 @@ def train(config: Config) -> dict:
 # ---- phases -------------------------------------------------------------------------------------
 
 
-def build(config: Config) -> Run:
-    """Processes, run directory, tasks, the model and tokenizer on this rank's device."""
-    topo = init_distributed(config)
+def place_run(config: Config, topo: Topology) -> tuple[Path, bool]:
+    """The run directory (the lead's choice) and whether this is a restart after the run's end.
+
+    A fresh launch never resumes a finished run: it takes the next free `<dir>-N`
+    (`trainer.run_dir`). But torchrun restarts every worker when one fails, and a failure after
+    the summary (a peer dying in a library's teardown on its way out) leaves a finished run that
+    is this very run: done, not a reason to start another beside it.
+    """
     base = Path(os.environ.get("COMPOSER_RUN_DIR") or config.run_dir or f"runs/{config.name}")
-    run_dir = gather(choose_run_dir(base))[topo.lead_rank]  # the lead's choice: a finished run is never resumed
+    after_end = restart_count() > 0 and is_finished(base)
+    run_dir, after_end = gather((base if after_end else choose_run_dir(base), after_end))[topo.lead_rank]
     if topo.lead and run_dir != base:
         print(f"{base} holds a finished run; this run writes to {run_dir}", flush=True)
+    return run_dir, after_end
+
+
+def build(config: Config, topo: Topology, run_dir: Path) -> Run:
+    """Tasks, checkpoint storage, the model and tokenizer on this rank's device."""
     ckpt_root = Path(config.checkpoint_dir) if config.checkpoint_dir else run_dir / "checkpoints"
     keeper = storage_keeper(topo, ckpt_root)
     if "OMP_NUM_THREADS" not in os.environ:  # an explicit setting (torchrun, compose) wins
@@ -263,6 +278,22 @@ def build(config: Config) -> Run:
         )
     dtype = compute_dtype(config.model.dtype)
     return Run(config, topo, run_dir, ckpt_root, model, tokenizer, env, device, dtype, resume_from, keeper)
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted this worker group (0: its first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+
+def already_finished(topo: Topology, run_dir: Path) -> dict:
+    """A restart after the run's end: every rank returns the lead's summary.json, unchanged."""
+    summary = gather(json.loads((run_dir / "summary.json").read_text()) if topo.lead else None)[topo.lead_rank]
+    if topo.lead:
+        print(f"{run_dir} already holds this run's summary (a worker failed after it): nothing to redo", flush=True)
+    barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
 
 
 def storage_keeper(topo: Topology, ckpt_root: Path) -> bool:
@@ -834,6 +865,8 @@ def finish(run: Run, replica: Replica, books: Books) -> dict:
     barrier()
     if dist.is_initialized():
         dist.destroy_process_group()
+    if config.debug.abort_at_exit_rank == topo.rank and restart_count() == 0:
+        os.abort()  # fault injection (debug section): a crash after the run's end
     return summary
 
 

@@ -114,6 +114,19 @@ def test_sigkill_mid_round_resumes_bit_exact(uninterrupted, tmp_path):
         assert summary(run_dir)[key] == summary(uninterrupted)[key], key
 
 
+def test_a_worker_that_dies_after_the_summary_leaves_the_run_finished_not_restarted_beside_it(uninterrupted, tmp_path):
+    """Seen in the 4-container compose test: a rank aborted in a library's teardown after the
+    summary; torchrun restarted every worker, and each began a new run in <dir>-2 (which the
+    container could not create). A restart after the end must find this run done."""
+    run_dir = tmp_path / "aborted"
+    output = finish(torchrun(run_dir, *RESUMABLE, "debug.abort_at_exit_rank=1", max_restarts=1))
+    assert "exitcode: -6" in output  # the injected abort happened, and torchrun restarted the group
+    assert f"{run_dir} already holds this run's summary (a worker failed after it): nothing to redo" in output
+    assert not run_dir.with_name("aborted-2").exists() and not records(run_dir, "resume")
+    assert summary(run_dir)["final_param_hash"] == summary(uninterrupted)["final_param_hash"]
+    assert [r["outer_step"] for r in records(run_dir, "outer")] == [1, 2, 3, 4, 5, 6]  # nothing ran twice
+
+
 @pytest.mark.parametrize("channel", ["loss.alpha=0", "loss.beta=0"])
 def test_a_channel_switched_off_costs_no_forward(tmp_path, channel):
     run_dir = tmp_path / "run"
