@@ -1,6 +1,8 @@
 import json
 import math
 
+import pytest
+
 from trainer.metrics import (
     MetricsLog,
     compare_metrics,
@@ -92,3 +94,15 @@ def test_paired_rise_counts_only_the_tasks_that_changed():
     rise, sigmas = paired_rise(before, after)
     assert math.isclose(rise, 3 / 8) and math.isclose(sigmas, (3 / 8) / (math.sqrt(5) / 8))
     assert math.isnan(paired_rise([1, 0], [1, 0])[1])
+
+
+def test_paired_mean_rise_is_the_paired_t_statistic_of_per_task_pass_rates():
+    from trainer.metrics import paired_mean_rise
+
+    before = [0.0, 0.25, 0.5, 0.5, 1.0]
+    after = [0.5, 0.75, 0.5, 1.0, 1.0]  # differences 0.5, 0.5, 0, 0.5, 0: mean 0.3, sample sd 0.27386
+    rise, sigmas = paired_mean_rise(before, after)
+    assert math.isclose(rise, 0.3) and math.isclose(sigmas, 0.3 / (math.sqrt(0.075) / math.sqrt(5)))
+    assert math.isnan(paired_mean_rise([0.5, 0.5], [0.5, 0.5])[1])
+    with pytest.raises(ValueError, match="evaluate the same"):
+        paired_mean_rise([0.5], [0.5, 1.0])

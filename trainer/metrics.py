@@ -70,6 +70,23 @@ def paired_rise(before: list[bool], after: list[bool]) -> tuple[float, float]:
     return rise, rise / (math.sqrt(gained + lost) / n) if gained + lost else float("nan")
 
 
+def paired_mean_rise(before: list[float], after: list[float]) -> tuple[float, float]:
+    """(rise, rise / its standard error) of a per-task rate measured twice on the same tasks.
+
+    For the held-out pass rate of sampled episodes (each task's fraction of k samples that passed):
+    with per-task differences d_i = after_i - before_i, rise = mean(d) and its standard error
+    std(d) / sqrt(n) with the sample standard deviation: the paired t statistic (Student 1908; what
+    scipy.stats.ttest_rel reports). nan sigmas when every task changed by the same amount.
+    """
+    if len(before) != len(after) or len(before) < 2:
+        raise ValueError(f"paired_mean_rise: {len(before)} and {len(after)} rates; evaluate the same >= 2 tasks")
+    diffs = [a - b for b, a in zip(before, after, strict=True)]
+    n = len(diffs)
+    rise = sum(diffs) / n
+    spread = math.sqrt(sum((d - rise) ** 2 for d in diffs) / (n - 1))
+    return rise, rise / (spread / math.sqrt(n)) if spread else float("nan")
+
+
 def table_header() -> str:
     return " ".join(f"{c:>8}" for c in TABLE_COLUMNS)
 
@@ -108,7 +125,9 @@ def run_summary(path: Path) -> dict[str, Any]:
 
     reward_first/last/rise/rise_sigmas (`reward_rise` over the rounds), skipped_steps (inner steps
     at which some replica took no optimizer step; skipped_replica_steps counts each replica),
-    eval_* (held-out pass@1 and pass@k at the first and last evaluation, when there were any).
+    eval_* (held-out pass@1 and pass@k at the first and last evaluation, when there were any;
+    pass@1's paired rise over the greedy episodes, and sampled_reward's, the pass rate of the k
+    sampled episodes per task, with `paired_mean_rise`).
     """
     inner, evals = latest_records(read_metrics(path))
     by_round: dict[int, list[float]] = {}
@@ -129,6 +148,14 @@ def run_summary(path: Path) -> dict[str, Any]:
         if len(evals) >= 2 and "greedy_correct" in evals[0] and "greedy_correct" in evals[-1]:
             rise, sigmas = paired_rise(evals[0]["greedy_correct"], evals[-1]["greedy_correct"])
             summary["eval_pass_at_1_rise"], summary["eval_pass_at_1_rise_sigmas"] = rise, sigmas
+        if "sampled_reward" in evals[0]:
+            summary["eval_sampled_reward_first"] = evals[0]["sampled_reward"]
+            summary["eval_sampled_reward_last"] = evals[-1]["sampled_reward"]
+        if len(evals) >= 2 and "sampled_correct" in evals[0] and "sampled_correct" in evals[-1]:
+            k = evals[-1]["k"]
+            before, after = ([c / k for c in e["sampled_correct"]] for e in (evals[0], evals[-1]))
+            rise, sigmas = paired_mean_rise(before, after)
+            summary["eval_sampled_reward_rise"], summary["eval_sampled_reward_rise_sigmas"] = rise, sigmas
     return summary
 
 

@@ -716,13 +716,14 @@ def evaluate_held_out(
         gate_means = {
             name: sum(v for g in gates for v in g[name]) / max(1, sum(len(g[name]) for g in gates)) for name in gate
         }
-        # per-task greedy outcomes (task order is the same at every evaluation): the paired rise
+        # per-task outcomes (task order is the same at every evaluation): the paired rises
         books.metrics.log(
             "eval",
             round=rounds_done,
             outer_step=outer_step,
             **figures,
             greedy_correct=list(map(int, total.greedy_correct)),
+            sampled_correct=list(total.sampled_correct),
             **(dict(student_logp=gate_means.pop("student"), teacher_logp=gate_means) if gate_means else {}),
         )
         print(
@@ -851,7 +852,9 @@ def finish(run: Run, replica: Replica, books: Books) -> dict:
         if "eval_pass_at_1_first" in summary:
             print(
                 f"held-out pass@1: {summary['eval_pass_at_1_first']:.3f} -> {summary['eval_pass_at_1_last']:.3f}, "
-                f"pass@k: {summary['eval_pass_at_k_first']:.3f} -> {summary['eval_pass_at_k_last']:.3f}",
+                f"pass@k: {summary['eval_pass_at_k_first']:.3f} -> {summary['eval_pass_at_k_last']:.3f}, "
+                f"sampled pass rate: {summary['eval_sampled_reward_first']:.3f} -> "
+                f"{summary['eval_sampled_reward_last']:.3f}",
                 flush=True,
             )
         print(f"skipped (non-finite) steps: {summary['skipped_steps']}", flush=True)
