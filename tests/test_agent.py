@@ -532,7 +532,7 @@ def test_feature_deletion_in_multi_file_form_is_restored_by_a_patch(tiny, sandbo
     assert (result.passed, result.errors, result.messages[5]["content"]) == (True, Counter(), "All tests passed.")
 
 
-def test_arith_warm_up_scripts_teach_the_tools_and_leave_the_operator_and_the_retry_to_rl(tiny, sandbox, env):
+def test_arith_warm_up_scripts_teach_the_tools_and_the_operator_only_as_weakly_as_asked(tiny, sandbox, env):
     task = env.train[0]
     files = dict(task.files)
     stub = files[task.target]
@@ -581,8 +581,19 @@ def test_arith_warm_up_scripts_teach_the_tools_and_leave_the_operator_and_the_re
     assert all(m[-2]["content"] == "All tests passed." for m in (always.scripted_episode(task, rng) for _ in range(30)))
     with pytest.raises(ValueError, match=r"task.options.retry_rate: 1.5 is not a probability"):
         make_env("agent_code_arith", retry_rate=1.5)
-    # the right patch, played through a real episode, passes
+    # correct_rate: each attempt takes the operator the word names with that probability (else a
+    # uniform draw, which is right a third of the time on the first attempt)
     right = task.reference.split("\n")[-2].split()[-2]
+    for rate, low, high in ((1.0, 1.0, 1.0), (0.5, 0.58, 0.75)):
+        weak = make_env("agent_code_arith", correct_rate=rate)
+        firsts = [
+            json.loads(weak.scripted_episode(task, rng)[0]["tool_calls"][0]["function"]["arguments"])
+            for _ in range(300)
+        ]
+        assert low <= sum(f["new"] == right for f in firsts) / 300 <= high
+    with pytest.raises(ValueError, match=r"task.options.correct_rate: -0.1 is not a probability"):
+        make_env("agent_code_arith", correct_rate=-0.1)
+    # the right patch, played through a real episode, passes
     result, _ = episode(tiny, sandbox, task, [call("edit_file", path="calc.py", old="?", new=right), call("finish")])
     assert result.passed and result.files["calc.py"] == task.reference
 
