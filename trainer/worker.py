@@ -245,8 +245,13 @@ def place_run(config: Config, topo: Topology) -> tuple[Path, bool]:
     return run_dir, after_end
 
 
-def build(config: Config, topo: Topology, run_dir: Path) -> Run:
-    """Tasks, checkpoint storage, the model and tokenizer on this rank's device."""
+def build(config: Config, topo: Topology | None = None, run_dir: Path | None = None) -> Run:
+    """Tasks, checkpoint storage, the model and tokenizer on this rank's device (the processes and
+    the run directory too when not given, as for bench/ablation.py's shared warm-ups)."""
+    if topo is None:
+        topo = init_distributed(config)
+    if run_dir is None:
+        run_dir, _ = place_run(config, topo)
     ckpt_root = Path(config.checkpoint_dir) if config.checkpoint_dir else run_dir / "checkpoints"
     keeper = storage_keeper(topo, ckpt_root)
     if "OMP_NUM_THREADS" not in os.environ:  # an explicit setting (torchrun, compose) wins
