@@ -295,10 +295,15 @@ def already_finished(topo: Topology, run_dir: Path) -> dict:
     summary = gather(json.loads((run_dir / "summary.json").read_text()) if topo.lead else None)[topo.lead_rank]
     if topo.lead:
         print(f"{run_dir} already holds this run's summary (a worker failed after it): nothing to redo", flush=True)
+    leave_together()
+    return summary
+
+
+def leave_together() -> None:
+    """Every rank waits for the others, then the process groups are torn down."""
     barrier()
     if dist.is_initialized():
         dist.destroy_process_group()
-    return summary
 
 
 def storage_keeper(topo: Topology, ckpt_root: Path) -> bool:
@@ -870,9 +875,7 @@ def finish(run: Run, replica: Replica, books: Books) -> dict:
         print(f"run dir: {run.run_dir} (metrics.jsonl, curves.png, summary.json, checkpoints/)", flush=True)
         if summary["status"] != "ok":
             print(f"run failed: {summary['reason']}", file=sys.stderr, flush=True)
-    barrier()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_together()
     if config.debug.abort_at_exit_rank == topo.rank and restart_count() == 0:
         os.abort()  # fault injection (debug section): a crash after the run's end
     return summary
