@@ -980,20 +980,25 @@ def episode_warmup(
     lr: float,
     rng: random.Random,
     script: Callable[[WorkspaceTask, random.Random], list[dict[str, Any]]] | None = None,
+    group: torch.distributed.ProcessGroup | None = None,
+    progress: bool = False,
 ) -> list[float]:
     """Supervised warm-up on scripted episodes: cross-entropy on the assistant tokens only; returns
     the losses. For tiny models, as `trainer.warmup.supervised_warmup` is for single-turn tasks.
     script(task, rng): an episode's messages after the prompt (an environment's `scripted_episode`;
     default `trainer.envs.agentic.scripted_messages`, the reference patched in). Half the episodes
     carry the task's partial hint as a user message before the first turn, where the SDPO teacher's
-    hint goes, so the teacher has learnt to read one."""
+    hint goes, so the teacher has learnt to read one. group: the processes sharing each step's
+    rows (`trainer.warmup.sft_step`; every one passes the same rng state); None: this one alone.
+    progress: show a progress bar."""
     from trainer.envs.agentic import scripted_messages
+    from trainer.warmup import sft_progress, sft_step
 
     script = script or (lambda task, _rng: scripted_messages(task))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     losses = []
-    for _ in range(steps):
+    for _ in sft_progress(steps, losses, progress):
         rows = []
         for task in (rng.choice(tasks) for _ in range(batch_size)):
             prompt = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": task.prompt()}]
@@ -1003,12 +1008,7 @@ def episode_warmup(
         ids, attention = pad_sequences([r[0] for r in rows], tokenizer.pad_token_id)
         learn, _ = pad_sequences([r[1] for r in rows], 0)
         labels = ids.masked_fill(learn == 0, -100)
-        logits = model(input_ids=ids, attention_mask=attention).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(sft_step(model, optimizer, ids, attention, labels, group))
     return losses
 
 

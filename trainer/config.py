@@ -180,6 +180,11 @@ class OptimConfig:
     sft_steps: int = 0  # supervised warm-up on generated solutions before RL (tiny models only)
     sft_lr: float = 1e-3
     sft_batch_size: int = 64
+    # true: every process takes its share of each warm-up batch and the gradients are summed (one
+    # all_reduce of the model per step), 1/world of the compute each. false: each process runs the
+    # whole identical warm-up itself, no traffic (replicas across slow links; and the smoke configs,
+    # whose documented numbers were measured so: summing halves rounds differently).
+    sft_shared: bool = False
 
     def __post_init__(self) -> None:
         _require(self.lr >= 0, "optim.lr", "must be >= 0")

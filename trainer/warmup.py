@@ -4,14 +4,24 @@ Part of the recipe for tiny models only (real instruct models start well above z
 `optim.sft_steps` is 0 for them). Half of each batch carries a hint in the prompt, in the forms the
 SDPO teacher will read (the task's hint, a correct sibling's answer), so the hinted teacher has
 learnt to read a hint before RL starts.
+
+With several processes (replicas) the warm-up is data-parallel (`sft_step`): every process draws
+the same batch from the same seed, takes the loss of its own slice of the rows and the gradients
+are summed across processes, so each step costs 1/world of the compute and every process ends
+with the same weights (the warm-up had run the whole identical warm-up in every replica: on a
+shared machine, most of an agent-smoke run's CPU time).
 """
 
 from __future__ import annotations
 
 import random
+import sys
+from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trainer.batching import pad_sequences
@@ -31,12 +41,16 @@ def supervised_warmup(
     sibling_hints: bool,
     max_prompt_length: int,
     rng: random.Random,
+    group: dist.ProcessGroup | None = None,
+    progress: bool = False,
 ) -> list[float]:
-    """Train on (prompt -> answer) with cross-entropy on the answer tokens; returns the losses."""
+    """Train on (prompt -> answer) with cross-entropy on the answer tokens; returns the losses.
+    group: the processes sharing the work (`sft_step`); None: this process alone. progress: show
+    a progress bar (`sft_progress`)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     losses = []
-    for _ in range(steps):
+    for _ in sft_progress(steps, losses, progress):
         batch = [tasks.sample(rng) for _ in range(batch_size)]
         prompts = chat_prompt_ids(
             tokenizer, [_warmup_prompt(t, hint_level, sibling_hints, rng) for t in batch], max_prompt_length
@@ -51,13 +65,60 @@ def supervised_warmup(
         labels = ids.masked_fill(mask == 0, -100)
         for row, prompt in enumerate(prompts):
             labels[row, : len(prompt)] = -100
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(sft_step(model, optimizer, ids, mask, labels, group))
     return losses
+
+
+def sft_progress(steps: int, losses: list[float], show: bool) -> Iterator[int]:
+    """range(steps), with a progress bar on stderr (the last loss of `losses` beside it) if `show`."""
+    with tqdm(total=steps, desc="warm-up", leave=False, disable=not show, file=sys.stderr) as bar:
+        for step in range(steps):
+            yield step
+            bar.update()
+            if losses:
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+
+
+def sft_step(
+    model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+) -> float:
+    """One step of next-token cross-entropy, the mean over the batch's labelled tokens; returns it.
+
+    ids, attention_mask, labels: int64 [batch, seq]; labels -100 where no loss is taken (the label
+    of position t is ids[t], predicted from position t - 1). group: every process of it passes the
+    same batch and takes rows rank::world; the per-process token sums are divided by the batch's
+    whole token count and the gradients summed (all_reduce), which is the one-process gradient up
+    to summation order. All processes then take the same AdamW step from the same gradient."""
+    world = 1 if group is None else dist.get_world_size(group)
+    rank = 0 if group is None else dist.get_rank(group)
+    targets = labels[:, 1:]
+    count = int((targets != -100).sum())
+    if count == 0:
+        raise ValueError("sft_step: the batch has no labelled token (labels are all -100)")
+    if ids.shape[0] < world:  # every process checks the same batch: none is left in the all_reduce
+        raise ValueError(f"sft_step: a batch of {ids.shape[0]} rows cannot be shared by {world} processes")
+    rows = slice(rank, None, world)
+    logits = model(input_ids=ids[rows], attention_mask=attention_mask[rows]).logits
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets[rows].flatten(), reduction="sum") / count
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if world > 1:
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([*(p.grad.reshape(-1) for p in params), loss.detach().reshape(1)])
+        dist.all_reduce(flat, group=group)
+        for p, part in zip(params, flat[:-1].split([p.numel() for p in params]), strict=True):
+            p.grad.copy_(part.view_as(p))
+        loss = flat[-1]
+    optimizer.step()
+    return loss.item()
 
 
 def _warmup_prompt(task: Task, hint_level: int | str, sibling_hints: bool, rng: random.Random) -> str:

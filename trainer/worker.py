@@ -354,8 +354,16 @@ def warm_up(run: Run) -> None:
     config = run.config
     if not config.optim.sft_steps:
         return
-    # Same seed on every rank: replicas finish the warm-up bit-identical, no sync needed.
+    # Same seed on every rank: every process draws the same batches and takes its share of the
+    # rows (trainer.warmup.sft_step sums the gradients), so all finish with the same weights.
     rng = random.Random(step_seed(config.seed, -1))
+    world = run.topo.world_size
+    group = dist.group.WORLD if world > 1 and config.optim.sft_shared else None
+    if group is not None and config.optim.sft_batch_size < world:
+        raise ConfigError(
+            f"optim.sft_batch_size: {config.optim.sft_batch_size} rows cannot be shared by {world} processes;"
+            f" use at least {world}, or optim.sft_shared: false"
+        )
     with run.autocast():
         if config.agent.enabled:  # issue 12: scripted episodes
             sft_losses = agent.episode_warmup(
@@ -367,6 +375,8 @@ def warm_up(run: Run) -> None:
                 lr=config.optim.sft_lr,
                 rng=rng,
                 script=getattr(run.env, "scripted_episode", None),
+                group=group,
+                progress=run.topo.lead,
             )
         else:
             sft_losses = supervised_warmup(
@@ -380,9 +390,17 @@ def warm_up(run: Run) -> None:
                 sibling_hints=config.task.sibling_hints,
                 max_prompt_length=config.rollout.max_prompt_length,
                 rng=rng,
+                group=group,
+                progress=run.topo.lead,
             )
     if run.topo.lead:
-        print(f"warm-up: {len(sft_losses)} SFT steps, loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f}", flush=True)
+        line = f"warm-up: {len(sft_losses)} SFT steps, loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f}"
+        probe = getattr(run.env, "warmup_probe", None)  # what the warm-up has taught, where an env can say
+        if probe is not None:
+            with run.autocast():
+                what, value = probe(run.model, run.tokenizer)
+            line += f"; {what}: {value:.3f}"
+        print(line, flush=True)
 
 
 def build_replica(run: Run) -> Replica:
