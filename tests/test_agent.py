@@ -26,10 +26,12 @@ import torch
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
 from trainer.agent import (
+    SYSTEM_PROMPT,
     TOOLS,
     Episode,
     TemplateError,
     add_episode_pairs,
+    demonstration_ids,
     episode_metrics,
     episode_policy_batch,
     parse_tool_calls,
@@ -41,6 +43,7 @@ from trainer.agent import (
 from trainer.batching import pad_sequences
 from trainer.config import AGENT_TOOLS, AgentConfig, Config, ConfigError, TaskConfig
 from trainer.envs import make_env
+from trainer.envs.agentic import scripted_messages
 from trainer.losses import ComposerBatch, completion_logits, composer_total_loss, token_logps
 from trainer.model import tiny_model_and_tokenizer
 from trainer.replay import PreferenceReplay
@@ -596,6 +599,39 @@ def test_arith_warm_up_scripts_teach_the_tools_and_the_operator_only_as_weakly_a
     # the right patch, played through a real episode, passes
     result, _ = episode(tiny, sandbox, task, [call("edit_file", path="calc.py", old="?", new=right), call("finish")])
     assert result.passed and result.files["calc.py"] == task.reference
+
+
+class Favouring(torch.nn.Module):
+    """A causal LM whose logit of one token is raised by `by` everywhere: it patches in that token."""
+
+    def __init__(self, inner: torch.nn.Module, token: int, by: float = 40.0) -> None:
+        super().__init__()
+        self.inner, self.token, self.by = inner, token, by
+
+    def forward(self, input_ids=None, attention_mask=None):
+        logits = self.inner(input_ids=input_ids, attention_mask=attention_mask).logits.clone()
+        logits[..., self.token] += self.by
+        return type("Out", (), {"logits": logits})()
+
+
+def test_the_warmup_probe_is_chance_for_a_blind_model_and_the_plus_share_for_one_that_always_patches_plus(tiny, env):
+    model, tokenizer = tiny
+    model.train()
+    what, blind = env.warmup_probe(model, tokenizer, size=24)
+    assert "held-out" in what and model.training  # the mode is left as it came
+    assert abs(blind - 1 / 3) < 0.02  # a random model does not tell the words apart
+    # the token the "+" patch has where the "-" patch differs (the template merges `"+"}}</` here)
+    task = env.held_out[0]
+    prompt = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": task.prompt()}]
+    stub = dict(task.files)[task.target]
+    plus, minus = (
+        demonstration_ids(tokenizer, prompt, scripted_messages(task, [(stub.replace(" ? ", f" {op} "), "")])[:1])[0]
+        for op in "+-"
+    )
+    token = next(a for a, b in zip(plus, minus, strict=True) if a != b)
+    _, favoured = env.warmup_probe(Favouring(model, token).eval(), tokenizer, size=24)
+    share = sum(" plus " in task.instruction for task in env.held_out[:24]) / 24
+    assert 0 < share < 1 and abs(favoured - share) < 0.01
 
 
 def test_under_require_finish_an_episode_the_budget_cuts_earns_nothing_though_its_tests_pass(tiny, sandbox, env):

@@ -101,6 +101,44 @@ class AgentCodeArith(FiniteEnvironment):
                 break
         return scripted_messages(task, attempts=attempts)
 
+    def warmup_probe(self, model, tokenizer, size: int = 48) -> tuple[str, float]:
+        """How far the warm-up has taught word -> operator, without sampling: over the first `size`
+        held-out tasks, the mean probability the model gives the word's operator in the first
+        `edit_file` patch, renormalised over the three operators (each candidate call scored
+        teacher-forced, its log-probability summed over the call's tokens). 1/3 (chance) until
+        the dependence has begun; the README's agent section tells why it is worth printing.
+
+        Returns (what was measured, in words; the probability in [0, 1]). model: a causal LM, left in
+        the train/eval mode it came in."""
+        import torch
+
+        from trainer.agent import demonstration_ids
+        from trainer.batching import pad_sequences
+
+        was_training, probabilities = model.training, []
+        model.eval()
+        with torch.no_grad():
+            for task in self.held_out[:size]:
+                stub = dict(task.files)[task.target]
+                prompt = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": task.prompt()}]
+                rows = [
+                    demonstration_ids(
+                        tokenizer,
+                        prompt,
+                        scripted_messages(task, [(stub.replace(f" {PLACEHOLDER} ", f" {op} ", 1), "")])[:1],
+                    )
+                    for op in OPERATORS
+                ]
+                ids, attention = pad_sequences([r[0] for r in rows], tokenizer.pad_token_id)
+                learn, _ = pad_sequences([r[1] for r in rows], 0)
+                logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+                taken = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0] * learn[:, 1:]
+                chosen = taken.sum(1).softmax(0)[OPERATORS.index(_named_operator(task.instruction))]
+                probabilities.append(chosen.item())
+        model.train(was_training)
+        what = f"P(first patch = the word's operator), {len(probabilities)} held-out tasks, chance 1/3"
+        return what, sum(probabilities) / len(probabilities)
+
 
 def _named_operator(instruction: str) -> str:
     """The operator the instruction's word names ("Return x times 6." -> "*")."""
