@@ -162,14 +162,26 @@ def across_command(client: docker.DockerClient, args: argparse.Namespace) -> int
         gpus=args.gpus,
     )
     if args.command == "join":
-        host, _, port = args.coordinator.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"--coordinator {args.coordinator!r}: expected HOST:PORT, e.g. 10.0.0.1:{RDZV_PORT}")
-        return across.join(client, options, (host, int(port)))
+        return across.join(client, options, coordinator_address(args.coordinator))
     options.port = args.port
     if generated:
         print(f"no secret given: made one for this run (in {args.runs_dir}/.secrets/{options.run} once served)")
     return across.serve(client, options, replicas=args.replicas)
+
+
+def coordinator_address(text: str) -> tuple[str, int]:
+    """`join --coordinator HOST:PORT` as (host, port). IPv4 addresses and host names only: the
+    workers' torchrun endpoint and the gate take a bare HOST:PORT, so an IPv6 literal is refused.
+
+    Raises ValueError naming the flag."""
+    host, _, port = text.rpartition(":")
+    if ":" in host or host.startswith("["):
+        raise ValueError(
+            f"--coordinator {text!r}: IPv6 addresses are not supported; use the machine's IPv4 address or name"
+        )
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--coordinator {text!r}: expected HOST:PORT, e.g. 10.0.0.1:{RDZV_PORT}")
+    return host, int(port)
 
 
 if __name__ == "__main__":

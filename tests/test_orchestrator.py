@@ -209,3 +209,16 @@ def test_a_node_whose_torchrun_fails_after_the_summary_is_done_and_one_that_fail
     # the run has ended (whatever its verdict, which the coordinator reads): nothing to restart
     assert after_the_end(1, tmp_path, 2) == 0
     assert "replica 2: torchrun exited 1 after the run had ended" in capsys.readouterr().out
+
+
+def test_join_takes_an_ipv4_or_named_coordinator_and_refuses_ipv6_and_malformed_ones_by_the_flag():
+    from orchestrator.__main__ import coordinator_address
+
+    assert coordinator_address("10.0.0.1:29400") == ("10.0.0.1", 29400)
+    assert coordinator_address("gpu-box.lan:1234") == ("gpu-box.lan", 1234)
+    for text in ("[fe80::1]:29400", "fe80::1:29400"):
+        with pytest.raises(ValueError, match=r"--coordinator .*IPv6 addresses are not supported"):
+            coordinator_address(text)
+    for text in ("10.0.0.1", ":29400", "10.0.0.1:http", "10.0.0.1:70000"):
+        with pytest.raises(ValueError, match=r"--coordinator .*expected HOST:PORT"):
+            coordinator_address(text)
