@@ -130,3 +130,41 @@ def test_sibling_pairs_fill_the_replay_buffer(policy):
         assert len(chosen_text) % 2 == 0 and len(rejected_text) % 2 == 1
     out = composer_total_loss(model, batch, alpha=0.5, beta=0.1)
     assert torch.isfinite(out.total) and out.dpo.item() > 0
+
+
+def test_a_full_replay_drops_its_oldest_pairs_unscored_and_counts_them(model_and_tokenizer, tmp_path):
+    model, tokenizer = model_and_tokenizer
+    everything = replay_buffer(model, tokenizer, batch_size=3)
+    window = replay_buffer(model, tokenizer, batch_size=3, capacity=2)  # pair-0..3 added in order
+    assert (len(window), window.evicted, window.reference_forward_passes) == (2, 2, 0)  # never scored
+    kept = window.sample(2, generator=torch.Generator().manual_seed(0))
+    assert window.reference_forward_passes == 1
+    newest = {tuple(everything._pairs[f"pair-{i}"].chosen_ids.tolist()) for i in (2, 3)}
+    rows = zip(kept.chosen_ids, kept.chosen_attention_mask, strict=True)
+    assert {tuple(row[mask.bool()].tolist()) for row, mask in rows} == newest  # the newest two are kept
+    torch.save(window.state_dict(), tmp_path / "replay.pt")
+    restored = PreferenceReplay(copy.deepcopy(model), pad_token_id=tokenizer.pad_token_id, capacity=2)
+    restored.load_state_dict(torch.load(tmp_path / "replay.pt"))
+    assert (len(restored), restored.evicted) == (2, 2)
+    with pytest.raises(ValueError, match="capacity=0 must be >= 1"):
+        PreferenceReplay(model, pad_token_id=tokenizer.pad_token_id, capacity=0)
+
+
+def test_trace_pairs_that_do_not_fit_the_capacity_are_refused_by_its_key(model_and_tokenizer, tmp_path):
+    from tests.traces_fixtures import openai_attempt, write_jsonl
+    from trainer.config import ConfigError
+
+    model, tokenizer = model_and_tokenizer
+    attempts = [openai_attempt("A", "good patch", True), openai_attempt("A", "bad patch", False)]
+    attempts += [openai_attempt("A", "other good patch", True)]  # two (resolved, unresolved) pairs
+    write_jsonl(tmp_path / "attempts.jsonl", attempts)
+    fits = PreferenceFeed(
+        PreferenceReplay(model, pad_token_id=tokenizer.pad_token_id, capacity=2), pairs_per_step=2, traces=tmp_path
+    )
+    assert fits.fill_from_traces(tokenizer, 512) == 2
+    tight = PreferenceFeed(
+        PreferenceReplay(model, pad_token_id=tokenizer.pad_token_id, capacity=1), pairs_per_step=2, traces=tmp_path
+    )
+    with pytest.raises(ConfigError, match=r"loss.dpo_capacity: 1 pairs, but task.traces .* gives 2; raise it"):
+        tight.fill_from_traces(tokenizer, 512)
+    assert len(tight.replay) == 0

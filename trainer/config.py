@@ -112,6 +112,9 @@ class LossConfig:
     sdpo_top_k: int | None = None
     dpo_beta: float = 0.1
     dpo_pairs_per_step: int = 16
+    # Pairs the DPO store keeps: past it the oldest rollout pairs are dropped (metric pairs_evicted);
+    # mined trace pairs that do not fit are refused at the start.
+    dpo_capacity: int = 4096
     teacher: Literal["policy", "ema"] = "policy"
     ema_rate: float = 0.05
     # Which samples SDPO distils (single-turn rollouts): "all", or "failed" (distillation on the
@@ -126,6 +129,7 @@ class LossConfig:
         _require(self.sdpo_top_k is None or self.sdpo_top_k >= 1, "loss.sdpo_top_k", "must be >= 1")
         _require(self.dpo_beta > 0, "loss.dpo_beta", "must be > 0")
         _require(self.dpo_pairs_per_step >= 1, "loss.dpo_pairs_per_step", "must be >= 1")
+        _require(self.dpo_capacity >= 1, "loss.dpo_capacity", "must be >= 1")
         _require(0 < self.ema_rate <= 1, "loss.ema_rate", "must be in (0, 1]")
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.batching import pad_sequences
+from trainer.config import ConfigError
 from trainer.losses import PreferenceBatch, sequence_logps
 
 if TYPE_CHECKING:
@@ -86,6 +87,10 @@ class PreferenceReplay:
     Raises:
         ValueError: `batch_size` < 1.
 
+    With `capacity`, the store keeps the newest `capacity` pairs: adding one more drops the oldest
+    (counted in `evicted`), so a long run's rollout pairs stay a sliding window of recent policies
+    and memory and checkpoints stay bounded.
+
     Scoring is batched and lazy: pending pairs are scored when `batch_size` of them wait or when
     `sample` needs them. Re-adding an id with the same tokens is a no-op (never rescored); with other
     tokens it is an error. `reference_forward_passes` counts reference forwards, so callers can check
@@ -93,10 +98,20 @@ class PreferenceReplay:
     """
 
     def __init__(
-        self, reference_model: nn.Module, *, pad_token_id: int, device: str | torch.device = "cpu", batch_size: int = 8
+        self,
+        reference_model: nn.Module,
+        *,
+        pad_token_id: int,
+        device: str | torch.device = "cpu",
+        batch_size: int = 8,
+        capacity: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"PreferenceReplay batch_size={batch_size} must be >= 1")
+        if capacity is not None and capacity < 1:
+            raise ValueError(f"PreferenceReplay capacity={capacity} must be >= 1 (None: unbounded)")
+        self.capacity = capacity
+        self.evicted = 0  # pairs dropped, oldest first, to stay within `capacity`
         self.reference_model = reference_model
         self.pad_token_id = pad_token_id
         self.device = torch.device(device)
@@ -151,6 +166,12 @@ class PreferenceReplay:
             return
         self._pairs[pair_id] = pair
         self._pending.append(pair_id)
+        while self.capacity is not None and len(self._pairs) > self.capacity:
+            oldest = next(iter(self._pairs))  # dicts keep insertion order
+            del self._pairs[oldest]
+            if oldest in self._pending:
+                self._pending.remove(oldest)
+            self.evicted += 1
         if len(self._pending) >= self.batch_size:
             self._score_pending()
 
@@ -190,12 +211,14 @@ class PreferenceReplay:
             "pairs": {pair_id: dict(vars(pair)) for pair_id, pair in self._pairs.items()},
             "pending": list(self._pending),
             "reference_forward_passes": self.reference_forward_passes,
+            "evicted": self.evicted,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._pairs = {pair_id: _StoredPair(**fields) for pair_id, fields in state["pairs"].items()}
         self._pending = list(state["pending"])
         self.reference_forward_passes = state["reference_forward_passes"]
+        self.evicted = state.get("evicted", 0)  # checkpoints from before the capacity have none
 
     @torch.no_grad()
     def _score_pending(self) -> None:
@@ -266,8 +289,14 @@ class PreferenceFeed:
             return 0
         from trainer.traces import TraceIngester, mine_pairs, render_pair
 
+        pairs = list(mine_pairs(TraceIngester().ingest(self.traces)))
+        capacity = self.replay.capacity
+        if capacity is not None and len(pairs) > capacity:  # trace pairs are never dropped unsaid
+            raise ConfigError(
+                f"loss.dpo_capacity: {capacity} pairs, but task.traces {self.traces} gives {len(pairs)}; raise it"
+            )
         added = 0
-        for pair in mine_pairs(TraceIngester().ingest(self.traces)):
+        for pair in pairs:
             tokens = render_pair(pair, tokenizer, max_length=max_length)
             self.replay.add(
                 pair.id, tokens.chosen_ids, tokens.chosen_loss_mask, tokens.rejected_ids, tokens.rejected_loss_mask

@@ -450,8 +450,10 @@ def build_preference_feed(run: Run) -> PreferenceFeed:
             checkpoint.save_reference(run.ckpt_root, reference)
     elif not checkpoint.load_reference(run.ckpt_root, reference):
         raise FileNotFoundError(f"{run.ckpt_root}/reference.safetensors: missing, cannot resume the DPO channel")
-    replay = PreferenceReplay(reference, pad_token_id=run.tokenizer.pad_token_id, device=run.device)
     config = run.config
+    replay = PreferenceReplay(
+        reference, pad_token_id=run.tokenizer.pad_token_id, device=run.device, capacity=config.loss.dpo_capacity
+    )
     feed = PreferenceFeed(replay, pairs_per_step=config.loss.dpo_pairs_per_step, traces=config.task.traces)
     feed.fill_from_traces(run.tokenizer, config.rollout.max_prompt_length * 4)
     return feed
@@ -517,6 +519,7 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
         lr=replica.inner_optimizer.param_groups[0]["lr"],
         tokens_per_s=stats.completion_tokens / (time.perf_counter() - step_start),
         pairs=len(replay) if replay is not None else 0,
+        pairs_evicted=replay.evicted if replay is not None else 0,
         synced=synced,
         skipped=not applied,
         generation_s=stats.generation_s,
