@@ -74,9 +74,9 @@ def sft_progress(steps: int, losses: list[float], show: bool) -> Iterator[int]:
     with tqdm(total=steps, desc="warm-up", leave=False, disable=not show, file=sys.stderr) as bar:
         for step in range(steps):
             yield step
-            bar.update()
-            if losses:
+            if losses:  # the step just taken's loss, shown by the update that counts it
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+            bar.update()
 
 
 def sft_step(

@@ -114,6 +114,7 @@ class AgentCodeArith(FiniteEnvironment):
 
         from trainer.agent import demonstration_ids
         from trainer.batching import pad_sequences
+        from trainer.losses import sequence_logps
 
         was_training, probabilities = model.training, []
         model.eval()
@@ -131,9 +132,8 @@ class AgentCodeArith(FiniteEnvironment):
                 ]
                 ids, attention = pad_sequences([r[0] for r in rows], tokenizer.pad_token_id)
                 learn, _ = pad_sequences([r[1] for r in rows], 0)
-                logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
-                taken = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0] * learn[:, 1:]
-                chosen = taken.sum(1).softmax(0)[OPERATORS.index(_named_operator(task.instruction))]
+                logps = sequence_logps(model(input_ids=ids, attention_mask=attention).logits.float(), ids, learn)
+                chosen = logps.softmax(0)[OPERATORS.index(_named_operator(task.instruction))]
                 probabilities.append(chosen.item())
         model.train(was_training)
         what = f"P(first patch = the word's operator), {len(probabilities)} held-out tasks, chance 1/3"
