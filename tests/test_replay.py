@@ -151,7 +151,7 @@ def test_a_full_replay_drops_its_oldest_pairs_unscored_and_counts_them(model_and
 
 
 def test_trace_pairs_that_do_not_fit_the_capacity_are_refused_by_its_key(model_and_tokenizer, tmp_path):
-    from tests.traces_fixtures import openai_attempt, write_jsonl
+    from tests.support.traces_fixtures import openai_attempt, write_jsonl
     from trainer.config import ConfigError
 
     model, tokenizer = model_and_tokenizer

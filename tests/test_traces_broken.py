@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.traces_fixtures import ClaudeLog, basic_session, write_json, write_jsonl
+from tests.support.traces_fixtures import ClaudeLog, basic_session, write_json, write_jsonl
 from trainer.traces import TraceFormatError, TraceIngester, detect_format
 
 

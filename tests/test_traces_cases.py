@@ -100,7 +100,7 @@ def test_05_legacy_function_call_is_a_tool_call_answered_by_its_result():
 
 
 def test_05_refusals_and_unknown_parts_are_kept_and_marked(tmp_path):
-    from tests.traces_fixtures import write_jsonl
+    from tests.support.traces_fixtures import write_jsonl
 
     path = write_jsonl(
         tmp_path / "chat.jsonl",

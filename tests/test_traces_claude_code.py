@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.traces_fixtures import ClaudeLog, basic_session
+from tests.support.traces_fixtures import ClaudeLog, basic_session
 from trainer.traces import INTERRUPTION, REFUSAL, TraceIngester
 
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.traces_fixtures import basic_session, forked_session, openai_attempt, write_jsonl
+from tests.support.traces_fixtures import basic_session, forked_session, openai_attempt, write_jsonl
 from trainer.traces import TraceExample, TraceIngester
 from trainer.traces.__main__ import main
 

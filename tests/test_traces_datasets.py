@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.traces_fixtures import basic_session, labelled_rows, write_jsonl
+from tests.support.traces_fixtures import basic_session, labelled_rows, write_jsonl
 from trainer.traces import TraceIngester, mine_pairs
 from trainer.traces.__main__ import main
 from trainer.traces.outcomes import load_outcomes

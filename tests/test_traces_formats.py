@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from tests.traces_fixtures import write_json
+from tests.support.traces_fixtures import write_json
 from trainer.traces import REFUSAL, TraceIngester
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.traces_fixtures import (
+from tests.support.traces_fixtures import (
     TRACES_DIR,
     ClaudeLog,
     forked_session,

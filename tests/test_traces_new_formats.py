@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.traces_fixtures import TRACES_DIR, forked_session, openai_attempt, write_jsonl
+from tests.support.traces_fixtures import TRACES_DIR, forked_session, openai_attempt, write_jsonl
 from trainer.traces import INTERRUPTION, REFUSAL, TraceFormatError, TraceIngester, detect_format, mine_pairs
 from trainer.traces.schema import USER_EDIT
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tests.traces_fixtures import forked_session, openai_attempt, write_jsonl
+from tests.support.traces_fixtures import forked_session, openai_attempt, write_jsonl
 from trainer.losses import dpo_loss, sequence_logps
 from trainer.model import tiny_model_and_tokenizer
 from trainer.replay import PreferenceReplay

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.traces_fixtures import TRACES_DIR, requires_samples
+from tests.support.traces_fixtures import TRACES_DIR, requires_samples
 from trainer.traces import COMPACT_SUMMARY, TraceFormatError, TraceIngester, detect_format
 
 pytestmark = requires_samples
