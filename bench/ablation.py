@@ -19,7 +19,7 @@ the curve (the mean over the evaluations, x = completions generated, trapezoids)
 value, the completions generated until pass@1 first reaches the threshold (GRPO alone's mean final
 pass@1 on that task: "how soon does a cell get where GRPO ends"), and the teacher gate (the mean
 per-token log-prob of correct held-out completions under the hinted teacher and the student,
-`trainer.evaluation.teacher_gate`, averaged over the evaluations). Means with sigma = the sample
+`trainer.rollout.evaluation.teacher_gate`, averaged over the evaluations). Means with sigma = the sample
 standard deviation across seeds; `auc_delta` is the paired difference to GRPO alone.
 
 Cells run in a fixed order (TASKS x CELLS x SEEDS), `--jobs` at a time; a run whose summary.json
@@ -129,7 +129,8 @@ def warm_start(task: str, seed: int, directory: Path, steps: int | None = None) 
 
     `steps`: SFT steps (None: the task config's `optim.sft_steps`)."""
     from trainer.config import load_config
-    from trainer.worker import build, warm_up
+    from trainer.run.build import build
+    from trainer.run.step import warm_up
 
     config = load_config(
         ROOT / TASKS[task]["config"],

@@ -1,4 +1,4 @@
-"""Multi-turn agent episodes (`trainer.agent`): episodes per second, and the cost of each tool call.
+"""Multi-turn agent episodes (`trainer.rollout.episodes`): episodes per second, and the cost of each tool call.
 
 Two measurements on `agent_code_arith` tasks, one torch thread (token-by-token decoding of the tiny
 model is fastest that way on a shared CPU):
@@ -27,15 +27,9 @@ from pathlib import Path
 
 import torch
 
-from trainer.agent import (
-    ParsedCall,
-    Workspace,
-    episode_metrics,
-    episode_warmup,
-    execute_tool,
-    run_episode,
-    run_episodes,
-)
+from trainer.envs.workspace import ParsedCall, Workspace, execute_tool
+from trainer.rollout.episodes import episode_metrics, run_episode, run_episodes
+from trainer.rollout.warmup import episode_warmup
 from trainer.envs import make_env
 from trainer.model import tiny_model_and_tokenizer
 from trainer.sandbox import SandboxConfig, make_sandbox

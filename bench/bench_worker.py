@@ -22,8 +22,8 @@ from trainer.diloco import DiLoCo
 from trainer.envs import make_env
 from trainer.losses import ComposerBatch, composer_total_loss
 from trainer.model import tiny_model_and_tokenizer
-from trainer.replay import PreferenceFeed, PreferenceReplay
-from trainer.rollout import rollout
+from trainer.objective.replay import PreferenceFeed, PreferenceReplay
+from trainer.rollout.single_turn import rollout, sibling_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -74,7 +74,7 @@ def main() -> None:
             sibling_hints=True,
             teacher=model,
         )
-        preference = feed.step(samples, id_prefix=str(rng.random()), rng=rng)
+        preference = feed.step(sibling_pairs(samples, id_prefix=str(rng.random())), rng=rng)
         return ComposerBatch(policy=samples.policy, preference=preference)
 
     rollout_seconds = interleaved({"rollout": make_batch})["rollout"]

@@ -22,7 +22,7 @@ from trainer.losses import (
     token_logps,
 )
 from trainer.model import tiny_model_and_tokenizer
-from trainer.replay import PreferenceReplay
+from trainer.objective.replay import PreferenceReplay
 
 # (question, hint, right answer, wrong answer)
 TASKS = [

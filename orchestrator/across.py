@@ -37,14 +37,14 @@ from orchestrator.cluster import (
     interface_address,
     route_interface,
 )
+from orchestrator.follow import follow
 from orchestrator.images import DEFAULT_IMAGE, GPU_IMAGE, ensure_image, image_identity, repo_root
-from orchestrator.launcher import _watch, container_config_path, down, resource_name
+from orchestrator.launcher import container_config_path, down, resource_name, watch
 from orchestrator.supervisor import WorkerSupervisor
 from trainer.config import ConfigError, dump_config, load_config
 
 SECRET_MOUNT = "/run/secrets/composer"
 TRAINER_UID = "10001"  # the image's trainer user (Dockerfile)
-POLL_S = 1.0
 
 
 class JoinError(RuntimeError):
@@ -283,7 +283,7 @@ def serve(
     labels = {LABEL_RUN: options.run, LABEL_ROLE: "worker"}
     supervisor = WorkerSupervisor(client, labels, max_restarts=options.worker_restarts)
     try:
-        return _watch(coordinator, supervisor, run_dir, out)
+        return watch(coordinator, supervisor, run_dir, out)
     except KeyboardInterrupt:
         out("interrupted: stopping this machine's containers")
         supervisor.stop_all()
@@ -315,7 +315,7 @@ def join(
     start_workers(client, options, image, answer["replicas"], coordinator, interface, secret_path)
     supervisor = WorkerSupervisor(client, {LABEL_RUN: options.run, LABEL_ROLE: "worker"}, options.worker_restarts)
     try:
-        return _follow_workers(supervisor, out)
+        return follow_workers(supervisor, out)
     except KeyboardInterrupt:
         out("interrupted: stopping this machine's workers")
         supervisor.stop_all()
@@ -325,17 +325,16 @@ def join(
         _chown(client, image, options, run_dir, f"{owner.st_uid}:{owner.st_gid}")
 
 
-def _follow_workers(supervisor: WorkerSupervisor, out: Callable[[str], None]) -> int:
-    while True:
-        for event in supervisor.poll():
-            out(str(event))
-        if supervisor.failed:
-            supervisor.stop_all()
-            out(f"run failed on this machine: gave up on {sorted(supervisor.given_up)}")
-            return 1
-        workers: list[Container] = supervisor.workers()
-        states = [w.attrs["State"] for w in workers]
-        if workers and all(s["Status"] == "exited" and s["ExitCode"] == 0 for s in states):
-            out(f"this machine's {len(workers)} workers finished")
-            return 0
-        time.sleep(POLL_S)
+def follow_workers(supervisor: WorkerSupervisor, out: Callable[[str], None]) -> int:
+    """Follow this machine's workers until each has exited 0 (restarting dead ones); 0 then, else 1."""
+
+    def all_finished() -> bool:
+        states = [w.attrs["State"] for w in supervisor.workers()]
+        return bool(states) and all(s["Status"] == "exited" and s["ExitCode"] == 0 for s in states)
+
+    finished, reason = follow(out=out, done=all_finished, supervisor=supervisor)
+    if not finished:
+        out(f"run failed on this machine: {reason}")
+        return 1
+    out(f"this machine's {len(supervisor.workers())} workers finished")
+    return 0

@@ -53,12 +53,12 @@ from orchestrator.cluster import (
     key_replica_of,
     key_starts,
 )
+from orchestrator.follow import follow
 from orchestrator.progress import MetricsTail, RunProgress, missing_outer_steps
 from orchestrator.supervisor import WorkerSupervisor
 from trainer.config import ConfigError, dump_config, load_config
-from trainer.run_dir import choose_run_dir, config_differences
+from trainer.run.placement import choose_run_dir, config_differences
 
-POLL_S = 1.0
 PROGRESS_EVERY_S = 20.0
 
 
@@ -338,30 +338,23 @@ class Coordinator:
         self.tail = MetricsTail(self.run_dir / "metrics.jsonl")
         self.progress = RunProgress()
         done_keys = [key_done(replica) for replica in range(nnodes)]
-        last_line_at = 0.0
         self.beats: dict[int, tuple[int, float]] = {}  # replica -> (counter, when it last moved)
-        while not self.stop_requested:
-            if self.membership is not None:
-                gone = self._gone_hosts(store, done_keys)
-                if gone:
-                    return False, "; ".join(gone)
-            for record in self.progress.update(self.tail.read()):
-                log(f"outer step {record['outer_step']}: {self.progress.line()}")
-                last_line_at = time.monotonic()
-            if time.monotonic() - last_line_at > PROGRESS_EVERY_S:
-                log(self.progress.line())
-                last_line_at = time.monotonic()
-            if self.supervisor is not None:
-                self._publish_replica_indices(store)
-                for event in self.supervisor.poll():
-                    log(str(event))
-                if self.supervisor.failed:
-                    self.supervisor.stop_all()
-                    return False, f"gave up on workers {sorted(self.supervisor.given_up)}"
-            if store.check(done_keys):
-                return True, ""
-            time.sleep(POLL_S)
-        return False, "stopped before the run finished"
+
+        def gone() -> str | None:
+            hosts = self._gone_hosts(store, done_keys) if self.membership is not None else []
+            return "; ".join(hosts) or None
+
+        return follow(
+            out=log,
+            done=lambda: store.check(done_keys),
+            supervisor=self.supervisor,
+            progress=self.progress,
+            tail=self.tail,
+            failure=gone,
+            each_poll=lambda: self._publish_replica_indices(store),
+            stopped=lambda: self.stop_requested,
+            progress_every_s=PROGRESS_EVERY_S,
+        )
 
     def _gone_hosts(self, store: TCPStore, done_keys: list[str]) -> list[str]:
         """Hosts whose every unfinished replica has sent no heartbeat for host_timeout_s."""

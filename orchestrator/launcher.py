@@ -8,7 +8,6 @@ Everything it creates carries the label `composer-replication.run=<run>`, which 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +16,12 @@ import docker
 from docker.models.containers import Container
 
 from orchestrator.cluster import LABEL_REPLICA, LABEL_ROLE, LABEL_RUN, LABEL_RUNS_DIR, RUNS_MOUNT
+from orchestrator.follow import follow
 from orchestrator.images import DEFAULT_IMAGE, GPU_IMAGE, ensure_image, repo_root
 from orchestrator.progress import MetricsTail, RunProgress
 from orchestrator.supervisor import WorkerSupervisor
-from trainer.run_dir import choose_run_dir
+from trainer.run.placement import choose_run_dir
 
-POLL_S = 1.0
 PROGRESS_EVERY_S = 10.0
 
 
@@ -122,7 +121,7 @@ def up(client: docker.DockerClient, options: UpOptions, out: Callable[[str], Non
     out(f"run {options.run}: {options.workers} workers on {image}, config {config}, results in {run_dir}")
     supervisor = WorkerSupervisor(client, labels | {LABEL_ROLE: "worker"}, max_restarts=options.worker_restarts)
     try:
-        return _watch(coordinator, supervisor, run_dir, out)
+        return watch(coordinator, supervisor, run_dir, out)
     except KeyboardInterrupt:
         out("interrupted: stopping the run's containers")
         for container in run_containers(client, options.run):
@@ -131,31 +130,34 @@ def up(client: docker.DockerClient, options: UpOptions, out: Callable[[str], Non
         return 130
 
 
-def _watch(coordinator: Container, supervisor: WorkerSupervisor, run_dir: Path, out: Callable[[str], None]) -> int:
+def watch(coordinator: Container, supervisor: WorkerSupervisor, run_dir: Path, out: Callable[[str], None]) -> int:
+    """Follow a run from this host until its coordinator exits; its exit status is the run's."""
     tail = MetricsTail(run_dir / "metrics.jsonl")
     progress = RunProgress()
-    last_line_at = time.monotonic()
-    while True:
+
+    def alive() -> str:
         workers = supervisor.workers()
-        alive = [w.labels.get(LABEL_REPLICA, w.name) for w in workers if w.status == "running"]
-        alive_text = f"alive {len(alive)}/{len(workers)} [{','.join(alive)}]"
-        for record in progress.update(tail.read()):
-            out(f"outer step {record['outer_step']}: {progress.line()} | {alive_text}")
-            last_line_at = time.monotonic()
-        if time.monotonic() - last_line_at > PROGRESS_EVERY_S:
-            out(f"{progress.line()} | {alive_text}")
-            last_line_at = time.monotonic()
-        for event in supervisor.poll():
-            out(str(event))
-        if supervisor.failed:
-            supervisor.stop_all()
-            coordinator.stop(timeout=10)
-            out(f"run failed: gave up on {sorted(supervisor.given_up)}")
-            return 1
+        names = [w.labels.get(LABEL_REPLICA, w.name) for w in workers if w.status == "running"]
+        return f" | alive {len(names)}/{len(workers)} [{','.join(names)}]"
+
+    def coordinator_exited() -> bool:
         coordinator.reload()
-        if coordinator.status in ("exited", "dead"):
-            break
-        time.sleep(POLL_S)
+        return coordinator.status in ("exited", "dead")
+
+    finished, reason = follow(
+        out=out,
+        done=coordinator_exited,
+        supervisor=supervisor,
+        progress=progress,
+        tail=tail,
+        status=alive,
+        progress_every_s=PROGRESS_EVERY_S,
+        first_line_at_once=False,
+    )
+    if not finished:
+        coordinator.stop(timeout=10)
+        out(f"run failed: {reason}")
+        return 1
     progress.update(tail.read())
     code = int(coordinator.attrs["State"]["ExitCode"])
     if code != 0:  # without their rendezvous store the workers cannot finish

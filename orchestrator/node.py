@@ -42,7 +42,7 @@ from orchestrator.cluster import (
     torchrun_command,
 )
 from orchestrator.gate import SECRET_ENV, SECRET_FILE_ENV, GateError, Tunnel, load_secret, request
-from trainer.run_dir import is_finished
+from trainer.run.placement import is_finished
 
 STORE_WAIT_S = 600.0
 BEAT_S = 5.0

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,13 +42,31 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic(path: Path, write) -> None:
-    """Write to a temporary name, fsync it, rename it into place, fsync the folder (the rename)."""
+def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], object]) -> Path:
+    """Write `path` so that a crash or power loss never leaves it half-written under its name: the
+    content goes to a temporary name beside it, is fsynced, renamed into place, and the folder is
+    fsynced (the rename). The one atomic file write of the project (checkpoints, summary.json,
+    cluster.json, the trace command's outputs).
+
+    content: text (UTF-8), bytes, or a function that writes the temporary path it is given (for
+    library writers such as `safetensors.torch.save_model`, or streaming a large file). Returns
+    `path`. Raises what the write raises (OSError); the temporary file is then removed.
+    """
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    _fsync(tmp)
-    os.replace(tmp, path)
+    try:
+        if callable(content):
+            content(tmp)
+        elif isinstance(content, bytes):
+            tmp.write_bytes(content)
+        else:
+            tmp.write_text(content, encoding="utf-8")
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     _fsync(path.parent)
+    return path
 
 
 def step_dir(root: Path, outer_step: int) -> Path:
@@ -58,13 +77,13 @@ def save_replica(root: Path, outer_step: int, replica_id: int, model: torch.nn.M
     """This replica's share of the checkpoint for `outer_step`."""
     folder = step_dir(root, outer_step)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic(folder / f"replica-{replica_id}.safetensors", lambda p: save_model(model, str(p)))
-    _atomic(folder / f"replica-{replica_id}.pt", lambda p: torch.save(state, p))
+    atomic_write(folder / f"replica-{replica_id}.safetensors", lambda p: save_model(model, str(p)))
+    atomic_write(folder / f"replica-{replica_id}.pt", lambda p: torch.save(state, p))
 
 
 def mark_complete(root: Path, outer_step: int, info: dict[str, Any], keep: int) -> None:
     """Seal a step once every replica has saved it, then drop all but the newest `keep`."""
-    _atomic(step_dir(root, outer_step) / COMPLETE, lambda p: p.write_text(json.dumps(info)))
+    atomic_write(step_dir(root, outer_step) / COMPLETE, json.dumps(info))
     complete = complete_steps(root)
     for old in complete[:-keep]:
         shutil.rmtree(step_dir(root, old), ignore_errors=True)
@@ -102,7 +121,7 @@ def load_replica(root: Path, outer_step: int, replica_id: int, model: torch.nn.M
 
 def save_reference(root: Path, model: torch.nn.Module) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    _atomic(root / "reference.safetensors", lambda p: save_model(model, str(p)))
+    atomic_write(root / "reference.safetensors", lambda p: save_model(model, str(p)))
 
 
 def load_reference(root: Path, model: torch.nn.Module) -> bool:

@@ -8,6 +8,7 @@ line and the key, so a typo fails in the launcher, not twenty minutes into a mul
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import types
 import typing
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from trainer.envs.workspace import TOOLS
+from trainer.sandbox import SandboxConfig
 
 
 class ConfigError(ValueError):
@@ -86,19 +90,6 @@ class TaskConfig:
             raise ConfigError(str(error)) from None
         except ImportError as error:
             raise ConfigError(f"task.source: {error}") from None
-
-
-@dataclass
-class SandboxSection:
-    """Where model-written code runs (trainer.sandbox); only code environments start one."""
-
-    backend: Literal["process", "docker"] = "process"
-    workers: int = 2  # programs checked at once
-    zygote: bool = True  # as root: pre-forked sandboxes, no interpreter start per program
-    allow_network: bool = False  # only where no network namespace can be made; never by default
-
-    def __post_init__(self) -> None:
-        _require(self.workers >= 1, "sandbox.workers", "must be >= 1")
 
 
 @dataclass
@@ -248,12 +239,9 @@ class EvalConfig:
         _require(self.k >= 1, "eval.k", "must be >= 1")
 
 
-AGENT_TOOLS = ("read_file", "write_file", "edit_file", "run_tests", "finish")  # trainer.agent.TOOLS
-
-
 @dataclass
 class AgentConfig:
-    """Multi-turn episodes (trainer.agent) instead of single-turn rollouts; task.source agent_*."""
+    """Multi-turn episodes (trainer.rollout.episodes) instead of single-turn rollouts; task.source agent_*."""
 
     enabled: bool = False
     max_turns: int = 4  # assistant turns per episode
@@ -262,15 +250,15 @@ class AgentConfig:
     # Reward 0 for an episode the turn or token budget cut (the agent never ended it): without it, a
     # policy that keeps emitting junk after its tests passed is rewarded for the junk (issue 12).
     require_finish: bool = False
-    tools: list[str] = field(default_factory=lambda: list(AGENT_TOOLS))
+    tools: list[str] = field(default_factory=lambda: list(TOOLS))
     write_episodes: bool = True  # <run_dir>/episodes/*.jsonl, OpenAI messages trainer.traces reads
 
     def __post_init__(self) -> None:
         _require(self.max_turns >= 1, "agent.max_turns", "must be >= 1")
         _require(self.max_turn_tokens >= 1, "agent.max_turn_tokens", "must be >= 1")
         _require(self.max_tokens > self.max_turn_tokens, "agent.max_tokens", "must be > agent.max_turn_tokens")
-        unknown = [t for t in self.tools if t not in AGENT_TOOLS]
-        _require(not unknown, "agent.tools", f"unknown {unknown}; known: {', '.join(AGENT_TOOLS)}")
+        unknown = [t for t in self.tools if t not in TOOLS]
+        _require(not unknown, "agent.tools", f"unknown {unknown}; known: {', '.join(TOOLS)}")
 
 
 @dataclass
@@ -307,7 +295,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
-    sandbox: SandboxSection = field(default_factory=SandboxSection)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)  # the library's own config (trainer.sandbox)
     eval: EvalConfig = field(default_factory=EvalConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
@@ -333,8 +321,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     except OSError as error:
         raise ConfigError(f"{path}: cannot read config ({error.strerror})") from None
     try:
+        node = yaml.compose(text)
+        duplicates = _duplicates(node)
+        if duplicates:
+            said = "; ".join(
+                f"{key}: duplicate key (line {line}, first at line {first})" for line, key, first in duplicates
+            )
+            raise ConfigError(f"{path}:{duplicates[0][0]}: {said}")
         data = yaml.safe_load(text) or {}
-        lines = _key_lines(yaml.compose(text))
+        lines = _key_lines(node)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -350,10 +345,32 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     try:
         return _build(Config, data, prefix="")
     except ConfigError as error:
-        key = str(error).split(":", 1)[0]
+        key = str(error).split(":", 1)[0].split("[", 1)[0]  # agent.tools[1] is written at agent.tools
         line = lines.get(key) or next((n for k, n in lines.items() if n and key.startswith(k + ".")), None)
         where = f"{path}:{line}" if line else str(path)
         raise ConfigError(f"{where}: {error}") from None
+
+
+def _duplicates(node: yaml.Node | None, prefix: str = "") -> list[tuple[int, str, int]]:
+    """(line, dotted key, line of its first occurrence) of every key written twice in one mapping.
+    PyYAML keeps the last of duplicate keys, so a second `loss:` block would silently replace the
+    first; YAML itself requires unique keys. Merge keys (`<<:`) are not keys."""
+    found: list[tuple[int, str, int]] = []
+    if isinstance(node, yaml.SequenceNode):
+        for child in node.value:
+            found += _duplicates(child, prefix)
+    if not isinstance(node, yaml.MappingNode):
+        return found
+    seen: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        name, line = str(key_node.value), key_node.start_mark.line + 1
+        if name in seen:
+            found.append((line, f"{prefix}{name}", seen[name]))
+        seen.setdefault(name, line)
+        found += _duplicates(value_node, f"{prefix}{name}.")
+    return sorted(found)
 
 
 def _key_lines(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
@@ -386,12 +403,36 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     if unknown:
         raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(fields))})")
     kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
-    return cls(**kwargs)  # each section's __post_init__ names its keys in full
+    try:
+        return cls(**kwargs)  # each section's __post_init__ names its keys in full
+    except ConfigError:
+        raise
+    except ValueError as error:  # a library's own config (trainer.sandbox.SandboxConfig) names its keys too
+        raise ConfigError(str(error)) from None
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
-    """Check `value` against a field's type; ints are accepted where floats are expected."""
+    """Check `value` against a field's type; ints are accepted where floats are expected, a YAML
+    list where a list or tuple is (each item checked, `key[i]` in the error)."""
     origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        item_hint = next((a for a in typing.get_args(hint) if a is not Ellipsis), Any)
+        items = []
+        for i, item in enumerate(value):
+            try:
+                items.append(_coerce(item_hint, item, f"{key}[{i}]"))
+            except ConfigError:
+                name = getattr(item_hint, "__name__", str(item_hint))
+                raise ConfigError(f"{key}: expected {name} items, got {type(item).__name__} {item!r}") from None
+        return tuple(items) if (origin or hint) is tuple else items
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key + ".")
     if origin in (typing.Union, types.UnionType):
@@ -424,8 +465,9 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 
 
 def dump_config(config: Config) -> dict[str, Any]:
-    """The fully resolved config as plain data (written next to the run's metrics)."""
-    return dataclasses.asdict(config)
+    """The fully resolved config as plain JSON data (written next to the run's metrics; tuples as
+    lists, so a saved config.json and a fresh dump compare equal)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
 def load_config_or_exit(path: str | Path, overrides: list[str] = ()) -> Config:

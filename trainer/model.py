@@ -161,7 +161,7 @@ def _own_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenize
 
     A hub `generation_config.json` often sets a repetition penalty, top-k or top-p that `generate`
     would apply on top of the run's temperature, so the policy that samples would not be the one
-    the loss trains. `trainer.rollout.generation_config` names every setting explicitly instead.
+    the loss trains. `trainer.rollout.sampling.generation_config` names every setting explicitly instead.
     """
     dropped = {
         key: value

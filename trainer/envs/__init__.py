@@ -5,7 +5,7 @@
     scores = env.score_many(tasks, completions)    # Score(reward, passed, feedback) each
 
 Sources: `addition`, `reasoning_gym:<dataset>`, `humaneval`, `feature_deletion`, `code_arith`, and
-the agentic (multi-turn, `trainer.agent`) `agent_code_arith`, `agent_feature_deletion`.
+the agentic (multi-turn, `trainer.envs.workspace`) `agent_code_arith`, `agent_feature_deletion`.
 A worker's hint levels, weakest first: `feedback` (feedback_hint(completion, score) of this very
 attempt), then task.hints[0] (partial), task.hints[-1] (reference); a correct sibling's solution
 stays the strongest where the config asks for it.

@@ -2,7 +2,7 @@
 
 `held_out` problems, fixed by a seeded shuffle of all (max_operand + 1)^2 of them, are never drawn
 by `sample`: they are the evaluation split, disjoint from training. The answer is read the way
-models write it (`trainer.answers.final_number`).
+models write it (`trainer.envs.answers.final_number`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from trainer.answers import final_number
+from trainer.envs.answers import final_number
 from trainer.envs.base import Environment, Score, Task, sibling_hint
 
 

@@ -1,4 +1,5 @@
-"""Agentic task families: repositories an agent repairs with tools (`trainer.agent`).
+"""Agentic task families: repositories an agent repairs with tools (`trainer.envs.workspace`; the
+episodes themselves are `trainer.rollout.episodes`).
 
 - `agent_code_arith`: `code_arith` in multi-file form: `calc.py` holds the function with its
   one-line body's operator left out (`return x ? 6`), `test_calc.py` the tests; the instruction
@@ -33,9 +34,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from trainer.agent import SYSTEM_PROMPT, WorkspaceTask, test_report, workspace_task
-from trainer.envs.base import FiniteEnvironment, split
+from trainer.envs.base import FiniteEnvironment, ProbeCandidates, ProbeItem, split
 from trainer.envs.code import score_code_many
+from trainer.envs.workspace import SYSTEM_PROMPT, WorkspaceTask, test_report, workspace_task
 
 OPERATORS = ("+", "-", "*")
 # The warm-up scripts' chance of trying another operator after a failing run_tests: below 1/2, so
@@ -101,43 +102,22 @@ class AgentCodeArith(FiniteEnvironment):
                 break
         return scripted_messages(task, attempts=attempts)
 
-    def warmup_probe(self, model, tokenizer, size: int = 48) -> tuple[str, float]:
-        """How far the warm-up has taught word -> operator, without sampling: over the first `size`
-        held-out tasks, the mean probability the model gives the word's operator in the first
-        `edit_file` patch, renormalised over the three operators (each candidate call scored
-        teacher-forced, its log-probability summed over the call's tokens). 1/3 (chance) until
-        the dependence has begun; the README's agent section tells why it is worth printing.
-
-        Returns (what was measured, in words; the probability in [0, 1]). model: a causal LM, left in
-        the train/eval mode it came in."""
-        import torch
-
-        from trainer.agent import demonstration_ids
-        from trainer.batching import pad_sequences
-        from trainer.losses import sequence_logps
-
-        was_training, probabilities = model.training, []
-        model.eval()
-        with torch.no_grad():
-            for task in self.held_out[:size]:
-                stub = dict(task.files)[task.target]
-                prompt = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": task.prompt()}]
-                rows = [
-                    demonstration_ids(
-                        tokenizer,
-                        prompt,
-                        scripted_messages(task, [(stub.replace(f" {PLACEHOLDER} ", f" {op} ", 1), "")])[:1],
-                    )
-                    for op in OPERATORS
-                ]
-                ids, attention = pad_sequences([r[0] for r in rows], tokenizer.pad_token_id)
-                learn, _ = pad_sequences([r[1] for r in rows], 0)
-                logps = sequence_logps(model(input_ids=ids, attention_mask=attention).logits.float(), ids, learn)
-                chosen = logps.softmax(0)[OPERATORS.index(_named_operator(task.instruction))]
-                probabilities.append(chosen.item())
-        model.train(was_training)
-        what = f"P(first patch = the word's operator), {len(probabilities)} held-out tasks, chance 1/3"
-        return what, sum(probabilities) / len(probabilities)
+    def probe_candidates(self, size: int = 48) -> ProbeCandidates:
+        """How far the warm-up has taught word -> operator, without sampling: for the first `size`
+        held-out tasks, the three candidate first turns (an `edit_file` patch putting in each
+        operator), the right one the operator the docstring's word names. Scored teacher-forced
+        and renormalised over the three, chance is 1/3 until the dependence has begun; the agent
+        docs (docs/agent.md) tell why it is worth printing."""
+        items = []
+        for task in self.held_out[:size]:
+            stub = dict(task.files)[task.target]
+            prompt = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": task.prompt()}]
+            candidates = [
+                scripted_messages(task, [(stub.replace(f" {PLACEHOLDER} ", f" {op} ", 1), "")])[:1] for op in OPERATORS
+            ]
+            items.append(ProbeItem(prompt, candidates, OPERATORS.index(_named_operator(task.instruction))))
+        what = f"P(first patch = the word's operator), {len(items)} held-out tasks, chance 1/3"
+        return ProbeCandidates(what, tuple(items))
 
 
 def _named_operator(instruction: str) -> str:
@@ -182,6 +162,10 @@ class AgentFeatureDeletion(FiniteEnvironment):
         self.excluded = source.excluded
         self.tasks = [_deletion_task(task) for task in source.tasks]
         self.train, self.held_out = split(self.tasks, held_out_every)
+
+    def scripted_episode(self, task: WorkspaceTask, rng: random.Random) -> list[dict[str, Any]]:
+        """The warm-up episode: the reference module patched in, the tests run, finish."""
+        return scripted_messages(task)
 
 
 def _deletion_task(task) -> WorkspaceTask:

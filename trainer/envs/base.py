@@ -13,6 +13,7 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 FEEDBACK_LIMIT = 1500  # characters of feedback kept (the tail: an exception's line is last)
 
@@ -69,14 +70,50 @@ class Task(ABC):
         return self.reference
 
 
+@dataclass(frozen=True)
+class ProbeItem:
+    """One probe question: the conversation before the first assistant turn (OpenAI messages), the
+    candidate first assistant turns (each a list of messages), and the index of the right one."""
+
+    prompt: list[dict[str, Any]]
+    candidates: list[list[dict[str, Any]]]
+    right: int
+
+
+@dataclass(frozen=True)
+class ProbeCandidates:
+    """What a warm-up should have taught, as teacher-forced multiple choice (scored by
+    `trainer.rollout.warmup.warmup_probe`): `what` says in words what the probability measures."""
+
+    what: str
+    items: tuple[ProbeItem, ...]
+
+
 class Environment(ABC):
-    """Hands out tasks. `sample` never returns a held-out task."""
+    """Hands out tasks. `sample` never returns a held-out task.
+
+    Optional capabilities are declared here, with what their absence means, so a trainer asks the
+    environment rather than probing it: `held_out` (the evaluation split; empty: no held-out
+    evaluation), `scripted_episode` (a warm-up episode for agentic environments; None: none) and
+    `probe_candidates` (a probe of what the warm-up taught; None: none).
+    """
 
     name: str
     executes_code: bool = False  # its checker runs model-written code: a worker starts the sandbox first
+    held_out: Sequence[Task] = ()
 
     @abstractmethod
     def sample(self, rng: random.Random) -> Task: ...
+
+    def scripted_episode(self, task: Task, rng: random.Random) -> list[dict[str, Any]] | None:
+        """The assistant and tool messages (OpenAI format) after the prompt of a scripted episode of
+        `task`, for a supervised warm-up of agent episodes; None: this environment has none."""
+        return None
+
+    def probe_candidates(self, size: int = 48) -> ProbeCandidates | None:
+        """Multiple-choice items (at most `size`) that show whether the warm-up has taught what RL
+        builds on; None: this environment has no probe."""
+        return None
 
     def corpus(self) -> list[str]:
         """Text a tiny tokenizer is trained on: prompts, hints and answers of many tasks."""

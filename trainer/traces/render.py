@@ -60,7 +60,7 @@ def render(example: TraceExample, tokenizer: Any) -> list[int]:
 
 
 def render_pair(pair: PreferencePair, tokenizer: Any, *, max_length: int | None = None) -> TokenizedPair:
-    """Both sides of a pair over the same prompt ids, ready for `PreferenceReplay.add` (trainer.replay).
+    """Both sides of a pair over the same prompt ids, ready for `PreferenceReplay.add` (trainer.objective.replay).
 
     Loss masks are 1 only on what the model wrote: each assistant message's tokens after its
     generation header, through its end-of-turn token (what a sampler would have produced); the

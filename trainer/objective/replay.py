@@ -3,12 +3,13 @@
 Pairs are scored once by the frozen *reference* policy (DPO's pi_ref, Rafailov et al. 2023,
 arXiv 2305.18290) and the two summed log-probs cached with them, so a pair drawn a hundred times
 costs one reference forward. The reference is not the SDPO teacher: that one (the policy with a hint
-in its context, or `trainer.teacher.EMATeacher`) re-scores each step's fresh samples and is never
+in its context, or `trainer.objective.teacher.EMATeacher`) re-scores each step's fresh samples and is never
 cached.
 
 Where pairs come from is decided here, in `PreferenceFeed`: from agent traces when the run names
-them (`task.traces`), else from sibling disagreement inside each rollout group (a correct and an
-incorrect completion of the same prompt). Rollout only samples; the worker only asks the feed for
+them (`task.traces`), else from what each step's rollout offers (sibling disagreement inside a
+rollout group, `trainer.rollout.single_turn.sibling_pairs`; passed vs failed episodes,
+`trainer.rollout.episode_batch.episode_pairs`). Rollout only samples; the run only asks the feed for
 this step's pairs.
 """
 
@@ -23,16 +24,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from trainer.batching import pad_sequences
-from trainer.config import ConfigError
-from trainer.losses import PreferenceBatch, sequence_logps
+from trainer.objective.batching import pad_sequences
+from trainer.objective.losses import PreferenceBatch, sequence_logps
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from trainer.rollout import Rollout
+__all__ = ["PreferenceReplay", "PreferenceFeed", "CapacityError"]
 
-__all__ = ["PreferenceReplay", "PreferenceFeed", "sibling_pairs"]
+
+class CapacityError(ValueError):
+    """Mined trace pairs that do not fit the store; the message names `loss.dpo_capacity`."""
 
 
 @dataclass
@@ -241,32 +243,6 @@ class PreferenceReplay:
                 del self._pending[: len(chunk)]
 
 
-def sibling_pairs(rollout: Rollout) -> Iterator[tuple[int, list[int], list[int], list[int], list[int]]]:
-    """(group, chosen ids, chosen mask, rejected ids, rejected mask) per prompt whose samples disagree.
-
-    The first correct and the first incorrect sample of a group, each as prompt + completion (up to
-    and including EOS); the masks mark the completion, the tokens the model wrote.
-    """
-    group_size = rollout.correct.shape[1]
-    policy = rollout.policy
-    for group, prompt in enumerate(rollout.prompts):
-        good = rollout.correct[group].nonzero().flatten()
-        bad = (~rollout.correct[group]).nonzero().flatten()
-        if len(good) == 0 or len(bad) == 0:
-            continue
-        chosen, rejected = (
-            policy.completion_ids[row][policy.completion_mask[row].bool()].tolist()
-            for row in (group * group_size + int(good[0]), group * group_size + int(bad[0]))
-        )
-        yield (
-            group,
-            prompt + chosen,
-            [0] * len(prompt) + [1] * len(chosen),
-            prompt + rejected,
-            [0] * len(prompt) + [1] * len(rejected),
-        )
-
-
 class PreferenceFeed:
     """Where the DPO channel's pairs come from and how a step draws them, in one place.
 
@@ -274,8 +250,8 @@ class PreferenceFeed:
         replay: the store (holds the reference model and the cached log-probs).
         pairs_per_step: pairs drawn per inner step (fewer while the store holds fewer).
         traces: an agent-trace file or directory (see `trainer.traces`); when given, pairs come
-            from it once, before training, and rollouts add none; when None, every rollout adds
-            one (correct, incorrect) pair per disagreeing group.
+            from it once, before training, and rollouts add none; when None, every step adds the
+            pairs its rollout offers (`step_pairs`).
     """
 
     def __init__(self, replay: PreferenceReplay, *, pairs_per_step: int, traces: str | None = None) -> None:
@@ -284,7 +260,10 @@ class PreferenceFeed:
         self.traces = traces
 
     def fill_from_traces(self, tokenizer: PreTrainedTokenizerBase, max_length: int) -> int:
-        """Mine the run's agent traces (never executed, only read) into the store; returns the count."""
+        """Mine the run's agent traces (never executed, only read) into the store; returns the count.
+
+        Raises CapacityError (naming `loss.dpo_capacity`) when they do not fit: trace pairs are
+        never dropped unsaid."""
         if self.traces is None:
             return 0
         from trainer.traces import TraceIngester, mine_pairs, render_pair
@@ -292,7 +271,7 @@ class PreferenceFeed:
         pairs = list(mine_pairs(TraceIngester().ingest(self.traces)))
         capacity = self.replay.capacity
         if capacity is not None and len(pairs) > capacity:  # trace pairs are never dropped unsaid
-            raise ConfigError(
+            raise CapacityError(
                 f"loss.dpo_capacity: {capacity} pairs, but task.traces {self.traces} gives {len(pairs)}; raise it"
             )
         added = 0
@@ -304,19 +283,7 @@ class PreferenceFeed:
             added += 1
         return added
 
-    def step(self, rollout: Rollout, *, id_prefix: str, rng: random.Random) -> PreferenceBatch | None:
-        """Add this rollout's sibling pairs (unless traces feed the store), then draw this step's batch.
-
-        `id_prefix` makes pair ids unique per (replica, rank, step); `rng` seeds the draw, so a
-        resumed run draws the same pairs. None while the store is empty (the DPO channel skips).
-        """
-        return self.step_pairs(
-            ((f"{id_prefix}-{group}", *tokens) for group, *tokens in sibling_pairs(rollout)), rng=rng
-        )
-
-    def step_pairs(
-        self, pairs: Iterable[tuple[str, Any, Any, Any, Any]], *, rng: random.Random
-    ) -> PreferenceBatch | None:
+    def step(self, pairs: Iterable[tuple[str, Any, Any, Any, Any]], *, rng: random.Random) -> PreferenceBatch | None:
         """The step for any source of rollout pairs (sibling completions, agent episodes): `pairs`
         (pair_id, chosen ids, chosen mask, rejected ids, rejected mask) enter the store unless traces
         feed it (then they are not even produced), then this step's batch is drawn; None while empty."""

@@ -1,24 +1,26 @@
-"""Turn tasks into samples: G completions per prompt, their rewards and advantages, and the hinted
-teacher's context for the same tokens.
+"""Single-turn rollouts: G completions per prompt, their rewards and advantages, the hinted teacher's
+context for the same tokens, and the DPO pairs a group's disagreement offers.
 
 Layout follows the loss library: prompts LEFT-padded (as `generate` wants them), completions
 RIGHT-padded, so the teacher can re-score exactly the student's completion tokens behind a
-different (hinted) prompt. Generation is the only sampling; everything else is bookkeeping.
-What the DPO channel makes of a rollout (sibling pairs) is `trainer.replay.PreferenceFeed`'s call.
+different (hinted) prompt. Generation is the only sampling (`trainer.rollout.sampling`); everything
+else is bookkeeping.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trainer.batching import pad_sequences
 from trainer.envs import Score, Task, hint_for, sibling_hint
-from trainer.losses import PolicyBatch, group_advantages
+from trainer.objective.batching import pad_sequences
+from trainer.objective.losses import PolicyBatch, group_advantages
+from trainer.rollout.sampling import decode_completions, sample
+from trainer.rollout.templates import chat_prompt_ids, hinted_prompt_ids
 
 ScoreMany = Callable[[Sequence[Task], Sequence[str]], list[Score]]
 
@@ -48,125 +50,7 @@ class Rollout:
     correct: torch.Tensor  # (N, G) bool, reward > 0
     scores: list[Score]  # N*G, with the environment's feedback on each sample
     stats: RolloutStats
-
-
-def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, user_messages: list[str], max_length: int) -> list[list[int]]:
-    """Token ids of each message as a one-turn chat that ends where the assistant starts."""
-    rendered = []
-    for text in user_messages:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
-        ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # transformers 5 returns a BatchEncoding
-        if len(ids) > max_length:
-            raise ValueError(
-                f"prompt of {len(ids)} tokens exceeds rollout.max_prompt_length={max_length}: {text[:80]!r}"
-            )
-        rendered.append(list(ids))
-    return rendered
-
-
-def generation_config(
-    tokenizer: PreTrainedTokenizerBase, *, max_new_tokens: int, temperature: float, greedy: bool = False
-) -> GenerationConfig:
-    """The sampler's whole configuration, written out: nothing is inherited from the model's files.
-
-    Pure sampling at `temperature` (no top-k, top-p or repetition penalty), the distribution the
-    loss scores; `greedy` is argmax decoding (held-out pass@1). Scores are returned so the sampler's
-    own log-probs can be compared with the trainer's (`sampler_logp_diff`).
-    """
-    # Greedy decoding reads none of the sampling knobs: leaving them unset keeps generate quiet.
-    sampling = {} if greedy else dict(temperature=temperature, top_k=0, top_p=1.0, min_p=None, typical_p=1.0)
-    return GenerationConfig(
-        do_sample=not greedy,
-        **sampling,
-        repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        num_beams=1,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
-
-
-def hinted_prompt_ids(tokenizer: PreTrainedTokenizerBase, task: Task, hint: str | None, max_length: int) -> list[int]:
-    """The teacher's prompt (the task with `hint`; None: the plain prompt), the hint shortened from
-    the front until it fits.
-
-    Environment feedback (a traceback, a long failing assertion) can outgrow
-    `rollout.max_prompt_length`; its end says the most (the exception comes last), so the start goes.
-
-    Raises:
-        ValueError: the task's prompt does not fit even with an empty hint.
-    """
-    if hint is None:
-        return chat_prompt_ids(tokenizer, [task.prompt()], max_length)[0]
-    keep = len(hint)
-    while True:
-        text = hint if keep >= len(hint) else "..." + hint[len(hint) - keep :]
-        ids = chat_prompt_ids(tokenizer, [task.prompt(text)], max_length=10**9)[0]
-        if len(ids) <= max_length:
-            return ids
-        if keep == 0:
-            chat_prompt_ids(tokenizer, [task.prompt()], max_length)  # raises, naming the limit
-            return ids
-        keep //= 2
-
-
-@dataclass
-class Samples:
-    """One completion per prompt, as `sample` returns them (B rows; all int64 but the log-probs)."""
-
-    prompt_ids: torch.Tensor  # (B, P) LEFT-padded
-    prompt_mask: torch.Tensor  # (B, P) 0/1
-    completion_ids: torch.Tensor  # (B, C) RIGHT-padded after the first EOS
-    completion_mask: torch.Tensor  # (B, C) 1 up to and including the first EOS
-    sampler_logps: torch.Tensor  # (B, C) float32: log-prob the sampler drew each token with (nats)
-
-
-@torch.no_grad()
-def sample(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[list[int]],
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    greedy: bool = False,
-) -> Samples:
-    """One completion per prompt, on the model's device, with the sampler's own log-probs.
-
-    The completion mask covers the tokens up to and including the first EOS; what `generate`
-    emits after it is padding. `sampler_logps` is log_softmax of the scores `generate` sampled
-    from (the logits after its processors, i.e. divided by `temperature`).
-    """
-    device = next(model.parameters()).device
-    prompt_ids, prompt_mask = (t.to(device) for t in pad_sequences(prompts, tokenizer.pad_token_id, left=True))
-    was_training = model.training
-    model.eval()
-    out = model.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        generation_config=generation_config(
-            tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy
-        ),
-    )
-    model.train(was_training)
-    completion_ids = out.sequences[:, prompt_ids.shape[1] :]
-    scores = torch.stack(out.scores, dim=1).float()  # (B, C, V)
-    sampler_logps = torch.log_softmax(scores, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-    is_eos = completion_ids == tokenizer.eos_token_id
-    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
-    completion_mask = (~after_eos).long()
-    completion_ids = completion_ids.masked_fill(after_eos, tokenizer.pad_token_id)
-    sampler_logps = sampler_logps.masked_fill(after_eos, 0.0)
-    return Samples(prompt_ids, prompt_mask, completion_ids, completion_mask, sampler_logps)
-
-
-def decode_completions(tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
-    return [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask, strict=True)]
+    metrics: dict[str, float] = field(default_factory=dict)  # per-step extras a collector logs (none here)
 
 
 def rollout(
@@ -301,3 +185,32 @@ def _teacher_reward(
     clock = time.perf_counter()
     scores = score_many(tasks, texts)
     return sum(s.reward for s in scores) / len(tasks), time.perf_counter() - clock
+
+
+def sibling_pairs(
+    rollout: Rollout, *, id_prefix: str
+) -> Iterator[tuple[str, list[int], list[int], list[int], list[int]]]:
+    """DPO pairs from each prompt whose samples disagree: (pair_id, chosen ids, chosen mask,
+    rejected ids, rejected mask), pair_id `{id_prefix}-{group}`.
+
+    The first correct and the first incorrect sample of a group, each as prompt + completion (up to
+    and including EOS); the masks mark the completion, the tokens the model wrote.
+    """
+    group_size = rollout.correct.shape[1]
+    policy = rollout.policy
+    for group, prompt in enumerate(rollout.prompts):
+        good = rollout.correct[group].nonzero().flatten()
+        bad = (~rollout.correct[group]).nonzero().flatten()
+        if len(good) == 0 or len(bad) == 0:
+            continue
+        chosen, rejected = (
+            policy.completion_ids[row][policy.completion_mask[row].bool()].tolist()
+            for row in (group * group_size + int(good[0]), group * group_size + int(bad[0]))
+        )
+        yield (
+            f"{id_prefix}-{group}",
+            prompt + chosen,
+            [0] * len(prompt) + [1] * len(chosen),
+            prompt + rejected,
+            [0] * len(prompt) + [1] * len(rejected),
+        )

@@ -16,12 +16,16 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trainer.batching import pad_sequences
 from trainer.envs import Score, Task, hint_for, sibling_hint
-from trainer.losses import completion_logits, token_logps
-from trainer.rollout import ScoreMany, chat_prompt_ids, decode_completions, hinted_prompt_ids, sample, score_each
+from trainer.envs.workspace import TOOLS, WorkspaceTask
+from trainer.objective.batching import pad_sequences
+from trainer.objective.losses import completion_logits, token_logps
+from trainer.rollout.episodes import run_episodes
+from trainer.rollout.sampling import decode_completions, sample
+from trainer.rollout.single_turn import ScoreMany, score_each
+from trainer.rollout.templates import chat_prompt_ids, hinted_prompt_ids
 
-__all__ = ["EvalCounts", "evaluate", "teacher_gate", "GATE_HINT_KINDS"]
+__all__ = ["EvalCounts", "evaluate", "evaluate_episodes", "teacher_gate", "GATE_HINT_KINDS"]
 
 GATE_HINT_KINDS = ("feedback", "partial", "reference", "sibling")
 
@@ -147,3 +151,27 @@ def teacher_gate(
         logp = token_logps(logits, completion_ids) * completion_mask
         result[name] = (logp.sum(dim=1) / completion_mask.sum(dim=1)).tolist()
     return result
+
+
+def evaluate_episodes(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[WorkspaceTask],
+    *,
+    k: int,
+    max_turns: int,
+    max_tokens: int,
+    max_turn_tokens: int | None,
+    temperature: float,
+    tools: Sequence[str] = TOOLS,
+    sandbox: Any = None,
+) -> EvalCounts:
+    """Held-out pass@1 (one greedy episode per task) and k sampled episodes, as `evaluate`
+    (each set in lockstep, `run_episodes`)."""
+    settings = dict(
+        tools=tools, max_turns=max_turns, max_tokens=max_tokens, max_turn_tokens=max_turn_tokens, sandbox=sandbox
+    )
+    greedy = [e.passed for e in run_episodes(model, tokenizer, tasks, temperature=1.0, greedy=True, **settings)]
+    sampled = run_episodes(model, tokenizer, [t for t in tasks for _ in range(k)], temperature=temperature, **settings)
+    counts = [sum(e.passed for e in sampled[i * k : (i + 1) * k]) for i in range(len(tasks))]
+    return EvalCounts(greedy_correct=greedy, sampled_correct=counts, k=k)

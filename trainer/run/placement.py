@@ -6,17 +6,24 @@ old optimizer settings. The rules: a finished run (it has summary.json) is never
 run takes the next free `<dir>-N` and says so; an unfinished run is resumed only with the config
 it was started with (`resume: changed` resumes on purpose) and the same number of replicas.
 The coordinator and the workers call the same `choose_run_dir`, so they agree on the directory.
+
+torchrun restarts every worker when one fails; `restart_count` tells a restart from a fresh launch.
+A run directory's JSON files (summary.json, config.json, cluster.json) are written atomically
+(`write_json`), so a reader never sees half a file. The orchestrator imports this module, so it
+stays free of torch.distributed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
+from trainer.checkpoint import atomic_write
 from trainer.config import ConfigError
 
-__all__ = ["is_finished", "choose_run_dir", "config_differences", "check_resumable"]
+__all__ = ["is_finished", "choose_run_dir", "config_differences", "check_resumable", "restart_count", "write_json"]
 
 # Keys that may differ between the run that saved a checkpoint and the one resuming it.
 RESUME_FREE_KEYS = frozenset({"resume"})
@@ -77,3 +84,13 @@ def check_resumable(
             f"{saved_path}: the run in {run_dir} was started with other values for {', '.join(differing)}; "
             f"start fresh with --set name=NEW (or remove {run_dir}), or resume on purpose with --set resume=changed"
         )
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted this worker group (0: its first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """`data` as indented JSON at `path`, atomically (`trainer.checkpoint.atomic_write`)."""
+    return atomic_write(path, json.dumps(data, indent=2) + "\n")

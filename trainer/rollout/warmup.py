@@ -1,4 +1,6 @@
-"""Supervised warm-up: a random tiny model gets a non-zero reward to learn from.
+"""Supervised warm-up: a random tiny model gets a non-zero reward to learn from (single-turn
+completions, `supervised_warmup`, or scripted episodes, `episode_warmup`), and a probe of what it
+has taught (`warmup_probe`).
 
 Part of the recipe for tiny models only (real instruct models start well above zero, so
 `optim.sft_steps` is 0 for them). Half of each batch carries a hint in the prompt, in the forms the
@@ -16,7 +18,8 @@ from __future__ import annotations
 
 import random
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,9 +27,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trainer.batching import pad_sequences
 from trainer.envs import Environment, Task, sibling_hint
-from trainer.rollout import chat_prompt_ids
+from trainer.envs.base import ProbeCandidates
+from trainer.envs.workspace import SYSTEM_PROMPT, WorkspaceTask
+from trainer.objective.batching import pad_sequences
+from trainer.objective.losses import sequence_logps
+from trainer.rollout.templates import chat_prompt_ids, demonstration_ids
 
 
 def supervised_warmup(
@@ -130,3 +136,65 @@ def _warmup_prompt(task: Task, hint_level: int | str, sibling_hints: bool, rng: 
     # No sample exists yet to give feedback on: a feedback run learns to read the reference hint.
     level = {"partial": 0, "reference": -1, "feedback": -1, "sibling": -1}.get(hint_level, hint_level)
     return task.prompt(task.hints[level])
+
+
+def episode_warmup(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[WorkspaceTask],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    rng: random.Random,
+    script: Callable[[WorkspaceTask, random.Random], list[dict[str, Any]]],
+    group: torch.distributed.ProcessGroup | None = None,
+    progress: bool = False,
+) -> list[float]:
+    """Supervised warm-up on scripted episodes: cross-entropy on the assistant tokens only; returns
+    the losses. For tiny models, as `supervised_warmup` is for single-turn tasks.
+    script(task, rng): an episode's messages after the prompt (the environment's `scripted_episode`,
+    `trainer.envs.base.Environment`). Half the episodes
+    carry the task's partial hint as a user message before the first turn, where the SDPO teacher's
+    hint goes, so the teacher has learnt to read one. group: the processes sharing each step's
+    rows (`sft_step`; every one passes the same rng state); None: this one alone.
+    progress: show a progress bar."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    losses = []
+    for _ in sft_progress(steps, losses, progress):
+        rows = []
+        for task in (rng.choice(tasks) for _ in range(batch_size)):
+            prompt = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": task.prompt()}]
+            if task.hints and rng.random() < 0.5:
+                prompt.append({"role": "user", "content": task.hints[0]})
+            rows.append(demonstration_ids(tokenizer, prompt, script(task, rng)))
+        ids, attention = pad_sequences([r[0] for r in rows], tokenizer.pad_token_id)
+        learn, _ = pad_sequences([r[1] for r in rows], 0)
+        labels = ids.masked_fill(learn == 0, -100)
+        losses.append(sft_step(model, optimizer, ids, attention, labels, group))
+    return losses
+
+
+@torch.no_grad()
+def warmup_probe(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, probe: ProbeCandidates) -> float:
+    """What the warm-up has taught, without sampling: over the probe's items, the mean probability
+    the model gives the right candidate, renormalised over the item's candidates (each candidate's
+    first assistant message scored teacher-forced after the prompt: its log-probability summed over
+    the message's tokens, `demonstration_ids` + `sequence_logps`). For `agent_code_arith`, chance
+    is 1/3 until word -> operator has begun.
+
+    Returns the probability in [0, 1]. model: a causal LM, left in the train/eval mode it came in.
+    Raises ValueError for a probe without items."""
+    if not probe.items:
+        raise ValueError("warmup_probe: the probe has no items")
+    was_training, probabilities = model.training, []
+    model.eval()
+    for item in probe.items:
+        rows = [demonstration_ids(tokenizer, item.prompt, candidate) for candidate in item.candidates]
+        ids, attention = pad_sequences([r[0] for r in rows], tokenizer.pad_token_id)
+        learn, _ = pad_sequences([r[1] for r in rows], 0)
+        logps = sequence_logps(model(input_ids=ids, attention_mask=attention).logits.float(), ids, learn)
+        probabilities.append(logps.softmax(0)[item.right].item())
+    model.train(was_training)
+    return sum(probabilities) / len(probabilities)

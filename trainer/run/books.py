@@ -1,0 +1,235 @@
+"""The run's books: metrics records, the round's table row, checkpoints at round ends, held-out
+evaluations, and the one verdict in summary.json.
+
+The lead writes the books (metrics.jsonl, config.json, summary.json, curves.png); every rank saves
+its replica's share of each checkpoint and takes part in the evaluation. Order at a round's end:
+metrics first, then the checkpoint, so a crash in between may repeat a round's lines, never lose one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from trainer import checkpoint
+from trainer.config import Config, dump_config
+from trainer.diloco import parameters_hash
+from trainer.metrics import MetricsLog, mean_and_error, plot_curves, run_summary, table_header, table_row
+from trainer.rollout.evaluation import EvalCounts
+from trainer.run.build import Replica, Run
+from trainer.run.placement import restart_count, write_json
+from trainer.run.topology import barrier, gather, leave_together, step_seed
+
+
+@dataclass
+class Books:
+    """Rank 0's bookkeeping: the metrics file (the verdict is computed from it, whole, at the end)."""
+
+    metrics: MetricsLog | None
+
+
+def open_books(run: Run, start_round: int) -> Books:
+    """Rank 0 opens metrics.jsonl, writes config.json and prints the run's header."""
+    if not run.topo.lead:
+        return Books(metrics=None)
+    config, topo = run.config, run.topo
+    books = Books(metrics=MetricsLog(run.run_dir / "metrics.jsonl"))
+    write_json(run.run_dir / "config.json", dump_config(config))
+    if run.resume_from is not None:
+        books.metrics.log("resume", outer_step=run.resume_from, round=start_round, world_size=topo.world_size)
+        print(f"resumed from checkpoint step-{run.resume_from:06d} (round {start_round})", flush=True)
+    print(
+        f"{topo.replicas} replicas x {topo.replica_size} ranks, H={config.diloco.sync_every}, "
+        f"rounds={config.rounds}, alpha={config.loss.alpha}, beta={config.loss.beta}",
+        flush=True,
+    )
+    print(table_header(), flush=True)
+    return books
+
+
+def end_of_round(
+    run: Run, replica: Replica, books: Books, records: list[dict], round_index: int, seconds: float
+) -> None:
+    """Metrics first, then the checkpoint: a crash in between may repeat a round's lines, never lose one."""
+    diloco = replica.diloco
+    compute_s, communication_s = diloco.compute_seconds, diloco.communication_seconds
+    everyone = gather(
+        dict(
+            records=records,
+            hash=parameters_hash(run.model),
+            bytes_sent=diloco.bytes_sent,
+            bytes_received=diloco.bytes_received,
+            # this rank's seconds this round outside / blocked inside DiLoCo's exchanges (measured)
+            compute_s=compute_s - replica.round_clock[0],
+            communication_s=communication_s - replica.round_clock[1],
+        )
+    )
+    replica.round_clock = (compute_s, communication_s)
+    if books.metrics is not None:
+        log_round(run, replica, books, everyone, round_index, seconds)
+    # Every replica saves its share, then one rank per disk seals the folder.
+    replica.state.save(
+        run.ckpt_root, diloco.outer_step, run.topo.replica_id, round_index=round_index, write=run.topo.local_rank == 0
+    )
+    barrier()
+    if run.keeper:
+        info = dict(round=round_index, replicas=run.topo.replicas, world_size=run.topo.world_size)
+        checkpoint.mark_complete(run.ckpt_root, diloco.outer_step, info, run.config.keep_checkpoints)
+    every = run.config.eval.every
+    if every and ((round_index + 1) % every == 0 or round_index + 1 == run.config.rounds):
+        evaluate_held_out(
+            run, books, rounds_done=round_index + 1, outer_step=diloco.outer_step, teacher=replica.teacher_module
+        )
+
+
+def evaluate_held_out(
+    run: Run, books: Books, *, rounds_done: int, outer_step: int, teacher: torch.nn.Module | None = None
+) -> None:
+    """Held-out pass@1 (greedy) and pass@k, the split shared out over all ranks; rank 0 logs an `eval` record.
+
+    Single-turn runs add the teacher gate (issue 15): `student_logp` and `teacher_logp` (per hint
+    kind), the mean per-token log-prob of correct completions under the student and the hinted
+    `teacher` (the SDPO teacher's weights; None: the policy).
+    """
+    config, topo = run.config, run.topo
+    held_out = run.env.held_out
+    if not config.eval.every or not held_out:
+        return
+    shard = list(held_out[: config.eval.size])[topo.rank :: topo.world_size]
+    torch.manual_seed(step_seed(config.seed, -2, outer_step, topo.rank))
+    with run.autocast():
+        counts, gate = run.collector.evaluate(run.model, run.tokenizer, shard, teacher=teacher)
+    total = sum(gather(counts), EvalCounts([], [], config.eval.k))
+    gates = gather(gate)
+    if books.metrics is not None:
+        figures = total.summary()
+        gate_means = {
+            name: sum(v for g in gates for v in g[name]) / max(1, sum(len(g[name]) for g in gates)) for name in gate
+        }
+        # per-task outcomes (task order is the same at every evaluation): the paired rises
+        books.metrics.log(
+            "eval",
+            round=rounds_done,
+            outer_step=outer_step,
+            **figures,
+            greedy_correct=list(map(int, total.greedy_correct)),
+            sampled_correct=list(total.sampled_correct),
+            **(dict(student_logp=gate_means.pop("student"), teacher_logp=gate_means) if gate_means else {}),
+        )
+        print(
+            f"held-out after {rounds_done} rounds: pass@1 {figures['pass_at_1']:.3f}, "
+            f"pass@{config.eval.k} {figures['pass_at_k']:.3f} ({figures['size']} prompts)",
+            flush=True,
+        )
+
+
+def log_round(run: Run, replica: Replica, books: Books, everyone: list[dict], round_index: int, seconds: float) -> None:
+    """Rank 0: every rank's inner records, one outer record, and the round's table row."""
+    diloco = replica.diloco
+    all_records = [r for rank_view in everyone for r in rank_view["records"]]
+    for record in sorted(all_records, key=lambda r: (r["step"], r["rank"])):
+        books.metrics.log("inner", **record)
+    hashes = [view["hash"] for view in everyone][:: run.topo.replica_size]
+    bytes_sent = sum(v["bytes_sent"] for v in everyone)
+    syncs = sum(bool(r["synced"]) for r in everyone[0]["records"])  # one per fragment under Streaming DiLoCo
+    books.metrics.log(
+        "outer",
+        outer_step=diloco.outer_step,
+        first_outer_step=diloco.outer_step - syncs + 1,
+        round=round_index,
+        pseudo_grad_norm=diloco.last_pseudo_grad_norm,
+        participants=diloco.last_participants,
+        bytes_sent=bytes_sent,
+        bytes_received=sum(v["bytes_received"] for v in everyone),
+        bytes_sent_per_rank=[v["bytes_sent"] for v in everyone],
+        compute_s=[v["compute_s"] for v in everyone],
+        communication_s=[v["communication_s"] for v in everyone],
+        param_hash=hashes[0],
+        replica_hashes=hashes,
+        replicas=run.topo.replicas,
+    )
+    rewards = [r["reward"] for r in all_records]
+    reward, error = mean_and_error(rewards)
+    teacher_rewards = [r["teacher_reward"] for r in all_records if r["teacher_reward"] is not None]
+    means = {k: sum(r[k] for r in all_records) / len(all_records) for k in ("grpo", "sdpo", "dpo")}
+    row = (
+        round_index + 1,
+        reward,
+        error,
+        sum(teacher_rewards) / len(teacher_rewards) if teacher_rewards else None,
+        means["grpo"],
+        means["sdpo"],
+        means["dpo"],
+        diloco.last_pseudo_grad_norm,
+        bytes_sent / 1e6,
+        seconds,
+    )
+    print(table_row(row), flush=True)
+
+
+def replicas_expected_to_agree(config: Config) -> bool:
+    """Only a full sync with no local mixing (one fragment, fragment_alpha 0) leaves replicas identical.
+
+    Streaming DiLoCo syncs one fragment at a time and, with fragment_alpha > 0, keeps part of each
+    replica's local progress, so its replicas legitimately differ at the end.
+    """
+    return config.diloco.fragments == 1 and config.diloco.fragment_alpha == 0
+
+
+def verdict(config: Config, final_hashes: list[str]) -> dict[str, Any]:
+    """The run's one verdict, decided here and read by the coordinator, cluster.json and `make docker-up`."""
+    expected, agree = replicas_expected_to_agree(config), len(set(final_hashes)) == 1
+    ok = agree or not expected
+    return dict(
+        status="ok" if ok else "failed",
+        reason="" if ok else f"replicas were expected to agree and do not: {final_hashes}",
+        replicas_expected_to_agree=expected,
+        replicas_agree=agree,
+    )
+
+
+def finish(run: Run, replica: Replica, books: Books) -> dict:
+    """Rank 0 writes summary.json (the verdict, the reward rise), the plot; everyone leaves together."""
+    config, topo = run.config, run.topo
+    final_hashes = gather(parameters_hash(run.model))[:: topo.replica_size]
+    summary = dict(
+        name=config.name,
+        outer_steps=replica.diloco.outer_step,
+        rounds=config.rounds,
+        replicas=topo.replicas,
+        world_size=topo.world_size,
+        final_param_hash=final_hashes[0],
+        replica_hashes=final_hashes,
+        **verdict(config, final_hashes),
+    )
+    if books.metrics is not None:
+        books.metrics.close()
+        summary.update(run_summary(run.run_dir / "metrics.jsonl"))  # every round, resumed or not
+        if "reward_rise" in summary:
+            print(
+                f"reward: first rounds {summary['reward_first']:.4f}, last rounds {summary['reward_last']:.4f}, "
+                f"rise {summary['reward_rise']:+.4f} = {summary['reward_rise_sigmas']:.1f} sigma",
+                flush=True,
+            )
+        if "eval_pass_at_1_first" in summary:
+            print(
+                f"held-out pass@1: {summary['eval_pass_at_1_first']:.3f} -> {summary['eval_pass_at_1_last']:.3f}, "
+                f"pass@k: {summary['eval_pass_at_k_first']:.3f} -> {summary['eval_pass_at_k_last']:.3f}, "
+                f"sampled pass rate: {summary['eval_sampled_reward_first']:.3f} -> "
+                f"{summary['eval_sampled_reward_last']:.3f}",
+                flush=True,
+            )
+        print(f"skipped (non-finite) steps: {summary['skipped_steps']}", flush=True)
+        plot_curves(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
+        write_json(run.run_dir / "summary.json", summary)
+        print(f"run dir: {run.run_dir} (metrics.jsonl, curves.png, summary.json, checkpoints/)", flush=True)
+        if summary["status"] != "ok":
+            print(f"run failed: {summary['reason']}", file=sys.stderr, flush=True)
+    leave_together()
+    if config.debug.abort_at_exit_rank == topo.rank and restart_count() == 0:
+        os.abort()  # fault injection (debug section): a crash after the run's end
+    return summary

@@ -1,0 +1,245 @@
+"""The build phases: where the run writes, what it is made of, and the replica's training state.
+
+`place_run` chooses the run directory (the lead's choice, for every rank); `build` makes the
+environment (and the sandbox first when its checker runs model-written code), the collector, the
+model and tokenizer, and decides whether to resume; `build_replica` makes the training-state
+registry (inner AdamW, DiLoCo, the EMA teacher and the DPO feed when on); `resume` loads it.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer import checkpoint
+from trainer.checkpoint import PerProcessState, TrainingState
+from trainer.config import Config, ConfigError, dump_config
+from trainer.diloco import DiLoCo, split_parameters
+from trainer.envs import Environment, make_env
+from trainer.model import cached_tokenizer, pretrained_model_and_tokenizer, tiny_model_and_tokenizer
+from trainer.objective.replay import CapacityError, PreferenceFeed, PreferenceReplay
+from trainer.objective.teacher import EMATeacher
+from trainer.precision import autocast, compute_dtype
+from trainer.run.collectors import Collector, make_collector
+from trainer.run.placement import check_resumable, choose_run_dir, is_finished, restart_count
+from trainer.run.topology import Topology, barrier, gather, init_distributed, leave_together, storage_keeper
+from trainer.sandbox import SandboxUnavailable, make_sandbox, set_default_sandbox
+
+
+@dataclass
+class Run:
+    """What the build phase makes and every later phase reads."""
+
+    config: Config
+    topo: Topology
+    run_dir: Path
+    ckpt_root: Path
+    model: torch.nn.Module
+    tokenizer: Any
+    env: Environment
+    collector: Collector
+    device: torch.device
+    dtype: torch.dtype | None  # autocast compute dtype (None: fp32 throughout); weights stay fp32
+    resume_from: int | None  # newest sealed checkpoint (the lead's view), None: a fresh run
+    keeper: bool = True  # this rank writes its disk's shared files (`storage_keeper`)
+
+    def autocast(self) -> Any:
+        return autocast(self.device, self.dtype)
+
+
+@dataclass
+class Replica:
+    """The replica's training state: the checkpoint registry and the parts the step calls directly."""
+
+    state: TrainingState
+    inner_optimizer: torch.optim.Optimizer
+    diloco: DiLoCo
+    teacher: EMATeacher | None
+    feed: PreferenceFeed | None
+    forward_calls: list[int] = field(default_factory=lambda: [0])  # policy forwards, counted by a hook
+    round_clock: tuple[float, float] = (0.0, 0.0)  # DiLoCo's compute/communication seconds at round start
+    # A replica of S processes: each process's share of the parameters it exchanges across replicas.
+    shares: list[list[torch.Tensor]] | None = None
+
+    @property
+    def teacher_module(self) -> torch.nn.Module | None:
+        """The SDPO teacher's own weights (the EMA copy), None when the teacher is the policy."""
+        return self.teacher.module if self.teacher is not None else None
+
+
+def place_run(config: Config, topo: Topology) -> tuple[Path, bool]:
+    """The run directory (the lead's choice) and whether this is a restart after the run's end.
+
+    A fresh launch never resumes a finished run: it takes the next free `<dir>-N`
+    (`trainer.run.placement`). But torchrun restarts every worker when one fails, and a failure
+    after the summary (a peer dying in a library's teardown on its way out) leaves a finished run
+    that is this very run: done, not a reason to start another beside it.
+    Environment: COMPOSER_RUN_DIR (where the run writes) wins over `run_dir` and `runs/<name>`.
+    """
+    base = Path(os.environ.get("COMPOSER_RUN_DIR") or config.run_dir or f"runs/{config.name}")
+    after_end = restart_count() > 0 and is_finished(base)
+    run_dir, after_end = gather((base if after_end else choose_run_dir(base), after_end))[topo.lead_rank]
+    if topo.lead and run_dir != base:
+        print(f"{base} holds a finished run; this run writes to {run_dir}", flush=True)
+    return run_dir, after_end
+
+
+def already_finished(topo: Topology, run_dir: Path) -> dict:
+    """A restart after the run's end: every rank returns the lead's summary.json, unchanged."""
+    summary = gather(json.loads((run_dir / "summary.json").read_text()) if topo.lead else None)[topo.lead_rank]
+    if topo.lead:
+        print(f"{run_dir} already holds this run's summary (a worker failed after it): nothing to redo", flush=True)
+    leave_together()
+    return summary
+
+
+def build(config: Config, topo: Topology | None = None, run_dir: Path | None = None) -> Run:
+    """Tasks, checkpoint storage, the model and tokenizer on this rank's device (the processes and
+    the run directory too when not given, as for bench/ablation.py's shared warm-ups)."""
+    if topo is None:
+        topo = init_distributed(config)
+    if run_dir is None:
+        run_dir, _ = place_run(config, topo)
+    ckpt_root = Path(config.checkpoint_dir) if config.checkpoint_dir else run_dir / "checkpoints"
+    keeper = storage_keeper(topo, ckpt_root)
+    if "OMP_NUM_THREADS" not in os.environ:  # an explicit setting (torchrun, compose) wins
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    env = build_env(config)
+    collector = make_collector(config, env)
+    if config.model.name == "tiny":
+        corpus = env.corpus()
+        if keeper:  # train the tokenizer once per disk; the others read the saved copy
+            cached_tokenizer(corpus, vocab_size=config.model.vocab_size, cache_dir=run_dir)
+        barrier()
+        model, tokenizer = tiny_model_and_tokenizer(
+            corpus,
+            vocab_size=config.model.vocab_size,
+            hidden_size=config.model.hidden_size,
+            num_layers=config.model.num_layers,
+            num_heads=config.model.num_heads,
+            seed=config.seed,
+            cache_dir=run_dir,
+        )
+    else:
+        model, tokenizer = pretrained_model_and_tokenizer(config.model.name, tokenizer_name=config.model.tokenizer)
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    resume_from = gather(checkpoint.latest_complete(ckpt_root))[topo.lead_rank]  # the lead's view decides for all
+    if resume_from is not None:
+        saved = checkpoint.step_info(ckpt_root, resume_from).get("replicas")
+        check_resumable(
+            run_dir, dump_config(config), resume=config.resume, replicas=topo.replicas, saved_replicas=saved
+        )
+    dtype = compute_dtype(config.model.dtype)
+    return Run(config, topo, run_dir, ckpt_root, model, tokenizer, env, collector, device, dtype, resume_from, keeper)
+
+
+def build_env(config: Config) -> Environment:
+    """The task environment, and the sandbox first when its checker runs model-written code.
+
+    A sandbox backend that cannot run here fails now, before any program or model is touched.
+    """
+    options = dict(config.task.options)
+    if config.task.source == "addition":
+        options.setdefault("max_operand", config.task.max_operand)
+        options.setdefault("held_out", config.eval.size if config.eval.every else 0)
+    try:
+        env = make_env(config.task.source, **options)
+    except ValueError as error:
+        key = "eval.size" if "held_out" in str(error) else "task.options"
+        raise ConfigError(f"{key}: {error}") from None
+    if env.executes_code:
+        try:
+            sandbox = make_sandbox(config.sandbox)
+        except SandboxUnavailable as error:
+            raise ConfigError(f"sandbox.backend: {error}") from None
+        set_default_sandbox(sandbox)
+    return env
+
+
+def build_replica(run: Run) -> Replica:
+    """The training-state registry: model, inner AdamW, DiLoCo, and the teacher and DPO feed when on."""
+    config, model = run.config, run.model
+    feed = build_preference_feed(run) if config.loss.beta > 0 else None
+    inner_optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    d = config.diloco
+    topo = run.topo
+    shares = None  # with S > 1 processes a replica, each exchanges 1/S of the model across replicas
+    if topo.inner_group is not None:
+        shares = split_parameters([p for p in model.parameters() if p.requires_grad], topo.replica_size)
+    diloco = DiLoCo(
+        model,
+        inner_optimizer,
+        sync_every=d.sync_every,
+        group=run.topo.outer_group,
+        outer_optimizer=functools.partial(
+            torch.optim.SGD, lr=d.outer_lr, momentum=d.outer_momentum, nesterov=d.outer_momentum > 0
+        ),
+        fragments=d.fragments,
+        fragment_delay=d.fragment_delay,
+        fragment_alpha=d.fragment_alpha,
+        compression=d.compression,
+        error_feedback=d.error_feedback,
+        timeout_s=d.timeout_s,
+        parameters=shares[topo.local_rank] if shares else None,
+    )
+    use_ema = config.loss.alpha > 0 and config.loss.teacher == "ema"
+    teacher = EMATeacher(model, rate=config.loss.ema_rate) if use_ema else None
+    saved_diloco = PerProcessState(diloco, topo.inner_group, topo.local_rank, topo.replica_size) if shares else diloco
+    state = TrainingState(model, inner_optimizer=inner_optimizer, diloco=saved_diloco, replay=feed, teacher=teacher)
+    replica = Replica(state, inner_optimizer, diloco, teacher, feed, shares=shares)
+    share_synced_parameters(run, replica)
+    # Forwards of the policy inside the loss (student, teacher-as-policy, DPO): the cost of the
+    # channels, logged so that alpha = 0 / beta = 0 runs show that they skipped their passes.
+    # Registered after the teacher and reference copies were made, so only the policy counts.
+    model.register_forward_pre_hook(lambda *_: replica.forward_calls.__setitem__(0, replica.forward_calls[0] + 1))
+    return replica
+
+
+def build_preference_feed(run: Run) -> PreferenceFeed:
+    """The frozen DPO reference (the policy after warm-up, saved once) and the pair feed over it."""
+    reference = copy.deepcopy(run.model).requires_grad_(False).eval()
+    if run.resume_from is None:
+        if run.keeper:
+            checkpoint.save_reference(run.ckpt_root, reference)
+    elif not checkpoint.load_reference(run.ckpt_root, reference):
+        raise FileNotFoundError(f"{run.ckpt_root}/reference.safetensors: missing, cannot resume the DPO channel")
+    config = run.config
+    replay = PreferenceReplay(
+        reference, pad_token_id=run.tokenizer.pad_token_id, device=run.device, capacity=config.loss.dpo_capacity
+    )
+    feed = PreferenceFeed(replay, pairs_per_step=config.loss.dpo_pairs_per_step, traces=config.task.traces)
+    try:
+        feed.fill_from_traces(run.tokenizer, config.rollout.max_prompt_length * 4)
+    except CapacityError as error:
+        raise ConfigError(str(error)) from None
+    return feed
+
+
+def share_synced_parameters(run: Run, replica: Replica) -> None:
+    """Each process of a replica broadcasts its share (which only it synced) to the others."""
+    if replica.shares is None:
+        return
+    first = run.topo.replica_index * run.topo.replica_size  # the replica's ranks are consecutive
+    with torch.no_grad():
+        for k, share in enumerate(replica.shares):
+            flat = torch.cat([p.detach().reshape(-1) for p in share])
+            torch.distributed.broadcast(flat, src=first + k, group=run.topo.inner_group)
+            offset = 0
+            for p in share:
+                p.copy_(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+
+
+def resume(run: Run, replica: Replica) -> int:
+    """Load the newest sealed checkpoint into every registered member; returns the first round to run."""
+    if run.resume_from is None:
+        return 0
+    return replica.state.load(run.ckpt_root, run.resume_from, run.topo.replica_id) + 1

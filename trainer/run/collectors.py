@@ -1,0 +1,224 @@
+"""How a run turns tasks into training data: one `Collector` per kind of sample, chosen once.
+
+A collector owns the three places where single-turn rollouts and agent episodes differ: the
+warm-up (supervised completions, or scripted episodes), one inner step's collection (G samples
+per task with their rewards, the SDPO teacher's context and the DPO pairs they offer), and the
+held-out evaluation. `make_collector` is the one place that reads `agent.enabled`; everything
+else in the run calls the collector it was given (the agent loops of verl are registered
+strategies in the same spirit).
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from trainer.config import Config, ConfigError
+from trainer.envs import Environment
+from trainer.objective.losses import PreferenceBatch, route_sdpo_on_failures
+from trainer.objective.replay import PreferenceFeed
+from trainer.rollout.episode_batch import EpisodeRollout, agent_rollout, episode_pairs
+from trainer.rollout.episodes import write_episodes
+from trainer.rollout.evaluation import EvalCounts, evaluate, evaluate_episodes, teacher_gate
+from trainer.rollout.single_turn import Rollout, rollout, sibling_pairs
+from trainer.rollout.warmup import episode_warmup, supervised_warmup
+
+Samples = Rollout | EpisodeRollout  # both carry .policy (a PolicyBatch), .stats and .metrics
+
+
+class Collector(ABC):
+    """Warm-up, collection and evaluation for one kind of sample (see the module docstring).
+
+    config: the run's config (the rollout, task, loss and agent sections are read); env: the
+    environment the tasks come from.
+    """
+
+    def __init__(self, config: Config, env: Environment) -> None:
+        self.config, self.env = config, env
+
+    @property
+    @abstractmethod
+    def max_completion_length(self) -> int:
+        """The longest completion the loss may see, in tokens (Dr.GRPO's constant normaliser)."""
+
+    @abstractmethod
+    def warm_up(
+        self, model: Any, tokenizer: Any, *, rng: random.Random, group: dist.ProcessGroup | None, progress: bool
+    ) -> list[float]:
+        """The supervised warm-up (`optim.sft_steps` steps); returns the per-step losses."""
+
+    @abstractmethod
+    def collect(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        rng: random.Random,
+        teacher: torch.nn.Module | None,
+        feed: PreferenceFeed | None,
+        id_prefix: str,
+        episodes_file: Path,
+    ) -> tuple[Samples, PreferenceBatch | None]:
+        """One inner step's samples (`rollout.prompts_per_step` tasks x `rollout.group_size`) and
+        the DPO batch the feed draws after adding the pairs they offer (None: no DPO channel, or an
+        empty store). teacher: the SDPO teacher's model for its reward probe (None: no SDPO);
+        id_prefix: unique per (replica, rank, step), for pair and episode ids; episodes_file:
+        where episodes are appended when the run writes them."""
+
+    @abstractmethod
+    def evaluate(
+        self, model: Any, tokenizer: Any, tasks: list, *, teacher: torch.nn.Module | None
+    ) -> tuple[EvalCounts, dict[str, list[float]]]:
+        """Held-out counts on `tasks` and the teacher gate per hint kind ({}: not measured)."""
+
+    def score_many(self) -> Any:
+        """The environment's batch scorer with the sandbox's pool size."""
+        return functools.partial(self.env.score_many, workers=self.config.sandbox.workers)
+
+
+class SingleTurnCollector(Collector):
+    """One completion per sample (`trainer.rollout.single_turn`); DPO pairs from sibling disagreement."""
+
+    @property
+    def max_completion_length(self) -> int:
+        return self.config.rollout.max_completion_length
+
+    def warm_up(self, model, tokenizer, *, rng, group, progress):
+        c = self.config
+        return supervised_warmup(
+            model,
+            tokenizer,
+            self.env,
+            steps=c.optim.sft_steps,
+            batch_size=c.optim.sft_batch_size,
+            lr=c.optim.sft_lr,
+            hint_level=c.task.hint_level,
+            sibling_hints=c.task.sibling_hints,
+            max_prompt_length=c.rollout.max_prompt_length,
+            rng=rng,
+            group=group,
+            progress=progress,
+        )
+
+    def collect(self, model, tokenizer, *, rng, teacher, feed, id_prefix, episodes_file):
+        c = self.config
+        samples = rollout(
+            model,
+            tokenizer,
+            [self.env.sample(rng) for _ in range(c.rollout.prompts_per_step)],
+            group_size=c.rollout.group_size,
+            max_prompt_length=c.rollout.max_prompt_length,
+            max_completion_length=c.rollout.max_completion_length,
+            temperature=c.rollout.temperature,
+            hint_level=c.task.hint_level,
+            sibling_hints=c.task.sibling_hints,
+            teacher=teacher,
+            score_many=self.score_many(),
+        )
+        if c.loss.sdpo_on == "failed" and c.loss.alpha > 0:  # issue 15: each sample to one channel
+            p = samples.policy
+            p.advantages, p.sdpo_weight = route_sdpo_on_failures(p.advantages, samples.rewards > 0, p.sdpo_weight)
+        preference = None if feed is None else feed.step(sibling_pairs(samples, id_prefix=id_prefix), rng=rng)
+        return samples, preference
+
+    def evaluate(self, model, tokenizer, tasks, *, teacher):
+        c = self.config
+        counts = evaluate(
+            model,
+            tokenizer,
+            tasks,
+            k=c.eval.k,
+            max_prompt_length=c.rollout.max_prompt_length,
+            max_completion_length=c.rollout.max_completion_length,
+            temperature=c.rollout.temperature,
+            score_many=self.score_many(),
+        )
+        # Issue 15's teacher gate: the student and the hinted teacher (None: the policy) on correct answers.
+        gate = teacher_gate(
+            model,
+            model if teacher is None else teacher,
+            tokenizer,
+            tasks,
+            counts.greedy_attempts,
+            max_prompt_length=c.rollout.max_prompt_length,
+        )
+        return counts, gate
+
+
+class EpisodeCollector(Collector):
+    """Multi-turn agent episodes (`trainer.rollout.episodes`); DPO pairs from passed vs failed episodes."""
+
+    @property
+    def max_completion_length(self) -> int:
+        return self.config.agent.max_tokens
+
+    def warm_up(self, model, tokenizer, *, rng, group, progress):
+        c = self.config
+        return episode_warmup(
+            model,
+            tokenizer,
+            self.env.train,
+            steps=c.optim.sft_steps,
+            batch_size=c.optim.sft_batch_size,
+            lr=c.optim.sft_lr,
+            rng=rng,
+            script=self.env.scripted_episode,
+            group=group,
+            progress=progress,
+        )
+
+    def collect(self, model, tokenizer, *, rng, teacher, feed, id_prefix, episodes_file):
+        c, a = self.config, self.config.agent
+        samples = agent_rollout(
+            model,
+            tokenizer,
+            [self.env.sample(rng) for _ in range(c.rollout.prompts_per_step)],
+            group_size=c.rollout.group_size,
+            max_turns=a.max_turns,
+            max_tokens=a.max_tokens,
+            max_turn_tokens=a.max_turn_tokens,
+            temperature=c.rollout.temperature,
+            tools=a.tools,
+            hint_level=c.task.hint_level if c.loss.alpha > 0 else None,
+            require_finish=a.require_finish,
+        )
+        if a.write_episodes:
+            write_episodes(samples.episodes, episodes_file, prefix=id_prefix)
+        preference = None
+        if feed is not None:
+            pairs = episode_pairs(samples.episodes, group_size=c.rollout.group_size, id_prefix=id_prefix)
+            preference = feed.step(pairs, rng=rng)
+        return samples, preference
+
+    def evaluate(self, model, tokenizer, tasks, *, teacher):
+        c, a = self.config, self.config.agent
+        counts = evaluate_episodes(
+            model,
+            tokenizer,
+            tasks,
+            k=c.eval.k,
+            max_turns=a.max_turns,
+            max_tokens=a.max_tokens,
+            max_turn_tokens=a.max_turn_tokens,
+            temperature=c.rollout.temperature,
+            tools=a.tools,
+        )
+        return counts, {}
+
+
+def make_collector(config: Config, env: Environment) -> Collector:
+    """The run's collector: episodes when `agent.enabled` (the one branch on it), else single-turn.
+
+    Raises ConfigError (naming agent.enabled) for episodes on an environment without workspaces.
+    """
+    if not config.agent.enabled:
+        return SingleTurnCollector(config, env)
+    if not env.name.startswith("agent_"):  # issue 12: episodes need workspaces
+        raise ConfigError(f"agent.enabled: task.source {config.task.source!r} is not an agentic source (agent_*)")
+    return EpisodeCollector(config, env)
