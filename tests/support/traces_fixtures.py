@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-TRACES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "traces"
+TRACES_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "traces"  # <repo>/../shared
 requires_samples = pytest.mark.skipif(not TRACES_DIR.is_dir(), reason=f"the real trace samples are not at {TRACES_DIR}")
 
 
