@@ -150,6 +150,7 @@ def test_strict_passes_on_valid_files_of_every_format(tmp_path):
         roots += [p for p in sorted(TRACES_DIR.iterdir()) if p.suffix != ".txt" and "sidechain" not in p.name]
     if CASES.is_dir():
         roots += [CASES / "07-swe-agent-retry-attempts", CASES / "08-openhands-wrapped-event-lists"]
+        roots += [CASES / "10-codex-legacy-rollout", CASES / "12-aider-slash-commands"]
     ingester = TraceIngester(strict=True)
     for root in roots:
         list(ingester.ingest(root))

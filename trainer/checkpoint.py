@@ -6,7 +6,12 @@ Layout under `<run_dir>/checkpoints/`:
     step-000012/
         replica-<id>.safetensors this replica's parameters
         replica-<id>.pt          inner optimizer, DiLoCo state, replay buffer, position
-        COMPLETE                 written last, by outer rank 0, once every replica has saved
+        COMPLETE                 written last, by outer rank 0, once every replica has saved:
+                                 JSON with the round, the replicas and the size of every file
+
+Only folders named exactly `step-NNNNNN` (what `step_dir` writes) are checkpoints: a backup copy
+(`step-000008.bak`), a converted export (`step-000004-hf`) or anything else beside them is
+ignored, never parsed, never swept.
 
 What a replica's state *is* lives in one place, `TrainingState`: a mapping of named stateful
 members that `save` and `load` both walk, so a member that is saved is always loaded; adding one
@@ -14,7 +19,11 @@ is one line where the state is built, and a member that is off (no EMA teacher, 
 
 Every file is written to a temporary name, fsynced and renamed into place (then the folder is
 fsynced), so a crash or power loss never leaves a half-written file under a real name; a folder
-without COMPLETE is ignored on resume. Replicas keep their own files because inner AdamW state
+without COMPLETE is ignored on resume. A sealed folder whose files were damaged afterwards
+(truncated by a full disk or an interrupted copy, unreadable, removed) is found before anything
+is loaded and skipped with a warning naming the file: the run resumes from the newest sealed
+step whose files verify (`verify_sealed`, `resume_step`), so a damaged checkpoint never puts a
+restarting run into a crash loop. Replicas keep their own files because inner AdamW state
 differs between them; they are keyed by the stable replica id, not the torch rank, which changes
 after an elastic restart.
 """
@@ -22,16 +31,24 @@ after an elastic restart.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
+from trainer.config import ConfigError
+
 COMPLETE = "COMPLETE"
+_STEP_NAME = re.compile(r"step-(\d{6,})")
+logger = logging.getLogger(__name__)
 
 
 def _fsync(path: Path) -> None:
@@ -73,37 +90,182 @@ def step_dir(root: Path, outer_step: int) -> Path:
     return root / f"step-{outer_step:06d}"
 
 
+def step_of(folder: Path) -> int | None:
+    """The outer step a checkpoint folder holds; None for any other name (`step-000008.bak`,
+    `step-000004-hf`, `step-8`): only the exact name `step_dir` writes is a checkpoint."""
+    match = _STEP_NAME.fullmatch(folder.name)
+    if match is None or folder.name != step_dir(folder.parent, int(match[1])).name:
+        return None
+    return int(match[1])
+
+
+def _step_folders(root: Path) -> dict[int, Path]:
+    return {step: p for p in root.glob("step-*") if p.is_dir() and (step := step_of(p)) is not None}
+
+
 def save_replica(root: Path, outer_step: int, replica_id: int, model: torch.nn.Module, state: dict[str, Any]) -> None:
-    """This replica's share of the checkpoint for `outer_step`."""
+    """This replica's share of the checkpoint for `outer_step`.
+
+    A folder already sealed under this step (left by a timeline the run fell back from, see
+    `mark_complete`) is unsealed first, so that it never counts as complete while its files are
+    being replaced.
+    """
     folder = step_dir(root, outer_step)
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / COMPLETE).unlink(missing_ok=True)
     atomic_write(folder / f"replica-{replica_id}.safetensors", lambda p: save_model(model, str(p)))
     atomic_write(folder / f"replica-{replica_id}.pt", lambda p: torch.save(state, p))
 
 
 def mark_complete(root: Path, outer_step: int, info: dict[str, Any], keep: int) -> None:
-    """Seal a step once every replica has saved it, then drop all but the newest `keep`."""
-    atomic_write(step_dir(root, outer_step) / COMPLETE, json.dumps(info))
-    complete = complete_steps(root)
-    for old in complete[:-keep]:
+    """Seal a step once every replica has saved it, then drop all but the newest `keep`.
+
+    The seal records `info` plus `files`, the size in bytes of every replica file in the folder,
+    which `verify_step` checks before a resume. Also dropped: unsealed step folders older than
+    `outer_step`, and sealed ones newer than it, which belong to a timeline the run left when it
+    fell back past a damaged checkpoint (so they are never resumed from). Folders whose names
+    are not checkpoints (`step_of` is None) are left alone.
+    """
+    folder = step_dir(root, outer_step)
+    files = {p.name: p.stat().st_size for p in sorted(folder.glob("replica-*")) if p.is_file()}
+    atomic_write(folder / COMPLETE, json.dumps({**info, "files": files}))
+    for step, path in _step_folders(root).items():
+        sealed = (path / COMPLETE).exists()
+        if (sealed and step > outer_step) or (not sealed and step < outer_step):
+            shutil.rmtree(path, ignore_errors=True)
+    for old in complete_steps(root)[:-keep]:
         shutil.rmtree(step_dir(root, old), ignore_errors=True)
-    for partial in root.glob("step-*"):
-        if not (partial / COMPLETE).exists() and int(partial.name[5:]) < outer_step:
-            shutil.rmtree(partial, ignore_errors=True)
 
 
 def step_info(root: Path, outer_step: int) -> dict[str, Any]:
-    """What `mark_complete` recorded for a sealed step (round, replicas, world size)."""
+    """What `mark_complete` recorded for a sealed step (round, replicas, world size, file sizes)."""
     return json.loads((step_dir(root, outer_step) / COMPLETE).read_text() or "{}")
 
 
 def complete_steps(root: Path) -> list[int]:
-    return sorted(int(p.parent.name[5:]) for p in root.glob(f"step-*/{COMPLETE}"))
+    """The sealed steps in `root`, oldest first (folders named as `step_dir` writes them only)."""
+    return sorted(step for step, path in _step_folders(root).items() if (path / COMPLETE).is_file())
 
 
 def latest_complete(root: Path) -> int | None:
+    """The newest sealed step, its files unchecked (`latest_loadable` checks them)."""
     steps = complete_steps(root)
     return steps[-1] if steps else None
+
+
+def verify_step(root: Path, outer_step: int) -> str | None:
+    """What is wrong with a sealed step's files, naming the file; None when they verify.
+
+    Checked without loading any tensor, so the cost does not grow with the model: the seal is a
+    JSON object; every file it lists (`mark_complete` records sizes) exists with that size
+    (catches truncation by a full disk, a cut copy, a removed file); every replica has both its
+    files; each `.safetensors` header parses and covers the file exactly (`safetensors.safe_open`
+    reads the header only); each `.pt` is a readable zip archive, the format `torch.save` writes,
+    whose central directory sits at its very end (so any truncation is caught). Sizes were
+    chosen over content hashes because hashing would read every checkpoint byte again when
+    sealing and on every start, which grows with the model; the price is that same-size
+    corruption inside a file (a flipped bit) is not caught here. Seals written before sizes were
+    recorded get the structural checks only.
+    """
+    folder = step_dir(root, outer_step)
+    seal = folder / COMPLETE
+    try:
+        info = json.loads(seal.read_text() or "{}")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"{seal}: unreadable seal ({error})"
+    if not isinstance(info, dict):
+        return f"{seal}: the seal is not a JSON object"
+    sizes = info.get("files") if isinstance(info.get("files"), dict) else {}
+    for name, size in sorted(sizes.items()):
+        path = folder / name
+        try:
+            actual = path.stat().st_size
+        except OSError as error:
+            return f"{path}: missing or unreadable ({error.strerror or error})"
+        if actual != size:
+            what = "truncated" if actual < size else "grown"
+            return f"{path}: {what}: {actual} bytes, sealed with {size}"
+    weights = {p.name.removesuffix(".safetensors") for p in folder.glob("replica-*.safetensors")}
+    states = {p.name.removesuffix(".pt") for p in folder.glob("replica-*.pt")}
+    if not weights and not states:
+        return f"{folder}: sealed but holds no replica files"
+    unpaired = sorted(weights ^ states)
+    if unpaired:
+        name = unpaired[0]
+        missing = f"{name}.pt" if name in weights else f"{name}.safetensors"
+        return f"{folder / missing}: missing (its partner file is there)"
+    for name in sorted(weights):
+        path = folder / f"{name}.safetensors"
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (OSError, SafetensorError) as error:
+            return f"{path}: unreadable safetensors ({error})"
+        path = folder / f"{name}.pt"
+        try:
+            with zipfile.ZipFile(path):
+                pass
+        except (OSError, zipfile.BadZipFile) as error:
+            return f"{path}: unreadable torch.save archive ({error})"
+    return None
+
+
+def verify_sealed(root: Path) -> dict[int, bool]:
+    """Every sealed step in `root` -> whether its files verify (`verify_step`).
+
+    Logs one warning per damaged step newer than the newest one that verifies (the steps a
+    resume from this disk skips), naming the damaged file; older damaged steps are not used
+    and are dropped in time by `mark_complete`'s `keep`.
+    """
+    verdicts = {step: verify_step(root, step) for step in complete_steps(root)}
+    good = [step for step, problem in verdicts.items() if problem is None]
+    for step, problem in verdicts.items():
+        if problem is not None and step > max(good, default=-1):
+            logger.warning("checkpoint step-%06d is damaged, not resuming from it: %s", step, problem)
+    return {step: problem is None for step, problem in verdicts.items()}
+
+
+def resume_step(root: Path, views: Sequence[dict[int, bool] | None], lead: int) -> int | None:
+    """The step every rank resumes from, given each rank's `verify_sealed` of its own disk.
+
+    Args:
+        root: the checkpoint directory (named in the error).
+        views: one entry per rank (as `all_gather_object` returns them); None for a rank that did
+            not look (one rank per disk is enough).
+        lead: the index of the lead rank, whose disk decides, as it always has.
+
+    Returns the newest step sealed and verified on the lead's disk that no disk reports damaged;
+    None when no disk holds a sealed step (a fresh run). A step another disk has not sealed is
+    not vetoed: its replicas' files may be complete there all the same, and if not,
+    `load_replica` names the missing file. Every rank computes the same answer from the same
+    gathered views.
+
+    Raises:
+        ConfigError: sealed steps exist but every one is damaged somewhere: starting over would
+            silently throw the run's progress away, so the run stops (one line, exit status 2)
+            until they are repaired or moved away.
+    """
+    damaged = {step for view in views if view for step, ok in view.items() if not ok}
+    good = [step for step, ok in (views[lead] or {}).items() if ok and step not in damaged]
+    if good:
+        return max(good)
+    sealed = sorted(damaged | set(views[lead] or {}))
+    if sealed:
+        raise ConfigError(
+            f"{root}: every sealed checkpoint is damaged (steps {', '.join(map(str, sealed))}; the warnings above "
+            "name the files): repair them, or move them away to start this run over"
+        )
+    return None
+
+
+def latest_loadable(root: Path) -> int | None:
+    """The newest sealed step in `root` whose files verify, for one process on one disk; warns as
+    `verify_sealed` does for the newer damaged ones. None: nothing sealed, a fresh run.
+
+    Raises:
+        ConfigError: sealed steps exist and none verifies (see `resume_step`).
+    """
+    return resume_step(root, [verify_sealed(root)], 0)
 
 
 def load_replica(root: Path, outer_step: int, replica_id: int, model: torch.nn.Module) -> dict[str, Any]:

@@ -12,8 +12,17 @@ from typing import Any
 
 import pytest
 
-TRACES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "traces"
+TRACES_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "traces"  # <repo>/../shared
 requires_samples = pytest.mark.skipif(not TRACES_DIR.is_dir(), reason=f"the real trace samples are not at {TRACES_DIR}")
+CASES_DIR = TRACES_DIR.parent / "cases" / "traces"
+
+
+def shared_case(name: str) -> Path:
+    """A case folder of <repo>/../shared/data/cases/traces, read in place; the test skips when it is absent."""
+    path = CASES_DIR / name
+    if not path.exists():
+        pytest.skip(f"trace case {name} is not at {path}")
+    return path
 
 
 PREVIOUS = object()  # parent marker: link to the entry written just before

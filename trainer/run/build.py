@@ -47,7 +47,7 @@ class Run:
     collector: Collector
     device: torch.device
     dtype: torch.dtype | None  # autocast compute dtype (None: fp32 throughout); weights stay fp32
-    resume_from: int | None  # newest sealed checkpoint (the lead's view), None: a fresh run
+    resume_from: int | None  # newest sealed checkpoint whose files verify (`checkpoint.resume_step`), None: fresh
     keeper: bool = True  # this rank writes its disk's shared files (`storage_keeper`)
 
     def autocast(self) -> Any:
@@ -131,7 +131,8 @@ def build(config: Config, topo: Topology | None = None, run_dir: Path | None = N
         model, tokenizer = pretrained_model_and_tokenizer(config.model.name, tokenizer_name=config.model.tokenizer)
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    resume_from = gather(checkpoint.latest_complete(ckpt_root))[topo.lead_rank]  # the lead's view decides for all
+    views = gather(checkpoint.verify_sealed(ckpt_root) if keeper else None)  # each disk's sealed steps, verified
+    resume_from = checkpoint.resume_step(ckpt_root, views, topo.lead_rank)  # the lead's disk decides, damage vetoes
     if resume_from is not None:
         saved = checkpoint.step_info(ckpt_root, resume_from).get("replicas")
         check_resumable(

@@ -12,7 +12,8 @@ from typing import Any
 from .aider import read_aider
 from .claude_code import read_claude_code
 from .cline import read_cline
-from .codex import read_codex
+from .codex import LINE_TYPES as CODEX_TYPES
+from .codex import is_legacy_meta, read_codex
 from .openai import read_openai
 from .openhands import read_openhands
 from .reading import FileContext
@@ -23,7 +24,6 @@ TRACE_SUFFIXES = frozenset({".jsonl", ".json", ".traj", ".parquet"})
 HEAD_BYTES = 1 << 16
 CLAUDE_CODE_KEYS = frozenset({"parentUuid", "sessionId", "leafUuid", "isSidechain"})
 CLAUDE_CODE_BOOKKEEPING = frozenset({"file-history-snapshot", "summary", "queue-operation"})
-CODEX_TYPES = frozenset({"session_meta", "turn_context", "response_item", "event_msg", "compacted"})
 CLINE_HISTORY = "api_conversation_history.json"
 CLINE_COMPANIONS = ("ui_messages.json", "task_metadata.json")
 AIDER_HISTORY = ".aider.chat.history.md"
@@ -96,6 +96,10 @@ def _classify(value: Any, *, document: bool) -> str | None:
         return "claude_code"
     if value.get("type") in CODEX_TYPES and "payload" in value:
         return "codex"
+    if not document and (is_legacy_meta(value) or value.get("record_type") == "state"):
+        return "codex"  # an earlier codex-rs rollout: bare SessionMeta first, `state` bookkeeping lines
+    if document and isinstance(value.get("session"), dict) and isinstance(value.get("items"), list):
+        return "codex"  # the TypeScript Codex CLI's rollout document
     if isinstance(value.get("messages"), list):
         return "openai"
     if isinstance(value.get("attempts"), list):
@@ -134,6 +138,10 @@ def _classify_document_head(head: str) -> str | None:
         return "claude_code"  # a JSONL record longer than the head
     if head.startswith("{") and re.match(r'\{\s*"timestamp"\s*:\s*"[^"]*"\s*,\s*"type"\s*:\s*"(\w+)"', head):
         return "codex"
+    if re.match(r'\{\s*"id"\s*:\s*"[^"]*"\s*,\s*"timestamp"\s*:\s*"[^"]*"\s*,\s*"instructions"\s*:', head):
+        return "codex"  # an earlier codex-rs SessionMeta line longer than the head (long instructions)
+    if re.match(r'\{\s*"session"\s*:\s*\{', head):
+        return "codex"  # a TypeScript Codex CLI rollout document longer than the head
     if head.startswith("["):
         start: int | None = 1
         key = None

@@ -7,15 +7,15 @@ Three kinds of pairs, all with the same prompt on each side, as DPO needs:
   attempts of each verdict are held, compressed, and a task's are freed once its pairs are
   made, so memory follows the number of open tasks, never the number of rows.
 - fork pairs: two branches of one session that share a prefix and then differ in the
-  assistant's turn; the rejected side is the one the user refused a tool call in, interrupted
-  or edited; if neither was, the branch the user rewound away from (the older one).
+  assistant's turn; the rejected side is the one the user refused a tool call in, interrupted,
+  edited or undid; if neither was, the branch the user rewound away from (the older one).
 - self-correction pairs inside one trace: an assistant turn whose tool call failed (an error
   result), then, with no user turn between, a turn calling the same tool differently whose
   results all succeed: (corrected turn, failed turn) after the same prefix.
 A response runs from the divergence to the next user message (a self-correction pair: the turn).
 
-Signals that do not pair up (a refused call, an interruption, a tool error and whether a later
-call of the same tool succeeded) become per-example rewards in [-1, 1].
+Signals that do not pair up (a refused call, an interruption, an undone edit, a tool error and
+whether a later call of the same tool succeeded) become per-example rewards in [-1, 1].
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import combinations
 
-from .schema import INTERRUPTION, REFUSAL, USER_EDIT, Message, TraceExample
+from .schema import INTERRUPTION, REFUSAL, UNDONE, USER_EDIT, Message, TraceExample
 
 OUTCOME = "outcome"
 FORK = "fork"
@@ -283,6 +283,8 @@ def _turn_rejection(messages: list[Message], start: int) -> str | None:
         return "interrupted by the user"
     if any(m.role == "tool" and m.kind == USER_EDIT for m in messages[start:end]) or answer == USER_EDIT:
         return "edited by the user"
+    if answer == UNDONE:
+        return "edit undone by the user"
     return None
 
 
@@ -336,7 +338,8 @@ def _pair(
 
 
 def example_reward(example: TraceExample) -> ExampleReward | None:
-    """Refusals, interruptions, user edits and unfixed tool errors count against; errors fixed later count for."""
+    """Refusals, interruptions, user edits, undone edits and unfixed tool errors count against; errors
+    fixed later count for."""
     call_names: dict[str, str] = {}
     signals = Counter()
     open_errors: Counter[str] = Counter()  # tool name -> errors not yet followed by a success
@@ -345,6 +348,8 @@ def example_reward(example: TraceExample) -> ExampleReward | None:
             call_names[call.id] = call.name
         if message.role == "user" and message.kind == INTERRUPTION:
             signals["interruptions"] += 1
+        if message.role == "user" and message.kind == UNDONE:
+            signals["undone_edits"] += 1
         if message.role in ("user", "tool") and message.kind in (REFUSAL, USER_EDIT):
             signals["refusals" if message.kind == REFUSAL else "user_edits"] += 1
             continue

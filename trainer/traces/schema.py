@@ -24,6 +24,9 @@ INTERRUPTION = "interruption"  # the user stopped the assistant mid-turn
 # (OpenAI's `refusal` field or content part); its text is kept, never turned into an empty turn.
 REFUSAL = "refusal"
 USER_EDIT = "user_edit"  # the user rewrote the model's edit before accepting it (Cline's user_feedback_diff)
+# On a user message right after an assistant turn: the user reverted what that turn changed
+# (Aider's /undo of the turn's commit). Its text is a marker; the turn is the rejected one.
+UNDONE = "undone"
 
 # Every reason an item can be skipped or repaired. Strict mode raises on each of them.
 ISSUE_REASONS: dict[str, str] = {

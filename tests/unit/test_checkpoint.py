@@ -1,0 +1,252 @@
+"""Which folders are checkpoints, and what a resume does when the newest sealed one is damaged.
+
+Checkpoints here are written by the project's own `TrainingState.save` + `mark_complete` (real
+safetensors and torch.save files), then damaged the way disks and people damage them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer import checkpoint
+from trainer.checkpoint import TrainingState
+from trainer.config import ConfigError
+
+
+def small_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Embedding(11, 4), torch.nn.Linear(4, 11))
+
+
+def sealed_run(root: Path, steps=(4, 8), *, keep: int = 3) -> TrainingState:
+    """Sealed checkpoints at `steps` of one replica: the model's weights differ per step (seed = step)
+    and the inner optimizer has taken a step, so the .pt holds real tensors."""
+    for step in steps:
+        model = small_model(step)
+        optimizer = torch.optim.AdamW(model.parameters())
+        model(torch.tensor([1, 2])).sum().backward()
+        optimizer.step()
+        TrainingState(model, inner_optimizer=optimizer).save(root, step, 0, round_index=step - 1)
+        checkpoint.mark_complete(root, step, {"round": step - 1, "replicas": 1}, keep=keep)
+    return state_for_loading()
+
+
+def state_for_loading() -> TrainingState:
+    model = small_model(99)
+    return TrainingState(model, inner_optimizer=torch.optim.AdamW(model.parameters()))
+
+
+def truncate(path: Path, keep_bytes: int | None = None) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 if keep_bytes is None else keep_bytes])
+
+
+def damage_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "trainer.checkpoint" and r.levelno == logging.WARNING]
+
+
+# ---- which folders are checkpoints ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, step",
+    [
+        ("step-000008", 8),
+        ("step-1234567", 1234567),  # past 6 digits, as step_dir writes it
+        ("step-000008.bak", None),
+        ("step-000004-hf", None),
+        ("step-8", None),
+        ("step-0000008", None),  # not what step_dir writes for 8
+        ("step-00000a", None),
+        ("backup-step-000008", None),
+    ],
+)
+def test_only_the_exact_name_step_dir_writes_is_a_checkpoint(name, step):
+    assert checkpoint.step_of(Path("/ckpt") / name) == step
+
+
+def test_a_step_folder_with_a_suffix_is_not_a_checkpoint(tmp_path):
+    sealed_run(tmp_path)
+    shutil.copytree(tmp_path / "step-000008", tmp_path / "step-000008.bak")  # sealed copy, COMPLETE included
+    assert checkpoint.complete_steps(tmp_path) == [4, 8]
+    assert checkpoint.latest_complete(tmp_path) == 8
+    assert checkpoint.latest_loadable(tmp_path) == 8
+
+
+def test_sealing_a_step_leaves_a_foreign_export_folder_untouched(tmp_path):
+    sealed_run(tmp_path, keep=2)
+    export = tmp_path / "step-000004-hf"
+    export.mkdir()
+    (export / "model.safetensors").write_bytes(b"exported")
+    sealed_run(tmp_path, steps=(12,), keep=2)  # sweeps partials older than 12, keeps the newest 2
+    assert checkpoint.complete_steps(tmp_path) == [8, 12]
+    assert (export / "model.safetensors").read_bytes() == b"exported"
+
+
+def test_the_seal_records_the_size_in_bytes_of_every_replica_file(tmp_path):
+    sealed_run(tmp_path, steps=(4,))
+    folder = tmp_path / "step-000004"
+    info = checkpoint.step_info(tmp_path, 4)
+    assert info["files"] == {
+        "replica-0.pt": (folder / "replica-0.pt").stat().st_size,
+        "replica-0.safetensors": (folder / "replica-0.safetensors").stat().st_size,
+    }
+    assert (info["round"], info["replicas"]) == (3, 1)
+    assert info["files"]["replica-0.safetensors"] > 11 * 4 * 4  # the embedding alone is 176 bytes of float32
+
+
+# ---- damaged checkpoints ----------------------------------------------------------------------------
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_sealed_one_with_one_warning(tmp_path, caplog):
+    """Integration: a real safetensors file cut in half (a full disk, a copy cut short)."""
+    state = sealed_run(tmp_path)
+    weights = tmp_path / "step-000008" / "replica-0.safetensors"
+    size = weights.stat().st_size
+    truncate(weights)
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        step = checkpoint.latest_loadable(tmp_path)
+    assert step == 4
+    (warning,) = damage_warnings(caplog)
+    assert str(weights) in warning and f"truncated: {size // 2} bytes, sealed with {size}" in warning
+    assert state.load(tmp_path, step, 0) == 3  # the round saved with step 4
+    saved = load_file(tmp_path / "step-000004" / "replica-0.safetensors")
+    assert torch.equal(state.model[0].weight, saved["0.weight"])
+    assert state.members["inner_optimizer"].state_dict()["state"][0]["step"].item() == 1.0
+
+
+@pytest.mark.parametrize(
+    "damage, file, problem",
+    [
+        (lambda f: truncate(f / "replica-0.pt"), "replica-0.pt", "truncated"),
+        (lambda f: (f / "replica-0.pt").write_bytes((f / "replica-0.pt").read_bytes() + b"x"), "replica-0.pt", "grown"),
+        (lambda f: (f / "replica-0.pt").unlink(), "replica-0.pt", "missing or unreadable"),
+        (lambda f: (f / "COMPLETE").write_text("{not json"), "COMPLETE", "unreadable seal"),
+        (lambda f: (f / "COMPLETE").write_text("[1, 2]"), "COMPLETE", "not a JSON object"),
+    ],
+    ids=["truncated-pt", "grown-pt", "missing-pt", "garbage-seal", "list-seal"],
+)
+def test_a_damaged_file_of_a_sealed_step_is_named_before_anything_is_loaded(tmp_path, damage, file, problem):
+    sealed_run(tmp_path)
+    folder = tmp_path / "step-000008"
+    assert checkpoint.verify_step(tmp_path, 8) is None
+    damage(folder)
+    found = checkpoint.verify_step(tmp_path, 8)
+    assert found is not None and found.startswith(f"{folder / file}: ") and problem in found
+    assert checkpoint.latest_loadable(tmp_path) == 4
+
+
+def legacy_seal(folder: Path) -> None:
+    """A seal as written before sizes were recorded: the info alone."""
+    info = json.loads((folder / "COMPLETE").read_text())
+    info.pop("files")
+    (folder / "COMPLETE").write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize(
+    "damage, file, problem",
+    [
+        (lambda f: truncate(f / "replica-0.safetensors"), "replica-0.safetensors", "unreadable safetensors"),
+        (lambda f: truncate(f / "replica-0.pt"), "replica-0.pt", "unreadable torch.save archive"),
+        (lambda f: (f / "replica-0.pt").unlink(), "replica-0.pt", "missing (its partner file is there)"),
+        (  # same size, header overwritten: only the structural check sees it
+            lambda f: (f / "replica-0.safetensors").write_bytes(
+                b"\xff" * 16 + (f / "replica-0.safetensors").read_bytes()[16:]
+            ),
+            "replica-0.safetensors",
+            "unreadable safetensors",
+        ),
+    ],
+    ids=["truncated-weights", "truncated-pt", "missing-pt", "garbage-header"],
+)
+def test_a_seal_without_recorded_sizes_still_gets_its_files_checked(tmp_path, damage, file, problem):
+    sealed_run(tmp_path)
+    folder = tmp_path / "step-000008"
+    legacy_seal(folder)
+    assert checkpoint.verify_step(tmp_path, 8) is None
+    damage(folder)
+    found = checkpoint.verify_step(tmp_path, 8)
+    assert found is not None and found.startswith(f"{folder / file}: ") and problem in found
+
+
+def test_a_sealed_folder_emptied_of_its_files_is_damaged(tmp_path):
+    sealed_run(tmp_path)
+    folder = tmp_path / "step-000008"
+    legacy_seal(folder)
+    for path in folder.glob("replica-*"):
+        path.unlink()
+    assert checkpoint.verify_step(tmp_path, 8) == f"{folder}: sealed but holds no replica files"
+
+
+def test_only_the_skipped_damaged_steps_are_warned_about(tmp_path, caplog):
+    sealed_run(tmp_path, steps=(2, 4, 6, 8), keep=4)
+    truncate(tmp_path / "step-000002" / "replica-0.pt")  # older than the step resumed from: not skipped
+    truncate(tmp_path / "step-000006" / "replica-0.pt")
+    truncate(tmp_path / "step-000008" / "replica-0.safetensors")
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        assert checkpoint.verify_sealed(tmp_path) == {2: False, 4: True, 6: False, 8: False}
+    warnings = damage_warnings(caplog)
+    assert len(warnings) == 2
+    assert "step-000006/replica-0.pt" in warnings[0] and "step-000008/replica-0.safetensors" in warnings[1]
+
+
+# ---- every rank resumes from the same step ----------------------------------------------------------
+
+
+def test_a_step_damaged_on_any_disk_is_vetoed_for_every_rank(tmp_path):
+    # ranks 0 and 1 share the lead's disk (only rank 0 looked), rank 2 keeps another disk
+    views = [{4: True, 8: True}, None, {4: True, 8: False}]
+    assert [checkpoint.resume_step(tmp_path, views, lead) for lead in (0, 2)] == [4, 4]
+
+
+def test_a_step_not_yet_sealed_on_another_disk_is_still_resumed_from(tmp_path):
+    """The lead's disk decides, as before: another disk whose keeper died before sealing step 8
+    does not veto it (its replica files may be complete; if not, load_replica names the file)."""
+    assert checkpoint.resume_step(tmp_path, [{4: True, 8: True}, {4: True}], 0) == 8
+
+
+def test_no_sealed_checkpoint_is_a_fresh_run(tmp_path):
+    assert checkpoint.latest_loadable(tmp_path) is None
+    (tmp_path / "step-000008.bak").mkdir()
+    (tmp_path / "step-000008.bak" / "COMPLETE").write_text("{}")
+    assert checkpoint.latest_loadable(tmp_path) is None
+
+
+def test_when_every_sealed_checkpoint_is_damaged_the_run_stops_instead_of_starting_over(tmp_path, caplog):
+    sealed_run(tmp_path)
+    for step in (4, 8):
+        truncate(tmp_path / f"step-{step:06d}" / "replica-0.pt")
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"), pytest.raises(ConfigError) as error:
+        checkpoint.latest_loadable(tmp_path)
+    assert str(error.value).startswith(f"{tmp_path}: every sealed checkpoint is damaged (steps 4, 8;")
+    assert len(damage_warnings(caplog)) == 2
+
+
+# ---- no restart loop ----------------------------------------------------------------------------------
+
+
+def test_after_falling_back_the_abandoned_newer_checkpoint_never_comes_back(tmp_path):
+    """Resume from 4 past a damaged 8, then seal 5: the damaged 8 is dropped with the timeline it
+    belonged to; re-reaching step 8 unseals the old folder before its files are replaced."""
+    sealed_run(tmp_path)
+    truncate(tmp_path / "step-000008" / "replica-0.pt")
+    assert checkpoint.latest_loadable(tmp_path) == 4
+    sealed_run(tmp_path, steps=(5,))
+    assert checkpoint.complete_steps(tmp_path) == [4, 5]
+    assert not (tmp_path / "step-000008").exists()
+
+
+def test_rewriting_a_sealed_step_unseals_it_until_it_is_sealed_again(tmp_path):
+    sealed_run(tmp_path)
+    truncate(tmp_path / "step-000008" / "replica-0.pt")
+    model = small_model(8)
+    checkpoint.save_replica(tmp_path, 8, 1, model, {"round": 7})  # another replica's share, before the seal
+    assert checkpoint.complete_steps(tmp_path) == [4]
+    assert checkpoint.latest_loadable(tmp_path) == 4
