@@ -73,10 +73,10 @@ docker-up: image
 docker-down:
 	docker compose down --remove-orphans
 
-# One run over several machines (README "Across machines"). First machine:
+# One run over several machines (docs/deployment.md, "Across machines"). First machine:
 #   make serve REPLICAS=3            (prints the join command; the secret lands in runs/.secrets/)
 # every other machine:
-#   make join COORDINATOR=10.0.0.1:29400 SECRET_FILE=run.secret   (or SECRET=..., see the README)
+#   make join COORDINATOR=10.0.0.1:29400 SECRET_FILE=run.secret   (or SECRET=..., see docs/deployment.md)
 # The secret reaches python through the environment, never its command line.
 REPLICAS ?= 2
 JOIN_WORKERS ?= 1

@@ -10,7 +10,7 @@ the host's address and the collectives open peer-to-peer connections on ports th
 which published ports cannot cover. Each machine keeps its replicas' checkpoints in its own runs
 directory; the coordinator's machine also keeps metrics, summary.json, curves.png and cluster.json.
 
-Engine: torchrun's c10d rendezvous, as on one host (the README's "Across machines" says why).
+Engine: torchrun's c10d rendezvous, as on one host (docs/deployment.md, "Across machines", says why).
 """
 
 from __future__ import annotations

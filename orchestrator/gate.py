@@ -23,7 +23,7 @@ encrypt or sign the bytes that follow (the store's keys and values travel in cle
 on the path could hijack an authenticated connection), or guard the ports that only joined
 members learn about: rank 0's process-group store and Gloo/NCCL's peer-to-peer connections,
 which carry the tensors. Those need a private network (a VPN such as WireGuard) across
-untrusted links; the README's "Across machines" section says which ports to open to whom.
+untrusted links; docs/deployment.md ("Across machines") says which ports to open to whom.
 
 `hello` connections carry one JSON request and one JSON answer (`request`): a machine asks to
 join with its image and config, and the coordinator answers with its replica indices or with a

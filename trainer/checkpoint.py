@@ -44,9 +44,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
-from trainer.config import ConfigError
-
 COMPLETE = "COMPLETE"
+
+
+class CheckpointError(RuntimeError):
+    """Sealed checkpoints exist but none can be resumed; the message names the folder and what to do."""
+
+
 _STEP_NAME = re.compile(r"step-(\d{6,})")
 logger = logging.getLogger(__name__)
 
@@ -241,7 +245,7 @@ def resume_step(root: Path, views: Sequence[dict[int, bool] | None], lead: int) 
     gathered views.
 
     Raises:
-        ConfigError: sealed steps exist but every one is damaged somewhere: starting over would
+        CheckpointError: sealed steps exist but every one is damaged somewhere: starting over would
             silently throw the run's progress away, so the run stops (one line, exit status 2)
             until they are repaired or moved away.
     """
@@ -251,7 +255,7 @@ def resume_step(root: Path, views: Sequence[dict[int, bool] | None], lead: int) 
         return max(good)
     sealed = sorted(damaged | set(views[lead] or {}))
     if sealed:
-        raise ConfigError(
+        raise CheckpointError(
             f"{root}: every sealed checkpoint is damaged (steps {', '.join(map(str, sealed))}; the warnings above "
             "name the files): repair them, or move them away to start this run over"
         )
@@ -263,7 +267,7 @@ def latest_loadable(root: Path) -> int | None:
     `verify_sealed` does for the newer damaged ones. None: nothing sealed, a fresh run.
 
     Raises:
-        ConfigError: sealed steps exist and none verifies (see `resume_step`).
+        CheckpointError: sealed steps exist and none verifies (see `resume_step`).
     """
     return resume_step(root, [verify_sealed(root)], 0)
 

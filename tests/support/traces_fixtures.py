@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
-TRACES_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "traces"  # <repo>/../shared
+from tests.support.paths import SHARED
+
+TRACES_DIR = SHARED / "data" / "traces"
 requires_samples = pytest.mark.skipif(not TRACES_DIR.is_dir(), reason=f"the real trace samples are not at {TRACES_DIR}")
 CASES_DIR = TRACES_DIR.parent / "cases" / "traces"
 

@@ -132,7 +132,10 @@ def build(config: Config, topo: Topology | None = None, run_dir: Path | None = N
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     model.to(device)
     views = gather(checkpoint.verify_sealed(ckpt_root) if keeper else None)  # each disk's sealed steps, verified
-    resume_from = checkpoint.resume_step(ckpt_root, views, topo.lead_rank)  # the lead's disk decides, damage vetoes
+    try:
+        resume_from = checkpoint.resume_step(ckpt_root, views, topo.lead_rank)  # the lead's disk decides, damage vetoes
+    except checkpoint.CheckpointError as error:  # one line, exit status 2: never a restart loop
+        raise ConfigError(str(error)) from None
     if resume_from is not None:
         saved = checkpoint.step_info(ckpt_root, resume_from).get("replicas")
         check_resumable(

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from trainer.checkpoint import atomic_write
 
 from .ingest import TraceIngester, is_trace_file
 from .mining import PAIR_KINDS, PairMiner, mine_pairs
@@ -108,19 +109,19 @@ def _pair_record(pair: Any) -> dict[str, Any]:
 
 
 def _write_jsonl(path: Path | None, records: Iterable[dict[str, Any]]) -> None:
-    """Stream records to `path` (atomically: a partial file never has the final name); drain if None."""
+    """Stream records to `path` (atomically, `trainer.checkpoint.atomic_write`: a partial file never
+    has the final name); drain if None."""
     if path is None:
         for _ in records:
             pass
         return
-    partial = path.with_name(path.name + ".partial")
-    try:
+
+    def stream(partial: Path) -> None:
         with partial.open("w", encoding="utf-8") as handle:
             for record in records:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+
+    atomic_write(path, stream)
 
 
 def _summary(report: IngestReport) -> str:

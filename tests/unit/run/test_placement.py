@@ -5,7 +5,7 @@ import json
 import pytest
 
 from trainer.config import ConfigError, dump_config, load_config
-from trainer.run_dir import check_resumable, choose_run_dir, config_differences
+from trainer.run.placement import check_resumable, choose_run_dir, config_differences
 
 
 def finish(path):

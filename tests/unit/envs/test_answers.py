@@ -2,7 +2,7 @@
 
 import pytest
 
-from trainer.answers import final_number
+from trainer.envs.answers import final_number
 
 
 @pytest.mark.parametrize(

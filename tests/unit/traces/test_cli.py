@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
+from tests.support.paths import REPO
 from tests.support.traces_fixtures import basic_session, forked_session, openai_attempt, write_jsonl
 from trainer.traces import TraceExample, TraceIngester
 from trainer.traces.__main__ import main
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_ingest_writes_examples_and_a_table_per_format(tmp_path, capsys):

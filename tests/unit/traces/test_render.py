@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from tests.support.traces_fixtures import forked_session, openai_attempt, write_jsonl
-from trainer.losses import dpo_loss, sequence_logps
 from trainer.model import tiny_model_and_tokenizer
-from trainer.replay import PreferenceReplay
+from trainer.objective.losses import dpo_loss, sequence_logps
+from trainer.objective.replay import PreferenceReplay
 from trainer.traces import (
     Message,
     PreferencePair,

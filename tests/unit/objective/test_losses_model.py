@@ -1,18 +1,25 @@
 """`trainer.losses` on a real (tiny, offline) Qwen2: forwards, padding, gradients, the replay store."""
 
-import copy
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from trainer.batching import pad_sequences
-from trainer.losses import (
+from tests.support.models import (
+    ANSWERS,
+    QUESTIONS,
+    ForwardCounter,
+    answer,
+    chat,
+    composer_batch,
+    policy_batch,
+    replay_buffer,
+)
+from tests.support.paths import REPO
+from trainer.objective.losses import (
     ComposerBatch,
-    PolicyBatch,
     completion_logits,
     composer_total_loss,
     dpo_loss,
@@ -22,94 +29,7 @@ from trainer.losses import (
     sequence_logps,
     token_logps,
 )
-from trainer.model import tiny_model_and_tokenizer
-from trainer.replay import PreferenceReplay
-from trainer.teacher import EMATeacher
-
-REPO = Path(__file__).resolve().parents[1]
-QUESTIONS = ["What is 12 + 7?", "What is 3 + 4?", "Add 10 and 25.", "What is 2 + 2?"]
-ANSWERS = ["Answer: 19", "7", "The answer is 35", "Answer: 4"]
-WRONG = ["Answer: 18", "9", "It is 53", "5"]
-HINT = " Hint: add the ones first, then the tens."
-
-
-@pytest.fixture
-def model_and_tokenizer(tmp_path_factory):
-    model, tokenizer = tiny_model_and_tokenizer(seed=0, cache_dir=tmp_path_factory.getbasetemp() / "tok")
-    return model, tokenizer
-
-
-def chat(tokenizer, text):
-    return list(
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
-        )["input_ids"]
-    )
-
-
-def answer(tokenizer, text):
-    return tokenizer.encode(text) + [tokenizer.eos_token_id]
-
-
-def policy_batch(model, tokenizer, *, snapshot_old_logps=True):
-    """Four rollouts: prompts of different lengths (left pad), answers of different lengths (right pad)."""
-    prompt_ids, prompt_mask = pad_sequences([chat(tokenizer, q) for q in QUESTIONS], tokenizer.pad_token_id, left=True)
-    completion_ids, completion_mask = pad_sequences(
-        [answer(tokenizer, a) for a in ANSWERS], tokenizer.pad_token_id, left=False
-    )
-    teacher_ids, teacher_mask = pad_sequences(
-        [chat(tokenizer, q + HINT) for q in QUESTIONS], tokenizer.pad_token_id, left=True
-    )
-    old_logps = None
-    if snapshot_old_logps:  # what the rollout does: score the samples with the sampling policy
-        with torch.no_grad():
-            old_logps = token_logps(
-                completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask), completion_ids
-            )
-    return PolicyBatch(
-        prompt_ids=prompt_ids,
-        prompt_mask=prompt_mask,
-        completion_ids=completion_ids,
-        completion_mask=completion_mask,
-        advantages=torch.tensor([1.0, -1.0, 0.5, -0.5]),
-        old_logps=old_logps,
-        teacher_prompt_ids=teacher_ids,
-        teacher_prompt_mask=teacher_mask,
-    )
-
-
-def replay_buffer(model, tokenizer, **kwargs):
-    buffer = PreferenceReplay(copy.deepcopy(model), pad_token_id=tokenizer.pad_token_id, **kwargs)
-    for i, (q, good, bad) in enumerate(zip(QUESTIONS, ANSWERS, WRONG, strict=True)):
-        prompt = chat(tokenizer, q)
-        chosen, rejected = answer(tokenizer, good), answer(tokenizer, bad)
-        buffer.add(
-            f"pair-{i}",
-            prompt + chosen,
-            [0] * len(prompt) + [1] * len(chosen),
-            prompt + rejected,
-            [0] * len(prompt) + [1] * len(rejected),
-        )
-    return buffer
-
-
-def composer_batch(model, tokenizer):
-    preference = replay_buffer(model, tokenizer).sample(3, generator=torch.Generator().manual_seed(0))
-    return ComposerBatch(policy=policy_batch(model, tokenizer), preference=preference)
-
-
-class ForwardCounter:
-    """Records the batch size of every forward of a module (a real hook, no mocks)."""
-
-    def __init__(self, module):
-        self.batch_sizes = []
-        self.handle = module.register_forward_hook(self.record, with_kwargs=True)
-
-    def record(self, module, args, kwargs, output):
-        self.batch_sizes.append(kwargs["input_ids"].shape[0])
-
-
-# ---------------------------------------------------------------------------- completion_logits
+from trainer.objective.teacher import EMATeacher
 
 
 def test_completion_logits_left_padding_gives_the_unpadded_logits(model_and_tokenizer):

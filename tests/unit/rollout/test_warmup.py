@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from trainer.model import tiny_model_and_tokenizer
-from trainer.warmup import sft_step
+from trainer.rollout.warmup import sft_step
 
 CORPUS = ["def f(x):\n    return x + 1\n", "Return x times 6.", "All tests passed."] * 4
 

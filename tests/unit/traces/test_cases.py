@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.paths import SHARED
 from trainer.traces import REFUSAL, TraceIngester, mine_pairs, render_pair
 from trainer.traces.__main__ import main
 
-CASES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cases" / "traces"
+CASES = SHARED / "data" / "cases" / "traces"
 
 
 def case(name: str) -> Path:

@@ -5,15 +5,15 @@ passes on them and fails on broken copies, naming the file and the line."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 
+from tests.support.paths import FIXTURES
 from tests.support.traces_fixtures import TRACES_DIR, forked_session, openai_attempt, write_jsonl
 from trainer.traces import INTERRUPTION, REFUSAL, TraceFormatError, TraceIngester, detect_format, mine_pairs
 from trainer.traces.schema import USER_EDIT
 
-SAMPLES = Path(__file__).resolve().parent / "fixtures" / "traces"
+SAMPLES = FIXTURES / "traces"
 CODEX = SAMPLES / "codex" / "sessions" / "2025" / "01" / "01"
 CODEX_FILE = CODEX / "rollout-2025-01-01T00-00-00-00000000-0000-0000-0000-000000000001.jsonl"
 CLINE_TASK = SAMPLES / "cline" / "tasks" / "1735689600000"

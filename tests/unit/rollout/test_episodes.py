@@ -25,32 +25,22 @@ import pytest
 import torch
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
-from trainer.agent import (
-    SYSTEM_PROMPT,
-    TOOLS,
-    Episode,
-    TemplateError,
-    add_episode_pairs,
-    demonstration_ids,
-    episode_metrics,
-    episode_policy_batch,
-    parse_tool_calls,
-    render_ids,
-    run_episode,
-    run_episodes,
-    write_episodes,
-)
-from trainer.batching import pad_sequences
-from trainer.config import AGENT_TOOLS, AgentConfig, Config, ConfigError, TaskConfig
+from tests.support.paths import REPO
+from trainer.config import AgentConfig, Config, ConfigError, TaskConfig
 from trainer.envs import make_env
 from trainer.envs.agentic import scripted_messages
-from trainer.losses import ComposerBatch, completion_logits, composer_total_loss, token_logps
+from trainer.envs.workspace import SYSTEM_PROMPT, TOOLS, parse_tool_calls
 from trainer.model import tiny_model_and_tokenizer
-from trainer.replay import PreferenceReplay
+from trainer.objective.batching import pad_sequences
+from trainer.objective.losses import ComposerBatch, completion_logits, composer_total_loss, token_logps
+from trainer.objective.replay import PreferenceReplay
+from trainer.rollout.episode_batch import add_episode_pairs, episode_policy_batch
+from trainer.rollout.episodes import Episode, episode_metrics, run_episode, run_episodes, write_episodes
+from trainer.rollout.templates import TemplateError, demonstration_ids, render_ids
+from trainer.rollout.warmup import warmup_probe
+from trainer.run.build import build_env
+from trainer.run.collectors import make_collector
 from trainer.sandbox import SandboxUnavailable, make_sandbox
-from trainer.worker import build_env
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -513,12 +503,12 @@ def test_a_runs_loss_tokens_decode_only_to_assistant_text(agent_run):
 
 
 def test_the_agent_config_knows_the_tools_and_refuses_a_single_turn_source():
-    assert AGENT_TOOLS == TOOLS
+    assert AgentConfig().tools == list(TOOLS)  # one definition of the tools: the workspace's
     with pytest.raises(ConfigError, match=r"agent.tools: unknown \['bash'\]"):
         AgentConfig(tools=["read_file", "bash"])
     config = Config(task=TaskConfig(source="addition"), agent=AgentConfig(enabled=True))
     with pytest.raises(ConfigError, match="agent.enabled: task.source 'addition' is not an agentic source"):
-        build_env(config)
+        make_collector(config, build_env(config))
 
 
 def test_feature_deletion_in_multi_file_form_is_restored_by_a_patch(tiny, sandbox):
@@ -617,8 +607,9 @@ class Favouring(torch.nn.Module):
 def test_the_warmup_probe_is_chance_for_a_blind_model_and_the_plus_share_for_one_that_always_patches_plus(tiny, env):
     model, tokenizer = tiny
     model.train()
-    what, blind = env.warmup_probe(model, tokenizer, size=24)
-    assert "held-out" in what and model.training  # the mode is left as it came
+    probe = env.probe_candidates(size=24)
+    blind = warmup_probe(model, tokenizer, probe)
+    assert "held-out" in probe.what and len(probe.items) == 24 and model.training  # the mode is left as it came
     assert abs(blind - 1 / 3) < 0.02  # a random model does not tell the words apart
     # the token the "+" patch has where the "-" patch differs (the template merges `"+"}}</` here)
     task = env.held_out[0]
@@ -629,7 +620,7 @@ def test_the_warmup_probe_is_chance_for_a_blind_model_and_the_plus_share_for_one
         for op in "+-"
     )
     token = next(a for a, b in zip(plus, minus, strict=True) if a != b)
-    _, favoured = env.warmup_probe(Favouring(model, token).eval(), tokenizer, size=24)
+    favoured = warmup_probe(Favouring(model, token).eval(), tokenizer, probe)
     share = sum(" plus " in task.instruction for task in env.held_out[:24]) / 24
     assert 0 < share < 1 and abs(favoured - share) < 0.01
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.paths import REPO
 from trainer.envs.humaneval import check_of, problems
 from trainer.sandbox import Check, SandboxConfig, SandboxUnavailable, make_sandbox, run_many
 
@@ -415,7 +416,7 @@ def test_docker_backend_without_its_image_fails_at_start():
 
 
 def test_codec_round_trips_plain_data_and_rejects_everything_else():
-    from trainer.sandbox_harness import dumps, loads
+    from trainer.sandbox.harness import dumps, loads
 
     value = [None, True, 1 << 70, -3, 2.5, float("inf"), 1j, "é\n", b"\x00", (1, [2]), {"k": {3}}, frozenset({4})]
     value.append(range(1, 10, 3))
@@ -436,7 +437,7 @@ def test_codec_round_trips_plain_data_and_rejects_everything_else():
 def docker_box():
     if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
         pytest.skip("no Docker engine answers")
-    from tests.docker_python_image import build_image, python_path
+    from tests.support.docker_python_image import build_image, python_path
 
     config = SandboxConfig(backend="docker", docker_image=build_image(), docker_python=python_path(), docker_pool=2)
     sandbox = make_sandbox(config)
@@ -473,7 +474,7 @@ def test_docker_backend_judges_like_the_process_backend(docker_box):
 def test_docker_backend_removes_its_containers_on_close():
     if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
         pytest.skip("no Docker engine answers")
-    from tests.docker_python_image import build_image, python_path
+    from tests.support.docker_python_image import build_image, python_path
 
     sandbox = make_sandbox(SandboxConfig(backend="docker", docker_image=build_image(), docker_python=python_path()))
     assert sandbox.run("print(1)", timeout_s=2.0, memory_mb=256).stdout == "1\n"
@@ -494,7 +495,7 @@ def test_docker_containers_go_when_their_owner_is_killed(docker_box):
         os.kill(os.getpid(), signal.SIGKILL)  # no atexit, no cleanup
         """
     )
-    root = Path(__file__).resolve().parents[1]
+    root = REPO / "tests"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root)
     label, printed = done.stdout.split()
     assert (printed, done.returncode) == ("2", -9)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.teacher import EMATeacher
+from trainer.objective.teacher import EMATeacher
 
 
 def test_ema_teacher_update_moves_rate_of_the_way_to_the_student():

@@ -5,38 +5,10 @@ import random
 import pytest
 import torch
 
+from tests.support.models import G, run
 from trainer.envs import Score
-from trainer.envs.addition import Addition as AdditionTasks
 from trainer.envs.addition import AdditionTask as Task
-from trainer.model import tiny_model_and_tokenizer
-from trainer.rollout import chat_prompt_ids, rollout
-
-G = 4
-
-
-@pytest.fixture(scope="module")
-def policy():
-    tasks = AdditionTasks(9)
-    model, tokenizer = tiny_model_and_tokenizer(
-        tasks.corpus(), vocab_size=400, hidden_size=32, num_layers=1, num_heads=2
-    )
-    return model, tokenizer, tasks
-
-
-def run(policy, tasks, **overrides):
-    model, tokenizer, _ = policy
-    kwargs = dict(
-        group_size=G,
-        max_prompt_length=64,
-        max_completion_length=3,
-        temperature=1.0,
-        hint_level=2,
-        sibling_hints=True,
-        teacher=model,
-    )
-    kwargs.update(overrides)
-    torch.manual_seed(0)
-    return rollout(model, tokenizer, tasks, **kwargs)
+from trainer.rollout.templates import chat_prompt_ids
 
 
 def test_prompt_longer_than_limit_is_an_error(policy):
@@ -81,7 +53,7 @@ def test_teacher_reads_the_hint_and_a_correct_sibling(policy):
 
 
 def test_a_hint_too_long_for_the_prompt_budget_keeps_its_end(policy):
-    from trainer.rollout import hinted_prompt_ids
+    from trainer.rollout.templates import hinted_prompt_ids
 
     _, tokenizer, _ = policy
     task = Task("What is 2+2?", "4", ("even", "between", "The answer is 4."))

@@ -1,6 +1,6 @@
 """`trainer.batching.pad_sequences`: the one padding rule every batch uses."""
 
-from trainer.batching import pad_sequences
+from trainer.objective.batching import pad_sequences
 
 
 def test_pad_left_and_right():

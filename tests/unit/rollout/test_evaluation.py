@@ -8,9 +8,9 @@ import torch
 from trainer.envs import Score
 from trainer.envs.addition import Addition as AdditionTasks
 from trainer.envs.addition import AdditionTask as Task
-from trainer.evaluation import EvalCounts, evaluate, teacher_gate
 from trainer.model import tiny_model_and_tokenizer
-from trainer.rollout import chat_prompt_ids
+from trainer.rollout.evaluation import EvalCounts, evaluate, teacher_gate
+from trainer.rollout.templates import chat_prompt_ids
 
 
 def test_shards_add_up_and_pass_at_k_is_any_of_k_correct():

@@ -1,4 +1,4 @@
-"""`trainer.replay`: the DPO pair store (reference log-probs scored once) and the feed that fills it."""
+"""`trainer.objective.replay`: the DPO pair store (reference log-probs scored once) and the feed that fills it."""
 
 import copy
 import random
@@ -6,14 +6,20 @@ import random
 import pytest
 import torch
 
-from tests.test_losses_model import ANSWERS, QUESTIONS, WRONG, answer, chat, model_and_tokenizer, replay_buffer
-from tests.test_rollout import policy, run
+from tests.support.models import (
+    ANSWERS,
+    QUESTIONS,
+    WRONG,
+    answer,
+    chat,
+    replay_buffer,
+    run,
+)
 from trainer.envs import Score
 from trainer.envs.addition import AdditionTask as Task
-from trainer.losses import ComposerBatch, composer_total_loss, sequence_logps
-from trainer.replay import PreferenceFeed, PreferenceReplay
-
-__all__ = ["model_and_tokenizer", "policy"]  # fixtures: imported to be used here
+from trainer.objective.losses import ComposerBatch, composer_total_loss, sequence_logps
+from trainer.objective.replay import PreferenceFeed, PreferenceReplay
+from trainer.rollout.single_turn import sibling_pairs
 
 
 def test_replay_buffer_scores_each_pair_once_in_batches(model_and_tokenizer):
@@ -115,7 +121,7 @@ def test_sibling_pairs_fill_the_replay_buffer(policy):
         EvenLengthTask(t.question, t.answer, t.hints) for t in (tasks.sample(random.Random(i)) for i in range(16))
     ]
     samples = run(policy, prompts, group_size=8)
-    pref = feed.step(samples, id_prefix="t", rng=random.Random(0))
+    pref = feed.step(sibling_pairs(samples, id_prefix="t"), rng=random.Random(0))
     batch = ComposerBatch(policy=samples.policy, preference=pref)
     completions = tokenizer.batch_decode(batch.policy.completion_ids, skip_special_tokens=True)
     rewards = torch.tensor([prompts[i // 8].reward(c) for i, c in enumerate(completions)]).view(16, 8)
@@ -152,7 +158,7 @@ def test_a_full_replay_drops_its_oldest_pairs_unscored_and_counts_them(model_and
 
 def test_trace_pairs_that_do_not_fit_the_capacity_are_refused_by_its_key(model_and_tokenizer, tmp_path):
     from tests.support.traces_fixtures import openai_attempt, write_jsonl
-    from trainer.config import ConfigError
+    from trainer.objective.replay import CapacityError
 
     model, tokenizer = model_and_tokenizer
     attempts = [openai_attempt("A", "good patch", True), openai_attempt("A", "bad patch", False)]
@@ -165,6 +171,6 @@ def test_trace_pairs_that_do_not_fit_the_capacity_are_refused_by_its_key(model_a
     tight = PreferenceFeed(
         PreferenceReplay(model, pad_token_id=tokenizer.pad_token_id, capacity=1), pairs_per_step=2, traces=tmp_path
     )
-    with pytest.raises(ConfigError, match=r"loss.dpo_capacity: 1 pairs, but task.traces .* gives 2; raise it"):
+    with pytest.raises(CapacityError, match=r"loss.dpo_capacity: 1 pairs, but task.traces .* gives 2; raise it"):
         tight.fill_from_traces(tokenizer, 512)
     assert len(tight.replay) == 0

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trainer.losses import (
+from trainer.objective.losses import (
     compose_loss,
     dpo_loss,
     group_advantages,

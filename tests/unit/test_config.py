@@ -4,9 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.paths import REPO
 from trainer.config import Config, ConfigError, load_config
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def write(tmp_path: Path, text: str) -> Path:
