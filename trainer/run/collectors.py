@@ -77,6 +77,11 @@ class Collector(ABC):
     ) -> tuple[EvalCounts, dict[str, list[float]]]:
         """Held-out counts on `tasks` and the teacher gate per hint kind ({}: not measured)."""
 
+    def sft_settings(self, **shared: Any) -> dict[str, Any]:
+        """The warm-up's optimiser settings (`optim.sft_*`) with `shared` (rng, group, progress)."""
+        o = self.config.optim
+        return dict(steps=o.sft_steps, batch_size=o.sft_batch_size, lr=o.sft_lr, **shared)
+
     def score_many(self) -> Any:
         """The environment's batch scorer with the sandbox's pool size."""
         return functools.partial(self.env.score_many, workers=self.config.sandbox.workers)
@@ -95,15 +100,10 @@ class SingleTurnCollector(Collector):
             model,
             tokenizer,
             self.env,
-            steps=c.optim.sft_steps,
-            batch_size=c.optim.sft_batch_size,
-            lr=c.optim.sft_lr,
             hint_level=c.task.hint_level,
             sibling_hints=c.task.sibling_hints,
             max_prompt_length=c.rollout.max_prompt_length,
-            rng=rng,
-            group=group,
-            progress=progress,
+            **self.sft_settings(rng=rng, group=group, progress=progress),
         )
 
     def collect(self, model, tokenizer, *, rng, teacher, feed, id_prefix, episodes_file):
@@ -159,19 +159,8 @@ class EpisodeCollector(Collector):
         return self.config.agent.max_tokens
 
     def warm_up(self, model, tokenizer, *, rng, group, progress):
-        c = self.config
-        return episode_warmup(
-            model,
-            tokenizer,
-            self.env.train,
-            steps=c.optim.sft_steps,
-            batch_size=c.optim.sft_batch_size,
-            lr=c.optim.sft_lr,
-            rng=rng,
-            script=self.env.scripted_episode,
-            group=group,
-            progress=progress,
-        )
+        settings = self.sft_settings(rng=rng, group=group, progress=progress)
+        return episode_warmup(model, tokenizer, self.env.train, script=self.env.scripted_episode, **settings)
 
     def collect(self, model, tokenizer, *, rng, teacher, feed, id_prefix, episodes_file):
         c, a = self.config, self.config.agent
@@ -180,13 +169,9 @@ class EpisodeCollector(Collector):
             tokenizer,
             [self.env.sample(rng) for _ in range(c.rollout.prompts_per_step)],
             group_size=c.rollout.group_size,
-            max_turns=a.max_turns,
-            max_tokens=a.max_tokens,
-            max_turn_tokens=a.max_turn_tokens,
-            temperature=c.rollout.temperature,
-            tools=a.tools,
             hint_level=c.task.hint_level if c.loss.alpha > 0 else None,
             require_finish=a.require_finish,
+            **self.episode_settings(),
         )
         if a.write_episodes:
             write_episodes(samples.episodes, episodes_file, prefix=id_prefix)
@@ -197,19 +182,19 @@ class EpisodeCollector(Collector):
         return samples, preference
 
     def evaluate(self, model, tokenizer, tasks, *, teacher):
-        c, a = self.config, self.config.agent
-        counts = evaluate_episodes(
-            model,
-            tokenizer,
-            tasks,
-            k=c.eval.k,
+        return evaluate_episodes(model, tokenizer, tasks, k=self.config.eval.k, **self.episode_settings()), {}
+
+    def episode_settings(self) -> dict[str, Any]:
+        """What training and evaluation episodes share: the turn and token budgets, the sampling
+        temperature and the tools offered (`agent.*`, `rollout.temperature`)."""
+        a = self.config.agent
+        return dict(
             max_turns=a.max_turns,
             max_tokens=a.max_tokens,
             max_turn_tokens=a.max_turn_tokens,
-            temperature=c.rollout.temperature,
+            temperature=self.config.rollout.temperature,
             tools=a.tools,
         )
-        return counts, {}
 
 
 def make_collector(config: Config, env: Environment) -> Collector:
