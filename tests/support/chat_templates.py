@@ -185,14 +185,16 @@ def tiny_chat_model(
 
 class Forced:
     """Makes `model` write given ids through the real `generate`: on its i-th generate call, row b
-    writes `calls[i][b]` (then repeats its last id); records the ids each call was given. A real
-    forward hook on the model, no mock."""
+    writes `calls[i][b]` (then repeats its last id); records the ids each call was given and counts
+    the forwards (one per token `generate` draws). A real forward hook on the model, no mock."""
 
     def __init__(self, model: Qwen2ForCausalLM, calls: list[list[list[int]]]) -> None:
         self.calls, self.inputs, self.rows, self.step = [list(c) for c in calls], [], [], 0
+        self.forwards = 0
         model.register_forward_hook(self._force, with_kwargs=True)
 
     def _force(self, module, args, kwargs, output):
+        self.forwards += 1
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids.shape[1] > 1:  # the first forward of a generate call sees the whole prompt
             self.inputs.append(input_ids.tolist())

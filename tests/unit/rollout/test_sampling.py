@@ -37,9 +37,10 @@ def answer_then_a_made_up_turn(tokenizer, answer: str, end: str) -> list[int]:
 
 def test_sampling_stops_at_the_end_of_turn_token_that_is_not_the_tokenizers_eos(gemma):
     model = tiny_chat_model(gemma, declared_eos("gemma", gemma))
-    Forced(model, [[answer_then_a_made_up_turn(gemma, "19", "<end_of_turn>")]])
+    forced = Forced(model, [[answer_then_a_made_up_turn(gemma, "19", "<end_of_turn>")]])
     prompts = chat_prompt_ids(gemma, ["What is 12 + 7?"], max_length=64)
     drawn = sample(model, gemma, prompts, max_new_tokens=40, temperature=1.0, stop_token_ids=[1, 4])
+    assert forced.forwards == 3  # generation itself stopped there, it was not only masked
     eot = gemma.convert_tokens_to_ids("<end_of_turn>")
     assert drawn.completion_ids[0, :3].tolist() == [*ids(gemma, "19"), eot]
     assert drawn.completion_mask.sum().item() == 3  # trained on: "1", "9", <end_of_turn>
