@@ -162,14 +162,20 @@ def _own_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenize
     A hub `generation_config.json` often sets a repetition penalty, top-k or top-p that `generate`
     would apply on top of the run's temperature, so the policy that samples would not be the one
     the loss trains. `trainer.rollout.sampling.generation_config` names every setting explicitly instead.
+    The declared EOS ids are kept, as a list with the tokenizer's EOS first: chat models end their
+    turn with an id that is often not the tokenizer's EOS (Gemma declares `[1, 106]`, 106 being
+    `<end_of_turn>`; huggingface/lighteval#1278), and `trainer.rollout.templates.stop_token_ids`
+    reads them from here.
     """
-    dropped = {
-        key: value
-        for key, value in model.generation_config.to_diff_dict().items()
-        if key not in ("pad_token_id", "eos_token_id", "bos_token_id", "transformers_version", "_from_model_config")
-    }
+    kept = ("pad_token_id", "eos_token_id", "bos_token_id", "transformers_version", "_from_model_config")
+    declared = model.generation_config.eos_token_id
+    declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
+    eos = list(dict.fromkeys(i for i in (tokenizer.eos_token_id, *declared) if i is not None))
+    dropped = {key: value for key, value in model.generation_config.to_diff_dict().items() if key not in kept}
     model.generation_config = GenerationConfig(
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos[0] if len(eos) == 1 else eos or None,
+        bos_token_id=tokenizer.bos_token_id,
     )
     return dropped
 

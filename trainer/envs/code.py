@@ -2,7 +2,12 @@
 
 `score` accepts the answer as models write it: a continuation of the prompt (the body, or the
 rest of the file), or a fenced block holding the whole function (then the prompt's own code,
-imports and helpers, is kept in front of it, and the block's definition replaces the stub). The
+imports and helpers, is kept in front of it, and the block's definition replaces the stub).
+Reasoning models draft before they answer: blocks inside `<think>...</think>` are never the
+answer (`trainer.envs.answers.without_reasoning`; evalplus/evalplus#297), and of several blocks
+that define the entry point the LAST is taken, since models correct themselves (simonw/llm#717);
+blocks that do not define it (usage examples, a trailing test snippet) are used only when none does.
+The
 tests run in the sandbox's judge process against the candidate through its plain-data bridge
 (trainer.sandbox), so exiting early, patching builtins or returning an always-equal object earns
 nothing.
@@ -14,6 +19,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from trainer.envs.answers import without_reasoning
 from trainer.envs.base import Score, Task, truncate
 from trainer.sandbox import Check, ExecutionResult, Sandbox, default_sandbox, run_many
 
@@ -53,13 +59,16 @@ class CodeTask(Task):
         return self.reference
 
     def program(self, completion: str) -> str:
-        """The program to run for `completion` (see the module docstring)."""
+        """The program to run for `completion` (see the module docstring): the prompt's code and
+        the last fenced block that defines the entry point (else the first block), or the
+        completion as a continuation; reasoning left out first."""
         code = self.program_code if self.program_code is not None else self.code
-        blocks = FENCE.findall(completion)
+        answer = without_reasoning(completion)
+        blocks = FENCE.findall(answer)
         if blocks:
             defining = [b for b in blocks if re.search(rf"^\s*def {re.escape(self.check.entry_point)}\b", b, re.M)]
-            return f"{code}\n\n{(defining or blocks)[0]}"
-        return code + completion
+            return f"{code}\n\n{defining[-1] if defining else blocks[0]}"
+        return code + answer
 
     def score(self, completion: str, *, sandbox: Sandbox | None = None) -> Score:
         result = (sandbox or default_sandbox()).run(

@@ -16,7 +16,9 @@ tool, bad arguments, a path outside the workspace, an unclosed call) becomes a `
 exception.
 
 Tool calls are parsed in the Hugging Face / Qwen convention `<tool_call>{"name": ..., "arguments":
-{...}}</tool_call>` (the project's tiny model renders them the same way, `trainer.model`).
+{...}}</tool_call>` (the project's tiny model renders them the same way, `trainer.model`). A call a
+reasoning model drafts inside `<think>...</think>` is not made (`trainer.envs.answers.reasoning_spans`;
+gptme/gptme#579): it stays part of the turn's text, as the chat template renders reasoning.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainer.envs.answers import reasoning_spans
 from trainer.envs.base import Score, Task
 from trainer.envs.code import CodeTask, score_of
 from trainer.sandbox import Check, Sandbox, default_sandbox
@@ -226,9 +229,12 @@ class ParsedCall:
 
 def parse_tool_calls(text: str) -> tuple[str, list[ParsedCall]]:
     """(the text outside tool calls, the calls in order). Never raises: a malformed call is a
-    ParsedCall with `error` set (bad_json, bad_arguments, unclosed_call)."""
+    ParsedCall with `error` set (bad_json, bad_arguments, unclosed_call). Calls inside reasoning
+    (`trainer.envs.answers.reasoning_spans`) are drafts: not calls, left in the text."""
+    drafts = reasoning_spans(text)
+    made = [match for match in TOOL_CALL.finditer(text) if not _inside(match.start(), drafts)]
     calls = []
-    for match in TOOL_CALL.finditer(text):
+    for match in made:
         raw = match.group(1).strip()
         try:
             value = json.loads(raw)
@@ -251,12 +257,20 @@ def parse_tool_calls(text: str) -> tuple[str, list[ParsedCall]]:
             calls.append(ParsedCall(value["name"], None, raw, error))
             continue
         calls.append(ParsedCall(value["name"], arguments, raw))
-    outside = TOOL_CALL.sub("", text)
-    if OPEN_TAG in outside:
-        raw = outside[outside.index(OPEN_TAG) + len(OPEN_TAG) :]
+    ends = [0, *(at for match in made for at in match.span()), len(text)]
+    outside = "".join(text[ends[i] : ends[i + 1]] for i in range(0, len(ends), 2))
+    drafts = reasoning_spans(outside)
+    opened = (m.start() for m in re.finditer(re.escape(OPEN_TAG), outside) if not _inside(m.start(), drafts))
+    unclosed = next(opened, None)
+    if unclosed is not None:
+        raw = outside[unclosed + len(OPEN_TAG) :]
         calls.append(ParsedCall("invalid", None, raw.strip(), ToolError("unclosed_call", "<tool_call> is not closed")))
-        outside = outside[: outside.index(OPEN_TAG)]
+        outside = outside[:unclosed]
     return outside.strip(), calls
+
+
+def _inside(at: int, spans: list[tuple[int, int]]) -> bool:
+    return any(start <= at < end for start, end in spans)
 
 
 def arguments_json(call: ParsedCall) -> str:

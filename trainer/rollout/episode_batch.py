@@ -168,12 +168,14 @@ def agent_rollout(
     hint_level: int | str | None = "feedback",
     sandbox: Any = None,
     require_finish: bool = False,
+    stop_token_ids: Sequence[int] | None = None,
 ) -> EpisodeRollout:
     """G episodes per task (all N x G in lockstep, `run_episodes`), packed by `episode_policy_batch`
     on the model's device.
 
     hint_level None: no SDPO teacher context. stats: `trainer.rollout.single_turn.RolloutStats` (generation_s
     = seconds in the model, execution_s = seconds in tools); metrics: `episode_metrics`.
+    stop_token_ids: the ids that end a turn (None: `trainer.rollout.templates.stop_token_ids`).
     """
     episodes = run_episodes(
         model,
@@ -186,6 +188,7 @@ def agent_rollout(
         sandbox=sandbox,
         max_turn_tokens=max_turn_tokens,
         require_finish=require_finish,
+        stop_token_ids=stop_token_ids,
     )
     device = next(model.parameters()).device
     policy = episode_policy_batch(episodes, tokenizer, group_size=group_size, hint_level=hint_level, device=device)

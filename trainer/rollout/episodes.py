@@ -8,10 +8,13 @@ so the trainer would score tokens the sampler never produced. Here the episode *
 
 - the first input is the chat template's rendering of the system and user messages;
 - each turn appends the ids the model sampled (`loss_mask` 1), untouched;
-- the tools' observation is appended as the ids of the text the template adds after the
-  assistant's turn (the tool messages and the next generation prompt), found as the difference
-  between two renderings of the conversation (`trainer.rollout.templates.appended_text`: any
-  template that only appends works; one that rewrites earlier turns raises `TemplateError`);
+- a turn ends on any of the run's stop ids (`trainer.rollout.templates.stop_token_ids`: the
+  tokenizer's EOS, the model's declared EOS ids, the template's end-of-turn token);
+- the tools' observation is appended as the ids of the text the template writes after the
+  assistant's end-of-turn token (the closing newline, the tool messages and the next generation
+  prompt), found by rendering the conversation before and after
+  (`trainer.rollout.templates.appended_text`: templates that render the last assistant turn
+  differently work; one that rewrites earlier turns raises `TemplateError`);
 - `messages` (OpenAI chat format) is a record for humans and traces, never re-tokenized.
 
 The reward is the end state: the target file of the final workspace, run against the task's check
@@ -42,7 +45,7 @@ from trainer.envs.workspace import (
     parse_tool_calls,
 )
 from trainer.rollout.sampling import sample
-from trainer.rollout.templates import appended_text, render, render_ids, turn_closing
+from trainer.rollout.templates import appended_text, render, render_ids, resolve_stop_ids
 
 TRUNCATED = ("max_turns", "max_tokens")  # Episode.stop values of an episode the budget cut, not the agent
 
@@ -137,8 +140,10 @@ class _EpisodeRun:
         max_turn_tokens: int | None,
         sandbox: Any,
         require_finish: bool = False,
+        stop_token_ids: Sequence[int] | None = None,
     ) -> None:
         self.tokenizer, self.task, self.tools, self.sandbox = tokenizer, task, tools, sandbox
+        self.stop_ids = set(resolve_stop_ids(tokenizer, None, stop_token_ids))
         self.require_finish = require_finish
         self.max_turns, self.max_tokens, self.max_turn_tokens = max_turns, max_tokens, max_turn_tokens
         self.messages: list[dict[str, Any]] = [
@@ -177,7 +182,8 @@ class _EpisodeRun:
         return min(budget, self.max_turn_tokens or budget)
 
     def take(self, sampled: list[int], logps: list[float]) -> None:
-        """Append one sampled turn (ids up to and including EOS, and their sampler log-probs), run its calls."""
+        """Append one sampled turn (ids up to and including its stop id, and their sampler
+        log-probs), run its calls; a turn that ends on no stop id was cut by the token budget."""
         tokenizer, messages = self.tokenizer, self.messages
         start = len(self.token_ids)
         self.sampler_logps += [0.0] * (start - len(self.sampler_logps)) + logps
@@ -200,7 +206,7 @@ class _EpisodeRun:
             self.calls_by_tool[call.name if call.error is None and call.name in self.tools else "invalid"] += 1
         turn = Turn(header_start=self.header_start, start=start, end=len(self.token_ids), message=len(messages) - 1)
         self.turns.append(turn)
-        ended = bool(sampled) and sampled[-1] == tokenizer.eos_token_id
+        ended = bool(sampled) and sampled[-1] in self.stop_ids
         if not ended:
             self.over, self.stop = True, "max_tokens"
             return
@@ -224,9 +230,7 @@ class _EpisodeRun:
         if finished:
             self.over, self.stop = True, "finish"
             return
-        closing = turn_closing(tokenizer, before)
-        observation_text = appended_text(tokenizer, before, messages, generation=False)
-        observation_ids = render_ids(tokenizer, closing + observation_text)
+        observation_ids = render_ids(tokenizer, appended_text(tokenizer, before, messages, generation=False))
         header = render_ids(tokenizer, appended_text(tokenizer, messages, messages, generation=True))
         if len(self.token_ids) + len(observation_ids) + len(header) >= self.max_tokens:
             self.over, self.stop = True, "max_tokens"
@@ -277,6 +281,7 @@ def run_episode(
     max_turn_tokens: int | None = None,
     greedy: bool = False,
     require_finish: bool = False,
+    stop_token_ids: Sequence[int] | None = None,
 ) -> Episode:
     """Run one episode of `task`; see the module docstring (`run_episodes` with one task).
 
@@ -287,12 +292,18 @@ def run_episode(
     `trainer.sandbox.default_sandbox()`). require_finish: an episode cut by the turn or token budget
     (`stop` in TRUNCATED) gets reward 0 whatever its end state (`passed` still says what the end
     state is): the agent has to end the episode itself, by `finish` or a turn without a tool call.
+    stop_token_ids: the ids that end a turn (None: `trainer.rollout.templates.stop_token_ids(tokenizer,
+    model)`).
 
     Raises TemplateError (the chat template cannot be appended to), ValueError (a tool outside
     TOOLS, or a prompt longer than max_tokens). Malformed model output never raises.
     """
     settings = dict(
-        max_turns=max_turns, max_tokens=max_tokens, max_turn_tokens=max_turn_tokens, require_finish=require_finish
+        max_turns=max_turns,
+        max_tokens=max_tokens,
+        max_turn_tokens=max_turn_tokens,
+        require_finish=require_finish,
+        stop_token_ids=stop_token_ids,
     )
     return run_episodes(
         model, tokenizer, [task], tools=tools, temperature=temperature, sandbox=sandbox, greedy=greedy, **settings
@@ -312,22 +323,25 @@ def run_episodes(
     max_turn_tokens: int | None = None,
     greedy: bool = False,
     require_finish: bool = False,
+    stop_token_ids: Sequence[int] | None = None,
 ) -> list[Episode]:
     """One episode per task (a task may repeat), their turns sampled in lockstep: each round, one
     batched `trainer.rollout.sampling.sample` call over the episodes still running (each row its own ids,
-    left-padded), then each row's sampled ids up to its EOS (and its own turn budget) appended
+    left-padded), then each row's sampled ids up to its stop id (and its own turn budget) appended
     untouched and its tool calls run. Same arguments, errors and token-in/token-out contract as
     `run_episode`; an episode's `model_s` is its share of each batched call's seconds.
     """
     unknown = [t for t in tools if t not in TOOLS]
     if unknown:
         raise ValueError(f"tools {unknown} are not in {TOOLS}")
+    stops = resolve_stop_ids(tokenizer, model, stop_token_ids)
     settings = dict(
         max_turns=max_turns,
         max_tokens=max_tokens,
         max_turn_tokens=max_turn_tokens,
         sandbox=sandbox,
         require_finish=require_finish,
+        stop_token_ids=stops,
     )
     runs: list[_EpisodeRun] = []
     try:
@@ -343,6 +357,7 @@ def run_episodes(
                 max_new_tokens=max(budgets),
                 temperature=temperature,
                 greedy=greedy,
+                stop_token_ids=stops,
             )
             share = (time.perf_counter() - clock) / len(active)
             for row, (run, budget) in enumerate(zip(active, budgets, strict=True)):

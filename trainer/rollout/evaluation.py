@@ -23,7 +23,7 @@ from trainer.objective.losses import completion_logits, token_logps
 from trainer.rollout.episodes import run_episodes
 from trainer.rollout.sampling import decode_completions, sample
 from trainer.rollout.single_turn import ScoreMany, score_each
-from trainer.rollout.templates import chat_prompt_ids, hinted_prompt_ids
+from trainer.rollout.templates import chat_prompt_ids, end_of_turn_id, hinted_prompt_ids, resolve_stop_ids
 
 __all__ = ["EvalCounts", "evaluate", "evaluate_episodes", "teacher_gate", "GATE_HINT_KINDS"]
 
@@ -69,18 +69,22 @@ def evaluate(
     max_completion_length: int,
     temperature: float,
     score_many: ScoreMany = score_each,
+    stop_token_ids: Sequence[int] | None = None,
 ) -> EvalCounts:
     """Greedy and k sampled completions of every task; sampling draws from torch's global generator.
 
     `score_many` scores them (an environment's pool for code); a completion counts when its reward > 0.
+    `stop_token_ids`: the ids that end a turn (None: `trainer.rollout.templates.stop_token_ids`).
     """
     if not tasks:
         return EvalCounts([], [], k)
+    stops = resolve_stop_ids(tokenizer, model, stop_token_ids)
+    settings = dict(max_new_tokens=max_completion_length, stop_token_ids=stops)
     prompts = chat_prompt_ids(tokenizer, [task.prompt() for task in tasks], max_prompt_length)
-    greedy = sample(model, tokenizer, prompts, max_new_tokens=max_completion_length, temperature=1.0, greedy=True)
+    greedy = sample(model, tokenizer, prompts, temperature=1.0, greedy=True, **settings)
     greedy_texts = decode_completions(tokenizer, greedy.completion_ids, greedy.completion_mask)
     repeated = [ids for ids in prompts for _ in range(k)]
-    drawn = sample(model, tokenizer, repeated, max_new_tokens=max_completion_length, temperature=temperature)
+    drawn = sample(model, tokenizer, repeated, temperature=temperature, **settings)
     texts = decode_completions(tokenizer, drawn.completion_ids, drawn.completion_mask)
     greedy_scores = score_many(list(tasks), greedy_texts)
     sampled_scores = score_many([task for task in tasks for _ in range(k)], texts)
@@ -112,7 +116,8 @@ def teacher_gate(
     kinds: Sequence[str] = GATE_HINT_KINDS,
 ) -> dict[str, list[float]]:
     """SDPO's gate: does the hinted teacher know more than the student? Per task, the mean per-token
-    log-probability (nats, float) of a correct completion (the task's demonstration and EOS) under
+    log-probability (nats, float) of a correct completion (the task's demonstration and the
+    template's end-of-turn token, `end_of_turn_id`) under
     the student behind the plain prompt ("student") and under the teacher behind each hint kind.
 
     SDPO (self-distillation from the hinted policy, the recipe's second channel) distils the
@@ -135,7 +140,7 @@ def teacher_gate(
         if task.demonstration() is None:
             raise ValueError(f"teacher_gate: task {task!r} has no demonstration (a correct completion)")
         ids = tokenizer(task.demonstration(), add_special_tokens=False)["input_ids"]
-        answers.append(ids + [tokenizer.eos_token_id])
+        answers.append(ids + [end_of_turn_id(tokenizer)])
     device = next(student.parameters()).device
     completion_ids, completion_mask = (t.to(device) for t in pad_sequences(answers, tokenizer.pad_token_id))
     contexts = {"student": (student, chat_prompt_ids(tokenizer, [t.prompt() for t in tasks], max_prompt_length))}
@@ -165,11 +170,17 @@ def evaluate_episodes(
     temperature: float,
     tools: Sequence[str] = TOOLS,
     sandbox: Any = None,
+    stop_token_ids: Sequence[int] | None = None,
 ) -> EvalCounts:
     """Held-out pass@1 (one greedy episode per task) and k sampled episodes, as `evaluate`
-    (each set in lockstep, `run_episodes`)."""
+    (each set in lockstep, `run_episodes`; `stop_token_ids` as there)."""
     settings = dict(
-        tools=tools, max_turns=max_turns, max_tokens=max_tokens, max_turn_tokens=max_turn_tokens, sandbox=sandbox
+        tools=tools,
+        max_turns=max_turns,
+        max_tokens=max_tokens,
+        max_turn_tokens=max_turn_tokens,
+        sandbox=sandbox,
+        stop_token_ids=resolve_stop_ids(tokenizer, model, stop_token_ids),
     )
     greedy = [e.passed for e in run_episodes(model, tokenizer, tasks, temperature=1.0, greedy=True, **settings)]
     sampled = run_episodes(model, tokenizer, [t for t in tasks for _ in range(k)], temperature=temperature, **settings)

@@ -3,27 +3,37 @@
 Every rollout, episode and evaluation samples here, so the distribution the loss scores (pure
 sampling at `temperature`, nothing inherited from a model's generation_config.json) is set in one
 place. Prompts go in as token ids (never re-tokenized text), LEFT-padded as `generate` wants them;
-completions come out RIGHT-padded after the first EOS.
+completions come out RIGHT-padded after the first stop id: any id that ends the model's turn
+(`trainer.rollout.templates.stop_token_ids`: the tokenizer's EOS, the model's declared EOS ids, the
+chat template's end-of-turn token), passed in explicitly so any sampler stops on the same list.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from trainer.objective.batching import pad_sequences
+from trainer.rollout.templates import resolve_stop_ids
 
 
 def generation_config(
-    tokenizer: PreTrainedTokenizerBase, *, max_new_tokens: int, temperature: float, greedy: bool = False
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    stop_token_ids: Sequence[int],
+    greedy: bool = False,
 ) -> GenerationConfig:
     """The sampler's whole configuration, written out: nothing is inherited from the model's files.
 
     Pure sampling at `temperature` (no top-k, top-p or repetition penalty), the distribution the
-    loss scores; `greedy` is argmax decoding (held-out pass@1). Scores are returned so the sampler's
-    own log-probs can be compared with the trainer's (`sampler_logp_diff`).
+    loss scores; `greedy` is argmax decoding (held-out pass@1). Generation stops on any of
+    `stop_token_ids` (`trainer.rollout.templates.stop_token_ids`). Scores are returned so the
+    sampler's own log-probs can be compared with the trainer's (`sampler_logp_diff`).
     """
     # Greedy decoding reads none of the sampling knobs: leaving them unset keeps generate quiet.
     sampling = {} if greedy else dict(temperature=temperature, top_k=0, top_p=1.0, min_p=None, typical_p=1.0)
@@ -35,7 +45,7 @@ def generation_config(
         num_beams=1,
         max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=list(stop_token_ids),
         output_scores=True,
         return_dict_in_generate=True,
     )
@@ -47,8 +57,8 @@ class Samples:
 
     prompt_ids: torch.Tensor  # (B, P) LEFT-padded
     prompt_mask: torch.Tensor  # (B, P) 0/1
-    completion_ids: torch.Tensor  # (B, C) RIGHT-padded after the first EOS
-    completion_mask: torch.Tensor  # (B, C) 1 up to and including the first EOS
+    completion_ids: torch.Tensor  # (B, C) RIGHT-padded after the first stop id
+    completion_mask: torch.Tensor  # (B, C) 1 up to and including the first stop id
     sampler_logps: torch.Tensor  # (B, C) float32: log-prob the sampler drew each token with (nats)
 
 
@@ -61,13 +71,17 @@ def sample(
     max_new_tokens: int,
     temperature: float,
     greedy: bool = False,
+    stop_token_ids: Sequence[int] | None = None,
 ) -> Samples:
     """One completion per prompt, on the model's device, with the sampler's own log-probs.
 
-    The completion mask covers the tokens up to and including the first EOS; what `generate`
-    emits after it is padding. `sampler_logps` is log_softmax of the scores `generate` sampled
-    from (the logits after its processors, i.e. divided by `temperature`).
+    Sampling stops on any of `stop_token_ids` (None: `stop_token_ids(tokenizer, model)`, what a
+    run computes once and passes); the completion mask covers the tokens up to and including the
+    first of them, what `generate` emits after it is padding. `sampler_logps` is log_softmax of
+    the scores `generate` sampled from (the logits after its processors, i.e. divided by
+    `temperature`).
     """
+    stops = resolve_stop_ids(tokenizer, model, stop_token_ids)
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = (t.to(device) for t in pad_sequences(prompts, tokenizer.pad_token_id, left=True))
     was_training = model.training
@@ -76,18 +90,18 @@ def sample(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
         generation_config=generation_config(
-            tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy
+            tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, stop_token_ids=stops, greedy=greedy
         ),
     )
     model.train(was_training)
     completion_ids = out.sequences[:, prompt_ids.shape[1] :]
     scores = torch.stack(out.scores, dim=1).float()  # (B, C, V)
     sampler_logps = torch.log_softmax(scores, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-    is_eos = completion_ids == tokenizer.eos_token_id
-    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
-    completion_mask = (~after_eos).long()
-    completion_ids = completion_ids.masked_fill(after_eos, tokenizer.pad_token_id)
-    sampler_logps = sampler_logps.masked_fill(after_eos, 0.0)
+    is_stop = torch.isin(completion_ids, torch.tensor(stops, device=completion_ids.device))
+    after_stop = (is_stop.cumsum(dim=1) - is_stop.long()) > 0
+    completion_mask = (~after_stop).long()
+    completion_ids = completion_ids.masked_fill(after_stop, tokenizer.pad_token_id)
+    sampler_logps = sampler_logps.masked_fill(after_stop, 0.0)
     return Samples(prompt_ids, prompt_mask, completion_ids, completion_mask, sampler_logps)
 
 

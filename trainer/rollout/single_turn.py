@@ -20,7 +20,7 @@ from trainer.envs import Score, Task, hint_for, sibling_hint
 from trainer.objective.batching import pad_sequences
 from trainer.objective.losses import PolicyBatch, group_advantages
 from trainer.rollout.sampling import decode_completions, sample
-from trainer.rollout.templates import chat_prompt_ids, hinted_prompt_ids
+from trainer.rollout.templates import chat_prompt_ids, hinted_prompt_ids, resolve_stop_ids
 
 ScoreMany = Callable[[Sequence[Task], Sequence[str]], list[Score]]
 
@@ -66,6 +66,7 @@ def rollout(
     sibling_hints: bool,
     teacher: PreTrainedModel | None,
     score_many: ScoreMany = score_each,
+    stop_token_ids: Sequence[int] | None = None,
 ) -> Rollout:
     """Sample G completions per task, score them and build the teacher's context; see the module docstring.
 
@@ -73,12 +74,16 @@ def rollout(
     gets the hinted prompts (`hint_level`: see `trainer.envs.hint_for`; "feedback" is what the
     environment said about that very sample) and the stats the teacher's own reward. None: no SDPO
     channel. `score_many` scores a list of completions (an environment's `score_many`: code
-    environments run them on the sandbox's pool).
+    environments run them on the sandbox's pool). `stop_token_ids`: the ids that end a turn, for
+    the student's and the teacher's samples (None: `trainer.rollout.templates.stop_token_ids`).
     """
+    stops = resolve_stop_ids(tokenizer, model, stop_token_ids)
     clock = time.perf_counter()
     prompts = chat_prompt_ids(tokenizer, [task.prompt() for task in tasks], max_prompt_length)
     repeated = [ids for ids in prompts for _ in range(group_size)]
-    drawn = sample(model, tokenizer, repeated, max_new_tokens=max_completion_length, temperature=temperature)
+    drawn = sample(
+        model, tokenizer, repeated, max_new_tokens=max_completion_length, temperature=temperature, stop_token_ids=stops
+    )
     texts = decode_completions(tokenizer, drawn.completion_ids, drawn.completion_mask)
     generation_s, clock = time.perf_counter() - clock, time.perf_counter()
     scores = score_many([tasks[row // group_size] for row in range(len(texts))], texts)
@@ -114,7 +119,7 @@ def rollout(
             for n, task in enumerate(tasks)
         ]
         teacher_reward, teacher_execution_s = _teacher_reward(
-            teacher, tokenizer, tasks, first, max_prompt_length, max_completion_length, temperature, score_many
+            teacher, tokenizer, tasks, first, max_prompt_length, max_completion_length, temperature, score_many, stops
         )
         generation_s += time.perf_counter() - clock - teacher_execution_s
         execution_s += teacher_execution_s
@@ -174,13 +179,21 @@ def _teacher_reward(
     max_completion_length: int,
     temperature: float,
     score_many: ScoreMany,
+    stop_token_ids: Sequence[int],
 ) -> tuple[float, float]:
     """How often the hinted policy (the SDPO teacher) solves the same prompts, one sample each; and the
     seconds spent scoring them."""
     hinted = [
         hinted_prompt_ids(tokenizer, task, hint, max_prompt_length) for task, hint in zip(tasks, hints, strict=True)
     ]
-    drawn = sample(model, tokenizer, hinted, max_new_tokens=max_completion_length, temperature=temperature)
+    drawn = sample(
+        model,
+        tokenizer,
+        hinted,
+        max_new_tokens=max_completion_length,
+        temperature=temperature,
+        stop_token_ids=stop_token_ids,
+    )
     texts = decode_completions(tokenizer, drawn.completion_ids, drawn.completion_mask)
     clock = time.perf_counter()
     scores = score_many(tasks, texts)
@@ -194,7 +207,7 @@ def sibling_pairs(
     rejected ids, rejected mask), pair_id `{id_prefix}-{group}`.
 
     The first correct and the first incorrect sample of a group, each as prompt + completion (up to
-    and including EOS); the masks mark the completion, the tokens the model wrote.
+    and including its stop id); the masks mark the completion, the tokens the model wrote.
     """
     group_size = rollout.correct.shape[1]
     policy = rollout.policy

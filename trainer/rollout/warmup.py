@@ -32,7 +32,7 @@ from trainer.envs.base import ProbeCandidates
 from trainer.envs.workspace import SYSTEM_PROMPT, WorkspaceTask
 from trainer.objective.batching import pad_sequences
 from trainer.objective.losses import sequence_logps
-from trainer.rollout.templates import chat_prompt_ids, demonstration_ids
+from trainer.rollout.templates import chat_prompt_ids, demonstration_ids, end_of_turn_id
 
 
 def supervised_warmup(
@@ -50,21 +50,18 @@ def supervised_warmup(
     group: dist.ProcessGroup | None = None,
     progress: bool = False,
 ) -> list[float]:
-    """Train on (prompt -> answer) with cross-entropy on the answer tokens; returns the losses.
-    group: the processes sharing the work (`sft_step`); None: this process alone. progress: show
-    a progress bar (`sft_progress`)."""
+    """Train on (prompt -> answer, then the template's end-of-turn token) with cross-entropy on the
+    answer tokens; returns the losses. group: the processes sharing the work (`sft_step`); None:
+    this process alone. progress: show a progress bar (`sft_progress`)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
-    losses = []
+    losses, end = [], end_of_turn_id(tokenizer)
     for _ in sft_progress(steps, losses, progress):
         batch = [tasks.sample(rng) for _ in range(batch_size)]
         prompts = chat_prompt_ids(
             tokenizer, [_warmup_prompt(t, hint_level, sibling_hints, rng) for t in batch], max_prompt_length
         )
-        answers = [
-            tokenizer(t.demonstration(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            for t in batch
-        ]
+        answers = [tokenizer(t.demonstration(), add_special_tokens=False)["input_ids"] + [end] for t in batch]
         ids, mask = pad_sequences(
             [p + a for p, a in zip(prompts, answers, strict=True)], tokenizer.pad_token_id, left=False
         )

@@ -27,6 +27,7 @@ from trainer.model import cached_tokenizer, pretrained_model_and_tokenizer, tiny
 from trainer.objective.replay import CapacityError, PreferenceFeed, PreferenceReplay
 from trainer.objective.teacher import EMATeacher
 from trainer.precision import autocast, compute_dtype
+from trainer.rollout.templates import stop_token_ids
 from trainer.run.collectors import Collector, make_collector
 from trainer.run.placement import check_resumable, choose_run_dir, is_finished, restart_count
 from trainer.run.topology import Topology, barrier, gather, init_distributed, leave_together, storage_keeper
@@ -43,6 +44,9 @@ class Run:
     ckpt_root: Path
     model: torch.nn.Module
     tokenizer: Any
+    # Every id that ends the model's turn (`trainer.rollout.templates.stop_token_ids`), computed
+    # once here and passed to everything that samples.
+    stop_token_ids: list[int]
     env: Environment
     collector: Collector
     device: torch.device
@@ -131,6 +135,7 @@ def build(config: Config, topo: Topology | None = None, run_dir: Path | None = N
         model, tokenizer = pretrained_model_and_tokenizer(config.model.name, tokenizer_name=config.model.tokenizer)
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     model.to(device)
+    stops = stop_token_ids(tokenizer, model)
     views = gather(checkpoint.verify_sealed(ckpt_root) if keeper else None)  # each disk's sealed steps, verified
     try:
         resume_from = checkpoint.resume_step(ckpt_root, views, topo.lead_rank)  # the lead's disk decides, damage vetoes
@@ -142,7 +147,9 @@ def build(config: Config, topo: Topology | None = None, run_dir: Path | None = N
             run_dir, dump_config(config), resume=config.resume, replicas=topo.replicas, saved_replicas=saved
         )
     dtype = compute_dtype(config.model.dtype)
-    return Run(config, topo, run_dir, ckpt_root, model, tokenizer, env, collector, device, dtype, resume_from, keeper)
+    return Run(
+        config, topo, run_dir, ckpt_root, model, tokenizer, stops, env, collector, device, dtype, resume_from, keeper
+    )
 
 
 def build_env(config: Config) -> Environment:

@@ -59,6 +59,7 @@ class Collector(ABC):
         model: Any,
         tokenizer: Any,
         *,
+        stop_token_ids: list[int],
         rng: random.Random,
         teacher: torch.nn.Module | None,
         feed: PreferenceFeed | None,
@@ -67,15 +68,17 @@ class Collector(ABC):
     ) -> tuple[Samples, PreferenceBatch | None]:
         """One inner step's samples (`rollout.prompts_per_step` tasks x `rollout.group_size`) and
         the DPO batch the feed draws after adding the pairs they offer (None: no DPO channel, or an
-        empty store). teacher: the SDPO teacher's model for its reward probe (None: no SDPO);
-        id_prefix: unique per (replica, rank, step), for pair and episode ids; episodes_file:
-        where episodes are appended when the run writes them."""
+        empty store). stop_token_ids: the ids that end a turn (`Run.stop_token_ids`); teacher: the
+        SDPO teacher's model for its reward probe (None: no SDPO); id_prefix: unique per (replica,
+        rank, step), for pair and episode ids; episodes_file: where episodes are appended when the
+        run writes them."""
 
     @abstractmethod
     def evaluate(
-        self, model: Any, tokenizer: Any, tasks: list, *, teacher: torch.nn.Module | None
+        self, model: Any, tokenizer: Any, tasks: list, *, teacher: torch.nn.Module | None, stop_token_ids: list[int]
     ) -> tuple[EvalCounts, dict[str, list[float]]]:
-        """Held-out counts on `tasks` and the teacher gate per hint kind ({}: not measured)."""
+        """Held-out counts on `tasks` and the teacher gate per hint kind ({}: not measured);
+        stop_token_ids: the ids that end a turn (`Run.stop_token_ids`)."""
 
     def sft_settings(self, **shared: Any) -> dict[str, Any]:
         """The warm-up's optimiser settings (`optim.sft_*`) with `shared` (rng, group, progress)."""
@@ -106,7 +109,7 @@ class SingleTurnCollector(Collector):
             **self.sft_settings(rng=rng, group=group, progress=progress),
         )
 
-    def collect(self, model, tokenizer, *, rng, teacher, feed, id_prefix, episodes_file):
+    def collect(self, model, tokenizer, *, stop_token_ids, rng, teacher, feed, id_prefix, episodes_file):
         c = self.config
         samples = rollout(
             model,
@@ -120,6 +123,7 @@ class SingleTurnCollector(Collector):
             sibling_hints=c.task.sibling_hints,
             teacher=teacher,
             score_many=self.score_many(),
+            stop_token_ids=stop_token_ids,
         )
         if c.loss.sdpo_on == "failed" and c.loss.alpha > 0:  # issue 15: each sample to one channel
             p = samples.policy
@@ -127,7 +131,7 @@ class SingleTurnCollector(Collector):
         preference = None if feed is None else feed.step(sibling_pairs(samples, id_prefix=id_prefix), rng=rng)
         return samples, preference
 
-    def evaluate(self, model, tokenizer, tasks, *, teacher):
+    def evaluate(self, model, tokenizer, tasks, *, teacher, stop_token_ids):
         c = self.config
         counts = evaluate(
             model,
@@ -138,6 +142,7 @@ class SingleTurnCollector(Collector):
             max_completion_length=c.rollout.max_completion_length,
             temperature=c.rollout.temperature,
             score_many=self.score_many(),
+            stop_token_ids=stop_token_ids,
         )
         # Issue 15's teacher gate: the student and the hinted teacher (None: the policy) on correct answers.
         gate = teacher_gate(
@@ -162,7 +167,7 @@ class EpisodeCollector(Collector):
         settings = self.sft_settings(rng=rng, group=group, progress=progress)
         return episode_warmup(model, tokenizer, self.env.train, script=self.env.scripted_episode, **settings)
 
-    def collect(self, model, tokenizer, *, rng, teacher, feed, id_prefix, episodes_file):
+    def collect(self, model, tokenizer, *, stop_token_ids, rng, teacher, feed, id_prefix, episodes_file):
         c, a = self.config, self.config.agent
         samples = agent_rollout(
             model,
@@ -171,6 +176,7 @@ class EpisodeCollector(Collector):
             group_size=c.rollout.group_size,
             hint_level=c.task.hint_level if c.loss.alpha > 0 else None,
             require_finish=a.require_finish,
+            stop_token_ids=stop_token_ids,
             **self.episode_settings(),
         )
         if a.write_episodes:
@@ -181,8 +187,12 @@ class EpisodeCollector(Collector):
             preference = feed.step(pairs, rng=rng)
         return samples, preference
 
-    def evaluate(self, model, tokenizer, tasks, *, teacher):
-        return evaluate_episodes(model, tokenizer, tasks, k=self.config.eval.k, **self.episode_settings()), {}
+    def evaluate(self, model, tokenizer, tasks, *, teacher, stop_token_ids):
+        settings = self.episode_settings()
+        counts = evaluate_episodes(
+            model, tokenizer, tasks, k=self.config.eval.k, stop_token_ids=stop_token_ids, **settings
+        )
+        return counts, {}
 
     def episode_settings(self) -> dict[str, Any]:
         """What training and evaluation episodes share: the turn and token budgets, the sampling

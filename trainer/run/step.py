@@ -65,6 +65,7 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
         samples, preference = run.collector.collect(
             run.model,
             run.tokenizer,
+            stop_token_ids=run.stop_token_ids,
             rng=rng,
             teacher=teacher_model(run, replica),
             feed=replica.feed,

@@ -25,6 +25,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
+from tests.support.chat_templates import Forced, chat_tokenizer, declared_eos, tiny_chat_model
 from tests.support.paths import REPO
 from trainer.config import AgentConfig, Config, ConfigError, TaskConfig
 from trainer.envs import make_env
@@ -36,7 +37,7 @@ from trainer.objective.losses import ComposerBatch, completion_logits, composer_
 from trainer.objective.replay import PreferenceReplay
 from trainer.rollout.episode_batch import add_episode_pairs, episode_policy_batch
 from trainer.rollout.episodes import Episode, episode_metrics, run_episode, run_episodes, write_episodes
-from trainer.rollout.templates import TemplateError, demonstration_ids, render_ids
+from trainer.rollout.templates import TemplateError, demonstration_ids, end_of_turn, render_ids
 from trainer.rollout.warmup import warmup_probe
 from trainer.run.build import build_env
 from trainer.run.collectors import make_collector
@@ -637,3 +638,73 @@ def test_under_require_finish_an_episode_the_budget_cuts_earns_nothing_though_it
     # the same repair, ended by the agent, keeps its reward
     ended, _ = episode(tiny, sandbox, task, [*fixed, call("finish")], require_finish=True)
     assert (ended.stop, ended.passed, ended.reward) == ("finish", True, 1.0)
+
+
+# ---------------------------------------------------------------------------- other chat families
+
+
+def forced_episode(style: str, turns: list[str], task, sandbox, **options) -> tuple[Episode, Forced, object]:
+    """An episode of a tiny model over `style`'s tokenizer and template (tests/support/chat_templates.py)
+    made to write each text of `turns`, then its template's end-of-turn token."""
+    tokenizer = chat_tokenizer(style)
+    model = tiny_chat_model(tokenizer, declared_eos(style, tokenizer) or None)
+    end = tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer))
+    forced = Forced(model, [[render_ids(tokenizer, text) + [end]] for text in turns])
+    settings = dict(max_turns=len(turns), max_tokens=4096, temperature=1.0, sandbox=sandbox) | options
+    return run_episode(model, tokenizer, task, **settings), forced, tokenizer
+
+
+def test_a_gemma_turn_ends_on_end_of_turn_although_the_tokenizers_eos_is_another_token(sandbox, env):
+    task = env.train[0]
+    turns = [call("read_file", path="calc.py"), call("finish")]
+    result, forced, tokenizer = forced_episode("gemma", turns, task, sandbox)
+    eot = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert tokenizer.eos_token_id != eot
+    assert (result.stop, len(result.turns), dict(result.tool_calls)) == ("finish", 2, {"read_file": 1, "finish": 1})
+    first, second = result.turns
+    assert result.token_ids[first.end - 1] == eot and result.token_ids[second.end - 1] == eot
+    observation = tokenizer.decode(result.token_ids[first.end : second.header_start], skip_special_tokens=False)
+    calc = dict(task.files)["calc.py"]
+    assert observation == f"\n<start_of_turn>user\n<tool_response>\n{calc}\n</tool_response><end_of_turn>\n"
+    assert [len(ids[0]) for ids in forced.inputs] == [turn.start for turn in result.turns]  # token-in/token-out
+
+
+def test_a_turn_goes_on_past_an_id_outside_the_stop_list_it_was_given(sandbox, env):
+    # the tokenizer's EOS alone (what episodes used to stop on): <end_of_turn> ends nothing, the
+    # turn runs to its budget and the episode stops as cut
+    result, _, tokenizer = forced_episode(
+        "gemma", [call("read_file", path="calc.py")], env.train[0], sandbox, max_turn_tokens=64, stop_token_ids=[1]
+    )
+    assert (result.stop, len(result.turns), dict(result.tool_calls)) == ("max_tokens", 1, {"read_file": 1})
+    assert result.turns[0].end - result.turns[0].start == 64
+
+
+def test_a_qwen3_episode_runs_turns_without_reasoning_with_an_empty_think_and_with_reasoning(sandbox, env):
+    task = env.train[0]
+    turns = [
+        call("read_file", path="calc.py"),  # non-thinking mode: the template adds an empty think when last
+        "<think>\n\n</think>\n\n" + call("read_file", path="test_calc.py"),
+        "<think>\nThe test says plus.\n</think>\n\n" + call("run_tests"),
+        call("finish"),
+    ]
+    result, forced, tokenizer = forced_episode("qwen3", turns, task, sandbox)
+    assert (result.stop, len(result.turns)) == ("finish", 4)
+    assert dict(result.tool_calls) == {"read_file": 2, "run_tests": 1, "finish": 1}
+    for ids, turn in zip(forced.inputs, result.turns, strict=True):
+        assert ids[0] == result.token_ids[: turn.start]  # each turn was fed exactly the episode's ids
+    calc = dict(task.files)["calc.py"]
+    observation = tokenizer.decode(result.token_ids[result.turns[0].end : result.turns[1].start])
+    assert (
+        observation
+        == f"\n<|im_start|>user\n<tool_response>\n{calc}\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert result.messages[6]["content"] == "<think>\nThe test says plus.\n</think>"  # reasoning kept in the record
+
+
+def test_a_tool_call_drafted_inside_reasoning_is_not_made(sandbox, env):
+    task = env.train[0]
+    draft = "<think>\nMaybe " + call("write_file", path="calc.py", content="oops") + " first? No.\n</think>\n\n"
+    result, _, _ = forced_episode("qwen3", [draft + call("read_file", path="calc.py"), call("finish")], task, sandbox)
+    assert dict(result.tool_calls) == {"read_file": 1, "finish": 1} and not result.errors
+    assert result.files["calc.py"] == dict(task.files)["calc.py"]  # the draft wrote nothing
+    assert result.messages[2]["content"] == draft.strip()
