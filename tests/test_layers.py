@@ -51,6 +51,8 @@ def layer_of(module: str) -> str | None:
         return "foundation"
     if module == "trainer.losses":  # the documented face of trainer.objective.losses
         return "objective"
+    if module == "trainer.agent":  # the episode API's old import path, a face of rollout and envs
+        return "rollout"
     parts = module.split(".")
     if len(parts) < 2:
         return None
