@@ -18,6 +18,7 @@ from trainer.objective.batching import pad_sequences
 from trainer.objective.losses import PolicyBatch, group_advantages
 from trainer.objective.replay import PreferenceReplay
 from trainer.rollout.episodes import Episode, episode_metrics, run_episodes
+from trainer.rollout.sampling import Engine, as_engine
 from trainer.rollout.single_turn import RolloutStats
 from trainer.rollout.templates import appended_text, render_ids
 
@@ -155,7 +156,7 @@ class EpisodeRollout:
 
 
 def agent_rollout(
-    model: PreTrainedModel,
+    sampler: Engine | PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     tasks: Sequence[WorkspaceTask],
     *,
@@ -171,14 +172,14 @@ def agent_rollout(
     stop_token_ids: Sequence[int] | None = None,
 ) -> EpisodeRollout:
     """G episodes per task (all N x G in lockstep, `run_episodes`), packed by `episode_policy_batch`
-    on the model's device.
+    on the sampler's device.
 
     hint_level None: no SDPO teacher context. stats: `trainer.rollout.single_turn.RolloutStats` (generation_s
-    = seconds in the model, execution_s = seconds in tools); metrics: `episode_metrics`.
+    = seconds in the sampler, execution_s = seconds in tools); metrics: `episode_metrics`.
     stop_token_ids: the ids that end a turn (None: `trainer.rollout.templates.stop_token_ids`).
     """
     episodes = run_episodes(
-        model,
+        sampler,
         tokenizer,
         [task for task in tasks for _ in range(group_size)],
         tools=tools,
@@ -190,7 +191,7 @@ def agent_rollout(
         require_finish=require_finish,
         stop_token_ids=stop_token_ids,
     )
-    device = next(model.parameters()).device
+    device = as_engine(sampler, tokenizer).device
     policy = episode_policy_batch(episodes, tokenizer, group_size=group_size, hint_level=hint_level, device=device)
     passed = torch.tensor([e.passed for e in episodes]).view(len(tasks), group_size)
     stats = RolloutStats(

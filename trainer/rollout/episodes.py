@@ -44,7 +44,7 @@ from trainer.envs.workspace import (
     execute_tool,
     parse_tool_calls,
 )
-from trainer.rollout.sampling import sample
+from trainer.rollout.sampling import Engine, sample
 from trainer.rollout.templates import appended_text, render, render_ids, resolve_stop_ids
 
 TRUNCATED = ("max_turns", "max_tokens")  # Episode.stop values of an episode the budget cut, not the agent
@@ -269,7 +269,7 @@ class _EpisodeRun:
 
 
 def run_episode(
-    model: PreTrainedModel,
+    sampler: Engine | PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     task: WorkspaceTask,
     *,
@@ -293,10 +293,10 @@ def run_episode(
     (`stop` in TRUNCATED) gets reward 0 whatever its end state (`passed` still says what the end
     state is): the agent has to end the episode itself, by `finish` or a turn without a tool call.
     stop_token_ids: the ids that end a turn (None: `trainer.rollout.templates.stop_token_ids(tokenizer,
-    model)`).
+    sampler)`).
 
     Raises TemplateError (the chat template cannot be appended to), ValueError (a tool outside
-    TOOLS, or a prompt longer than max_tokens). Malformed model output never raises.
+    TOOLS, or a prompt longer than max_tokens). Malformed sampler output never raises.
     """
     settings = dict(
         max_turns=max_turns,
@@ -306,12 +306,12 @@ def run_episode(
         stop_token_ids=stop_token_ids,
     )
     return run_episodes(
-        model, tokenizer, [task], tools=tools, temperature=temperature, sandbox=sandbox, greedy=greedy, **settings
+        sampler, tokenizer, [task], tools=tools, temperature=temperature, sandbox=sandbox, greedy=greedy, **settings
     )[0]
 
 
 def run_episodes(
-    model: PreTrainedModel,
+    sampler: Engine | PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     tasks: Sequence[WorkspaceTask],
     *,
@@ -334,7 +334,7 @@ def run_episodes(
     unknown = [t for t in tools if t not in TOOLS]
     if unknown:
         raise ValueError(f"tools {unknown} are not in {TOOLS}")
-    stops = resolve_stop_ids(tokenizer, model, stop_token_ids)
+    stops = resolve_stop_ids(tokenizer, sampler, stop_token_ids)
     settings = dict(
         max_turns=max_turns,
         max_tokens=max_tokens,
@@ -351,7 +351,7 @@ def run_episodes(
             budgets = [run.turn_budget() for run in active]
             clock = time.perf_counter()
             drawn = sample(
-                model,
+                sampler,
                 tokenizer,
                 [run.token_ids for run in active],
                 max_new_tokens=max(budgets),

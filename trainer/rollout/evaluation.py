@@ -21,7 +21,7 @@ from trainer.envs.workspace import TOOLS, WorkspaceTask
 from trainer.objective.batching import pad_sequences
 from trainer.objective.losses import completion_logits, token_logps
 from trainer.rollout.episodes import run_episodes
-from trainer.rollout.sampling import decode_completions, sample
+from trainer.rollout.sampling import Engine, decode_completions, sample
 from trainer.rollout.single_turn import ScoreMany, score_each
 from trainer.rollout.templates import chat_prompt_ids, end_of_turn_id, hinted_prompt_ids, resolve_stop_ids
 
@@ -60,7 +60,7 @@ class EvalCounts:
 
 
 def evaluate(
-    model: PreTrainedModel,
+    sampler: Engine | PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     tasks: Sequence[Task],
     *,
@@ -78,13 +78,13 @@ def evaluate(
     """
     if not tasks:
         return EvalCounts([], [], k)
-    stops = resolve_stop_ids(tokenizer, model, stop_token_ids)
+    stops = resolve_stop_ids(tokenizer, sampler, stop_token_ids)
     settings = dict(max_new_tokens=max_completion_length, stop_token_ids=stops)
     prompts = chat_prompt_ids(tokenizer, [task.prompt() for task in tasks], max_prompt_length)
-    greedy = sample(model, tokenizer, prompts, temperature=1.0, greedy=True, **settings)
+    greedy = sample(sampler, tokenizer, prompts, temperature=1.0, greedy=True, **settings)
     greedy_texts = decode_completions(tokenizer, greedy.completion_ids, greedy.completion_mask)
     repeated = [ids for ids in prompts for _ in range(k)]
-    drawn = sample(model, tokenizer, repeated, temperature=temperature, **settings)
+    drawn = sample(sampler, tokenizer, repeated, temperature=temperature, **settings)
     texts = decode_completions(tokenizer, drawn.completion_ids, drawn.completion_mask)
     greedy_scores = score_many(list(tasks), greedy_texts)
     sampled_scores = score_many([task for task in tasks for _ in range(k)], texts)
@@ -159,7 +159,7 @@ def teacher_gate(
 
 
 def evaluate_episodes(
-    model: PreTrainedModel,
+    sampler: Engine | PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     tasks: Sequence[WorkspaceTask],
     *,
@@ -180,9 +180,11 @@ def evaluate_episodes(
         max_tokens=max_tokens,
         max_turn_tokens=max_turn_tokens,
         sandbox=sandbox,
-        stop_token_ids=resolve_stop_ids(tokenizer, model, stop_token_ids),
+        stop_token_ids=resolve_stop_ids(tokenizer, sampler, stop_token_ids),
     )
-    greedy = [e.passed for e in run_episodes(model, tokenizer, tasks, temperature=1.0, greedy=True, **settings)]
-    sampled = run_episodes(model, tokenizer, [t for t in tasks for _ in range(k)], temperature=temperature, **settings)
+    greedy = [e.passed for e in run_episodes(sampler, tokenizer, tasks, temperature=1.0, greedy=True, **settings)]
+    sampled = run_episodes(
+        sampler, tokenizer, [t for t in tasks for _ in range(k)], temperature=temperature, **settings
+    )
     counts = [sum(e.passed for e in sampled[i * k : (i + 1) * k]) for i in range(len(tasks))]
     return EvalCounts(greedy_correct=greedy, sampled_correct=counts, k=k)

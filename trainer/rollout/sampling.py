@@ -1,5 +1,11 @@
 """The sampler: one completion per prompt from token ids, with the log-prob each token was drawn with.
 
+An `Engine` is what samples: `HFEngine` runs the trained module's own `generate` (nothing to
+sync: it is the trained module); an inference engine (`trainer.rollout.vllm_engine.VLLMEngine`)
+holds its own copy of the weights, which the trainer pushes in after every update (`Engine.push`).
+Single-turn rollouts, agent episodes and held-out evaluation all call `sample(sampler, ...)`,
+where the sampler is an engine or a bare model (sampled as `HFEngine` would).
+
 Every rollout, episode and evaluation samples here, so the distribution the loss scores (pure
 sampling at `temperature`, nothing inherited from a model's generation_config.json) is set in one
 place. Prompts go in as token ids (never re-tokenized text), LEFT-padded as `generate` wants them;
@@ -10,8 +16,10 @@ chat template's end-of-turn token), passed in explicitly so any sampler stops on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -62,8 +70,99 @@ class Samples:
     sampler_logps: torch.Tensor  # (B, C) float32: log-prob the sampler drew each token with (nats)
 
 
-@torch.no_grad()
+class Engine(ABC):
+    """What samples: token ids in, sampled ids and the log-prob each was drawn with out.
+
+    name: the `rollout.engine` value that selects it. device: where `generate` puts its tensors
+    (the trainer's device). generation_config: the model's, read for its declared stop ids.
+    """
+
+    name: str = ""
+    generation_config: Any = None
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    @abstractmethod
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        stop_token_ids: Sequence[int],
+        greedy: bool = False,
+    ) -> Samples:
+        """One completion per prompt (`Samples`: prompts LEFT-padded, completions RIGHT-padded
+        after the first of `stop_token_ids`, float32 log-probs at `temperature`; `greedy`: argmax).
+        Pure sampling: no top-k, top-p or penalty, the distribution the loss scores."""
+
+    def push(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load the trainer's weights (name, tensor) pairs, Hugging Face names) into the engine so it
+        samples from exactly the weights being trained. Engines that sample from the trained module
+        itself have nothing to do."""
+        del weights
+
+    def close(self) -> None:  # noqa: B027 (optional: engines that hold nothing of their own)
+        """Free what the engine holds (an inference engine's KV cache and weights)."""
+
+
+class HFEngine(Engine):
+    """Hugging Face `generate` on the trained module itself: nothing to push, always in sync."""
+
+    name = "hf"
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.generation_config = getattr(model, "generation_config", None)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def generate(self, prompts, *, max_new_tokens, temperature, stop_token_ids, greedy=False) -> Samples:
+        return hf_sample(
+            self.model,
+            self.tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            greedy=greedy,
+            stop_token_ids=stop_token_ids,
+        )
+
+
+def as_engine(sampler: Engine | PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Engine:
+    """`sampler` itself when it is an engine, else an `HFEngine` over the model."""
+    return sampler if isinstance(sampler, Engine) else HFEngine(sampler, tokenizer)
+
+
 def sample(
+    sampler: Engine | PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    greedy: bool = False,
+    stop_token_ids: Sequence[int] | None = None,
+) -> Samples:
+    """One completion per prompt from `sampler` (an `Engine`, or a model sampled as `HFEngine`
+    does), with the sampler's own log-probs; see `Engine.generate`.
+
+    stop_token_ids: None: `trainer.rollout.templates.stop_token_ids(tokenizer, sampler)`, what a
+    run computes once and passes.
+    """
+    engine = as_engine(sampler, tokenizer)
+    stops = resolve_stop_ids(tokenizer, engine, stop_token_ids)
+    return engine.generate(
+        prompts, max_new_tokens=max_new_tokens, temperature=temperature, stop_token_ids=stops, greedy=greedy
+    )
+
+
+@torch.no_grad()
+def hf_sample(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[list[int]],
@@ -73,7 +172,7 @@ def sample(
     greedy: bool = False,
     stop_token_ids: Sequence[int] | None = None,
 ) -> Samples:
-    """One completion per prompt, on the model's device, with the sampler's own log-probs.
+    """One completion per prompt from `model.generate`, on the model's device, with the sampler's own log-probs.
 
     Sampling stops on any of `stop_token_ids` (None: `stop_token_ids(tokenizer, model)`, what a
     run computes once and passes); the completion mask covers the tokens up to and including the

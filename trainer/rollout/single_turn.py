@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trainer.envs import Score, Task, hint_for, sibling_hint
 from trainer.objective.batching import pad_sequences
 from trainer.objective.losses import PolicyBatch, group_advantages
-from trainer.rollout.sampling import decode_completions, sample
+from trainer.rollout.sampling import Engine, decode_completions, sample
 from trainer.rollout.templates import chat_prompt_ids, hinted_prompt_ids, resolve_stop_ids
 
 ScoreMany = Callable[[Sequence[Task], Sequence[str]], list[Score]]
@@ -54,7 +54,7 @@ class Rollout:
 
 
 def rollout(
-    model: PreTrainedModel,
+    sampler: Engine | PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     tasks: list[Task],
     *,
@@ -70,19 +70,24 @@ def rollout(
 ) -> Rollout:
     """Sample G completions per task, score them and build the teacher's context; see the module docstring.
 
-    `teacher` is the SDPO teacher's model (the policy itself, or an EMA copy); with it the batch
+    `teacher` is the SDPO teacher's sampler (the policy itself, or an EMA copy); with it the batch
     gets the hinted prompts (`hint_level`: see `trainer.envs.hint_for`; "feedback" is what the
     environment said about that very sample) and the stats the teacher's own reward. None: no SDPO
     channel. `score_many` scores a list of completions (an environment's `score_many`: code
     environments run them on the sandbox's pool). `stop_token_ids`: the ids that end a turn, for
     the student's and the teacher's samples (None: `trainer.rollout.templates.stop_token_ids`).
     """
-    stops = resolve_stop_ids(tokenizer, model, stop_token_ids)
+    stops = resolve_stop_ids(tokenizer, sampler, stop_token_ids)
     clock = time.perf_counter()
     prompts = chat_prompt_ids(tokenizer, [task.prompt() for task in tasks], max_prompt_length)
     repeated = [ids for ids in prompts for _ in range(group_size)]
     drawn = sample(
-        model, tokenizer, repeated, max_new_tokens=max_completion_length, temperature=temperature, stop_token_ids=stops
+        sampler,
+        tokenizer,
+        repeated,
+        max_new_tokens=max_completion_length,
+        temperature=temperature,
+        stop_token_ids=stops,
     )
     texts = decode_completions(tokenizer, drawn.completion_ids, drawn.completion_mask)
     generation_s, clock = time.perf_counter() - clock, time.perf_counter()

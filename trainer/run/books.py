@@ -102,9 +102,7 @@ def evaluate_held_out(
     shard = list(held_out[: config.eval.size])[topo.rank :: topo.world_size]
     torch.manual_seed(step_seed(config.seed, -2, outer_step, topo.rank))
     with run.autocast():
-        counts, gate = run.collector.evaluate(
-            run.model, run.tokenizer, shard, teacher=teacher, stop_token_ids=run.stop_token_ids
-        )
+        counts, gate = run.collector.evaluate(run.policy(), shard, teacher=teacher)
     total = sum(gather(counts), EvalCounts([], [], config.eval.k))
     gates = gather(gate)
     if books.metrics is not None:

@@ -27,8 +27,9 @@ from trainer.model import cached_tokenizer, pretrained_model_and_tokenizer, tiny
 from trainer.objective.replay import CapacityError, PreferenceFeed, PreferenceReplay
 from trainer.objective.teacher import EMATeacher
 from trainer.precision import autocast, compute_dtype
+from trainer.rollout.sampling import Engine, HFEngine
 from trainer.rollout.templates import stop_token_ids
-from trainer.run.collectors import Collector, make_collector
+from trainer.run.collectors import Collector, Policy, make_collector
 from trainer.run.placement import check_resumable, choose_run_dir, is_finished, restart_count
 from trainer.run.topology import Topology, barrier, gather, init_distributed, leave_together, storage_keeper
 from trainer.sandbox import SandboxUnavailable, make_sandbox, set_default_sandbox
@@ -49,6 +50,7 @@ class Run:
     stop_token_ids: list[int]
     env: Environment
     collector: Collector
+    engine: Engine  # what samples (`rollout.engine`): the module's own generate, or an inference engine
     device: torch.device
     dtype: torch.dtype | None  # autocast compute dtype (None: fp32 throughout); weights stay fp32
     resume_from: int | None  # newest sealed checkpoint whose files verify (`checkpoint.resume_step`), None: fresh
@@ -56,6 +58,10 @@ class Run:
 
     def autocast(self) -> Any:
         return autocast(self.device, self.dtype)
+
+    def policy(self) -> Policy:
+        """The policy as the collectors take it: module, tokenizer, engine and stop ids."""
+        return Policy(self.model, self.tokenizer, self.engine, self.stop_token_ids)
 
 
 @dataclass
@@ -147,9 +153,28 @@ def build(config: Config, topo: Topology | None = None, run_dir: Path | None = N
             run_dir, dump_config(config), resume=config.resume, replicas=topo.replicas, saved_replicas=saved
         )
     dtype = compute_dtype(config.model.dtype)
+    engine = make_engine(config, model, tokenizer, run_dir)
     return Run(
-        config, topo, run_dir, ckpt_root, model, tokenizer, stops, env, collector, device, dtype, resume_from, keeper
+        config,
+        topo,
+        run_dir,
+        ckpt_root,
+        model,
+        tokenizer,
+        stops,
+        env,
+        collector,
+        engine,
+        device,
+        dtype,
+        resume_from,
+        keeper,
     )
+
+
+def make_engine(config: Config, model: torch.nn.Module, tokenizer: Any, run_dir: Path) -> Engine:
+    """The sampler `rollout.engine` names: `hf` (the module's own generate)."""
+    return HFEngine(model, tokenizer)
 
 
 def build_env(config: Config) -> Environment:

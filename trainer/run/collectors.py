@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import random
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,23 @@ from trainer.objective.replay import PreferenceFeed
 from trainer.rollout.episode_batch import EpisodeRollout, agent_rollout, episode_pairs
 from trainer.rollout.episodes import write_episodes
 from trainer.rollout.evaluation import EvalCounts, evaluate, evaluate_episodes, teacher_gate
+from trainer.rollout.sampling import Engine
 from trainer.rollout.single_turn import Rollout, rollout, sibling_pairs
 from trainer.rollout.warmup import episode_warmup, supervised_warmup
 
 Samples = Rollout | EpisodeRollout  # both carry .policy (a PolicyBatch), .stats and .metrics
+
+
+@dataclass
+class Policy:
+    """The policy as the collectors see it: the trained module (warm-up, scoring), its tokenizer,
+    the engine that samples from it (`trainer.rollout.sampling.Engine`) and the ids that end its
+    turn (`trainer.rollout.templates.stop_token_ids`)."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    engine: Engine
+    stop_token_ids: list[int]
 
 
 class Collector(ABC):
@@ -49,17 +63,15 @@ class Collector(ABC):
 
     @abstractmethod
     def warm_up(
-        self, model: Any, tokenizer: Any, *, rng: random.Random, group: dist.ProcessGroup | None, progress: bool
+        self, policy: Policy, *, rng: random.Random, group: dist.ProcessGroup | None, progress: bool
     ) -> list[float]:
         """The supervised warm-up (`optim.sft_steps` steps); returns the per-step losses."""
 
     @abstractmethod
     def collect(
         self,
-        model: Any,
-        tokenizer: Any,
+        policy: Policy,
         *,
-        stop_token_ids: list[int],
         rng: random.Random,
         teacher: torch.nn.Module | None,
         feed: PreferenceFeed | None,
@@ -68,17 +80,17 @@ class Collector(ABC):
     ) -> tuple[Samples, PreferenceBatch | None]:
         """One inner step's samples (`rollout.prompts_per_step` tasks x `rollout.group_size`) and
         the DPO batch the feed draws after adding the pairs they offer (None: no DPO channel, or an
-        empty store). stop_token_ids: the ids that end a turn (`Run.stop_token_ids`); teacher: the
-        SDPO teacher's model for its reward probe (None: no SDPO); id_prefix: unique per (replica,
+        empty store). Samples come from `policy.engine`. teacher: the SDPO teacher's sampler for its
+        reward probe (the EMA module, or the policy's engine; None: no SDPO); id_prefix: unique per (replica,
         rank, step), for pair and episode ids; episodes_file: where episodes are appended when the
         run writes them."""
 
     @abstractmethod
     def evaluate(
-        self, model: Any, tokenizer: Any, tasks: list, *, teacher: torch.nn.Module | None, stop_token_ids: list[int]
+        self, policy: Policy, tasks: list, *, teacher: torch.nn.Module | None
     ) -> tuple[EvalCounts, dict[str, list[float]]]:
-        """Held-out counts on `tasks` and the teacher gate per hint kind ({}: not measured);
-        stop_token_ids: the ids that end a turn (`Run.stop_token_ids`)."""
+        """Held-out counts on `tasks` (sampled from `policy.engine`) and the teacher gate per hint
+        kind ({}: not measured; `teacher`: the EMA module, None: the policy)."""
 
     def sft_settings(self, **shared: Any) -> dict[str, Any]:
         """The warm-up's optimiser settings (`optim.sft_*`) with `shared` (rng, group, progress)."""
@@ -97,11 +109,11 @@ class SingleTurnCollector(Collector):
     def max_completion_length(self) -> int:
         return self.config.rollout.max_completion_length
 
-    def warm_up(self, model, tokenizer, *, rng, group, progress):
+    def warm_up(self, policy, *, rng, group, progress):
         c = self.config
         return supervised_warmup(
-            model,
-            tokenizer,
+            policy.model,
+            policy.tokenizer,
             self.env,
             hint_level=c.task.hint_level,
             sibling_hints=c.task.sibling_hints,
@@ -109,11 +121,11 @@ class SingleTurnCollector(Collector):
             **self.sft_settings(rng=rng, group=group, progress=progress),
         )
 
-    def collect(self, model, tokenizer, *, stop_token_ids, rng, teacher, feed, id_prefix, episodes_file):
+    def collect(self, policy, *, rng, teacher, feed, id_prefix, episodes_file):
         c = self.config
         samples = rollout(
-            model,
-            tokenizer,
+            policy.engine,
+            policy.tokenizer,
             [self.env.sample(rng) for _ in range(c.rollout.prompts_per_step)],
             group_size=c.rollout.group_size,
             max_prompt_length=c.rollout.max_prompt_length,
@@ -123,7 +135,7 @@ class SingleTurnCollector(Collector):
             sibling_hints=c.task.sibling_hints,
             teacher=teacher,
             score_many=self.score_many(),
-            stop_token_ids=stop_token_ids,
+            stop_token_ids=policy.stop_token_ids,
         )
         if c.loss.sdpo_on == "failed" and c.loss.alpha > 0:  # issue 15: each sample to one channel
             p = samples.policy
@@ -131,24 +143,24 @@ class SingleTurnCollector(Collector):
         preference = None if feed is None else feed.step(sibling_pairs(samples, id_prefix=id_prefix), rng=rng)
         return samples, preference
 
-    def evaluate(self, model, tokenizer, tasks, *, teacher, stop_token_ids):
+    def evaluate(self, policy, tasks, *, teacher):
         c = self.config
         counts = evaluate(
-            model,
-            tokenizer,
+            policy.engine,
+            policy.tokenizer,
             tasks,
             k=c.eval.k,
             max_prompt_length=c.rollout.max_prompt_length,
             max_completion_length=c.rollout.max_completion_length,
             temperature=c.rollout.temperature,
             score_many=self.score_many(),
-            stop_token_ids=stop_token_ids,
+            stop_token_ids=policy.stop_token_ids,
         )
         # Issue 15's teacher gate: the student and the hinted teacher (None: the policy) on correct answers.
         gate = teacher_gate(
-            model,
-            model if teacher is None else teacher,
-            tokenizer,
+            policy.model,
+            policy.model if teacher is None else teacher,
+            policy.tokenizer,
             tasks,
             counts.greedy_attempts,
             max_prompt_length=c.rollout.max_prompt_length,
@@ -163,20 +175,22 @@ class EpisodeCollector(Collector):
     def max_completion_length(self) -> int:
         return self.config.agent.max_tokens
 
-    def warm_up(self, model, tokenizer, *, rng, group, progress):
+    def warm_up(self, policy, *, rng, group, progress):
         settings = self.sft_settings(rng=rng, group=group, progress=progress)
-        return episode_warmup(model, tokenizer, self.env.train, script=self.env.scripted_episode, **settings)
+        return episode_warmup(
+            policy.model, policy.tokenizer, self.env.train, script=self.env.scripted_episode, **settings
+        )
 
-    def collect(self, model, tokenizer, *, stop_token_ids, rng, teacher, feed, id_prefix, episodes_file):
+    def collect(self, policy, *, rng, teacher, feed, id_prefix, episodes_file):
         c, a = self.config, self.config.agent
         samples = agent_rollout(
-            model,
-            tokenizer,
+            policy.engine,
+            policy.tokenizer,
             [self.env.sample(rng) for _ in range(c.rollout.prompts_per_step)],
             group_size=c.rollout.group_size,
             hint_level=c.task.hint_level if c.loss.alpha > 0 else None,
             require_finish=a.require_finish,
-            stop_token_ids=stop_token_ids,
+            stop_token_ids=policy.stop_token_ids,
             **self.episode_settings(),
         )
         if a.write_episodes:
@@ -187,10 +201,15 @@ class EpisodeCollector(Collector):
             preference = feed.step(pairs, rng=rng)
         return samples, preference
 
-    def evaluate(self, model, tokenizer, tasks, *, teacher, stop_token_ids):
+    def evaluate(self, policy, tasks, *, teacher):
         settings = self.episode_settings()
         counts = evaluate_episodes(
-            model, tokenizer, tasks, k=self.config.eval.k, stop_token_ids=stop_token_ids, **settings
+            policy.engine,
+            policy.tokenizer,
+            tasks,
+            k=self.config.eval.k,
+            stop_token_ids=policy.stop_token_ids,
+            **settings,
         )
         return counts, {}
 

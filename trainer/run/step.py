@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from trainer.config import ConfigError, OptimConfig
 from trainer.objective.losses import ComposerBatch, ComposerLossOutput, composer_total_loss
+from trainer.rollout.sampling import Engine
 from trainer.rollout.warmup import warmup_probe
 from trainer.run.build import Replica, Run, share_synced_parameters
 from trainer.run.topology import step_seed
@@ -43,7 +44,7 @@ def warm_up(run: Run) -> None:
             f" use at least {world}, or optim.sft_shared: false"
         )
     with run.autocast():
-        sft_losses = run.collector.warm_up(run.model, run.tokenizer, rng=rng, group=group, progress=run.topo.lead)
+        sft_losses = run.collector.warm_up(run.policy(), rng=rng, group=group, progress=run.topo.lead)
     if run.topo.lead:
         line = f"warm-up: {len(sft_losses)} SFT steps, loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f}"
         probe = run.env.probe_candidates()
@@ -63,9 +64,7 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
     prefix = f"r{topo.replica_id}-{topo.local_rank}-s{step}"
     with run.autocast():
         samples, preference = run.collector.collect(
-            run.model,
-            run.tokenizer,
-            stop_token_ids=run.stop_token_ids,
+            run.policy(),
             rng=rng,
             teacher=teacher_model(run, replica),
             feed=replica.feed,
@@ -109,11 +108,11 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
     )
 
 
-def teacher_model(run: Run, replica: Replica) -> torch.nn.Module | None:
-    """The model the SDPO teacher samples with for its reward: the EMA copy, the policy, or none."""
+def teacher_model(run: Run, replica: Replica) -> torch.nn.Module | Engine | None:
+    """What the SDPO teacher samples with for its reward: the EMA copy, the policy's engine, or none."""
     if run.config.loss.alpha == 0:
         return None
-    return replica.teacher_module or run.model
+    return replica.teacher_module or run.engine
 
 
 def three_channel_loss(run: Run, replica: Replica, batch: ComposerBatch) -> ComposerLossOutput:
