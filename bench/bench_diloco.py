@@ -34,7 +34,9 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from trainer.checkpoint import strict_json
 from trainer.diloco import DiLoCo
+from trainer.run.placement import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORLDS = (2, 4)
@@ -162,7 +164,7 @@ def _rank(rank: int, world: int, store_path: str, out_path: str) -> None:
         if world == 2:
             results["collectives"] = {size: _collective_seconds(size) for size in PAYLOAD_SIZES}
         if rank == 0:
-            Path(out_path).write_text(json.dumps(results))
+            Path(out_path).write_text(strict_json(results))
     finally:
         dist.destroy_process_group()
 
@@ -279,7 +281,7 @@ def main() -> None:
         "torch": torch.__version__,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "diloco.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(RESULTS / "diloco.json", results)
     (RESULTS / "diloco.md").write_text(_markdown(by_world))
     print((RESULTS / "diloco.md").read_text())
 

@@ -17,7 +17,6 @@ Writes bench/results/precision.md and precision.json. `.venv/bin/python bench/be
 from __future__ import annotations
 
 import copy
-import json
 import platform
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from trainer.precision import autocast
+from trainer.run.placement import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = dict(
@@ -88,7 +88,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     figures = dict(model=MODEL, params=params, steps=STEPS, lr=LR, batch=[BATCH, LENGTH], rows=rows)
     figures["machine"] = platform.processor() or platform.machine()
-    (RESULTS / "precision.json").write_text(json.dumps(figures, indent=2) + "\n")
+    write_json(RESULTS / "precision.json", figures)
     lines = [
         "# bf16 fidelity of the inner optimizer (`bench/bench_precision.py`)",
         "",

@@ -9,7 +9,6 @@ Writes bench/results/worker.md and .json.
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 import time
@@ -24,6 +23,7 @@ from trainer.losses import ComposerBatch, composer_total_loss
 from trainer.model import tiny_model_and_tokenizer
 from trainer.objective.replay import PreferenceFeed, PreferenceReplay
 from trainer.rollout.single_turn import rollout, sibling_pairs
+from trainer.run.placement import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -134,7 +134,7 @@ def main() -> None:
         threads=1,
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "worker.json").write_text(json.dumps(figures, indent=2))
+    write_json(RESULTS / "worker.json", figures)
     (RESULTS / "worker.md").write_text(
         "# Worker inner step vs a bare torch loop\n\n"
         f"{figures['model']}; {figures['batch']}; median of {REPEATS} steps each, variants interleaved, 1 thread.\n\n"

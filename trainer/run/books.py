@@ -210,9 +210,11 @@ def finish(run: Run, replica: Replica, books: Books) -> dict:
         books.metrics.close()
         summary.update(run_summary(run.run_dir / "metrics.jsonl"))  # every round, resumed or not
         if "reward_rise" in summary:
+            sigmas = summary["reward_rise_sigmas"]
+            said = f"{sigmas:.1f} sigma" if sigmas is not None else f"? sigma ({summary['reward_rise_sigmas_reason']})"
             print(
                 f"reward: first rounds {summary['reward_first']:.4f}, last rounds {summary['reward_last']:.4f}, "
-                f"rise {summary['reward_rise']:+.4f} = {summary['reward_rise_sigmas']:.1f} sigma",
+                f"rise {summary['reward_rise']:+.4f} = {said}",
                 flush=True,
             )
         if "eval_pass_at_1_first" in summary:
