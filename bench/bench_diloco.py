@@ -180,9 +180,27 @@ def _ring(world: int) -> float:
     return 2 * (world - 1) / world
 
 
+WAN_ROW = {"replicas": 2, "rate_mbit": 100, "compression": "none", "fragments": 1}
+
+
+def wan_link_efficiency(wan_json: Path) -> float | None:
+    """The fp32 exchange's link efficiency at 100 Mbit/s, M = 2, one fragment, as `bench/bench_wan.py`
+    last measured it (wan.json); None when that file or row is absent. Read, never restated, so a
+    rerun of the WAN bench cannot leave this page quoting an old figure."""
+    try:
+        rows = json.loads(wan_json.read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        return None
+    for row in rows:
+        if tuple(row.get(key) for key in WAN_ROW) == tuple(WAN_ROW.values()):
+            return row.get("link_efficiency")
+    return None
+
+
 def _markdown(by_world: dict[int, dict]) -> str:
     two = by_world[2]
     first = next(iter(two["diloco"].values()))
+    efficiency = wan_link_efficiency(RESULTS / "wan.json")
     lines = [
         "# trainer.diloco benchmark",
         "",
@@ -248,8 +266,8 @@ def _markdown(by_world: dict[int, dict]) -> str:
         "bytes, so the exchange is bound by its CPU work (a flag byte appended, decode, fp32 sum, "
         "re-encode and concatenation copy each payload; chunks are posted one by one from "
         "Python) where Gloo's all-reduce works in place: it is slower here, most at 64 MiB. Over "
-        "links of a few Gbit/s or less the link sets the pace (`bench/results/wan.md`: 0.87 of "
-        "100 Mbit/s for fp32).",
+        "links of a few Gbit/s or less the link sets the pace"
+        + (f" (`bench/results/wan.md`: {efficiency:.2f} of 100 Mbit/s for fp32)." if efficiency is not None else "."),
         "",
         "| payload | all_reduce fp32 (ms) | MiB/s | DiLoCo exchange fp32 (ms) | MiB/s |",
         "|---|---|---|---|---|",
