@@ -15,7 +15,7 @@ TABLE_COLUMNS = ("round", "reward", "±σ", "teacher", "grpo", "sdpo", "dpo", "|
 
 class MetricsLog:
     """Append-only JSONL; every line is flushed so a killed run keeps what it logged. Lines are strict
-    JSON (`trainer.checkpoint.strict_json`): a non-finite value (a skipped step's NaN loss) is
+    JSON (`trainer.checkpoint.strict_json`): a non-finite value (a NaN or infinite figure) is
     written as null with `<key>_reason` beside it."""
 
     def __init__(self, path: Path) -> None:

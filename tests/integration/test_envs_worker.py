@@ -5,7 +5,6 @@ model; the path must run."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.support.strict_json import read_strict, read_strict_lines
 from trainer.config import load_config
 from trainer.model import tiny_model_and_tokenizer
 from trainer.rollout.sampling import decode_completions
@@ -43,8 +43,8 @@ def run_one_round(run_dir: Path, *overrides: str) -> list[dict]:
     env = {**os.environ, "COMPOSER_RUN_DIR": str(run_dir)}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert json.loads((run_dir / "summary.json").read_text())["status"] == "ok"
+    records = read_strict_lines(run_dir / "metrics.jsonl")  # strict JSON: no NaN, no Infinity
+    assert read_strict(run_dir / "summary.json")["status"] == "ok"
     return records
 
 

@@ -3,7 +3,6 @@ channels can be switched off, and a broken config is one clear line."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -13,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.support.strict_json import read_strict, read_strict_lines
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -46,12 +47,12 @@ def finish(process: subprocess.Popen, timeout: float = 600) -> str:
 
 
 def records(run_dir: Path, event: str) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["event"] == event]
+    """metrics.jsonl's records of `event`, read as strict JSON (NaN or Infinity in it fails the test)."""
+    return [r for r in read_strict_lines(run_dir / "metrics.jsonl") if r["event"] == event]
 
 
 def summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
+    return read_strict(run_dir / "summary.json")
 
 
 # The EMA teacher and the DPO replay buffer are the state a resume is most likely to lose.
