@@ -24,7 +24,8 @@ smoke: venv
 
 # The whole suite, set up by itself: the lint and format check first (`make format` fixes), then
 # what the Docker tests need (engine, Compose, offline base image, wheelhouse, image), provisioned
-# where it can be; where no engine can run, one line says why and those tests skip. CI runs this.
+# where it can be; where no engine can run, one line says why and those tests skip (they fail under
+# COMPOSER_REQUIRE_DOCKER=1, which .ci/run sets). CI runs this.
 test: venv lint docker-ready
 	$(BIN)/python -m pytest tests
 

@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from trainer.checkpoint import latest_complete  # noqa: E402
 from trainer.metrics import latest_records, paired_rise, read_metrics  # noqa: E402
+from trainer.run.placement import write_json  # noqa: E402
 
 # The task's config, and the overrides that size one run to the budget (every cell alike).
 TASKS: dict[str, dict] = {
@@ -394,19 +395,16 @@ def fmt(value: float | None, digits: int = 3) -> str:
 def write_results(summary: dict, results: Path, wall_s: float | None, jobs: int) -> None:
     results.mkdir(parents=True, exist_ok=True)
     rows = summary["rows"]
-    (results / "ablation.json").write_text(
-        json.dumps(
-            dict(
-                rows=rows,
-                machine=platform.platform(),
-                cpus=os.cpu_count(),
-                jobs=jobs,
-                wall_s=wall_s,
-                run_seconds=summary["run_seconds"],
-            ),
-            indent=2,
-        )
-        + "\n"
+    write_json(
+        results / "ablation.json",
+        dict(
+            rows=rows,
+            machine=platform.platform(),
+            cpus=os.cpu_count(),
+            jobs=jobs,
+            wall_s=wall_s,
+            run_seconds=summary["run_seconds"],
+        ),
     )
     lines = [
         "# α/β ablation (issue 15): held-out greedy pass@1",

@@ -17,7 +17,6 @@ Writes bench/results/agent.md and agent.json. Run from the repo root: `.venv/bin
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import random
@@ -32,6 +31,7 @@ from trainer.envs.workspace import ParsedCall, Workspace, execute_tool
 from trainer.model import tiny_model_and_tokenizer
 from trainer.rollout.episodes import episode_metrics, run_episode, run_episodes
 from trainer.rollout.warmup import episode_warmup
+from trainer.run.placement import write_json
 from trainer.sandbox import SandboxConfig, make_sandbox
 
 REPEATS = 30
@@ -113,7 +113,7 @@ def main() -> None:
     figures = episodes(env, box)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, root={os.geteuid() == 0}"
     OUT.mkdir(exist_ok=True)
-    (OUT / "agent.json").write_text(json.dumps({"machine": machine, "tool_ms": costs, **figures}, indent=2) + "\n")
+    write_json(OUT / "agent.json", {"machine": machine, "tool_ms": costs, **figures})
     lines = [
         "# Agent episodes (`bench/bench_agent.py`)",
         "",

@@ -34,7 +34,9 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from trainer.checkpoint import strict_json
 from trainer.diloco import DiLoCo
+from trainer.run.placement import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORLDS = (2, 4)
@@ -162,7 +164,7 @@ def _rank(rank: int, world: int, store_path: str, out_path: str) -> None:
         if world == 2:
             results["collectives"] = {size: _collective_seconds(size) for size in PAYLOAD_SIZES}
         if rank == 0:
-            Path(out_path).write_text(json.dumps(results))
+            Path(out_path).write_text(strict_json(results))
     finally:
         dist.destroy_process_group()
 
@@ -178,9 +180,27 @@ def _ring(world: int) -> float:
     return 2 * (world - 1) / world
 
 
+WAN_ROW = {"replicas": 2, "rate_mbit": 100, "compression": "none", "fragments": 1}
+
+
+def wan_link_efficiency(wan_json: Path) -> float | None:
+    """The fp32 exchange's link efficiency at 100 Mbit/s, M = 2, one fragment, as `bench/bench_wan.py`
+    last measured it (wan.json); None when that file or row is absent. Read, never restated, so a
+    rerun of the WAN bench cannot leave this page quoting an old figure."""
+    try:
+        rows = json.loads(wan_json.read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        return None
+    for row in rows:
+        if tuple(row.get(key) for key in WAN_ROW) == tuple(WAN_ROW.values()):
+            return row.get("link_efficiency")
+    return None
+
+
 def _markdown(by_world: dict[int, dict]) -> str:
     two = by_world[2]
     first = next(iter(two["diloco"].values()))
+    efficiency = wan_link_efficiency(RESULTS / "wan.json")
     lines = [
         "# trainer.diloco benchmark",
         "",
@@ -246,8 +266,8 @@ def _markdown(by_world: dict[int, dict]) -> str:
         "bytes, so the exchange is bound by its CPU work (a flag byte appended, decode, fp32 sum, "
         "re-encode and concatenation copy each payload; chunks are posted one by one from "
         "Python) where Gloo's all-reduce works in place: it is slower here, most at 64 MiB. Over "
-        "links of a few Gbit/s or less the link sets the pace (`bench/results/wan.md`: 0.87 of "
-        "100 Mbit/s for fp32).",
+        "links of a few Gbit/s or less the link sets the pace"
+        + (f" (`bench/results/wan.md`: {efficiency:.2f} of 100 Mbit/s for fp32)." if efficiency is not None else "."),
         "",
         "| payload | all_reduce fp32 (ms) | MiB/s | DiLoCo exchange fp32 (ms) | MiB/s |",
         "|---|---|---|---|---|",
@@ -279,7 +299,7 @@ def main() -> None:
         "torch": torch.__version__,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "diloco.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(RESULTS / "diloco.json", results)
     (RESULTS / "diloco.md").write_text(_markdown(by_world))
     print((RESULTS / "diloco.md").read_text())
 

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from orchestrator.images import DEFAULT_IMAGE, ensure_image  # noqa: E402
+from trainer.run.placement import write_json  # noqa: E402
 
 CONFIG = "configs/test.yaml"
 WORKER_COUNTS = (2, 4, 8)
@@ -121,7 +122,7 @@ def main() -> int:
         "runs": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "docker.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(RESULTS / "docker.json", result)
     lines = [
         "# Containers: `docker compose up --scale worker=N`",
         "",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import json
 import os
 import platform
 import time
@@ -38,6 +37,7 @@ from trainer.losses import (
     sequence_logps,
     token_logps,
 )
+from trainer.run.placement import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VOCAB = 32_000
@@ -198,7 +198,7 @@ def write_results(composed: list[dict], sdpo: list[dict]) -> None:
         "sdpo_logits_shape": list(SDPO_SHAPE),
         "repeats": REPEATS,
     }
-    (RESULTS / "losses.json").write_text(json.dumps({"setup": setup, "composed": composed, "sdpo": sdpo}, indent=2))
+    write_json(RESULTS / "losses.json", {"setup": setup, "composed": composed, "sdpo": sdpo})
 
     full = next(r for r in sdpo if r["top_k"] is None)
     lines = [

@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from trainer.run.placement import write_json
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -50,7 +52,7 @@ def main() -> None:
             )
     full = rows[0]["bytes_per_process"][0]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "replica_shares.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_json(RESULTS / "replica_shares.json", rows)
     lines = [
         "# Cross-replica bytes per process with `replica_size` > 1 (`bench/bench_replica_shares.py`)",
         "",

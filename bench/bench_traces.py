@@ -34,6 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 sys.path.insert(0, str(REPO))
 
+from trainer.run.placement import write_json  # noqa: E402
+
 MB = 1024 * 1024
 MANY_SESSION_SIZES_MB = (128, 512, 1024)
 ONE_SESSION_SIZES_MB = (128, 1024)
@@ -359,7 +361,7 @@ def write_report(baseline: dict, rows: list[dict], pairs: dict, datasets: list[d
         "pairs": pairs,
         "datasets": datasets,
     }
-    (RESULTS / "traces.json").write_text(json.dumps(figures, indent=1) + "\n")
+    write_json(RESULTS / "traces.json", figures)
     many = [r for r in rows if r["layout"] == "many sessions"]
     growth = many[-1]["peak_rss_mb"] - many[0]["peak_rss_mb"]
     lines = [

@@ -616,7 +616,9 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     stem = "wan" if bed is None else "wan_hosts"
     saved = {"setup": setup, "rows": rows} | ({"one_host_rows": one_host} if bed is not None else {})
-    (RESULTS / f"{stem}.json").write_text(json.dumps(saved, indent=2) + "\n")
+    from trainer.run.placement import write_json  # strict JSON, atomically (host side only)
+
+    write_json(RESULTS / f"{stem}.json", saved)
     if bed is None:
         (RESULTS / "wan.md").write_text(markdown(rows, setup))
     else:

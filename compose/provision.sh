@@ -7,7 +7,8 @@
 #   bash compose/provision.sh               # everything
 #   bash compose/provision.sh --image-only  # base image, wheelhouse and image; the engine must run
 #   bash compose/provision.sh --if-possible # everything, or one line saying why no engine can run
-#                                           # here (`make test` uses it; the Docker tests then skip)
+#                                           # here (`make test` uses it; the Docker tests then skip,
+#                                           # unless COMPOSER_REQUIRE_DOCKER=1: then it fails)
 #
 # Environment: BASE_IMAGE (default python:3.11-slim), COMPOSER_IMAGE (default
 # composer-replication:latest), DEBIAN_MIRROR (default: the first Debian URI in apt's sources).
@@ -138,6 +139,9 @@ main() {
         --if-possible)
             # A subshell: engine's `die` ends only it. What follows the engine must work or fail loudly.
             if ! (engine); then
+                # CI (COMPOSER_REQUIRE_DOCKER=1, set by .ci/run) needs the Docker tests to run: no skipping.
+                [ "${COMPOSER_REQUIRE_DOCKER:-0}" = 0 ] \
+                    || die "no Docker engine can run here (above) and COMPOSER_REQUIRE_DOCKER=1 requires one"
                 log "no Docker engine can run here (above): the Docker tests will be skipped"
                 exit 0
             fi

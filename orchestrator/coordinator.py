@@ -57,7 +57,7 @@ from orchestrator.follow import follow
 from orchestrator.progress import MetricsTail, RunProgress, missing_outer_steps
 from orchestrator.supervisor import WorkerSupervisor
 from trainer.config import ConfigError, dump_config, load_config
-from trainer.run.placement import choose_run_dir, config_differences
+from trainer.run.placement import choose_run_dir, config_differences, write_json
 
 PROGRESS_EVERY_S = 20.0
 
@@ -409,10 +409,8 @@ class Coordinator:
         }
         if self.membership is not None:
             report["hosts"] = self.hosts_report()
-        if self.run_dir.exists():
-            partial = self.run_dir / "cluster.json.tmp"
-            partial.write_text(json.dumps(report, indent=2) + "\n")
-            partial.replace(self.run_dir / "cluster.json")
+        if self.run_dir.exists():  # atomic and strict JSON, as summary.json
+            write_json(self.run_dir / "cluster.json", report)
         log(f"run {report['status']}: {json.dumps(report)}")
         return 0 if report["status"] == "ok" else 1
 

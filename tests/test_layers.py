@@ -19,7 +19,8 @@ from tests.support.paths import REPO
 PACKAGES = ("trainer", "orchestrator")
 
 # layer -> the layers it may import (its own is always allowed). Foundation modules import nothing
-# of the project; `run` may import every layer below it; the worker is the schedule on top.
+# of the project outside the foundation (metrics -> checkpoint.strict_json); `run` may import every
+# layer below it; the worker is the schedule on top.
 BELOW_RUN = {"sandbox", "envs", "traces", "diloco", "objective", "rollout", "config", "foundation"}
 ALLOWED: dict[str, set[str]] = {
     "sandbox": set(),

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -61,6 +62,36 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def strict_json(data: Any, **dumps: Any) -> str:
+    """`data` as strict JSON text (RFC 8259): what every JSON file and line the project writes goes through.
+
+    Python's `json.dumps` writes NaN and Infinity by default, which are not JSON: readers in other
+    languages (JavaScript's JSON.parse, Go's encoding/json, jq) refuse the whole file. Here a
+    non-finite float becomes `null`; inside an object, `<key>_reason` beside it says what it was
+    ("nan", "inf", "-inf"), unless the object already gives a `<key>_reason` (a writer that knows
+    why, e.g. `reward_rise_sigmas_reason: "no variation"`, wins). Nested objects and lists are
+    walked; a non-finite float in a list becomes `null` alone. `dumps`: `json.dumps` keywords
+    (indent, ensure_ascii, ...). Raises TypeError for what `json.dumps` cannot encode.
+    """
+    return json.dumps(finite(data), allow_nan=False, **dumps)
+
+
+def finite(data: Any) -> Any:
+    """`data` with every non-finite float replaced as `strict_json` describes (a new object; `data` is untouched)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        out = {}
+        for key, value in data.items():
+            out[key] = finite(value)
+            if isinstance(value, float) and not math.isfinite(value):
+                out.setdefault(f"{key}_reason", data.get(f"{key}_reason", str(value)))
+        return out
+    if isinstance(data, (list, tuple)):
+        return [finite(value) for value in data]
+    return data
 
 
 def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], object]) -> Path:
@@ -132,7 +163,7 @@ def mark_complete(root: Path, outer_step: int, info: dict[str, Any], keep: int) 
     """
     folder = step_dir(root, outer_step)
     files = {p.name: p.stat().st_size for p in sorted(folder.glob("replica-*")) if p.is_file()}
-    atomic_write(folder / COMPLETE, json.dumps({**info, "files": files}))
+    atomic_write(folder / COMPLETE, strict_json({**info, "files": files}))
     for step, path in _step_folders(root).items():
         sealed = (path / COMPLETE).exists()
         if (sealed and step > outer_step) or (not sealed and step < outer_step):

@@ -8,11 +8,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+from trainer.checkpoint import strict_json
+
 TABLE_COLUMNS = ("round", "reward", "±σ", "teacher", "grpo", "sdpo", "dpo", "|Δ|", "MB sent", "s")
 
 
 class MetricsLog:
-    """Append-only JSONL; every line is flushed so a killed run keeps what it logged."""
+    """Append-only JSONL; every line is flushed so a killed run keeps what it logged. Lines are strict
+    JSON (`trainer.checkpoint.strict_json`): a non-finite value (a NaN or infinite figure) is
+    written as null with `<key>_reason` beside it."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -20,7 +24,7 @@ class MetricsLog:
         self._file = path.open("a", encoding="utf-8")
 
     def log(self, event: str, **fields: Any) -> None:
-        self._file.write(json.dumps({"event": event, **fields}) + "\n")
+        self._file.write(strict_json({"event": event, **fields}) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -40,18 +44,33 @@ def mean_and_error(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(variance / len(values))
 
 
-def reward_rise(step_rewards_by_round: list[list[float]]) -> dict[str, float]:
-    """Last quarter of the rounds against the first: the rise and how many standard errors it is."""
+def reward_rise(step_rewards_by_round: list[list[float]]) -> dict[str, Any]:
+    """Last quarter of the rounds against the first: the rise and how many standard errors it is.
+
+    reward_rise_sigmas is None where no standard error exists, with reward_rise_sigmas_reason
+    saying why: "no variation" (every step's reward alike in both spans), or "one step per span"
+    (a standard error needs two).
+    """
     span = max(1, len(step_rewards_by_round) // 4)
-    first, first_error = mean_and_error([r for rnd in step_rewards_by_round[:span] for r in rnd])
-    last, last_error = mean_and_error([r for rnd in step_rewards_by_round[-span:] for r in rnd])
+    first_steps = [r for rnd in step_rewards_by_round[:span] for r in rnd]
+    last_steps = [r for rnd in step_rewards_by_round[-span:] for r in rnd]
+    first, first_error = mean_and_error(first_steps)
+    last, last_error = mean_and_error(last_steps)
     noise = math.hypot(first_error, last_error)
-    return dict(
-        reward_first=first,
-        reward_last=last,
-        reward_rise=last - first,
-        reward_rise_sigmas=(last - first) / noise if noise > 0 else float("nan"),
-    )
+    rise: dict[str, Any] = dict(reward_first=first, reward_last=last, reward_rise=last - first)
+    if noise > 0:
+        rise["reward_rise_sigmas"] = (last - first) / noise
+    else:
+        rise["reward_rise_sigmas"] = None
+        rise["reward_rise_sigmas_reason"] = "one step per span" if math.isnan(noise) else "no variation"
+    return rise
+
+
+def _rise_sigmas(summary: dict[str, Any], key: str, sigmas: float, reason: str) -> None:
+    """summary[key] = sigmas, or None with `<key>_reason` where they are undefined (nan)."""
+    summary[key] = None if math.isnan(sigmas) else sigmas
+    if summary[key] is None:
+        summary[f"{key}_reason"] = reason
 
 
 def paired_rise(before: list[bool], after: list[bool]) -> tuple[float, float]:
@@ -147,7 +166,8 @@ def run_summary(path: Path) -> dict[str, Any]:
         summary["eval_size"], summary["eval_k"] = evals[-1]["size"], evals[-1]["k"]
         if len(evals) >= 2 and "greedy_correct" in evals[0] and "greedy_correct" in evals[-1]:
             rise, sigmas = paired_rise(evals[0]["greedy_correct"], evals[-1]["greedy_correct"])
-            summary["eval_pass_at_1_rise"], summary["eval_pass_at_1_rise_sigmas"] = rise, sigmas
+            summary["eval_pass_at_1_rise"] = rise
+            _rise_sigmas(summary, "eval_pass_at_1_rise_sigmas", sigmas, "no task changed")
         if "sampled_reward" in evals[0]:
             summary["eval_sampled_reward_first"] = evals[0]["sampled_reward"]
             summary["eval_sampled_reward_last"] = evals[-1]["sampled_reward"]
@@ -155,7 +175,8 @@ def run_summary(path: Path) -> dict[str, Any]:
             k = evals[-1]["k"]
             before, after = ([c / k for c in e["sampled_correct"]] for e in (evals[0], evals[-1]))
             rise, sigmas = paired_mean_rise(before, after)
-            summary["eval_sampled_reward_rise"], summary["eval_sampled_reward_rise_sigmas"] = rise, sigmas
+            summary["eval_sampled_reward_rise"] = rise
+            _rise_sigmas(summary, "eval_sampled_reward_rise_sigmas", sigmas, "every task changed alike")
     return summary
 
 
@@ -177,8 +198,12 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
         by_step.setdefault(r["step"], []).append(r)
     steps = sorted(by_step)
 
+    def value(r: dict, key: str) -> float:
+        """A value written as null for being non-finite (null with a reason) is a gap; other nulls 0."""
+        return math.nan if r[key] is None and f"{key}_reason" in r else r[key] or 0.0
+
     def mean_of(key: str) -> list[float]:
-        return [sum(r[key] or 0.0 for r in by_step[s]) / len(by_step[s]) for s in steps]
+        return [sum(value(r, key) for r in by_step[s]) / len(by_step[s]) for s in steps]
 
     axes[0].plot(steps, mean_of("reward"), label="student reward")
     if any(r.get("teacher_reward") is not None for r in inner):
@@ -187,7 +212,7 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
     for key in ("grpo", "sdpo", "dpo", "loss"):
         axes[1].plot(steps, mean_of(key), label=key)
     axes[1].set(xlabel="inner step", title="loss channels")
-    axes[2].plot([r["outer_step"] for r in outer], [r["pseudo_grad_norm"] for r in outer], marker="o")
+    axes[2].plot([r["outer_step"] for r in outer], [value(r, "pseudo_grad_norm") for r in outer], marker="o")
     axes[2].set(xlabel="outer step", title="pseudo-gradient norm")
     if evals:
         k = evals[-1]["k"]

@@ -32,7 +32,9 @@ def compute_dtype(name: str) -> torch.dtype | None:
 
 @contextlib.contextmanager
 def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
-    """Forwards inside run their matmuls in `dtype` (softmax and reductions stay fp32); no-op for None."""
+    """Forwards inside run their matmuls in `dtype`; no-op for None. Which other ops autocast keeps
+    in fp32 depends on the device (CUDA: softmax and reductions; CPU: fewer, e.g. not log_softmax),
+    so the losses upcast logits themselves (`trainer.objective.losses`)."""
     if dtype is None:
         yield
         return

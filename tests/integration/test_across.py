@@ -4,7 +4,9 @@ image moved into each with `docker save | docker load`. Every command is the one
 that machine: `python -m orchestrator serve` on h1, `python -m orchestrator join` on h2 and h3,
 run inside the host's namespace with DOCKER_HOST at its engine.
 
-Skips cleanly where the test bed cannot run (not root, no dockerd, no network namespaces).
+Skips where the test bed's preconditions are missing (no engine answers, or `TestBed.check()`:
+not root, a tool missing), and fails there under COMPOSER_REQUIRE_DOCKER=1; an error while bringing
+the bed up is always a failure.
 COMPOSER_TEST_IMAGE names the image to build and use (default: the project's image).
 """
 
@@ -28,6 +30,7 @@ import docker  # noqa: E402
 
 from orchestrator.images import DEFAULT_IMAGE, SOURCE_LABEL, ensure_image, repo_root  # noqa: E402
 from orchestrator.testbed import TestBed, TestBedError  # noqa: E402
+from tests.support.docker_engine import docker_client, unavailable  # noqa: E402
 from trainer.checkpoint import latest_complete  # noqa: E402
 
 pytestmark = [pytest.mark.docker, pytest.mark.integration]
@@ -42,18 +45,21 @@ SECRET = "pytest-across-secret-0123456789abcdef"
 
 @pytest.fixture(scope="module")
 def bed() -> Iterator[TestBed]:
+    """Skips (fails under COMPOSER_REQUIRE_DOCKER=1) only where a precondition is missing: no engine
+    answers, or `TestBed.check()` names what this machine lacks. Once those hold, an error from
+    `up()` (an `ip` command refused, a dockerd that never answers) fails the tests that use it."""
+    client = docker_client()
     try:
-        client = docker.from_env()
-        client.ping()
-    except docker.errors.DockerException as error:
-        pytest.skip(f"no Docker engine answers ({error}); `bash compose/provision.sh` starts one")
+        TestBed.check()
+    except TestBedError as error:
+        missing = str(error)
+    else:
+        missing = None
+    if missing is not None:
+        unavailable(f"the multi-host test bed cannot run here: {missing}")
     testbed = TestBed(3)
     try:
         testbed.up()
-    except TestBedError as error:
-        testbed.down()
-        pytest.skip(f"the multi-host test bed cannot run here: {error}")
-    try:
         ensure_image(client, tag=IMAGE, log=lambda _line: None)
         testbed.load_image(IMAGE)
         yield testbed

@@ -1,7 +1,8 @@
 """Multi-node runs in real containers (testcontainers + the orchestrator) on the local image.
 
-They skip only when no Docker engine answers and CI is unset; in CI they run or fail.
-`bash compose/provision.sh` starts an engine and builds what the image needs on a bare machine.
+They skip only when no Docker engine answers and COMPOSER_REQUIRE_DOCKER is unset (.ci/run sets
+it: there they run or fail, `tests.support.docker_engine`). `bash compose/provision.sh` starts an
+engine and builds what the image needs on a bare machine.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from testcontainers.core.container import DockerContainer  # noqa: E402
 from orchestrator.cluster import LABEL_RUN  # noqa: E402
 from orchestrator.images import DEFAULT_IMAGE, ensure_image, repo_root  # noqa: E402
 from orchestrator.supervisor import WorkerSupervisor  # noqa: E402
+from tests.support.docker_engine import docker_client  # noqa: E402
 from trainer.checkpoint import latest_complete  # noqa: E402
 
 pytestmark = [pytest.mark.docker, pytest.mark.integration]
@@ -40,14 +42,7 @@ RUN_TIMEOUT_S = 900
 
 @pytest.fixture(scope="module")
 def client() -> docker.DockerClient:
-    try:
-        engine = docker.from_env()
-        engine.ping()
-    except docker.errors.DockerException as error:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but no Docker engine answers ({error}); .ci/run provisions one")
-        pytest.skip(f"no Docker engine answers ({error}); `bash compose/provision.sh` starts one")
-    return engine
+    return docker_client()
 
 
 @pytest.fixture(scope="module")

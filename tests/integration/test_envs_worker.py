@@ -5,14 +5,22 @@ model; the path must run."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from tests.support.strict_json import read_strict, read_strict_lines
+from trainer.config import load_config
+from trainer.model import tiny_model_and_tokenizer
+from trainer.rollout.sampling import decode_completions
+from trainer.run.build import build_env
+from trainer.run.collectors import make_collector
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -35,8 +43,8 @@ def run_one_round(run_dir: Path, *overrides: str) -> list[dict]:
     env = {**os.environ, "COMPOSER_RUN_DIR": str(run_dir)}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert json.loads((run_dir / "summary.json").read_text())["status"] == "ok"
+    records = read_strict_lines(run_dir / "metrics.jsonl")  # strict JSON: no NaN, no Infinity
+    assert read_strict(run_dir / "summary.json")["status"] == "ok"
     return records
 
 
@@ -49,6 +57,41 @@ def check_the_path_ran(records: list[dict], *, sandboxed: bool) -> None:
         assert all(r["execution_s"] > 0 for r in inner)
     evals = [r for r in records if r["event"] == "eval"]
     assert [r["size"] for r in evals] == [4, 4]  # before training and after the round
+
+
+def test_each_row_s_teacher_prompt_holds_that_row_s_own_attempt_and_feedback(tmp_path):
+    """The worker's collection step (its collector, environment and sandbox, in this process) at
+    hint_level feedback: the SDPO teacher of row r reads row r's attempt and the environment's
+    feedback on it, not a sibling's (`sdpo > 0` holds either way)."""
+    config = load_config(
+        REPO / "configs" / "test.yaml",
+        [*ONE_ROUND, "task.source=reasoning_gym:gsm_symbolic", "rollout.max_prompt_length=512"],
+    )
+    env = build_env(config)
+    m = config.model
+    model, tokenizer = tiny_model_and_tokenizer(
+        env.corpus(),
+        vocab_size=m.vocab_size,
+        hidden_size=m.hidden_size,
+        num_layers=m.num_layers,
+        num_heads=m.num_heads,
+        cache_dir=tmp_path,
+    )
+    torch.manual_seed(0)
+    samples, _ = make_collector(config, env).collect(
+        model, tokenizer, rng=random.Random(0), teacher=model, feed=None, id_prefix="t", episodes_file=None
+    )
+    p = samples.policy
+    attempts = decode_completions(tokenizer, p.completion_ids, p.completion_mask)
+    teachers = decode_completions(tokenizer, p.teacher_prompt_ids, p.teacher_prompt_mask)  # the unpadded prompts
+    blocks = [
+        f"The attempt:\n{attempt.strip()}\nFeedback:\n{score.feedback.strip()}"
+        for attempt, score in zip(attempts, samples.scores, strict=True)
+    ]
+    assert len(blocks) == 4 and len(set(blocks)) == 4, blocks  # every row's own: a wrong row cannot pass
+    for row, teacher in enumerate(teachers):
+        assert blocks[row] in teacher, (row, teacher)
+        assert all(block not in teacher for other, block in enumerate(blocks) if other != row)
 
 
 def test_reasoning_gym_gsm_symbolic_runs_through_the_worker_with_feedback_hints(tmp_path):

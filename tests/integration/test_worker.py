@@ -3,7 +3,6 @@ channels can be switched off, and a broken config is one clear line."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -13,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.support.strict_json import read_strict, read_strict_lines
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -46,12 +47,12 @@ def finish(process: subprocess.Popen, timeout: float = 600) -> str:
 
 
 def records(run_dir: Path, event: str) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["event"] == event]
+    """metrics.jsonl's records of `event`, read as strict JSON (NaN or Infinity in it fails the test)."""
+    return [r for r in read_strict_lines(run_dir / "metrics.jsonl") if r["event"] == event]
 
 
 def summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
+    return read_strict(run_dir / "summary.json")
 
 
 # The EMA teacher and the DPO replay buffer are the state a resume is most likely to lose.
@@ -71,6 +72,7 @@ def test_replicas_agree_after_every_outer_step(uninterrupted):
     for record in outer:
         assert record["replicas"] == 2 and record["participants"] == 2
         assert len(record["replica_hashes"]) == 2 and len(set(record["replica_hashes"])) == 1
+        assert record["rank_hashes"] == record["replica_hashes"]  # one process a replica
         assert record["pseudo_grad_norm"] > 0 and record["bytes_sent"] > 0
     # ... and yet the replicas trained on different data between syncs
     inner = records(uninterrupted, "inner")
@@ -180,17 +182,31 @@ def hub_dir(tmp_path_factory) -> Path:
 HUB = ("optim.sft_steps=0", "rounds=2")
 
 
-def test_a_saved_hub_model_trains_in_bf16_and_a_round_without_updates_ships_zero(hub_dir, tmp_path):
+def test_a_saved_hub_model_trains_in_bf16_autocast_on_fp32_master_weights_that_all_move(hub_dir, tmp_path):
+    """At a real model's learning rate (1e-5, the hub stand-in's), an AdamW step is below half a
+    bf16 step for most weights: bf16 parameters updated in place would keep most of them where they
+    were (trainer.precision). fp32 master weights move every one; the forwards compute in bf16."""
+    run_dir = tmp_path / "bf16"
     result = run_worker(
-        tmp_path / "bf16", f"model.name={hub_dir}", "model.dtype=bfloat16", "optim.lr=0", "loss.teacher=ema", *HUB
+        run_dir, f"model.name={hub_dir}", "model.dtype=bfloat16", "optim.lr=1e-5", "loss.teacher=ema", *HUB
     )
     assert result.returncode == 0, result.stdout[-3000:]
-    outer = records(tmp_path / "bf16", "outer")
-    assert len(outer) == 2 and all(len(set(r["replica_hashes"])) == 1 for r in outer)
-    # fp32 master weights: inner lr 0 moves nothing, so nothing (not even bf16 rounding) is shipped
-    assert [r["pseudo_grad_norm"] for r in outer] == [0.0, 0.0]
-    inner = records(tmp_path / "bf16", "inner")
+    outer = records(run_dir, "outer")
+    assert len(outer) == 2 and all(len(set(r["rank_hashes"])) == 1 for r in outer)
+    assert all(r["pseudo_grad_norm"] > 0 for r in outer)
+    inner = records(run_dir, "inner")
     assert all(math.isfinite(r["loss"]) for r in inner)
+    assert {r["logits_dtype"] for r in inner} == {"bfloat16"}  # measured: the forwards ran under autocast
+    from safetensors.torch import load_file
+
+    start = load_file(hub_dir / "model.safetensors")
+    final = load_file(max((run_dir / "checkpoints").glob("step-*")) / "replica-0.safetensors")
+    assert {str(t.dtype) for t in final.values()} == {"torch.float32"}  # the master weights stay fp32
+    shared = sorted(set(start) & set(final))
+    assert len(shared) >= len(final) - 1  # every parameter (the tied lm_head may be saved once)
+    moved = sum(int((final[k] != start[k]).sum()) for k in shared)
+    total = sum(final[k].numel() for k in shared)
+    assert moved / total > 0.99, f"{moved}/{total} weights moved"
 
 
 def test_the_sampler_is_the_policy_being_trained_despite_a_leaky_generation_config(hub_dir, tmp_path):
@@ -266,8 +282,11 @@ def test_a_replica_of_two_processes_ships_half_the_model_per_process_and_replica
         assert halves[0] + halves[1] == pytest.approx(full, rel=0.01)  # the replica ships one model's worth
         assert max(halves) <= 0.51 * full
         assert len(set(two["replica_hashes"])) == 1 and two["replicas"] == 2
+        # every process, not each replica's first: a share lost inside a replica shows only here
+        assert len(two["rank_hashes"]) == 4 and len(set(two["rank_hashes"])) == 1, two["rank_hashes"]
     done = summary(tmp_path / "s2")
-    assert done["replicas_agree"] and done["world_size"] == 4
+    assert done["replicas_agree"] and done["world_size"] == 4 and done["status"] == "ok"
+    assert len(done["rank_hashes"]) == 4 and set(done["rank_hashes"]) == {done["final_param_hash"]}
 
 
 def run_and_check(run_dir: Path, *, nproc: int, replica_size: int = 1) -> Path:

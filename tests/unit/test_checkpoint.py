@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.support.strict_json import loads_strict
 from trainer import checkpoint
 from trainer.checkpoint import TrainingState
 
@@ -300,3 +302,27 @@ def test_reference_round_trip(tmp_path):
     checkpoint.save_reference(tmp_path, small_model(0))
     assert checkpoint.load_reference(tmp_path, target)
     assert torch.equal(target[0].weight, small_model(0)[0].weight)
+
+
+def test_strict_json_writes_null_for_non_finite_floats_with_the_reason_beside_a_known_one_wins():
+    data = {
+        "a": float("nan"),
+        "b": {"c": float("-inf"), "d": (1.5, float("inf"))},
+        "sigmas": float("nan"),
+        "sigmas_reason": "no variation",
+        "n": 3,
+        "flag": True,
+    }
+    text = checkpoint.strict_json(data, indent=1)
+    assert loads_strict(text) == {
+        "a": None,
+        "a_reason": "nan",
+        "b": {"c": None, "c_reason": "-inf", "d": [1.5, None]},
+        "sigmas": None,
+        "sigmas_reason": "no variation",  # the writer's reason, not "nan"
+        "n": 3,
+        "flag": True,
+    }
+    assert math.isnan(data["a"]) and data["b"]["d"][1] == float("inf")  # the input is untouched
+    with pytest.raises(TypeError):
+        checkpoint.strict_json({"x": object()})

@@ -14,8 +14,15 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["smoke.yaml", "test.yaml", "qwen05b.yaml"])
-def test_shipped_configs_load(name):
+SHIPPED = sorted(path.name for path in (REPO / "configs").iterdir())
+
+
+def test_every_file_in_configs_is_a_yaml_config_the_next_test_validates():
+    assert len(SHIPPED) >= 6 and all(name.endswith(".yaml") for name in SHIPPED), SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_validates_as_the_make_targets_check_it(name):
     config = load_config(REPO / "configs" / name)
     assert isinstance(config, Config)
     assert config.name == Path(name).stem

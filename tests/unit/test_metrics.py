@@ -3,6 +3,7 @@ import math
 
 import pytest
 
+from tests.support.strict_json import read_strict, read_strict_lines
 from trainer.metrics import (
     MetricsLog,
     compare_metrics,
@@ -13,6 +14,7 @@ from trainer.metrics import (
     run_summary,
     table_row,
 )
+from trainer.run.placement import write_json
 
 
 def test_mean_and_error_by_hand():
@@ -106,3 +108,46 @@ def test_paired_mean_rise_is_the_paired_t_statistic_of_per_task_pass_rates():
     assert math.isnan(paired_mean_rise([0.5, 0.5], [0.5, 0.5])[1])
     with pytest.raises(ValueError, match="evaluate the same"):
         paired_mean_rise([0.5], [0.5, 1.0])
+
+
+def test_a_non_finite_value_is_logged_as_null_with_its_reason_and_the_file_is_strict_json(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path)
+    log.log("inner", step=0, loss=float("nan"), grad_norm=float("inf"), reward=0.5, per_rank=[1.0, float("-inf")])
+    log.close()
+    assert "NaN" not in path.read_text() and "Infinity" not in path.read_text()
+    (record,) = read_strict_lines(path)
+    assert record == dict(
+        event="inner",
+        step=0,
+        loss=None,
+        loss_reason="nan",
+        grad_norm=None,
+        grad_norm_reason="inf",
+        reward=0.5,
+        per_rank=[1.0, None],
+    )
+
+
+def test_a_reward_rise_with_no_variation_has_null_sigmas_and_says_why(tmp_path):
+    flat = reward_rise([[0.5, 0.5], [0.5, 0.5], [0.5, 0.5], [0.5, 0.5]])
+    assert flat["reward_rise"] == 0.0
+    assert (flat["reward_rise_sigmas"], flat["reward_rise_sigmas_reason"]) == (None, "no variation")
+    single = reward_rise([[0.1], [0.9]])  # one step a span: no standard error at all
+    assert (single["reward_rise_sigmas"], single["reward_rise_sigmas_reason"]) == (None, "one step per span")
+    # the whole summary, as `make hub-standin` wrote it with "rise +0.0000 = nan sigma": strict JSON now
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in range(4):
+        log.log("inner", step=step, round=step, rank=0, replica=0, reward=0.0, skipped=False)
+    log.log("eval", outer_step=0, pass_at_1=0.0, pass_at_k=0.0, size=2, k=2, greedy_correct=[0, 0])
+    log.log("eval", outer_step=4, pass_at_1=0.0, pass_at_k=0.5, size=2, k=2, greedy_correct=[0, 0])
+    log.close()
+    summary = run_summary(tmp_path / "metrics.jsonl")
+    assert summary["reward_rise_sigmas"] is None and summary["reward_rise_sigmas_reason"] == "one step per span"
+    assert summary["eval_pass_at_1_rise"] == 0.0
+    assert (summary["eval_pass_at_1_rise_sigmas"], summary["eval_pass_at_1_rise_sigmas_reason"]) == (
+        None,
+        "no task changed",
+    )
+    write_json(tmp_path / "summary.json", summary)
+    assert read_strict(tmp_path / "summary.json") == summary

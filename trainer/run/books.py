@@ -133,7 +133,8 @@ def log_round(run: Run, replica: Replica, books: Books, everyone: list[dict], ro
     all_records = [r for rank_view in everyone for r in rank_view["records"]]
     for record in sorted(all_records, key=lambda r: (r["step"], r["rank"])):
         books.metrics.log("inner", **record)
-    hashes = [view["hash"] for view in everyone][:: run.topo.replica_size]
+    rank_hashes = [view["hash"] for view in everyone]  # every process's, not one per replica
+    hashes = rank_hashes[:: run.topo.replica_size]
     bytes_sent = sum(v["bytes_sent"] for v in everyone)
     syncs = sum(bool(r["synced"]) for r in everyone[0]["records"])  # one per fragment under Streaming DiLoCo
     books.metrics.log(
@@ -150,6 +151,7 @@ def log_round(run: Run, replica: Replica, books: Books, everyone: list[dict], ro
         communication_s=[v["communication_s"] for v in everyone],
         param_hash=hashes[0],
         replica_hashes=hashes,
+        rank_hashes=rank_hashes,
         replicas=run.topo.replicas,
     )
     rewards = [r["reward"] for r in all_records]
@@ -180,13 +182,26 @@ def replicas_expected_to_agree(config: Config) -> bool:
     return config.diloco.fragments == 1 and config.diloco.fragment_alpha == 0
 
 
-def verdict(config: Config, final_hashes: list[str]) -> dict[str, Any]:
-    """The run's one verdict, decided here and read by the coordinator, cluster.json and `make docker-up`."""
-    expected, agree = replicas_expected_to_agree(config), len(set(final_hashes)) == 1
-    ok = agree or not expected
+def verdict(config: Config, rank_hashes: list[str], replica_size: int = 1) -> dict[str, Any]:
+    """The run's one verdict, decided here and read by the coordinator, cluster.json and `make docker-up`.
+
+    rank_hashes: every process's final parameter hash in rank order (a replica's `replica_size`
+    ranks are consecutive). The processes of one replica must always hold the same weights (they
+    average gradients every step and broadcast their synced shares); replicas must agree with each
+    other where `replicas_expected_to_agree`. Hashing one process per replica would miss a share
+    that never reached the replica's other processes.
+    """
+    replicas = [rank_hashes[i : i + replica_size] for i in range(0, len(rank_hashes), replica_size)]
+    split = [index for index, hashes in enumerate(replicas) if len(set(hashes)) > 1]
+    expected, agree = replicas_expected_to_agree(config), len(set(rank_hashes)) == 1
+    reason = ""
+    if split:
+        reason = f"the processes of replica(s) {split} hold different weights: {rank_hashes}"
+    elif expected and not agree:
+        reason = f"replicas were expected to agree and do not: {[hashes[0] for hashes in replicas]}"
     return dict(
-        status="ok" if ok else "failed",
-        reason="" if ok else f"replicas were expected to agree and do not: {final_hashes}",
+        status="failed" if reason else "ok",
+        reason=reason,
         replicas_expected_to_agree=expected,
         replicas_agree=agree,
     )
@@ -195,7 +210,8 @@ def verdict(config: Config, final_hashes: list[str]) -> dict[str, Any]:
 def finish(run: Run, replica: Replica, books: Books) -> dict:
     """Rank 0 writes summary.json (the verdict, the reward rise), the plot; everyone leaves together."""
     config, topo = run.config, run.topo
-    final_hashes = gather(parameters_hash(run.model))[:: topo.replica_size]
+    rank_hashes = gather(parameters_hash(run.model))
+    final_hashes = rank_hashes[:: topo.replica_size]
     summary = dict(
         name=config.name,
         outer_steps=replica.diloco.outer_step,
@@ -204,15 +220,18 @@ def finish(run: Run, replica: Replica, books: Books) -> dict:
         world_size=topo.world_size,
         final_param_hash=final_hashes[0],
         replica_hashes=final_hashes,
-        **verdict(config, final_hashes),
+        rank_hashes=rank_hashes,
+        **verdict(config, rank_hashes, topo.replica_size),
     )
     if books.metrics is not None:
         books.metrics.close()
         summary.update(run_summary(run.run_dir / "metrics.jsonl"))  # every round, resumed or not
         if "reward_rise" in summary:
+            sigmas = summary["reward_rise_sigmas"]
+            said = f"{sigmas:.1f} sigma" if sigmas is not None else f"? sigma ({summary['reward_rise_sigmas_reason']})"
             print(
                 f"reward: first rounds {summary['reward_first']:.4f}, last rounds {summary['reward_last']:.4f}, "
-                f"rise {summary['reward_rise']:+.4f} = {summary['reward_rise_sigmas']:.1f} sigma",
+                f"rise {summary['reward_rise']:+.4f} = {said}",
                 flush=True,
             )
         if "eval_pass_at_1_first" in summary:

@@ -74,6 +74,7 @@ class Replica:
     teacher: EMATeacher | None
     feed: PreferenceFeed | None
     forward_calls: list[int] = field(default_factory=lambda: [0])  # policy forwards, counted by a hook
+    logits_dtype: str = ""  # of the policy's latest forward (a hook): "bfloat16" under bf16 autocast
     round_clock: tuple[float, float] = (0.0, 0.0)  # DiLoCo's compute/communication seconds at round start
     # A replica of S processes: each process's share of the parameters it exchanges across replicas.
     shares: list[list[torch.Tensor]] | None = None
@@ -236,7 +237,15 @@ def build_replica(run: Run) -> Replica:
     # channels, logged so that alpha = 0 / beta = 0 runs show that they skipped their passes.
     # Registered after the teacher and reference copies were made, so only the policy counts.
     model.register_forward_pre_hook(lambda *_: replica.forward_calls.__setitem__(0, replica.forward_calls[0] + 1))
+    # What the forwards really computed in, measured rather than assumed from model.dtype: a run
+    # whose autocast is lost shows float32 here.
+    model.register_forward_hook(lambda _m, _a, out: setattr(replica, "logits_dtype", _dtype_name(out)))
     return replica
+
+
+def _dtype_name(output: Any) -> str:
+    logits = getattr(output, "logits", None)
+    return str(logits.dtype).removeprefix("torch.") if logits is not None else ""
 
 
 def build_preference_feed(run: Run) -> PreferenceFeed:

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint import atomic_write
+from trainer.checkpoint import atomic_write, strict_json
 from trainer.config import ConfigError
 
 __all__ = ["is_finished", "choose_run_dir", "config_differences", "check_resumable", "restart_count", "write_json"]
@@ -92,5 +92,6 @@ def restart_count() -> int:
 
 
 def write_json(path: Path, data: Any) -> Path:
-    """`data` as indented JSON at `path`, atomically (`trainer.checkpoint.atomic_write`)."""
-    return atomic_write(path, json.dumps(data, indent=2) + "\n")
+    """`data` as indented strict JSON at `path` (`trainer.checkpoint.strict_json`: NaN and infinities
+    become null with the reason beside them), atomically (`trainer.checkpoint.atomic_write`)."""
+    return atomic_write(path, strict_json(data, indent=2) + "\n")

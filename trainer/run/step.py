@@ -102,6 +102,7 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
         execution_s=stats.execution_s,
         loss_s=loss_s,
         loss_forwards=replica.forward_calls[0] - forwards_before,
+        logits_dtype=replica.logits_dtype,  # the loss's last policy forward: bfloat16 under bf16 autocast
         reference_forwards=replay.reference_forward_passes if replay is not None else 0,
         **samples.metrics,
         **out.metrics,

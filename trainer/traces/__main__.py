@@ -7,7 +7,6 @@ non-zero only when strict mode meets a problem or when nothing at all could be r
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from trainer.checkpoint import atomic_write
+from trainer.checkpoint import atomic_write, strict_json
 
 from .ingest import TraceIngester, is_trace_file
 from .mining import PAIR_KINDS, PairMiner, mine_pairs
@@ -110,7 +109,8 @@ def _pair_record(pair: Any) -> dict[str, Any]:
 
 def _write_jsonl(path: Path | None, records: Iterable[dict[str, Any]]) -> None:
     """Stream records to `path` (atomically, `trainer.checkpoint.atomic_write`: a partial file never
-    has the final name); drain if None."""
+    has the final name; each line strict JSON, `trainer.checkpoint.strict_json`: a NaN a log carried
+    is written as null); drain if None."""
     if path is None:
         for _ in records:
             pass
@@ -119,7 +119,7 @@ def _write_jsonl(path: Path | None, records: Iterable[dict[str, Any]]) -> None:
     def stream(partial: Path) -> None:
         with partial.open("w", encoding="utf-8") as handle:
             for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                handle.write(strict_json(record, ensure_ascii=False) + "\n")
 
     atomic_write(path, stream)
 

@@ -42,9 +42,37 @@ def test_evaluate_scores_greedy_and_k_samples_of_every_task():
         temperature=1.0,
     )
     assert always.summary() == dict(pass_at_1=1.0, pass_at_k=1.0, sampled_reward=1.0, size=6, k=3)
-    # greedy decoding is deterministic: the same model answers the same way twice
-    again = evaluate(model, tokenizer, held, k=3, max_prompt_length=64, max_completion_length=3, temperature=1.0)
-    assert again.greedy_correct == never.greedy_correct
+
+
+def test_greedy_answers_are_the_same_under_any_seed_and_are_generates_own_greedy_decoding():
+    tasks = AdditionTasks(5, held_out=6)
+    model, tokenizer = tiny_model_and_tokenizer(tasks.corpus(), vocab_size=300, hidden_size=32, num_layers=2)
+    with torch.no_grad():  # a fresh tiny model answers every prompt alike; larger weights answer each its own way
+        noise = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=noise))
+    held = tasks.held_out
+    greedy = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        counts = evaluate(model, tokenizer, held, k=3, max_prompt_length=64, max_completion_length=6, temperature=1.0)
+        greedy.append([text for text, _ in counts.greedy_attempts])
+    assert greedy[0] == greedy[1]
+    # The reference: transformers' own greedy search, one unpadded prompt at a time, cut after EOS.
+    reference = []
+    for ids in chat_prompt_ids(tokenizer, [task.prompt() for task in held], 64):
+        out = model.generate(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=6,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )[0, len(ids) :].tolist()
+        completion = out[: out.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in out else out
+        reference.append(tokenizer.decode(completion, skip_special_tokens=True))
+    assert greedy[0] == reference
+    assert len(set(reference)) > 1 and any(reference), reference  # real, varied answers: not vacuous
 
 
 def mean_answer_logp(model, tokenizer, prompt_text, answer):

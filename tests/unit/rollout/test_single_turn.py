@@ -16,7 +16,7 @@ def test_prompt_longer_than_limit_is_an_error(policy):
         chat_prompt_ids(policy[1], ["What is 1+2?"], max_length=3)
 
 
-def test_batch_layout_masks_and_advantages(policy):
+def test_batch_layout_and_masks(policy):
     model, tokenizer, tasks = policy
     prompts = [tasks.sample(random.Random(i)) for i in range(3)]
     samples = run(policy, prompts)
@@ -31,10 +31,33 @@ def test_batch_layout_masks_and_advantages(policy):
         assert mask == [1] * valid + [0] * (len(mask) - valid)
         assert tokenizer.eos_token_id not in ids[: valid - 1]
         assert all(t == tokenizer.pad_token_id for t in ids[valid:])
-    # Dr.GRPO advantages: reward minus its group's mean, so each group sums to zero
-    assert torch.allclose(p.advantages.view(3, G).sum(dim=1), torch.zeros(3), atol=1e-6)
     assert 0.0 <= stats.reward <= 1.0 and stats.teacher_reward is not None
     assert stats.completion_tokens == int(p.completion_mask.sum())
+
+
+def length_reward(tasks, completions):
+    """A checker whose rewards differ inside a group even for a random model (whose samples the
+    addition checker scores 0 every time, which makes every advantage 0): the completion's length
+    in characters over 10, capped at 1."""
+    return [Score(min(1.0, len(text) / 10), False, f"{len(text)} characters") for text in completions]
+
+
+def test_dr_grpo_advantages_are_each_reward_minus_its_group_mean_on_mixed_rewards(policy):
+    _, tokenizer, tasks = policy
+    prompts = [tasks.sample(random.Random(i)) for i in range(3)]
+    samples = run(policy, prompts, score_many=length_reward)
+    p = samples.policy
+    texts = [
+        tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+        for ids, mask in zip(p.completion_ids, p.completion_mask, strict=True)
+    ]
+    rewards = [min(1.0, len(text) / 10) for text in texts]  # from the sampled tokens themselves
+    assert samples.rewards.tolist() == pytest.approx(rewards)
+    groups = [rewards[n * G : (n + 1) * G] for n in range(3)]
+    assert sum(len(set(group)) > 1 for group in groups) >= 2, groups  # mixed inside groups
+    expected = [r - sum(group) / G for group in groups for r in group]  # Dr.GRPO: no std division
+    assert p.advantages.tolist() == pytest.approx(expected, abs=1e-6)
+    assert any(abs(a) > 0.05 for a in expected)  # and they are not all zero
 
 
 def test_teacher_reads_the_hint_and_a_correct_sibling(policy):

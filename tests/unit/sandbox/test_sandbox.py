@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.docker_engine import docker_client
 from tests.support.paths import REPO
 from trainer.envs.humaneval import check_of, problems
 from trainer.sandbox import Check, SandboxConfig, SandboxUnavailable, make_sandbox, run_many
@@ -435,8 +436,7 @@ def test_codec_round_trips_plain_data_and_rejects_everything_else():
 
 @pytest.fixture(scope="module")
 def docker_box():
-    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
-        pytest.skip("no Docker engine answers")
+    docker_client()
     from tests.support.docker_python_image import build_image, python_path
 
     config = SandboxConfig(backend="docker", docker_image=build_image(), docker_python=python_path(), docker_pool=2)
@@ -472,8 +472,7 @@ def test_docker_backend_judges_like_the_process_backend(docker_box):
 
 @pytest.mark.docker
 def test_docker_backend_removes_its_containers_on_close():
-    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
-        pytest.skip("no Docker engine answers")
+    docker_client()
     from tests.support.docker_python_image import build_image, python_path
 
     sandbox = make_sandbox(SandboxConfig(backend="docker", docker_image=build_image(), docker_python=python_path()))

@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 from tests.support.paths import REPO
-from tests.support.traces_fixtures import basic_session, forked_session, openai_attempt, write_jsonl
+from tests.support.strict_json import read_strict_lines
+from tests.support.traces_fixtures import ClaudeLog, basic_session, forked_session, openai_attempt, write_jsonl
 from trainer.traces import TraceExample, TraceIngester
 from trainer.traces.__main__ import main
 
@@ -24,6 +25,20 @@ def test_ingest_writes_examples_and_a_table_per_format(tmp_path, capsys):
     assert table[3].split() == ["total", "2", "5", "2", "9", "2", "0"]
     written = [TraceExample.from_dict(json.loads(line)) for line in out.read_text().splitlines()]
     assert written == list(TraceIngester().ingest(tmp_path / "logs"))  # lossless round trip
+
+
+def test_a_nan_in_a_log_is_written_as_null_so_the_output_is_strict_json(tmp_path):
+    log = ClaudeLog("sess-nan")
+    log.user("u1", "Read the file")
+    log.assistant("a1", "Reading.", tool_uses=(("toolu_1", "Read", {"path": "a.py", "limit": float("nan")}),))
+    log.tool_result("r1", "toolu_1", "x = 1")
+    path = log.write(tmp_path / "logs" / "s.jsonl")
+    assert b"NaN" in path.read_bytes()  # Python's reader takes it; the log is what a tool wrote
+    out = tmp_path / "examples.jsonl"
+    assert main(["ingest", str(path), "--out", str(out)]) == 0
+    (example,) = read_strict_lines(out)
+    (call,) = [c for m in example["messages"] for c in m.get("tool_calls") or []]
+    assert call["arguments"] == {"path": "a.py", "limit": None, "limit_reason": "nan"}
 
 
 def test_mine_writes_trl_style_pairs_and_rewards(tmp_path, capsys):

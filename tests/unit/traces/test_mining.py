@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
+from tests.support.paths import REPO
 from tests.support.traces_fixtures import (
     TRACES_DIR,
     ClaudeLog,
@@ -125,6 +129,42 @@ def test_pair_ids_are_stable_content_hashes(tmp_path):
     assert [p.id for p in first] == [p.id for p in again]
     other, _ = pairs_from(forked_session(tmp_path, refuse=True))
     assert first[0].id != other[0].id and first[0].id.startswith("pair-")
+
+
+# Mines a fork pair (from the log at argv[1]) and a self-correction pair; prints their ids.
+MINE_IDS = """
+import sys
+from trainer.traces import Message, ToolCall, TraceExample, TraceIngester, mine_pairs
+corrected = TraceExample("ex", "openai", "ex", [
+    Message("user", "Fix it"),
+    Message("assistant", "Editing.", tool_calls=[ToolCall("1", "edit", {"line": 3})]),
+    Message("tool", "syntax error", tool_call_id="1", is_error=True),
+    Message("assistant", "Fixed indent.", tool_calls=[ToolCall("2", "edit", {"line": 4})]),
+    Message("tool", "ok", tool_call_id="2"),
+])
+examples = [*TraceIngester(strict=True).ingest(sys.argv[1]), corrected]
+print(" ".join(f"{pair.source}:{pair.id}" for pair in mine_pairs(examples)))
+"""
+
+
+def test_pair_ids_are_equal_across_processes_with_different_hash_seeds(tmp_path):
+    """A content hash, not Python's `hash()`, which is salted per process (PYTHONHASHSEED): an id
+    from it would be stable inside one process and differ in the next run's."""
+    path = forked_session(tmp_path, interrupt=True)
+    ids = {}
+    for seed in ("0", "1", "4242"):
+        done = subprocess.run(
+            [sys.executable, "-c", MINE_IDS, str(path)],
+            cwd=REPO,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr
+        ids[seed] = done.stdout.split()
+    assert sorted(i.split(":")[0] for i in ids["0"]) == ["fork", "self_correction"]
+    assert ids["0"] == ids["1"] == ids["4242"], ids
+    assert all(i.split(":")[1].startswith("pair-") for i in ids["0"])
 
 
 def test_fork_pairs_stream_before_later_sessions_are_read(tmp_path):
