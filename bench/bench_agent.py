@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
+from trainer.envs import make_env
 from trainer.envs.workspace import ParsedCall, Workspace, execute_tool
+from trainer.model import tiny_model_and_tokenizer
 from trainer.rollout.episodes import episode_metrics, run_episode, run_episodes
 from trainer.rollout.warmup import episode_warmup
-from trainer.envs import make_env
-from trainer.model import tiny_model_and_tokenizer
 from trainer.sandbox import SandboxConfig, make_sandbox
 
 REPEATS = 30

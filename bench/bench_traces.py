@@ -248,7 +248,7 @@ def memory_rows(workdir: Path) -> list[dict]:
 
 
 def pairs_row(workdir: Path) -> dict:
-    from tests.traces_fixtures import ClaudeLog
+    from tests.support.traces_fixtures import ClaudeLog
     from trainer.model import tiny_model_and_tokenizer
     from trainer.traces import TraceIngester, mine_pairs, render_pair
 
@@ -296,7 +296,7 @@ def pairs_row(workdir: Path) -> dict:
 
 def generate_dataset(path: Path, rows: int) -> None:
     """JSONL or Parquet rows written a batch at a time (the generator never holds the dataset)."""
-    from tests.traces_fixtures import labelled_row
+    from tests.support.traces_fixtures import labelled_row
 
     parquet = path.suffix == ".parquet"
 
