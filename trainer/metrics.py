@@ -738,7 +738,7 @@ def write_report(paths: list[Path], out: Path) -> Path:
                 "MB sent per round (all ranks)",
                 "outer step",
                 "MB",
-                lambda r: _by_outer(r, "outer", lambda x: x["bytes_sent"] / 1e6),
+                lambda r: _megabytes(bytes_per_round(r.records)),
             ),
             (
                 "utilisation: compute / (compute + communication)",

@@ -274,7 +274,7 @@ class Tables(HTMLParser):
 
 
 def test_the_report_compares_runs_verdict_evaluation_traffic_and_config(tmp_path):
-    from trainer.metrics import main
+    from trainer.metrics import bytes_per_round, main
 
     a = write_run(tmp_path / "runs" / "a", seed=0, rewards=[0.1, 0.3, 0.5])
     b = write_run(tmp_path / "runs" / "b", seed=1, rewards=[0.2, 0.2, 0.2], bytes_per_round=500, finished=False)
@@ -297,6 +297,7 @@ def test_the_report_compares_runs_verdict_evaluation_traffic_and_config(tmp_path
     assert traffic["b"][2:4] == ["0.0015", "0.0005"]
     assert traffic["a"][6:] == ["18", "6", "0.75"]  # seconds over 2 ranks x 3 rounds; 18 / (18 + 6)
     assert page.tables["config"] == [["key", "a", "b"], ["seed", "0", "1"]]
+    assert bytes_per_round(read_metrics(a / "metrics.jsonl")) == ([1, 2, 3], [1000, 1000, 1000])  # traffic.png
     assert page.images == ["comparison.png", "curves-1.png", "curves-2.png", "traffic.png"]
     for name in page.images:
         assert (tmp_path / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
