@@ -605,9 +605,11 @@ def _plot_runs(runs: list[RunFiles], png_path: Path, panels: list[tuple[str, str
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
     for ax, (title, xlabel, ylabel, series) in zip(axes, panels, strict=True):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
         for run in runs:
             xs, ys = series(run)
             ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=run.label)
