@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,15 +33,12 @@ def tensorboard_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def wandb_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("sinks") / "seed1"
-    scratch = tmp_path_factory.mktemp("wandb-home")
-    env = {"WANDB_MODE": "offline", **{v: str(scratch / v) for v in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR")}}
-    previous = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)  # torchrun passes its environment to the workers
-    try:
+    scratch = tmp_path_factory.mktemp("wandb-home")  # W&B's settings and cache, away from the user's
+    with pytest.MonkeyPatch.context() as patch:  # torchrun hands its environment to the workers
+        patch.setenv("WANDB_MODE", "offline")
+        for variable in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+            patch.setenv(variable, str(scratch / variable.lower()))
         finish(torchrun(run_dir, "seed=1", "metrics.sinks=[jsonl, wandb]"))
-    finally:
-        for name, value in previous.items():
-            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
     return run_dir
 
 
