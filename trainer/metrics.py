@@ -761,7 +761,8 @@ def write_report(paths: list[Path], out: Path) -> Path:
     keys = sorted(set().union(*flats))
     if len(runs) == 1:
         rows = [[key, flats[0][key]] for key in keys]
-        parts.append(_table("config", ["key", runs[0].label], rows))
+        table = _table("config", ["key", runs[0].label], rows)
+        parts.append(f"<details><summary>all {len(rows)} keys</summary>{table}</details>")
     else:
         differ = [key for key in keys if len({f.get(key, "(absent)") for f in flats}) > 1]
         rows = [[key, *(f.get(key, "(absent)") for f in flats)] for key in differ]
