@@ -12,7 +12,7 @@ WORKERS ?= 8
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,orchestrator,envs]'
+	$(BIN)/pip install -q -e '.[dev,orchestrator,envs,metrics]'
 	touch $@
 
 venv: $(STAMP)

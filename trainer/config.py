@@ -8,13 +8,17 @@ line and the key, so a typo fails in the launcher, not twenty minutes into a mul
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import netrc
+import os
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 import yaml
 
@@ -276,6 +280,63 @@ class DebugConfig:
             _require(value is None or value >= 0, f"debug.{key}", "must be >= 0")
 
 
+SINK_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # sink -> the package it needs
+
+
+def _importable(package: str) -> bool:
+    """True when `import package` would find it (a module set to None in sys.modules is blocked)."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def wandb_can_start() -> bool:
+    """Whether `wandb.init` can run without asking anyone anything: offline or disabled by
+    WANDB_MODE, or credentials where W&B looks for them (WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE,
+    or a netrc entry for the host of WANDB_BASE_URL, as `wandb login` writes). Reads no key's value."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
+        return True
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+@dataclass
+class MetricsConfig:
+    """Where the lead writes each metrics record (trainer.metrics.MetricsLog, trainer.run.sinks).
+
+    metrics.jsonl is always written (the books are computed from it); `tensorboard` adds event
+    files under <run_dir>/tensorboard, `wandb` a W&B run (offline with WANDB_MODE=offline: under
+    <run_dir>/wandb, for `wandb sync` later). A sink that cannot start is refused here, at config
+    time, not at the first record.
+    """
+
+    sinks: list[Literal["jsonl", "tensorboard", "wandb"]] = field(default_factory=lambda: ["jsonl"])
+
+    def __post_init__(self) -> None:
+        _require(len(set(self.sinks)) == len(self.sinks), "metrics.sinks", f"names a sink twice: {self.sinks}")
+        if "jsonl" not in self.sinks:  # always on: one spelling of the same run, whatever was written
+            self.sinks.insert(0, "jsonl")
+        for sink, package in SINK_PACKAGES.items():
+            _require(
+                sink not in self.sinks or _importable(package),
+                "metrics.sinks",
+                f"{sink}: the {package} package is not installed; pip install '.[metrics]' (or {package}), "
+                f"or leave {sink} out",
+            )
+        _require(
+            "wandb" not in self.sinks or wandb_can_start(),
+            "metrics.sinks",
+            "wandb: W&B is not logged in and not offline; run `wandb login`, or set WANDB_MODE=offline "
+            "(the run is kept under <run_dir>/wandb for `wandb sync`)",
+        )
+
+
 @dataclass
 class Config:
     name: str = "run"
@@ -299,6 +360,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
@@ -426,6 +488,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             try:
                 items.append(_coerce(item_hint, item, f"{key}[{i}]"))
             except ConfigError:
+                if typing.get_origin(item_hint) is Literal:  # its own error says what is allowed
+                    raise
                 name = getattr(item_hint, "__name__", str(item_hint))
                 raise ConfigError(f"{key}: expected {name} items, got {type(item).__name__} {item!r}") from None
         return tuple(items) if (origin or hint) is tuple else items

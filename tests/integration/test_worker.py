@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.strict_json import read_strict, read_strict_lines
+from trainer.metrics import read_metrics, unnamed_keys
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -108,6 +109,7 @@ def test_sigkill_mid_round_resumes_bit_exact(uninterrupted, tmp_path):
     output = finish(process)
     resumes = records(run_dir, "resume")
     assert resumes and resumes[0]["outer_step"] >= 2, output[-3000:]
+    assert unnamed_keys(read_metrics(run_dir / "metrics.jsonl")) == []  # the resume record is described too
     outer_steps = {r["outer_step"] for r in records(run_dir, "outer")}
     assert outer_steps == {1, 2, 3, 4, 5, 6}  # none missing (a repeated one is allowed)
     assert summary(run_dir)["final_param_hash"] == summary(uninterrupted)["final_param_hash"]

@@ -1,5 +1,6 @@
 """The config fails early and points at the file, line and key."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,60 @@ def test_unreadable_and_invalid_yaml(tmp_path):
     path = write(tmp_path, "name: x\nrounds: [1,\n")
     with pytest.raises(ConfigError, match=rf"{path}:\d+: not valid YAML"):
         load_config(path)
+
+
+# ----------------------------------------------------------------------------- metrics.sinks (issue 28)
+
+
+def test_metrics_sinks_default_to_jsonl_and_jsonl_stays_on_whatever_is_listed(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    path = write(tmp_path, "name: x\n")
+    assert load_config(path).metrics.sinks == ["jsonl"]
+    assert load_config(path, ["metrics.sinks=[tensorboard]"]).metrics.sinks == ["jsonl", "tensorboard"]
+    both = load_config(path, ["metrics.sinks=[wandb, jsonl, tensorboard]"]).metrics.sinks
+    assert both == ["wandb", "jsonl", "tensorboard"]
+
+
+def test_an_unknown_or_repeated_sink_is_one_line_naming_metrics_sinks_and_its_line(tmp_path):
+    path = write(tmp_path, "name: x\nmetrics:\n  sinks: [jsonl, tb]\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value) == f"{path}:3: metrics.sinks[1]: must be one of 'jsonl', 'tensorboard', 'wandb', got 'tb'"
+    path = write(tmp_path, "name: x\nmetrics:\n  sinks: [jsonl, jsonl]\n")
+    with pytest.raises(ConfigError, match=r"run.yaml:3: metrics.sinks: names a sink twice"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("sink", ["tensorboard", "wandb"])
+def test_a_sink_whose_package_is_not_installed_is_refused_at_config_time(tmp_path, monkeypatch, sink):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setitem(sys.modules, sink, None)  # `import <sink>` now fails, as where it is not installed
+    path = write(tmp_path, f"name: x\nmetrics:\n  sinks: [jsonl, {sink}]\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    said = str(error.value)
+    assert said.startswith(f"{path}:3: metrics.sinks: {sink}: the {sink} package is not installed;")
+    assert "pip install '.[metrics]'" in said and "\n" not in said
+
+
+def test_wandb_neither_logged_in_nor_offline_is_refused_at_config_time(tmp_path, monkeypatch):
+    for variable in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(variable, raising=False)
+    netrc = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc))  # no such file yet: this machine never ran `wandb login`
+    path = write(tmp_path, "name: x\nmetrics:\n  sinks: [jsonl, wandb]\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value).startswith(f"{path}:3: metrics.sinks: wandb: W&B is not logged in and not offline;")
+    assert "WANDB_MODE=offline" in str(error.value) and "\n" not in str(error.value)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert load_config(path).metrics.sinks == ["jsonl", "wandb"]
+    monkeypatch.delenv("WANDB_MODE")
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password not-a-real-key\n")  # what `wandb login` writes
+    netrc.chmod(0o600)
+    assert load_config(path).metrics.sinks == ["jsonl", "wandb"]
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")  # a key for another host is no login here
+    with pytest.raises(ConfigError, match="W&B is not logged in"):
+        load_config(path)
+    monkeypatch.setenv("WANDB_API_KEY", "not-a-real-key")
+    assert load_config(path).metrics.sinks == ["jsonl", "wandb"]

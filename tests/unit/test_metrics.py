@@ -1,5 +1,6 @@
 import json
 import math
+from html.parser import HTMLParser
 
 import pytest
 
@@ -151,3 +152,216 @@ def test_a_reward_rise_with_no_variation_has_null_sigmas_and_says_why(tmp_path):
     )
     write_json(tmp_path / "summary.json", summary)
     assert read_strict(tmp_path / "summary.json") == summary
+
+
+# ----------------------------------------------------------------------------- the schema (issue 28)
+
+
+def test_unnamed_keys_finds_a_key_or_a_record_kind_the_schema_does_not_name():
+    from trainer.metrics import unnamed_keys
+
+    named = {"event": "inner", "step": 0, "rank": 0, "reward": 0.5, "tool_calls/read_file": 2.0, "errors/bad_json": 0.0}
+    assert unnamed_keys([named, {"event": "outer", "outer_step": 1, "bytes_sent": 10}]) == []
+    assert unnamed_keys([{**named, "rewrad": 0.5}, {"event": "bogus", "x": 1}]) == ["bogus.*", "inner.rewrad"]
+    assert unnamed_keys([{**named, "tool_calls/read_file/extra": 1.0}]) == ["inner.tool_calls/read_file/extra"]
+
+
+def test_the_schema_command_prints_every_record_kind_and_every_field_with_its_unit(capsys):
+    from trainer.metrics import SCHEMA, main
+
+    assert main(["schema"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for event, fields in SCHEMA.items():
+        start = next(i for i, line in enumerate(lines) if line.startswith(f"{event}: "))
+        block = lines[start + 1 : start + 1 + len(fields)]
+        assert [line.split()[:3] for line in block] == [[name, f.kind, f.unit] for name, f in fields.items()]
+    assert any(line.startswith("  reward ") and "fraction" in line for line in lines)
+    assert any(line.startswith("  bytes_sent ") and "bytes" in line for line in lines)
+
+
+def test_record_scalars_name_each_number_by_kind_rank_and_family():
+    from trainer.metrics import record_scalars
+
+    inner = dict(step=7, rank=1, replica=1, round=3, reward=0.25, teacher_reward=None, skipped=True, lr=1e-3)
+    inner["tool_calls/run_tests"] = 2.0
+    assert record_scalars("inner", inner) == (
+        "inner",
+        7,
+        {
+            "inner/reward/rank1": 0.25,
+            "inner/skipped/rank1": 1.0,
+            "inner/lr/rank1": 1e-3,
+            "inner/tool_calls/run_tests/rank1": 2.0,
+        },
+    )
+    outer = dict(outer_step=4, round=3, pseudo_grad_norm=0.5, bytes_sent=300, compute_s=[3.0, 1.0])
+    outer |= dict(communication_s=[1.0, 3.0], param_hash="ab", replica_hashes=["ab", "ab"])
+    assert record_scalars("outer", outer) == (
+        "outer",
+        4,
+        {
+            "outer/pseudo_grad_norm": 0.5,
+            "outer/bytes_sent": 300.0,
+            "outer/compute_s/rank0": 3.0,
+            "outer/compute_s/rank1": 1.0,
+            "outer/communication_s/rank0": 1.0,
+            "outer/communication_s/rank1": 3.0,
+            "outer/utilisation": 0.5,  # 4 s of compute in 8 s
+        },
+    )
+    evaluation = dict(outer_step=0, round=0, pass_at_1=0.5, greedy_correct=[1, 0], teacher_logp={"partial": -2.0})
+    assert record_scalars("eval", evaluation) == (
+        "outer",
+        0,
+        {"eval/pass_at_1": 0.5, "eval/teacher_logp/partial": -2.0},
+    )
+    assert record_scalars("bogus", {"outer_step": 1, "x": 1.0}) is None
+
+
+def test_curve_means_average_only_what_was_measured():
+    from trainer.metrics import curve_means
+
+    records = [
+        dict(reward=0.25, teacher_reward=None, loss=1.0, dpo_reward_margin=0.5),
+        dict(reward=0.75, teacher_reward=0.5, loss=3.0),  # no DPO pairs on this rank: no margin
+    ]
+    assert curve_means(records) == {
+        "curves/reward": 0.5,
+        "curves/teacher_reward": 0.5,
+        "curves/loss": 2.0,
+        "curves/dpo_reward_margin": 0.5,
+    }
+
+
+def test_a_broken_line_is_an_error_naming_the_file_and_line_or_is_counted_by_reason(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"event": "inner", "step": 0}\n[1, 2]\n\n{"event": "outer", "outer_st')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: a JSON list, not an object"):
+        read_metrics(path)
+    broken = []
+    assert read_metrics(path, broken) == [{"event": "inner", "step": 0}]
+    assert broken == [
+        "line 2: a JSON list, not an object",
+        "line 4: not JSON (column 20: Unterminated string starting at)",
+    ]
+
+
+# ----------------------------------------------------------------------------- the report (issue 28)
+
+
+def write_run(run_dir, *, seed, rewards, bytes_per_round=1000, finished=True, broken_tail=False):
+    """A two-rank run as the worker writes it: inner records per step and rank, cumulative bytes."""
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    log.log("eval", round=0, outer_step=0, pass_at_1=0.25, pass_at_k=0.5, sampled_reward=0.25, size=4, k=2)
+    for round_index, reward in enumerate(rewards):
+        for step in (2 * round_index, 2 * round_index + 1):
+            for rank in (0, 1):
+                log.log("inner", round=round_index, step=step, replica=rank, rank=rank, reward=reward + 0.1 * rank)
+        log.log(
+            "outer",
+            outer_step=round_index + 1,
+            round=round_index,
+            pseudo_grad_norm=0.1,
+            participants=2,
+            bytes_sent=bytes_per_round * (round_index + 1),
+            bytes_received=bytes_per_round * (round_index + 1),
+            compute_s=[3.0, 3.0],
+            communication_s=[1.0, 1.0],
+        )
+    log.log(
+        "eval",
+        round=len(rewards),
+        outer_step=len(rewards),
+        pass_at_1=0.75,
+        pass_at_k=1.0,
+        sampled_reward=0.5,
+        size=4,
+        k=2,
+    )
+    log.close()
+    if broken_tail:
+        with (run_dir / "metrics.jsonl").open("a") as file:
+            file.write('{"event": "inner", "ste')
+    (run_dir / "config.json").write_text(json.dumps({"name": "run", "seed": seed, "loss": {"alpha": 0.5}}))
+    if finished:
+        (run_dir / "summary.json").write_text(
+            json.dumps({"status": "ok", "reason": "", **run_summary(run_dir / "metrics.jsonl")})
+        )
+    return run_dir
+
+
+class Tables(HTMLParser):
+    """Every <table id=...> of a page as rows of cell texts (header row first)."""
+
+    def __init__(self, page: str) -> None:
+        super().__init__()
+        self.tables, self.images, self._table = {}, [], None
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self._table = self.tables.setdefault(attrs["id"], [])
+        elif tag == "tr" and self._table is not None:
+            self._table.append([])
+        elif tag in ("td", "th") and self._table is not None:
+            self._table[-1].append("")
+        elif tag == "img":
+            self.images.append(attrs["src"])
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._table = None
+
+    def handle_data(self, data):
+        if self._table and self._table[-1]:
+            self._table[-1][-1] += data
+
+
+def test_the_report_compares_runs_verdict_evaluation_traffic_and_config(tmp_path):
+    from trainer.metrics import bytes_per_round, main
+
+    a = write_run(tmp_path / "runs" / "a", seed=0, rewards=[0.1, 0.3, 0.5])
+    b = write_run(tmp_path / "runs" / "b", seed=1, rewards=[0.2, 0.2, 0.2], bytes_per_round=500, finished=False)
+    assert main(["report", str(a), str(b), "--out", str(tmp_path / "report")]) == 0
+    page = Tables((tmp_path / "report" / "index.html").read_text())
+    verdict = {row[0]: row for row in page.tables["verdict"][1:]}
+    assert verdict["a"][1] == "ok" and verdict["b"][1] == "unfinished"
+    assert verdict["b"][2] == "no summary.json: the run has not finished"
+    assert verdict["a"][5] == "0.150 → 0.550"  # mean over the two ranks of the first and last round
+    assert verdict["a"][7] == "0.250 → 0.750"  # held-out pass@1 first and last
+    evals = page.tables["eval"][1:]
+    assert [(row[0], row[1], row[3]) for row in evals] == [
+        ("a", "0", "0.25"),
+        ("a", "3", "0.75"),
+        ("b", "0", "0.25"),
+        ("b", "3", "0.75"),
+    ]
+    traffic = {row[0]: row for row in page.tables["traffic"][1:]}
+    assert traffic["a"][1:5] == ["3", "0.003", "0.001", "0.003"]  # MB: 3 rounds of 1000 bytes (cumulative counter)
+    assert traffic["b"][2:4] == ["0.0015", "0.0005"]
+    assert traffic["a"][6:] == ["18", "6", "0.75"]  # seconds over 2 ranks x 3 rounds; 18 / (18 + 6)
+    assert page.tables["config"] == [["key", "a", "b"], ["seed", "0", "1"]]
+    assert bytes_per_round(read_metrics(a / "metrics.jsonl")) == ([1, 2, 3], [1000, 1000, 1000])  # traffic.png
+    assert page.images == ["comparison.png", "curves-1.png", "curves-2.png", "traffic.png"]
+    for name in page.images:
+        assert (tmp_path / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_report_of_one_run_shows_its_whole_config_and_says_which_lines_it_could_not_read(tmp_path):
+    from trainer.metrics import write_report
+
+    run = write_run(tmp_path / "a", seed=0, rewards=[0.1, 0.3], broken_tail=True, finished=False)
+    page_path = write_report([run], tmp_path / "report")
+    text = page_path.read_text()
+    assert "a: metrics.jsonl lines not read: line 13: not JSON (column 20: Unterminated string starting at)" in text
+    page = Tables(text)
+    assert page.tables["config"] == [["key", "a"], ["loss.alpha", "0.5"], ["name", '"run"'], ["seed", "0"]]
+    assert page.images == ["curves-1.png", "traffic.png"]  # no overlay for a single run
+
+
+def test_the_report_command_names_a_directory_that_is_not_a_run_and_exits_2(tmp_path, capsys):
+    from trainer.metrics import main
+
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "report")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}: no metrics.jsonl; pass run directories (runs/<name>)\n"

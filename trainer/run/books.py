@@ -22,6 +22,7 @@ from trainer.metrics import MetricsLog, mean_and_error, plot_curves, run_summary
 from trainer.rollout.evaluation import EvalCounts
 from trainer.run.build import Replica, Run
 from trainer.run.placement import restart_count, write_json
+from trainer.run.sinks import open_sinks
 from trainer.run.topology import barrier, gather, leave_together, step_seed
 
 
@@ -33,11 +34,12 @@ class Books:
 
 
 def open_books(run: Run, start_round: int) -> Books:
-    """Rank 0 opens metrics.jsonl, writes config.json and prints the run's header."""
+    """Rank 0 opens metrics.jsonl and the other sinks of metrics.sinks, writes config.json and prints
+    the run's header."""
     if not run.topo.lead:
         return Books(metrics=None)
     config, topo = run.config, run.topo
-    books = Books(metrics=MetricsLog(run.run_dir / "metrics.jsonl"))
+    books = Books(metrics=MetricsLog(run.run_dir / "metrics.jsonl", sinks=open_sinks(config, run.run_dir)))
     write_json(run.run_dir / "config.json", dump_config(config))
     if run.resume_from is not None:
         books.metrics.log("resume", outer_step=run.resume_from, round=start_round, world_size=topo.world_size)
@@ -133,6 +135,8 @@ def log_round(run: Run, replica: Replica, books: Books, everyone: list[dict], ro
     all_records = [r for rank_view in everyone for r in rank_view["records"]]
     for record in sorted(all_records, key=lambda r: (r["step"], r["rank"])):
         books.metrics.log("inner", **record)
+    for step in sorted({r["step"] for r in all_records}):  # curves.png's lines, in TensorBoard and W&B
+        books.metrics.log_curves(step, [r for r in all_records if r["step"] == step])
     rank_hashes = [view["hash"] for view in everyone]  # every process's, not one per replica
     hashes = rank_hashes[:: run.topo.replica_size]
     bytes_sent = sum(v["bytes_sent"] for v in everyone)
@@ -224,7 +228,6 @@ def finish(run: Run, replica: Replica, books: Books) -> dict:
         **verdict(config, rank_hashes, topo.replica_size),
     )
     if books.metrics is not None:
-        books.metrics.close()
         summary.update(run_summary(run.run_dir / "metrics.jsonl"))  # every round, resumed or not
         if "reward_rise" in summary:
             sigmas = summary["reward_rise_sigmas"]
@@ -245,6 +248,7 @@ def finish(run: Run, replica: Replica, books: Books) -> dict:
         print(f"skipped (non-finite) steps: {summary['skipped_steps']}", flush=True)
         plot_curves(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
         write_json(run.run_dir / "summary.json", summary)
+        books.metrics.close(summary)  # the sinks get the verdict too
         print(f"run dir: {run.run_dir} (metrics.jsonl, curves.png, summary.json, checkpoints/)", flush=True)
         if summary["status"] != "ok":
             print(f"run failed: {summary['reason']}", file=sys.stderr, flush=True)

@@ -31,6 +31,7 @@ from trainer.config import AgentConfig, Config, ConfigError, TaskConfig
 from trainer.envs import make_env
 from trainer.envs.agentic import scripted_messages
 from trainer.envs.workspace import SYSTEM_PROMPT, TOOLS, parse_tool_calls
+from trainer.metrics import unnamed_keys
 from trainer.model import tiny_model_and_tokenizer
 from trainer.objective.batching import pad_sequences
 from trainer.objective.losses import ComposerBatch, completion_logits, composer_total_loss, token_logps
@@ -483,6 +484,12 @@ def test_a_runs_episodes_ingest_strictly_with_the_counts_it_logged(agent_run):
     messages = sum(len(r["messages"]) for r in records)
     assert total == ["total", "2", str(len(records)), str(len(records)), str(messages), str(calls), "0"]
     assert all(r["sampler_logp_diff"] < 1e-4 for r in inner)  # the trainer scored what the sampler drew
+
+
+def test_an_agent_run_writes_no_metrics_key_the_schema_does_not_name(agent_run):
+    records = [json.loads(line) for line in (agent_run / "metrics.jsonl").open()]
+    assert any(key.startswith("tool_calls/") for r in records for key in r)  # the episode families are there
+    assert unnamed_keys(records) == []
 
 
 def test_a_runs_loss_tokens_decode_only_to_assistant_text(agent_run):
