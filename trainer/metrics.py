@@ -107,6 +107,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "generation_s": Field("scalar", "s", f"sampling (student and teacher-reward samples; {_TIMING})"),
         "execution_s": Field("scalar", "s", f"scoring the samples (the sandbox for code; {_TIMING})"),
         "loss_s": Field("scalar", "s", f"loss forwards, backward and optimizer step ({_TIMING})"),
+        "weight_sync_s": Field(
+            "scalar", "s", f"pushing the trainer's weights into the rollout engine (0: hf engine; {_TIMING})"
+        ),
         "loss_forwards": Field("scalar", "count", "model forwards the loss took this step"),
         "reference_forwards": Field("scalar", "count", "DPO reference forwards so far (each pair scored once)"),
         "ratio_mean": Field("scalar", "1", "mean importance ratio pi / pi_old over completion tokens"),
@@ -489,7 +492,17 @@ def draw_curves(records: list[dict[str, Any]], png_path: Path) -> None:
 
 # Keys that measure speed, not what the run computed: they differ between two runs of one seed.
 TIMING_KEYS = frozenset(
-    {"tokens_per_s", "generation_s", "execution_s", "loss_s", "compute_s", "communication_s", "model_s", "tools_s"}
+    {
+        "tokens_per_s",
+        "generation_s",
+        "execution_s",
+        "loss_s",
+        "weight_sync_s",
+        "compute_s",
+        "communication_s",
+        "model_s",
+        "tools_s",
+    }
 )
 
 

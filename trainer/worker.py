@@ -27,7 +27,7 @@ from tqdm import tqdm
 from trainer.config import Config, ConfigError, load_config_or_exit
 from trainer.run.books import end_of_round, evaluate_held_out, finish, open_books
 from trainer.run.build import already_finished, build, build_replica, place_run, resume
-from trainer.run.step import inner_step, warm_up
+from trainer.run.step import inner_step, push_weights, warm_up
 from trainer.run.topology import init_distributed
 
 
@@ -42,6 +42,7 @@ def train(config: Config) -> dict:
         warm_up(run)
     replica = build_replica(run)
     start_round = resume(run, replica)
+    push_weights(run)  # the engine samples from the trained weights from the first step on
     books = open_books(run, start_round)
     if start_round == 0:
         evaluate_held_out(run, books, rounds_done=0, outer_step=0, teacher=replica.teacher_module)

@@ -18,9 +18,10 @@ import torch
 from tests.support.strict_json import read_strict, read_strict_lines
 from trainer.config import load_config
 from trainer.model import tiny_model_and_tokenizer
-from trainer.rollout.sampling import decode_completions
+from trainer.rollout.sampling import HFEngine, decode_completions
+from trainer.rollout.templates import stop_token_ids
 from trainer.run.build import build_env
-from trainer.run.collectors import make_collector
+from trainer.run.collectors import Policy, make_collector
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -78,8 +79,9 @@ def test_each_row_s_teacher_prompt_holds_that_row_s_own_attempt_and_feedback(tmp
         cache_dir=tmp_path,
     )
     torch.manual_seed(0)
+    policy = Policy(model, tokenizer, HFEngine(model, tokenizer), stop_token_ids(tokenizer, model))
     samples, _ = make_collector(config, env).collect(
-        model, tokenizer, rng=random.Random(0), teacher=model, feed=None, id_prefix="t", episodes_file=None
+        policy, rng=random.Random(0), teacher=model, feed=None, id_prefix="t", episodes_file=None
     )
     p = samples.policy
     attempts = decode_completions(tokenizer, p.completion_ids, p.completion_mask)

@@ -252,6 +252,7 @@ def finish(run: Run, replica: Replica, books: Books) -> dict:
         print(f"run dir: {run.run_dir} (metrics.jsonl, curves.png, summary.json, checkpoints/)", flush=True)
         if summary["status"] != "ok":
             print(f"run failed: {summary['reason']}", file=sys.stderr, flush=True)
+    run.engine.close()  # an inference engine's own groups go before the run's
     leave_together()
     if config.debug.abort_at_exit_rank == topo.rank and restart_count() == 0:
         os.abort()  # fault injection (debug section): a crash after the run's end

@@ -20,7 +20,7 @@ import torch
 
 from trainer import checkpoint
 from trainer.checkpoint import PerProcessState, TrainingState
-from trainer.config import Config, ConfigError, dump_config
+from trainer.config import Config, ConfigError, dump_config, vllm_cpu_build, vllm_cpu_shape_problem
 from trainer.diloco import DiLoCo, split_parameters
 from trainer.envs import Environment, make_env
 from trainer.model import cached_tokenizer, pretrained_model_and_tokenizer, tiny_model_and_tokenizer
@@ -154,7 +154,7 @@ def build(config: Config, topo: Topology | None = None, run_dir: Path | None = N
             run_dir, dump_config(config), resume=config.resume, replicas=topo.replicas, saved_replicas=saved
         )
     dtype = compute_dtype(config.model.dtype)
-    engine = make_engine(config, model, tokenizer, run_dir)
+    engine = make_engine(config, model, tokenizer, config.rollout.max_prompt_length + collector.max_completion_length)
     return Run(
         config,
         topo,
@@ -173,9 +173,31 @@ def build(config: Config, topo: Topology | None = None, run_dir: Path | None = N
     )
 
 
-def make_engine(config: Config, model: torch.nn.Module, tokenizer: Any, run_dir: Path) -> Engine:
-    """The sampler `rollout.engine` names: `hf` (the module's own generate)."""
-    return HFEngine(model, tokenizer)
+def make_engine(config: Config, model: torch.nn.Module, tokenizer: Any, max_model_len: int) -> Engine:
+    """The sampler `rollout.engine` names: `hf` (the module's own generate) or `vllm` (an in-process
+    vLLM engine over a copy of the module, `trainer.rollout.vllm_engine`; the trainer pushes its
+    weights in after every update). A loaded hub model whose shape the engine cannot run is refused
+    here in one line (a local model directory was refused when the config was read)."""
+    r = config.rollout
+    if r.engine == "hf":
+        return HFEngine(model, tokenizer)
+    problem = vllm_cpu_shape_problem(
+        model.config.hidden_size, model.config.num_attention_heads, getattr(model.config, "num_key_value_heads", None)
+    )
+    if problem and vllm_cpu_build():
+        raise ConfigError(f"rollout.engine: vllm's CPU backend cannot run model.name {config.model.name!r}: {problem}")
+    from trainer.rollout.vllm_engine import VLLMEngine
+
+    dtype = config.model.dtype if r.engine_dtype == "auto" else r.engine_dtype
+    return VLLMEngine(
+        model,
+        tokenizer,
+        device=next(model.parameters()).device,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        kv_cache_mb=r.engine_kv_cache_mb,
+        seed=config.seed,
+    )
 
 
 def build_env(config: Config) -> Environment:

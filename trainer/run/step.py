@@ -82,6 +82,7 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
     synced = replica.diloco.step()
     if synced:
         share_synced_parameters(run, replica)
+    weight_sync_s = push_weights(run) if applied or synced else 0.0  # the engine samples the new weights
     replay = replica.feed.replay if replica.feed is not None else None
     stats = samples.stats
     return dict(
@@ -101,12 +102,21 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
         generation_s=stats.generation_s,
         execution_s=stats.execution_s,
         loss_s=loss_s,
+        weight_sync_s=weight_sync_s,
         loss_forwards=replica.forward_calls[0] - forwards_before,
         logits_dtype=replica.logits_dtype,  # the loss's last policy forward: bfloat16 under bf16 autocast
         reference_forwards=replay.reference_forward_passes if replay is not None else 0,
         **samples.metrics,
         **out.metrics,
     )
+
+
+def push_weights(run: Run) -> float:
+    """The trainer's weights into the run's engine (an inference engine holds its own copy; the
+    `hf` engine samples the module itself and takes nothing); returns the seconds it took."""
+    clock = time.perf_counter()
+    run.engine.push(run.model.state_dict().items())
+    return time.perf_counter() - clock
 
 
 def teacher_model(run: Run, replica: Replica) -> torch.nn.Module | Engine | None:
