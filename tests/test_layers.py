@@ -57,7 +57,8 @@ def layer_of(module: str) -> str | None:
     parts = module.split(".")
     if len(parts) < 2:
         return None
-    return {"worker": "worker", "config": "config", "diloco": "diloco"}.get(parts[1], parts[1])
+    # trainer.elastic (the round boundary of elastic DiLoCo) is DiLoCo's layer: torch and stdlib only
+    return {"worker": "worker", "config": "config", "diloco": "diloco", "elastic": "diloco"}.get(parts[1], parts[1])
 
 
 def project_modules(root: Path) -> dict[str, Path]:

@@ -73,6 +73,7 @@ __all__ = [
     "parameters_hash",
     "shard_bounds",
     "split_parameters",
+    "transfer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -632,7 +633,7 @@ class DiLoCo:
             raw = flat.view(torch.uint8)
             if self._rank() == 0:
                 sends = {peer: raw for peer in range(1, self._world())}
-                _transfer(
+                transfer(
                     self.group,
                     sends,
                     {},
@@ -642,7 +643,7 @@ class DiLoCo:
                     what=(0, -1),
                 )
             else:
-                _transfer(
+                transfer(
                     self.group,
                     {},
                     {0: raw},
@@ -747,7 +748,7 @@ class DiLoCo:
         sends = {peer: shards[peer].to(self._wire_device) for peer in range(world) if peer != rank}
         received = {peer: torch.empty(own_bytes, dtype=torch.uint8, device=self._wire_device) for peer in sends}
         if sends:
-            _transfer(group, sends, received, tag=tag, deadline=deadline, timeout_s=self.timeout_s, what=what)
+            transfer(group, sends, received, tag=tag, deadline=deadline, timeout_s=self.timeout_s, what=what)
         received[rank] = shards[rank]
         exchange.sent += sum(t.numel() for t in sends.values())
         exchange.received += sum(t.numel() for t in received.values()) - shards[rank].numel()
@@ -786,7 +787,7 @@ class DiLoCo:
             for peer in sends
         }
         if sends:
-            _transfer(group, sends, gathered, tag=tag + 1, deadline=deadline, timeout_s=self.timeout_s, what=what)
+            transfer(group, sends, gathered, tag=tag + 1, deadline=deadline, timeout_s=self.timeout_s, what=what)
         gathered[rank] = mine
         exchange.sent += sum(t.numel() for t in sends.values())
         exchange.received += sum(t.numel() for peer, t in gathered.items() if peer != rank)
@@ -889,7 +890,7 @@ class DiLoCo:
                     self.inner_optimizer.state.pop(local, None)
 
 
-def _transfer(
+def transfer(
     group: dist.ProcessGroup,
     sends: dict[int, torch.Tensor],
     receives: dict[int, torch.Tensor],
