@@ -677,9 +677,11 @@ class ElasticDiLoCo:
         else:
             quorum = self._seal(Registration(self.id, rev, state_hash, "join"))
         wait_s = time.monotonic() - clock
-        if self.id not in quorum.members:
-            logger.info("elastic q%d: sealed before this replica asked to join; next attempt", quorum.q)
+        if self.id not in quorum.members:  # sealed before we asked: catch up to the newest attempt
             self._next(quorum)
+            if self.store.check(["latest"]):
+                self.q = max(self.q, int(self.store.get("latest")) + 1)
+            logger.info("elastic q%d: sealed before this replica asked to join; asking at q%d", quorum.q, self.q)
             return None
         if quorum.donor == self.id and not quorum.participants:  # nobody trains: our state is the reference
             self._next(quorum)

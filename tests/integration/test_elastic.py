@@ -23,6 +23,8 @@ from torch.distributed import TCPStore
 
 from tests.integration._elastic_harness import reference
 from tests.support.paths import REPO
+from tests.support.strict_json import read_strict, read_strict_lines
+from trainer.metrics import read_metrics, unnamed_keys
 
 pytestmark = pytest.mark.integration
 
@@ -100,3 +102,120 @@ def test_the_reference_itself_tells_a_counted_joiner_from_an_uncounted_one():
     early = reference(4, {1: [0, 1, 2], 2: [0, 1], 3: [0, 1, 2], 4: [0, 1, 2]}, healed={2: 2})
     assert all(torch.equal(a, b) for a, b in zip(right[1]["global"], early[1]["global"], strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(right[3]["global"], early[3]["global"], strict=True))
+
+
+# ------------------------------------------------------------- the worker, a torchrun per replica
+
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+WORKER_ROUNDS = 40  # H = 2: long enough for a killed replica to restart (~15 s here) and take part again
+KILL_STEP = 5  # inner step 5 is in round 3 (steps 4 and 5): the replica dies mid-round
+ELASTIC_SETS = (
+    "diloco.elastic=true",
+    f"rounds={WORKER_ROUNDS}",
+    "diloco.quorum_timeout_s=60",
+    "diloco.heartbeat_s=0.5",
+    "diloco.heartbeat_timeout_s=3",
+)
+
+
+def elastic_worker(port: int, run_dir: Path, replica_id: int, *sets: str) -> subprocess.Popen:
+    """`torchrun --standalone` of one replica (its own world), restarting its worker once."""
+    command = [TORCHRUN, "--standalone", "--nproc-per-node=1", "--max-restarts=1", "-m", "trainer.worker"]
+    command += ["--config", str(REPO / "configs" / "test.yaml")]
+    command += [arg for item in (*ELASTIC_SETS, *sets) for arg in ("--set", item)]
+    env = {
+        **os.environ,
+        **LOCALHOST,
+        "COMPOSER_ELASTIC_STORE": f"127.0.0.1:{port}",
+        "COMPOSER_REPLICA_ID": str(replica_id),
+        "COMPOSER_REPLICAS": "3",
+        "COMPOSER_RUN_DIR": str(run_dir),
+        "OMP_NUM_THREADS": "1",
+    }
+    log = (run_dir.parent / f"{run_dir.name}-replica-{replica_id}.log").open("w")
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def workers_of(agent: subprocess.Popen) -> set[int]:
+    """The worker processes torchrun has running now (its children)."""
+    try:
+        tasks = list(Path(f"/proc/{agent.pid}/task").iterdir())
+        return {int(c) for task in tasks for c in (task / "children").read_text().split()}
+    except (FileNotFoundError, ProcessLookupError):
+        return set()
+
+
+def run_with_a_kill(tmp_path: Path, victim: int) -> dict:
+    """Three replicas, `victim` SIGKILLed at inner step KILL_STEP: the run's files, and every worker
+    pid each replica's torchrun ran (sampled while the run went on)."""
+    run_dir = tmp_path / f"killed-{victim}"
+    run_dir.mkdir()
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+    kill = f"debug.kill_replica_at=[{victim},{KILL_STEP}]"
+    agents = [elastic_worker(store.port, run_dir, r, kill) for r in range(3)]
+    pids: dict[int, set[int]] = {r: set() for r in range(3)}
+    deadline = time.monotonic() + 600
+    while any(a.poll() is None for a in agents):
+        for r, agent in enumerate(agents):
+            pids[r] |= workers_of(agent)
+        if time.monotonic() > deadline:
+            for agent in agents:
+                agent.kill()
+            break
+        time.sleep(0.1)
+    logs = {r: (tmp_path / f"killed-{victim}-replica-{r}.log").read_text() for r in range(3)}
+    for r, agent in enumerate(agents):
+        assert agent.returncode == 0, logs[r][-4000:]
+    return {"run_dir": run_dir, "pids": pids, "logs": logs}
+
+
+def outer_records(run_dir: Path) -> list[dict]:
+    return sorted(
+        (r for r in read_strict_lines(run_dir / "metrics.jsonl") if r["event"] == "outer"),
+        key=lambda r: r["outer_step"],
+    )
+
+
+@pytest.fixture(scope="module", params=[2, 0], ids=["a-replica-killed", "the-books-holder-killed"])
+def killed(request, tmp_path_factory) -> dict:
+    return {"victim": request.param, **run_with_a_kill(tmp_path_factory.mktemp("elastic-kill"), request.param)}
+
+
+def test_a_killed_replica_leaves_the_others_training_and_rejoins_healed_by_a_peer(killed):
+    victim, run_dir = killed["victim"], killed["run_dir"]
+    survivors = [r for r in range(3) if r != victim]
+    # the survivors' workers never restarted; the victim's torchrun restarted its worker once
+    assert all(len(killed["pids"][r]) == 1 for r in survivors), killed["pids"]
+    assert len(killed["pids"][victim]) == 2, killed["pids"]
+    outer = outer_records(run_dir)
+    assert [r["outer_step"] for r in outer] == list(range(1, WORKER_ROUNDS + 1))  # each once, none lost
+    by_step = {r["outer_step"]: r for r in outer}
+    assert by_step[1]["participant_ids"] == [0, 1, 2] and by_step[2]["participant_ids"] == [0, 1, 2]
+    # the round it died in, and the next, were taken by the two others alone
+    assert by_step[3]["participant_ids"] == survivors and by_step[3]["left"] == [victim]
+    assert by_step[4]["participant_ids"] == survivors and by_step[4]["participants"] == 2
+    back = [r["outer_step"] for r in outer if r["joined"] == [victim]]
+    assert len(back) == 1, [(r["outer_step"], r["participant_ids"]) for r in outer]
+    assert by_step[back[0]]["healed"] == [victim]  # admitted with the state of the step before
+    for record in outer:  # every step: its participants, all holding the same weights
+        assert record["participants"] == len(record["participant_ids"]) >= 2
+        assert len(record["replica_hashes"]) == record["participants"] and len(set(record["replica_hashes"])) == 1
+        expected = [0, 1, 2] if record["outer_step"] >= back[0] or record["outer_step"] <= 2 else survivors
+        assert record["participant_ids"] == expected, record["outer_step"]
+    summary = read_strict(run_dir / "summary.json")
+    assert summary["status"] == "ok" and summary["outer_steps"] == WORKER_ROUNDS
+    assert summary["final_replicas"] == [0, 1, 2] and len(set(summary["replica_hashes"])) == 1
+    assert f"replica {victim}: healed by replica {survivors[0]}" in killed["logs"][victim]
+    assert unnamed_keys(read_metrics(run_dir / "metrics.jsonl")) == []
+
+
+def test_a_rejoining_replica_uses_the_peers_state_not_its_own_checkpoint(killed):
+    """Its own files of the step before its death are sealed on disk, yet it is healed instead of
+    resuming them: no resume record from it, and its inner records continue its own data stream."""
+    victim, run_dir = killed["victim"], killed["run_dir"]
+    records = read_strict_lines(run_dir / "metrics.jsonl")
+    assert not [r for r in records if r["event"] == "resume"]
+    steps = sorted(r["step"] for r in records if r["event"] == "inner" and r["replica"] == victim)
+    back = next(r["outer_step"] for r in outer_records(run_dir) if r["joined"] == [victim])
+    # rounds 1-2 before the kill (steps 0-3), then from the round it was admitted to on
+    assert steps == [0, 1, 2, 3, *range((back - 1) * 2, WORKER_ROUNDS * 2)]
