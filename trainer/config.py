@@ -281,9 +281,15 @@ class DebugConfig:
     # This global rank aborts (SIGABRT, as a C++ std::terminate in a library's teardown does) after
     # the run's summary is written, on torchrun's first attempt only: the restart must find the run done.
     abort_at_exit_rank: int | None = None
+    # The rollout engine is shut down just before this global inner step, on torchrun's first
+    # attempt only: the step fails with one error naming it, and the restart resumes (issue 23).
+    kill_engine_at: int | None = None
+    # After every push into an inference engine, compare its weights with the trainer's by hash
+    # (`engine_weights_equal` in the inner record; ~1 s per 40M parameters): for tests and audits.
+    check_engine_sync: bool = False
 
     def __post_init__(self) -> None:
-        for key in ("inject_nan_loss_at", "abort_at_exit_rank"):
+        for key in ("inject_nan_loss_at", "abort_at_exit_rank", "kill_engine_at"):
             value = getattr(self, key)
             _require(value is None or value >= 0, f"debug.{key}", "must be >= 0")
 

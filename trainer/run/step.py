@@ -11,9 +11,11 @@ logic (`trainer.diloco`): this orders those calls and returns the step's record.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -21,9 +23,10 @@ import torch.distributed as dist
 
 from trainer.config import ConfigError, OptimConfig
 from trainer.objective.losses import ComposerBatch, ComposerLossOutput, composer_total_loss
-from trainer.rollout.sampling import Engine
+from trainer.rollout.sampling import Engine, EngineError
 from trainer.rollout.warmup import warmup_probe
 from trainer.run.build import Replica, Run, share_synced_parameters
+from trainer.run.placement import restart_count
 from trainer.run.topology import step_seed
 
 
@@ -62,7 +65,9 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
     rng = random.Random(seed)
     step_start = time.perf_counter()
     prefix = f"r{topo.replica_id}-{topo.local_rank}-s{step}"
-    with run.autocast():
+    if config.debug.kill_engine_at == step and restart_count() == 0:  # fault injection (debug section)
+        run.engine.close()
+    with run.autocast(), engine_failures_name(step, round_index):
         samples, preference = run.collector.collect(
             run.policy(),
             rng=rng,
@@ -82,7 +87,9 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
     synced = replica.diloco.step()
     if synced:
         share_synced_parameters(run, replica)
-    weight_sync_s = push_weights(run) if applied or synced else 0.0  # the engine samples the new weights
+    with engine_failures_name(step, round_index):
+        weight_sync_s = push_weights(run) if applied or synced else 0.0  # the engine samples the new weights
+    in_sync = {"engine_weights_equal": run.engine.weights_equal(run.model)} if config.debug.check_engine_sync else {}
     replay = replica.feed.replay if replica.feed is not None else None
     stats = samples.stats
     return dict(
@@ -108,7 +115,25 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
         reference_forwards=replay.reference_forward_passes if replay is not None else 0,
         **samples.metrics,
         **out.metrics,
+        **in_sync,
     )
+
+
+class EngineFailed(RuntimeError):
+    """The rollout engine failed during an inner step; the message names the step."""
+
+
+@contextlib.contextmanager
+def engine_failures_name(step: int, round_index: int) -> Iterator[None]:
+    """An engine that fails (dies mid-run, refuses a request) is one error naming the step; the run
+    exits non-zero and torchrun's restart resumes it from its newest checkpoint."""
+    try:
+        yield
+    except EngineError as error:
+        raise EngineFailed(
+            f"rollout engine failed at inner step {step} (round {round_index}): {error}; "
+            "a restart resumes the run from its newest checkpoint"
+        ) from None
 
 
 def push_weights(run: Run) -> float:
