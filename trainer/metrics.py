@@ -120,6 +120,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "ratio_mean": Field("scalar", "1", "mean importance ratio pi / pi_old over completion tokens"),
         "clip_fraction": Field("scalar", "fraction", "completion tokens whose ratio was clipped"),
         "sampler_logp_diff": Field("scalar", "nats", "mean |trainer - sampler| log-prob of the sampled tokens"),
+        "mismatch_kl": Field("scalar", "nats", "k3 estimate of KL(sampler || trainer) on the sampled tokens"),
+        "capped_fraction": Field(
+            "scalar", "fraction", "sampled tokens whose pi_train / pi_sampler exceeds loss.rollout_correction_cap"
+        ),
         "loss": Field("scalar", "1", "the composed loss: grpo + alpha * sdpo + beta * dpo"),
         "logits_dtype": Field("text", "1", "dtype of the policy's logits in the loss (bfloat16 under autocast)"),
         "grpo": Field("scalar", "1", "the Dr.GRPO channel (policy-gradient surrogate)"),

@@ -168,6 +168,8 @@ def three_channel_loss(run: Run, replica: Replica, batch: ComposerBatch) -> Comp
         sdpo_top_k=loss.sdpo_top_k,
         dpo_beta=loss.dpo_beta,
         temperature=r.temperature,
+        rollout_correction_mode=loss.rollout_correction,
+        rollout_correction_cap=loss.rollout_correction_cap,
     )
 
 
