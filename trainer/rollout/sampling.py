@@ -70,6 +70,10 @@ class Samples:
     sampler_logps: torch.Tensor  # (B, C) float32: log-prob the sampler drew each token with (nats)
 
 
+class EngineError(RuntimeError):
+    """The rollout engine failed (died, or refused a request); the message says which and why."""
+
+
 class Engine(ABC):
     """What samples: token ids in, sampled ids and the log-prob each was drawn with out.
 
@@ -103,6 +107,11 @@ class Engine(ABC):
         samples from exactly the weights being trained. Engines that sample from the trained module
         itself have nothing to do."""
         del weights
+
+    def weights_equal(self, model: Any) -> bool:
+        """Whether the engine computes with exactly `model`'s weights (by hash, in the engine's dtype);
+        an engine that samples the module itself always does."""
+        return True
 
     def close(self) -> None:  # noqa: B027 (optional: engines that hold nothing of their own)
         """Free what the engine holds (an inference engine's KV cache and weights)."""

@@ -37,11 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_model
+from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trainer.objective.batching import pad_sequences
-from trainer.rollout.sampling import Engine, Samples
+from trainer.rollout.sampling import Engine, EngineError, Samples
 
 # vLLM fuses these Hugging Face projections into one packed weight (split back by output_sizes).
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -95,7 +95,12 @@ class VLLMEngine(Engine):
         model.config.save_pretrained(self._dir.name)
         if self.generation_config is not None:
             self.generation_config.save_pretrained(self._dir.name)
-        save_model(model, str(Path(self._dir.name) / "model.safetensors"))
+        # Every tensor under its Hugging Face name; a tied head is the embedding (vLLM ties it at load
+        # and ignores `lm_head.weight`: safetensors' save_model may keep only that name of the pair).
+        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+        if self.tied:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(Path(self._dir.name) / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(self._dir.name)
         set_num_threads = torch.set_num_threads  # vLLM's CPU worker replaces it with a no-op, process-wide
         with torch.random.fork_rng(devices=[]):  # LLM(seed=...) reseeds the global generators
@@ -134,11 +139,15 @@ class VLLMEngine(Engine):
         # the generator seeded with it: reproducible from the run's seeds, and the trainer's own
         # stream is left as a generate() call would leave it.
         seed = int(torch.randint(0, 2**62, ()).item())
+        if self.llm is None:
+            raise EngineError("the vllm engine was shut down")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            outputs = self.llm.generate(
-                [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
-            )
+            requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+            try:
+                outputs = self.llm.generate(requests, params, use_tqdm=False)
+            except Exception as error:  # anything from inside vLLM: one error, with its own words
+                raise EngineError(f"vllm: {type(error).__name__}: {error}") from error
         completions, logps = [], []
         for out in outputs:
             sampled = out.outputs[0]
@@ -173,6 +182,8 @@ class VLLMEngine(Engine):
     def push(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load (name, tensor) pairs (Hugging Face names, e.g. `model.state_dict().items()`) into the
         engine, rebuild the LM head's packed GEMM when the embeddings are tied, drop cached KV."""
+        if self.llm is None:
+            raise EngineError("the vllm engine was shut down")
         items = [(name, tensor.detach().to(self.dtype)) for name, tensor in weights]
         if self.tied and not any(name == "lm_head.weight" for name, _ in items):
             embedding = next(t for name, t in items if name.endswith("embed_tokens.weight"))
@@ -181,6 +192,9 @@ class VLLMEngine(Engine):
         if self.tied:
             self.llm.apply_model(_repack_lm_head)
         self.llm.reset_prefix_cache()
+
+    def weights_equal(self, model: Any) -> bool:
+        return self.weights_digest() == module_digest(model, self.dtype)
 
     def weights_digest(self) -> dict[str, str]:
         """sha256 of every weight the engine computes with, by Hugging Face tensor name."""

@@ -11,11 +11,13 @@ logic (`trainer.diloco`): this orders those calls and returns the step's record.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 import signal
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -23,7 +25,7 @@ import torch.distributed as dist
 
 from trainer.config import ConfigError, OptimConfig
 from trainer.objective.losses import ComposerBatch, ComposerLossOutput, composer_total_loss
-from trainer.rollout.sampling import Engine
+from trainer.rollout.sampling import Engine, EngineError
 from trainer.rollout.warmup import warmup_probe
 from trainer.run.build import Replica, Run, after_heal, share_synced_parameters
 from trainer.run.placement import restart_count
@@ -67,7 +69,9 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
     rng = random.Random(seed)
     step_start = time.perf_counter()
     prefix = f"r{topo.replica_id}-{topo.local_rank}-s{step}"
-    with run.autocast():
+    if config.debug.kill_engine_at == step and restart_count() == 0:  # fault injection (debug section)
+        run.engine.close()
+    with run.autocast(), engine_failures_name(step, round_index):
         samples, preference = run.collector.collect(
             run.policy(),
             rng=rng,
@@ -89,7 +93,9 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
         share_synced_parameters(run, replica)
         if topo.elastic is not None and topo.elastic.last.role == "healed":  # its round did not count
             after_heal(run, replica)
-    weight_sync_s = push_weights(run) if applied or synced else 0.0  # the engine samples the new weights
+    with engine_failures_name(step, round_index):
+        weight_sync_s = push_weights(run) if applied or synced else 0.0  # the engine samples the new weights
+    in_sync = {"engine_weights_equal": run.engine.weights_equal(run.model)} if config.debug.check_engine_sync else {}
     replay = replica.feed.replay if replica.feed is not None else None
     stats = samples.stats
     return dict(
@@ -115,6 +121,7 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
         reference_forwards=replay.reference_forward_passes if replay is not None else 0,
         **samples.metrics,
         **out.metrics,
+        **in_sync,
     )
 
 
@@ -124,6 +131,23 @@ def first_life(topo: Topology, step: int) -> bool:
     if topo.elastic is not None:
         return topo.elastic.once(f"kill/{topo.replica_id}/{step}")
     return restart_count() == 0
+
+
+class EngineFailed(RuntimeError):
+    """The rollout engine failed during an inner step; the message names the step."""
+
+
+@contextlib.contextmanager
+def engine_failures_name(step: int, round_index: int) -> Iterator[None]:
+    """An engine that fails (dies mid-run, refuses a request) is one error naming the step; the run
+    exits non-zero and torchrun's restart resumes it from its newest checkpoint."""
+    try:
+        yield
+    except EngineError as error:
+        raise EngineFailed(
+            f"rollout engine failed at inner step {step} (round {round_index}): {error}; "
+            "a restart resumes the run from its newest checkpoint"
+        ) from None
 
 
 def push_weights(run: Run) -> float:
@@ -158,6 +182,8 @@ def three_channel_loss(run: Run, replica: Replica, batch: ComposerBatch) -> Comp
         sdpo_top_k=loss.sdpo_top_k,
         dpo_beta=loss.dpo_beta,
         temperature=r.temperature,
+        rollout_correction_mode=loss.rollout_correction,
+        rollout_correction_cap=loss.rollout_correction_cap,
     )
 
 

@@ -10,6 +10,7 @@ from trainer.objective.losses import (
     dpo_loss,
     group_advantages,
     grpo_loss,
+    rollout_correction,
     route_sdpo_on_failures,
     sdpo_loss,
     sequence_logps,
@@ -405,3 +406,57 @@ def test_sdpo_on_failures_distils_failed_samples_and_keeps_the_group_advantage_o
     assert weight.tolist() == [0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0]
     with pytest.raises(ValueError, match="passed has shape"):
         route_sdpo_on_failures(advantages, torch.ones(3, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------- rollout correction (issue 23)
+
+# Two rows of three tokens; ratios pi_train / pi_sampler of 1, 3, 0.5 | e, 1, (padding).
+TRAIN = torch.tensor([[-1.0, -1.0, -2.0], [-0.5, -3.0, -9.0]])
+SAMPLER = torch.tensor([[-1.0, -1.0 - math.log(3), -2.0 + math.log(2)], [-1.5, -3.0, 5.0]])
+MASK = torch.tensor([[1, 1, 1], [1, 1, 0]])
+
+
+def k3(r: float) -> float:
+    return r - 1 - math.log(r)
+
+
+def test_truncated_importance_weights_are_the_ratios_capped_and_the_mismatch_is_the_k3_kl():
+    weights, mask, metrics = rollout_correction(TRAIN, SAMPLER, MASK, mode="tis", cap=2.0)
+    close_all(weights, [[1.0, 2.0, 0.5], [2.0, 1.0, 1.0]], tol=1e-6)  # min(r, 2); padding r = 1
+    assert torch.equal(mask, MASK)
+    ratios = [1.0, 3.0, 0.5, math.e, 1.0]
+    assert metrics["mismatch_kl"] == pytest.approx(sum(k3(r) for r in ratios) / 5, abs=1e-6)
+    assert metrics["capped_fraction"] == pytest.approx(2 / 5)  # 3 and e are over the cap
+
+
+def test_masked_importance_sampling_drops_the_tokens_over_the_cap_and_weights_the_rest_one():
+    weights, mask, metrics = rollout_correction(TRAIN, SAMPLER, MASK, mode="mis", cap=2.0)
+    assert torch.equal(weights, torch.ones(2, 3))
+    assert mask.tolist() == [[1, 0, 1], [0, 1, 0]]
+    assert metrics["capped_fraction"] == pytest.approx(2 / 5)
+    none_weights, none_mask, none_metrics = rollout_correction(TRAIN, SAMPLER, MASK, mode="none", cap=2.0)
+    assert torch.equal(none_weights, torch.ones(2, 3)) and torch.equal(none_mask, MASK)
+    assert none_metrics == metrics  # measured the same whatever is corrected
+
+
+def test_a_sampler_that_agrees_with_the_trainer_has_zero_mismatch_and_unit_weights():
+    weights, _, metrics = rollout_correction(TRAIN, TRAIN.clone(), MASK, mode="tis", cap=2.0)
+    assert torch.equal(weights, torch.ones(2, 3)) and metrics == {"mismatch_kl": 0.0, "capped_fraction": 0.0}
+
+
+def test_tis_token_weights_scale_each_tokens_policy_gradient_term():
+    """Dr.GRPO on-policy: each token's term is -A (ratio 1); weighted, -w * A, summed over B * L."""
+    logp = torch.zeros(2, 3, requires_grad=True)
+    advantages = torch.tensor([1.0, -2.0])
+    weights = torch.tensor([[1.0, 2.0, 0.5], [2.0, 1.0, 1.0]])
+    loss = grpo_loss(logp, None, advantages, MASK, loss_type="dr_grpo", max_completion_length=3, token_weights=weights)
+    close(loss, (-(1 + 2 + 0.5) * 1.0 + (2 + 1) * 2.0) / 6)
+    loss.backward()
+    close_all(logp.grad, [[-1 / 6, -2 / 6, -0.5 / 6], [4 / 6, 2 / 6, 0.0]])
+
+
+def test_rollout_correction_refuses_an_unknown_mode_and_a_non_positive_cap():
+    with pytest.raises(ValueError, match="rollout_correction"):
+        rollout_correction(TRAIN, SAMPLER, MASK, mode="clip", cap=2.0)
+    with pytest.raises(ValueError, match="rollout_correction_cap=0"):
+        rollout_correction(TRAIN, SAMPLER, MASK, mode="tis", cap=0)
