@@ -442,6 +442,16 @@ class ElasticDiLoCo:
         """The announced summary, or None while the run goes on."""
         return json.loads(self.store.get("finished")) if self.store.check(["finished"]) else None
 
+    def wait_finished(self, holder: int) -> Any | None:
+        """The summary `holder` announces, waiting while its heartbeat goes on (at most timeout_s);
+        None when it stopped beating, or the time ran out, without announcing one."""
+        deadline = time.monotonic() + self.timeout_s
+        while (summary := self.finished()) is None:
+            if (holder != self.id and self._dead(holder)) or time.monotonic() > deadline:
+                return self.finished()
+            time.sleep(self.poll_s)
+        return summary
+
     def close(self) -> None:
         """Stop the heartbeat (the peers see this replica dead after heartbeat_timeout_s)."""
         self._stop.set()

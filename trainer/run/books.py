@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -355,11 +354,12 @@ def finish_elastic(run: Run, replica: Replica, books: Books) -> dict:
     else:
         if books.metrics is not None:
             books.metrics.close()
-        deadline = time.monotonic() + config.diloco.timeout_s
-        while (summary := elastic.finished()) is None and time.monotonic() < deadline:
-            time.sleep(0.2)
+        holder = (boundary.participants or [boundary.donor])[0] if boundary is not None else 0
+        summary = elastic.wait_finished(holder)
         if summary is None:
-            summary = dict(status="failed", reason="the last outer step's books holder never announced the end")
+            summary = dict(
+                status="failed", reason=f"replica {holder}, the last outer step's books holder, never announced the end"
+            )
     run.engine.close()
     elastic.close()
     return summary
