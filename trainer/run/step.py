@@ -4,6 +4,13 @@
                  (backward, average inside the replica, clip, AdamW, EMA teacher; nothing if
                  non-finite) -> diloco.step()
 
+Under `parallel.sharding: fsdp` every forward of the policy, the EMA teacher and the DPO reference
+is a collective over the replica, so collection (sampling, reward probes, reference scoring: work
+that differs per rank) runs inside `sharding.unsharded`, and the loss's forwards are made the same
+on every rank: the replica's ranks skip the DPO channel together when one of them has no pairs,
+and the SDPO teacher forward runs even with nothing to distil (`lockstep`). FSDP's reduce-scatter
+averages the gradients, so `average_gradients` is skipped.
+
 No loss math here (`trainer.objective.losses`), no decision about where DPO pairs come from
 (`trainer.objective.replay.PreferenceFeed`), no sampling logic (`trainer.rollout`), no exchange
 logic (`trainer.diloco`): this orders those calls and returns the step's record.
@@ -23,6 +30,7 @@ from trainer.config import ConfigError, OptimConfig
 from trainer.objective.losses import ComposerBatch, ComposerLossOutput, composer_total_loss
 from trainer.rollout.warmup import warmup_probe
 from trainer.run.build import Replica, Run, share_synced_parameters
+from trainer.run.sharding import is_sharded, unsharded
 from trainer.run.topology import step_seed
 
 
@@ -61,7 +69,8 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
     rng = random.Random(seed)
     step_start = time.perf_counter()
     prefix = f"r{topo.replica_id}-{topo.local_rank}-s{step}"
-    with run.autocast():
+    reference = replica.feed.replay.reference_model if replica.feed is not None else None
+    with run.autocast(), unsharded(run.model, replica.teacher_module, reference):
         samples, preference = run.collector.collect(
             run.model,
             run.tokenizer,
@@ -71,6 +80,8 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
             id_prefix=prefix,
             episodes_file=run.run_dir / "episodes" / f"rank{topo.rank}.jsonl",
         )
+    preference = together(preference, topo.inner_group)
+    with run.autocast():
         forwards_before = replica.forward_calls[0]
         loss_start = time.perf_counter()
         out = three_channel_loss(run, replica, ComposerBatch(policy=samples.policy, preference=preference))
@@ -132,7 +143,18 @@ def three_channel_loss(run: Run, replica: Replica, batch: ComposerBatch) -> Comp
         sdpo_top_k=loss.sdpo_top_k,
         dpo_beta=loss.dpo_beta,
         temperature=r.temperature,
+        lockstep=is_sharded(run.model),
     )
+
+
+def together(preference: Any, group: dist.ProcessGroup | None) -> Any:
+    """This step's DPO batch, or None when any rank of the replica has none: the ranks of a
+    replica run the same channels (their gradients are averaged; sharded, their forwards must pair)."""
+    if group is None:
+        return preference
+    everyone = torch.tensor(float(preference is not None))
+    dist.all_reduce(everyone, op=dist.ReduceOp.MIN, group=group)
+    return preference if everyone.item() else None
 
 
 def inner_lr(optim: OptimConfig, step: int, total_steps: int) -> float:
@@ -179,7 +201,8 @@ def optimizer_step(run: Run, replica: Replica, loss: torch.Tensor, lr: float | N
             group["lr"] = lr
     replica.inner_optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    average_gradients(run.model, run.topo.inner_group)
+    if not is_sharded(run.model):  # sharded: FSDP's reduce-scatter has averaged them already
+        average_gradients(run.model, run.topo.inner_group)
     norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.optim.max_grad_norm)
     finite = torch.tensor(float(bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))))
     if run.topo.inner_group is not None:
