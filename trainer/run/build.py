@@ -38,6 +38,7 @@ from trainer.run.sharding import (
     mixed_precision,
     replica_mesh,
     shard,
+    unsharded,
 )
 from trainer.run.topology import Topology, barrier, gather, init_distributed, leave_together, storage_keeper
 from trainer.sandbox import SandboxUnavailable, make_sandbox, set_default_sandbox
@@ -201,6 +202,8 @@ def build_replica(run: Run) -> Replica:
         for module in (model, teacher.module if teacher else None, feed.replay.reference_model if feed else None):
             if module is not None:
                 shard(module, mesh, mp_policy=policy)
+    if feed is not None:
+        fill_from_traces(run, feed)
     inner_optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     d = config.diloco
     shares = None  # unsharded, S > 1 processes a replica: each exchanges 1/S of the model across replicas
@@ -254,7 +257,7 @@ def build_preference_feed(run: Run) -> PreferenceFeed:
     """The frozen DPO reference (the policy after warm-up, saved once) and the pair feed over it.
 
     Built before any sharding: the reference is a copy of the whole policy, saved and loaded
-    whole (`checkpoint.save_reference`), and the trace pairs are scored by it before it is sharded.
+    whole (`checkpoint.save_reference`). The trace pairs come later (`fill_from_traces`).
     """
     reference = copy.deepcopy(run.model).requires_grad_(False).eval()
     if run.resume_from is None:
@@ -266,12 +269,17 @@ def build_preference_feed(run: Run) -> PreferenceFeed:
     replay = PreferenceReplay(
         reference, pad_token_id=run.tokenizer.pad_token_id, device=run.device, capacity=config.loss.dpo_capacity
     )
-    feed = PreferenceFeed(replay, pairs_per_step=config.loss.dpo_pairs_per_step, traces=config.task.traces)
+    return PreferenceFeed(replay, pairs_per_step=config.loss.dpo_pairs_per_step, traces=config.task.traces)
+
+
+def fill_from_traces(run: Run, feed: PreferenceFeed) -> None:
+    """The run's trace pairs (`task.traces`) into the feed, scored by the reference where it now
+    lives: on the device, gathered when sharded (every rank scores them all, no collective)."""
     try:
-        feed.fill_from_traces(run.tokenizer, config.rollout.max_prompt_length * 4)
+        with unsharded(feed.replay.reference_model):
+            feed.fill_from_traces(run.tokenizer, run.config.rollout.max_prompt_length * 4)
     except CapacityError as error:
         raise ConfigError(str(error)) from None
-    return feed
 
 
 def share_synced_parameters(run: Run, replica: Replica) -> None:
