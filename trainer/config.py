@@ -252,6 +252,11 @@ class DiLoCoConfig:
             f"exchanges the whole model at the round boundary: needs diloco.fragments 1 and fragment_delay 0, "
             f"got {self.fragments} and {self.fragment_delay}",
         )
+        _require(
+            not self.elastic or self.backup_device == "cpu",
+            "diloco.backup_device",
+            "diloco.elastic exchanges over a Gloo group per quorum, which averages host tensors: needs cpu",
+        )
         _require(self.sync_every >= 1, "diloco.sync_every", f"must be >= 1, got {self.sync_every}")
         _require(self.outer_lr > 0, "diloco.outer_lr", "must be > 0")
         _require(0 <= self.outer_momentum < 1, "diloco.outer_momentum", "must be in [0, 1)")
