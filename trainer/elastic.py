@@ -117,7 +117,9 @@ class Quorum:
 
     @property
     def members(self) -> list[int]:
-        return self.participants + self.joiners
+        """Everyone the decision gives a part: the participants and joiners, and the donor when
+        nobody trains (it is neither: its state becomes the reference)."""
+        return self.participants + self.joiners if self.participants else [self.donor, *self.joiners]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -226,3 +226,24 @@ def test_below_min_replicas_the_boundary_waits_then_fails_naming_the_key(server)
         diloco.step()
     assert 1.5 <= time.monotonic() - started < 10
     member.close()
+
+
+def test_when_every_replica_restarted_without_state_the_lowest_seeds_and_the_others_are_healed_by_it(server):
+    """All three processes died after outer step 1 was committed, before any checkpoint was sealed:
+    each comes back with no state of its own (rev -1) and asks to join. Nobody trains, so the
+    decision makes replica 0 the donor; it must seed (not take itself for a latecomer) and the two
+    others must be healed with its weights, all at the first attempt."""
+    members = [elastic(server, r, quorum_timeout_s=0.5) for r in range(3)]
+    members[0].store.set("rev", "1")  # the store remembers the committed outer step
+    dilocos = [tiny(r)[1] for r in range(3)]
+    for member, diloco in zip(members, dilocos, strict=True):
+        member.attach(diloco)
+    boundaries = run_all(
+        [functools.partial(m.enter, d, has_state=False) for m, d in zip(members, dilocos, strict=True)]
+    )
+    assert [b.role for b in boundaries] == ["seeded", "healed", "healed"]
+    assert [b.donor for b in boundaries] == [0, 0, 0] and [b.attempts for b in boundaries] == [1, 1, 1]
+    assert boundaries[0].admitted == [1, 2]
+    assert len({d.global_state_hash() for d in dilocos}) == 1
+    for member in members:
+        member.close()

@@ -73,20 +73,7 @@ def end_of_round(
         end_of_elastic_round(run, replica, books, records, round_index, seconds)
         return
     diloco = replica.diloco
-    compute_s, communication_s = diloco.compute_seconds, diloco.communication_seconds
-    everyone = gather(
-        dict(
-            records=records,
-            hash=full_parameters_hash(run.model),  # the whole model's, also when sharded
-            pseudo_grad_norm=diloco.last_pseudo_grad_norm,  # of this rank's share or shard
-            bytes_sent=diloco.bytes_sent,
-            bytes_received=diloco.bytes_received,
-            # this rank's seconds this round outside / blocked inside DiLoCo's exchanges (measured)
-            compute_s=compute_s - replica.round_clock[0],
-            communication_s=communication_s - replica.round_clock[1],
-        )
-    )
-    replica.round_clock = (compute_s, communication_s)
+    everyone = gather(round_view(run, replica, records))
     if books.metrics is not None:
         log_round(run, replica, books, everyone, round_index, seconds)
     # Every replica saves its share, then one rank per disk seals the folder.
@@ -150,6 +137,25 @@ def evaluate_held_out(
         )
 
 
+def round_view(run: Run, replica: Replica, records: list[dict]) -> dict:
+    """What this rank tells the books holder about its round (`log_round`'s `everyone`), and the
+    start of its next round's clock."""
+    diloco = replica.diloco
+    compute_s, communication_s = diloco.compute_seconds, diloco.communication_seconds
+    view = dict(
+        records=records,
+        hash=full_parameters_hash(run.model),  # the whole model's, also when sharded
+        pseudo_grad_norm=diloco.last_pseudo_grad_norm,  # of this rank's share or shard
+        bytes_sent=diloco.bytes_sent,
+        bytes_received=diloco.bytes_received,
+        # this rank's seconds this round outside / blocked inside DiLoCo's exchanges (measured)
+        compute_s=compute_s - replica.round_clock[0],
+        communication_s=communication_s - replica.round_clock[1],
+    )
+    replica.round_clock = (compute_s, communication_s)
+    return view
+
+
 def end_of_elastic_round(
     run: Run, replica: Replica, books: Books, records: list[dict], round_index: int, seconds: float
 ) -> None:
@@ -157,17 +163,7 @@ def end_of_elastic_round(
     participant), the held-out evaluation (the books holder, alone). Module docstring."""
     config, topo, diloco = run.config, run.topo, replica.diloco
     elastic, boundary = topo.elastic, topo.elastic.last
-    compute_s, communication_s = diloco.compute_seconds, diloco.communication_seconds
-    view = dict(
-        records=records,
-        hash=full_parameters_hash(run.model),
-        bytes_sent=diloco.bytes_sent,
-        bytes_received=diloco.bytes_received,
-        compute_s=compute_s - replica.round_clock[0],
-        communication_s=communication_s - replica.round_clock[1],
-        disk=list(disk_of(run.ckpt_root)),
-    )
-    replica.round_clock = (compute_s, communication_s)
+    view = dict(round_view(run, replica, records), disk=list(disk_of(run.ckpt_root)))
     if boundary.role != "participant":
         print(
             f"replica {topo.replica_id}: its round {round_index + 1} did not count; healed to outer step "
