@@ -11,10 +11,11 @@ Scenarios (the same tiny config, 4 replicas of one process, H = 4, 24 outer step
   the same kills: torchrun restarts every worker and the run resumes from its newest checkpoint.
 
 Measured from each run's own books (metrics.jsonl, the latest record of each outer step):
-``wall_s`` (launch to exit), ``survivor_utilisation`` (replica 0's compute seconds in the rounds
-the run kept, over the wall time from launch), ``participants`` per outer step, and the reward
-curve (mean reward of each round's inner steps). Writes bench/results/elastic.{md,json,png}; about
-6 minutes on a shared 2-core machine. Run from the repo root: `.venv/bin/python bench/bench_elastic.py`.
+``wall_s`` (launch to exit), ``training_s`` (the first outer step in the books to the end),
+``survivor_utilisation`` (replica 0's compute seconds in the rounds the run kept, over
+training_s), ``participants`` per outer step, and the reward curve (mean reward of each round's
+inner steps). Writes bench/results/elastic.{md,json,png}; about
+7 minutes on a shared 2-core machine. Run from the repo root: `.venv/bin/python bench/bench_elastic.py`.
 """
 
 from __future__ import annotations
