@@ -529,6 +529,17 @@ TIMING_KEYS = frozenset(
 )
 
 
+def metrics_file(path: Path) -> Path:
+    """The metrics.jsonl that `path` names: the file itself, or the one in a run directory.
+
+    Raises FileNotFoundError naming the path when there is none.
+    """
+    found = path / "metrics.jsonl" if path.is_dir() else path
+    if not found.is_file():
+        raise FileNotFoundError(f"{path}: no metrics.jsonl (give a run directory or its metrics.jsonl)")
+    return found
+
+
 def compare_metrics(a: Path, b: Path, *, ignore: frozenset[str] = TIMING_KEYS) -> list[str]:
     """Every difference between two runs' metrics.jsonl, timings aside; [] when they computed the same.
 
@@ -852,7 +863,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m trainer.metrics")
     sub = parser.add_subparsers(dest="command", required=True)
-    compare = sub.add_parser("compare", help="diff two metrics.jsonl files, timings aside")
+    compare = sub.add_parser("compare", help="diff two runs' metrics.jsonl (run dirs or files), timings aside")
     compare.add_argument("a", type=Path)
     compare.add_argument("b", type=Path)
     sub.add_parser("schema", help="every record kind of metrics.jsonl and its fields, with units")
@@ -871,11 +882,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"{index} ({len(args.runs)} run{'s' if len(args.runs) > 1 else ''}; open it in a browser)")
         return 0
-    differences = compare_metrics(args.a, args.b)
+    try:
+        a, b = (metrics_file(path) for path in (args.a, args.b))
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    differences = compare_metrics(a, b)
     for line in differences[:50]:
         print(line)
-    records = len(read_metrics(args.a))
-    keys = len({key for r in read_metrics(args.a) for key in r} - TIMING_KEYS)
+    records = len(read_metrics(a))
+    keys = len({key for r in read_metrics(a) for key in r} - TIMING_KEYS)
     print(
         f"{records} records, {keys} keys compared (ignored: {', '.join(sorted(TIMING_KEYS))}): "
         f"{len(differences)} differences"

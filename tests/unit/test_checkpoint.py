@@ -412,14 +412,24 @@ def test_a_sharded_checkpoint_exports_without_a_process_group(tmp_path, world_of
         checkpoint.load_sharded_model(tmp_path / "step-000008" / "replica-0", torch.nn.Linear(4, 11))
 
 
+# Damage done to a sealed sharded step: (what is done, the file it names). Keyed by test id.
+SHARD_DAMAGE = {
+    "truncated-shards": (lambda f: truncate(f / "replica-0" / "__0_0.distcp"), "replica-0/__0_0.distcp"),
+    "missing-shards": (lambda f: (f / "replica-0" / "__0_0.distcp").unlink(), "replica-0/__0_0.distcp"),
+    "truncated-metadata": (lambda f: truncate(f / "replica-0" / ".metadata"), "replica-0/.metadata"),
+}
+
+
+def shard_damage(problems: dict[str, str]) -> list:
+    """pytest params (damage, file, problem) for each SHARD_DAMAGE entry, with the message expected."""
+    return [pytest.param(*SHARD_DAMAGE[name], problem, id=name) for name, problem in problems.items()]
+
+
 @pytest.mark.parametrize(
     "damage, file, problem",
-    [
-        (lambda f: truncate(f / "replica-0" / "__0_0.distcp"), "replica-0/__0_0.distcp", "truncated"),
-        (lambda f: (f / "replica-0" / "__0_0.distcp").unlink(), "replica-0/__0_0.distcp", "missing or unreadable"),
-        (lambda f: truncate(f / "replica-0" / ".metadata"), "replica-0/.metadata", "truncated"),
-    ],
-    ids=["truncated-shards", "missing-shards", "truncated-metadata"],
+    shard_damage(
+        {"truncated-shards": "truncated", "missing-shards": "missing or unreadable", "truncated-metadata": "truncated"}
+    ),
 )
 def test_a_damaged_sharded_step_is_named_and_the_resume_falls_back(tmp_path, world_of_one, damage, file, problem):
     sealed_sharded_run(tmp_path, world_of_one)
@@ -432,12 +442,13 @@ def test_a_damaged_sharded_step_is_named_and_the_resume_falls_back(tmp_path, wor
 
 @pytest.mark.parametrize(
     "damage, file, problem",
-    [
-        (lambda f: truncate(f / "replica-0" / "__0_0.distcp"), "replica-0/__0_0.distcp", "the metadata needs"),
-        (lambda f: (f / "replica-0" / "__0_0.distcp").unlink(), "replica-0/__0_0.distcp", "missing or unreadable"),
-        (lambda f: truncate(f / "replica-0" / ".metadata"), "replica-0/.metadata", "unreadable checkpoint metadata"),
-    ],
-    ids=["truncated-shards", "missing-shards", "truncated-metadata"],
+    shard_damage(
+        {
+            "truncated-shards": "the metadata needs",
+            "missing-shards": "missing or unreadable",
+            "truncated-metadata": "unreadable checkpoint metadata",
+        }
+    ),
 )
 def test_a_sharded_step_without_recorded_sizes_is_checked_against_its_metadata(
     tmp_path, world_of_one, damage, file, problem

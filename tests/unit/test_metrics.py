@@ -15,6 +15,7 @@ from trainer.metrics import (
     run_summary,
     table_row,
 )
+from trainer.metrics import main as metrics_main
 from trainer.run.placement import write_json
 
 
@@ -70,6 +71,17 @@ def test_compare_metrics_ignores_timings_and_names_every_other_difference(tmp_pa
     assert same == []
     moved = compare_metrics(tmp_path / "a.jsonl", write(tmp_path / "c.jsonl", 0.5000000000000001, 100.0))
     assert moved == ["line 1 (inner): reward: 0.5 != 0.5000000000000001"]
+
+
+def test_compare_takes_run_directories_and_names_a_path_without_metrics(tmp_path, capsys):
+    for name, reward in (("a", 0.5), ("b", 0.25)):
+        log = MetricsLog(tmp_path / name / "metrics.jsonl")
+        log.log("inner", step=0, reward=reward)
+        log.close()
+    assert metrics_main(["compare", str(tmp_path / "a"), str(tmp_path / "b" / "metrics.jsonl")]) == 1
+    assert "line 1 (inner): reward: 0.5 != 0.25" in capsys.readouterr().out
+    assert metrics_main(["compare", str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
+    assert f"{tmp_path / 'missing'}: no metrics.jsonl" in capsys.readouterr().err
 
 
 def test_run_summary_reads_every_round_once_even_after_a_resume_repeated_one(tmp_path):

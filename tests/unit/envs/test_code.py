@@ -7,7 +7,7 @@ import pytest
 
 from tests.support.paths import SHARED
 from trainer.envs.code import CodeTask
-from trainer.sandbox import Check, SandboxUnavailable, make_sandbox
+from trainer.sandbox import Check
 
 STUB = 'def clamp(x: int, lo: int, hi: int) -> int:\n    """Return x limited to the range [lo, hi]."""\n'
 TESTS = (
@@ -20,16 +20,6 @@ TASK = CodeTask(name="clamp", code=STUB, check=Check("clamp", TESTS, call="check
 DRAFT = "```python\ndef clamp(x, lo, hi):\n    return max(x, lo)\n```"
 FINAL = "```python\ndef clamp(x, lo, hi):\n    return min(max(x, lo), hi)\n```"
 CASE = SHARED / "data" / "cases" / "models-and-config" / "05-code-draft-inside-think" / "completion.md"
-
-
-@pytest.fixture(scope="module")
-def sandbox():
-    try:
-        box = make_sandbox()
-    except SandboxUnavailable as error:
-        pytest.skip(str(error))
-    yield box
-    box.close()
 
 
 @pytest.mark.parametrize(

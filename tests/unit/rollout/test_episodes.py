@@ -42,7 +42,6 @@ from trainer.rollout.templates import TemplateError, demonstration_ids, end_of_t
 from trainer.rollout.warmup import warmup_probe
 from trainer.run.build import build_env
 from trainer.run.collectors import make_collector
-from trainer.sandbox import SandboxUnavailable, make_sandbox
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,16 +51,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def sandbox():
-    try:
-        box = make_sandbox()
-    except SandboxUnavailable as error:
-        pytest.skip(str(error))
-    yield box
-    box.close()
 
 
 @pytest.fixture(scope="module")
