@@ -153,6 +153,28 @@ def torchrun_command(settings: RunSettings, *, nnodes: int, rdzv_id: str, local_
     return command
 
 
+def elastic_command(settings: RunSettings) -> list[str]:
+    """One replica of an elastic run (`diloco.elastic`): its own `torchrun --standalone`, a world
+    of one process that torchrun restarts alone (the replica then rejoins the others through the
+    coordinator's store, which the caller names in COMPOSER_ELASTIC_STORE); no rendezvous spans
+    the replicas, so a membership change never restarts anyone else."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=1",
+        f"--max-restarts={settings.max_restarts}",
+        "-m",
+        "trainer.worker",
+        "--config",
+        settings.config,
+    ]
+    for override in settings.overrides:
+        command += ["--set", override]
+    return command
+
+
 def connect_store(host: str, port: int, timeout_s: float) -> TCPStore:
     """Client of the coordinator's store, retrying while the coordinator is still starting
     (a worker container can be up before the coordinator listens)."""

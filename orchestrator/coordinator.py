@@ -409,6 +409,8 @@ class Coordinator:
         }
         if self.membership is not None:
             report["hosts"] = self.hosts_report()
+        if self.progress.elastic:  # every replica's membership changes, from the outer records
+            report["membership"] = {str(r): self.progress.membership.get(r, []) for r in range(nnodes)}
         if self.run_dir.exists():  # atomic and strict JSON, as summary.json
             write_json(self.run_dir / "cluster.json", report)
         log(f"run {report['status']}: {json.dumps(report)}")

@@ -34,6 +34,7 @@ from orchestrator.cluster import (
     ClusterError,
     RunSettings,
     connect_store,
+    elastic_command,
     interface_address,
     key_beat,
     key_done,
@@ -42,6 +43,7 @@ from orchestrator.cluster import (
     torchrun_command,
 )
 from orchestrator.gate import SECRET_ENV, SECRET_FILE_ENV, GateError, Tunnel, load_secret, request
+from trainer.config import ConfigError, load_config
 from trainer.run.placement import is_finished
 
 STORE_WAIT_S = 600.0
@@ -94,7 +96,9 @@ def through_gate(settings: RunSettings, env: dict[str, str]) -> RunSettings:
             request(secret, gate, {"kind": "ping"}, timeout_s=GATE_TIMEOUT_S)
             break
         except GateError as error:
-            if "refused" in str(error) or "secret" in str(error) or time.monotonic() > deadline:
+            # "refused this machine" is the gate's answer; "(Connection refused)" only a coordinator
+            # still starting, which is waited for like one that restarts
+            if "refused this machine" in str(error) or "secret" in str(error) or time.monotonic() > deadline:
                 raise ClusterError(str(error)) from None
             time.sleep(2.0)
     tunnel = Tunnel(secret, gate, timeout_s=GATE_TIMEOUT_S)
@@ -113,6 +117,14 @@ def heartbeat(settings: RunSettings, replica: int) -> None:
         except (RuntimeError, TimeoutError):
             store = None  # the coordinator restarts or the link is down: try again next beat
         time.sleep(BEAT_S)
+
+
+def elastic_run(settings: RunSettings) -> bool:
+    """Whether the run's config asks for elastic DiLoCo (`diloco.elastic`)."""
+    try:
+        return load_config(settings.config, list(settings.overrides)).diloco.elastic
+    except ConfigError as error:
+        raise ClusterError(str(error)) from None
 
 
 def after_the_end(code: int, run_dir: Path, replica: int) -> int:
@@ -167,7 +179,14 @@ def main() -> int:
         "COMPOSER_REPLICA_ID": str(replica),
         "COMPOSER_RUN_DIR": run_dir,
     }
-    command = torchrun_command(settings, nnodes=nnodes, rdzv_id=rdzv_id, local_addr=address)
+    if elastic_run(settings):
+        # Each replica its own world; the replicas meet in the coordinator's store (across machines
+        # through this node's authenticated tunnel), so every connection still passes the gate.
+        endpoint = f"{settings.coordinator}:{settings.port}"
+        child_env |= {"COMPOSER_ELASTIC_STORE": endpoint, "COMPOSER_REPLICAS": str(nnodes)}
+        command = elastic_command(settings)
+    else:
+        command = torchrun_command(settings, nnodes=nnodes, rdzv_id=rdzv_id, local_addr=address)
     child = subprocess.Popen(command, env=child_env)
     # As PID 1 this process receives `docker stop`'s SIGTERM: hand it to torchrun, which stops
     # its workers cleanly, instead of dying and leaving them to the kernel.

@@ -53,6 +53,10 @@ class RunProgress:
     outer_steps: set[int] = field(default_factory=set)
     resumes: int = 0
     first_outer_at: float | None = None
+    # Elastic runs (their outer records name the participants): replica -> its membership changes,
+    # [{"outer_step": s, "change": "left" | "joined" | "healed"}], in outer-step order.
+    elastic: bool = False
+    membership: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
 
     def update(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Folds records in; returns the outer-step records among them (the events worth a line)."""
@@ -70,6 +74,13 @@ class RunProgress:
                 self.outer_steps.update(range(first, int(record["outer_step"]) + 1))
                 if self.first_outer_at is None:
                     self.first_outer_at = time.time()
+                if "participant_ids" in record:
+                    self.elastic = True
+                    for change in ("left", "healed", "joined"):
+                        for replica in record.get(change) or []:
+                            events = self.membership.setdefault(int(replica), [])
+                            events.append({"outer_step": int(record["outer_step"]), "change": change})
+                            events.sort(key=lambda e: e["outer_step"])
                 outer.append(record)
             elif event == "resume":
                 self.resumes += 1

@@ -9,12 +9,19 @@ each engine with `docker save` and `docker load`, no registry; it is loaded only
 does not hold that image id yet (the engines' data roots are kept between runs under ROOT for that).
 
 Links: host `hN`'s end in the root namespace is the veth `<prefix>-hN`; `tc` on it shapes what
-the host receives, as bench/bench_wan.py shapes container veths.
+the host receives, as bench/bench_wan.py shapes container veths; `unplug` / `plug` take the link
+down and up (a machine that drops off the network and comes back, its processes alive).
+
+Without engines (`TestBed(n, engines=False)`) a host is its namespace alone: the run's processes
+(`python -m orchestrator.coordinator`, `python -m orchestrator.node`) are started in it directly,
+each host with its own disk (`EmulatedHost.command(..., disk=(folder, mount point))` bind-mounts a
+folder of its own over the shared path in a private mount namespace). That needs no Docker, so the
+elastic run across machines is tested wherever root and network namespaces are.
 
     python -m orchestrator.testbed up --hosts 3      # prints each host's address and DOCKER_HOST
     python -m orchestrator.testbed down
 
-Needs root, `ip`, `nsenter` and `dockerd`. Everything it makes is named with PREFIX.
+Needs root, `ip`, `nsenter` and (with engines) `dockerd`. Everything it makes is named with PREFIX.
 """
 
 from __future__ import annotations
@@ -54,23 +61,25 @@ def _run(*command: str, check: bool = True, **kwargs) -> subprocess.CompletedPro
 class EmulatedHost:
     name: str  # h1, h2, ...
     index: int
+    prefix: str = PREFIX
+    subnet: str = SUBNET
 
     @property
     def netns(self) -> str:
-        return f"{PREFIX}-{self.name}"
+        return f"{self.prefix}-{self.name}"
 
     @property
     def address(self) -> str:
-        return f"{SUBNET}.{self.index}"
+        return f"{self.subnet}.{self.index}"
 
     @property
     def link(self) -> str:
         """The root-namespace end of the host's veth: shape it with tc."""
-        return f"{PREFIX}-{self.name}"
+        return f"{self.prefix}-{self.name}"
 
     @property
     def home(self) -> Path:
-        return ROOT / self.name
+        return ROOT / self.name if self.prefix == PREFIX else ROOT / f"{self.prefix}-{self.name}"
 
     @property
     def socket(self) -> Path:
@@ -84,9 +93,29 @@ class EmulatedHost:
         """An environment whose `docker` (CLI or SDK) talks to this host's engine."""
         return dict(os.environ if base is None else base) | {"DOCKER_HOST": self.docker_host}
 
-    def command(self, *argv: str) -> list[str]:
-        """`argv` run inside this host's network namespace (same files, same processes otherwise)."""
-        return ["nsenter", f"--net=/var/run/netns/{self.netns}", *argv]
+    def command(self, *argv: str, disk: tuple[Path, Path] | None = None) -> list[str]:
+        """`argv` run inside this host's network namespace (same files, same processes otherwise).
+        `disk` = (folder, mount point): in a private mount namespace, this host sees its own
+        `folder` at `mount point`, as a machine sees its own disk under a path all machines use."""
+        if disk is None:
+            return ["nsenter", f"--net=/var/run/netns/{self.netns}", *argv]
+        folder, mount_point = disk
+        script = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
+        return [
+            "nsenter",
+            f"--net=/var/run/netns/{self.netns}",
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            str(folder),
+            str(mount_point),
+            *argv,
+        ]
 
     def engine_answers(self) -> bool:
         return _run("docker", "info", check=False, env=self.env()).returncode == 0
@@ -95,25 +124,32 @@ class EmulatedHost:
 class TestBed:
     __test__ = False  # not a pytest test class
 
-    def __init__(self, hosts: int) -> None:
-        self.hosts = [EmulatedHost(f"h{i}", i) for i in range(1, hosts + 1)]
-        self.bridge = f"{PREFIX}-br"
+    def __init__(self, hosts: int, *, engines: bool = True, prefix: str = PREFIX, subnet: str = SUBNET) -> None:
+        """`engines`: a dockerd per host (False: namespaces and links only). `prefix` / `subnet`:
+        another bed's names and addresses, so that two beds can exist side by side."""
+        self.hosts = [EmulatedHost(f"h{i}", i, prefix, subnet) for i in range(1, hosts + 1)]
+        self.engines = engines
+        self.prefix = prefix
+        self.bridge = f"{prefix}-br"
 
     @property
     def _forward_rule(self) -> list[str]:
-        return ["FORWARD", "-i", self.bridge, "-o", self.bridge, "-m", "comment", "--comment", PREFIX, "-j", "ACCEPT"]
+        return [
+            "FORWARD", "-i", self.bridge, "-o", self.bridge, "-m", "comment", "--comment", self.prefix, "-j", "ACCEPT"
+        ]  # fmt: skip
 
     @staticmethod
-    def check() -> None:
-        """Raises TestBedError naming what this machine lacks."""
+    def check(engines: bool = True) -> None:
+        """Raises TestBedError naming what this machine lacks (`engines` False: no Docker needed)."""
         if os.geteuid() != 0:
             raise TestBedError("the multi-host test bed needs root (network namespaces, dockerd)")
-        for tool in ("ip", "nsenter", "dockerd", "docker", "tc"):
+        tools = ("ip", "nsenter", "dockerd", "docker", "tc") if engines else ("ip", "nsenter", "unshare", "mount")
+        for tool in tools:
             if shutil.which(tool) is None:
                 raise TestBedError(f"the multi-host test bed needs {tool!r} on PATH")
 
     def up(self) -> TestBed:
-        self.check()
+        self.check(self.engines)
         if _run("ip", "link", "show", self.bridge, check=False).returncode:
             _run("ip", "link", "add", self.bridge, "type", "bridge")
         _run("ip", "link", "set", self.bridge, "up")
@@ -122,8 +158,17 @@ class TestBed:
             _run("iptables", "-I", *self._forward_rule[:1], "1", *self._forward_rule[1:])
         for host in self.hosts:
             self._network(host)
-            self._engine(host)
+            if self.engines:
+                self._engine(host)
         return self
+
+    def unplug(self, host: EmulatedHost) -> None:
+        """The host drops off the network (its link down); its processes run on."""
+        _run("ip", "link", "set", host.link, "down")
+
+    def plug(self, host: EmulatedHost) -> None:
+        """Its link up again, on the bridge."""
+        _run("ip", "link", "set", host.link, "master", self.bridge, "up")
 
     def _network(self, host: EmulatedHost) -> None:
         if _run("ip", "netns", "exec", host.netns, "true", check=False).returncode:

@@ -59,7 +59,15 @@ def layer_of(module: str) -> str | None:
     parts = module.split(".")
     if len(parts) < 2:
         return None
-    named = {"worker": "worker", "config": "config", "diloco": "diloco", "export": "tools", "plan": "tools"}
+    # trainer.elastic (the round boundary of elastic DiLoCo) is DiLoCo's layer: torch and stdlib only
+    named = {
+        "worker": "worker",
+        "config": "config",
+        "diloco": "diloco",
+        "elastic": "diloco",
+        "export": "tools",
+        "plan": "tools",
+    }
     return named.get(parts[1], parts[1])
 
 

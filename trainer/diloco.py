@@ -43,13 +43,14 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import itertools
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -61,15 +62,19 @@ from torch.distributed.tensor import DTensor
 __all__ = [
     "COMPRESSIONS",
     "DEFAULT_TIMEOUT_S",
+    "IDENTITY_BYTES",
     "QUANT_BLOCK",
     "DiLoCo",
     "DiLoCoCommunicationError",
+    "Exchange",
     "decode",
     "encode",
+    "identity",
     "payload_bytes",
     "parameters_hash",
     "shard_bounds",
     "split_parameters",
+    "transfer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -86,6 +91,9 @@ DEFAULT_TIMEOUT_S = 1800.0
 # Trailer bytes of each message: phase 1 carries the sender's "finite" flag (uint8), phase 2 the
 # owner's participant count (int32), so a NaN replica is left out consistently everywhere.
 _FLAG_BYTES, _COUNT_BYTES = 1, 4
+# Elastic exchanges (trainer.elastic) also carry, before the flag, the sender's identity: the outer
+# step its global copy is at (int64) and the SHA-256 digest of that global state (32 bytes).
+IDENTITY_BYTES = 8 + 32
 # Messages travel in chunks: one 4 MB message per direction ran at half the link rate over a
 # shaped link (Gloo's two directions of a pair took turns), 256 KiB chunks at ~0.9 of it
 # (bench/bench_wan.py). Posting a chunk costs ~0.5 ms of CPU, so a large message is cut into at
@@ -196,8 +204,7 @@ def parameters_hash(module: nn.Module | Iterable[torch.Tensor]) -> str:
     tensors = module.parameters() if isinstance(module, nn.Module) else module
     digest = hashlib.sha256()
     for tensor in tensors:
-        raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        digest.update(raw.numpy().tobytes())
+        digest.update(_tensor_bytes(tensor))
     return digest.hexdigest()
 
 
@@ -214,20 +221,32 @@ def shard_bounds(numel: int, world: int) -> list[range]:
 
 
 @dataclass
-class _Exchange:
-    """One fragment's pseudo-gradient exchange, possibly still running on a background thread."""
+class Exchange:
+    """One fragment's pseudo-gradient exchange, possibly still running on a background thread.
+
+    Nothing of DiLoCo's own state changes while it runs: the quantization residuals it produces
+    wait here until the apply commits them, so an elastic exchange that is abandoned (a peer died)
+    can be retried over another group from the same pseudo-gradient.
+    """
 
     fragment: int
     outer_step: int  # the outer step this exchange feeds (1-based, for error messages)
     finite: bool  # this replica's own pseudo-gradient was finite (and so was sent)
     started: float  # perf_counter() when the exchange was started
+    group: Any = None  # the process group it runs over (None: a group of one)
+    world: int = 1
+    rank: int = 0
+    reference: bytes | None = None  # elastic: the identity a sender must carry to be averaged
     thread: threading.Thread | None = None  # None: it ran inline in step()
     mean: torch.Tensor | None = None  # averaged pseudo-gradient (None: no replica was finite)
     participants: int = 0
+    excluded: list[int] = field(default_factory=list)  # ranks whose identity differed from the reference
     sent: int = 0  # payload bytes this replica's sends put on the wire
     received: int = 0  # payload bytes this replica's receives took off the wire
     finished: float = 0.0  # perf_counter() when the mean was complete
     error: BaseException | None = None
+    residual: torch.Tensor | None = None  # this replica's new quantization residual (error feedback)
+    mean_residual: torch.Tensor | None = None  # the owner's residual of its mean shard (error feedback)
 
 
 class DiLoCo:
@@ -361,7 +380,7 @@ class DiLoCo:
                 self._mean_residuals.append(torch.zeros(self._fragment_numel(f), device=self.backup_device))
 
         self._inner_step = 0
-        self._in_flight: _Exchange | None = None
+        self._in_flight: Exchange | None = None
         self.outer_step = 0
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -371,7 +390,12 @@ class DiLoCo:
         self.compute_seconds = 0.0
         self.communication_seconds = 0.0
         self.last_exchange_seconds = 0.0
+        self.last_excluded: list[int] = []
         self._clock = time.perf_counter()
+        # Elastic DiLoCo (trainer.elastic) takes the round boundary over: when set, step() calls
+        # `synchronizer(self)` every sync_every inner steps instead of its own exchange, and adds
+        # the seconds it returns to the communication time.
+        self.synchronizer: Callable[[DiLoCo], float] | None = None
 
     # ----------------------------------------------------------------------------- public API
 
@@ -400,16 +424,116 @@ class DiLoCo:
         interval = self.sync_every // self.fragments
         applied = False
         try:
-            if (self._inner_step + self.fragment_delay) % interval == 0:
-                blocked += self._start_exchange(self._fragment_due(self._inner_step + self.fragment_delay))
-            if self._inner_step % interval == 0:
-                blocked += self._apply(self._fragment_due(self._inner_step))
-                applied = True
+            if self.synchronizer is not None:
+                if self._inner_step % self.sync_every == 0:
+                    blocked += self.synchronizer(self)
+                    applied = True
+            else:
+                if (self._inner_step + self.fragment_delay) % interval == 0:
+                    blocked += self._start_exchange(self._fragment_due(self._inner_step + self.fragment_delay))
+                if self._inner_step % interval == 0:
+                    blocked += self._apply(self._fragment_due(self._inner_step))
+                    applied = True
         finally:
             self._clock = time.perf_counter()
             self.communication_seconds += blocked
             self.compute_seconds += self._clock - entered - blocked
         return applied
+
+    # ------------------------------------------------------------- elastic (trainer.elastic)
+
+    def pseudo_gradient(self) -> tuple[torch.Tensor, bool]:
+        """This replica's pseudo-gradient for the next outer step: global minus local over all
+        synced parameters, flat fp32 on ``backup_device`` (error-feedback residual added), and
+        whether it was finite (when not: zeros, and the replica will reset to the global values).
+        Reading it changes nothing; one fragment only (elastic DiLoCo refuses fragments > 1)."""
+        self._check_whole_model("pseudo_gradient")
+        return self._pseudo_gradient(0)
+
+    def exchange(
+        self,
+        group: dist.ProcessGroup | None,
+        pseudo: torch.Tensor,
+        finite: bool,
+        *,
+        identity: bytes | None = None,
+        reference: bytes | None = None,
+    ) -> Exchange:
+        """Run one exchange of `pseudo` over `group` (any group, rebuilt per quorum by
+        trainer.elastic; None: a group of one) in this thread and return it, finished or failed
+        (its ``error``). DiLoCo's state is untouched until :meth:`apply_exchange`.
+
+        identity / reference (``IDENTITY_BYTES`` each, see :func:`identity`): every message
+        carries the sender's identity, and a sender whose identity is not `reference` is left
+        out of the average by every owner and listed (group ranks) in ``Exchange.excluded``.
+        """
+        self._check_whole_model("exchange")
+        for name, value in (("identity", identity), ("reference", reference)):
+            if value is not None and len(value) != IDENTITY_BYTES:
+                raise ValueError(f"DiLoCo.exchange({name}=...): expected {IDENTITY_BYTES} bytes, got {len(value)}")
+        exchange, shards = self._prepare(0, pseudo, finite, group, identity, reference)
+        self._run_exchange(exchange, shards)
+        return exchange
+
+    def global_state_hash(self) -> str:
+        """SHA-256 hex digest of the global state an outer step starts from: the fp32 global copy
+        (module order), then every tensor of the outer optimizer's state (parameter order, keys
+        sorted) and its other values' repr. Equal digests: equal next outer steps."""
+        digest = hashlib.sha256()
+        for tensor in self._global:
+            digest.update(_tensor_bytes(tensor))
+        state = self.outer_optimizer.state_dict()["state"]
+        for index in sorted(state):
+            for key in sorted(state[index]):
+                value = state[index][key]
+                digest.update(f"{index}/{key}".encode())
+                digest.update(_tensor_bytes(value) if torch.is_tensor(value) else repr(value).encode())
+        return digest.hexdigest()
+
+    def global_state(self) -> torch.Tensor:
+        """The global state as one uint8 tensor, what a joining replica receives: the fp32 global
+        copy's bytes (module order), then ``torch.save`` of the outer optimizer's state_dict."""
+        buffer = io.BytesIO()
+        torch.save(self.outer_optimizer.state_dict(), buffer)
+        raw = [_tensor_bytes_view(g) for g in self._global]
+        return torch.cat([*raw, torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)])
+
+    def load_global_state(self, raw: torch.Tensor, outer_step: int) -> None:
+        """Become a replica at `outer_step` holding `raw` (:meth:`global_state` of a peer): the
+        global copy and outer optimizer state are the peer's, the model's synced parameters are
+        the global values, the inner optimizer starts afresh (its moments belonged to weights this
+        replica no longer holds) and the error-feedback residuals are zero.
+
+        Raises ValueError if `raw` is shorter than the global copy (another model)."""
+        self._check_whole_model("load_global_state")
+        sizes = [g.numel() * 4 for g in self._global]
+        if raw.dtype != torch.uint8 or raw.numel() <= sum(sizes):
+            raise ValueError(
+                f"DiLoCo.load_global_state: {raw.numel()} bytes cannot hold the {sum(sizes)}-byte global copy "
+                "and the outer optimizer state; the peer trains another model"
+            )
+        with torch.no_grad():
+            offset = 0
+            for target, size in zip(self._global, sizes, strict=True):
+                target.copy_(raw[offset : offset + size].clone().view(torch.float32).view_as(target))
+                offset += size
+            state = torch.load(io.BytesIO(raw[offset:].numpy().tobytes()), weights_only=True)
+            self.outer_optimizer.load_state_dict(state)
+            for local, target in zip(self._local, self._global, strict=True):
+                local.copy_(target)
+                self.inner_optimizer.state.pop(local, None)
+        self.inner_optimizer.state.clear()
+        for residual in (*self._residuals, *self._mean_residuals):
+            residual.zero_()
+        self.outer_step = int(outer_step)
+        self._inner_step = self.outer_step * self.sync_every
+
+    def _check_whole_model(self, what: str) -> None:
+        if self.fragments != 1 or self.fragment_delay != 0:
+            raise ValueError(
+                f"DiLoCo.{what}: elastic DiLoCo exchanges the whole model at the round boundary; "
+                f"fragments={self.fragments}, fragment_delay={self.fragment_delay} (use 1 and 0)"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """A snapshot (plain tensors and Python values, ``torch.save``-able) of everything DiLoCo
@@ -500,10 +624,10 @@ class DiLoCo:
         return sum(self._local[i].numel() for i in self._fragment_ranges[fragment])
 
     def _world(self) -> int:
-        return 1 if self.group is None else dist.get_world_size(self.group)
+        return _group_size(self.group)
 
     def _rank(self) -> int:
-        return 0 if self.group is None else dist.get_rank(self.group)
+        return _group_rank(self.group)
 
     def _own_shard(self, numel: int) -> range:
         return shard_bounds(numel, self._world())[self._rank()]
@@ -517,7 +641,7 @@ class DiLoCo:
             raw = flat.view(torch.uint8)
             if self._rank() == 0:
                 sends = {peer: raw for peer in range(1, self._world())}
-                _transfer(
+                transfer(
                     self.group,
                     sends,
                     {},
@@ -527,7 +651,7 @@ class DiLoCo:
                     what=(0, -1),
                 )
             else:
-                _transfer(
+                transfer(
                     self.group,
                     {},
                     {0: raw},
@@ -548,6 +672,21 @@ class DiLoCo:
         """Compute and encode this replica's pseudo-gradient shards and start the exchange:
         inline when fragment_delay is 0, else on a background thread. Returns the seconds the
         caller was blocked on communication."""
+        pseudo, finite = self._pseudo_gradient(fragment)
+        exchange, shards = self._prepare(fragment, pseudo, finite, self.group)
+        self._in_flight = exchange
+        if self.fragment_delay == 0:
+            self._run_exchange(exchange, shards)
+            return time.perf_counter() - exchange.started
+        exchange.thread = threading.Thread(
+            target=self._run_exchange, args=(exchange, shards), name=f"diloco-exchange-{fragment}", daemon=True
+        )
+        exchange.thread.start()
+        return 0.0
+
+    def _pseudo_gradient(self, fragment: int) -> tuple[torch.Tensor, bool]:
+        """The fragment's pseudo-gradient (flat fp32 on backup_device, plus the error-feedback
+        residual) and whether it is finite (zeros when it is not)."""
         indices = self._fragment_ranges[fragment]
         with torch.no_grad():
             # Sign: global-before minus local-after, so the outer step moves towards the replicas.
@@ -565,25 +704,35 @@ class DiLoCo:
             pseudo.zero_()
         elif self.error_feedback:
             pseudo += self._residuals[fragment]
-        # One payload per shard (block-aligned, so its blocks are the whole vector's), + flag.
-        bounds = shard_bounds(pseudo.numel(), self._world())
+        return pseudo, finite
+
+    def _prepare(
+        self,
+        fragment: int,
+        pseudo: torch.Tensor,
+        finite: bool,
+        group: dist.ProcessGroup | None,
+        identity: bytes | None = None,
+        reference: bytes | None = None,
+    ) -> tuple[Exchange, list[torch.Tensor]]:
+        """The exchange record and the phase-1 messages: one payload per shard (block-aligned, so
+        its blocks are the whole vector's), then the identity (elastic only), then the flag."""
+        world, rank = _group_size(group), _group_rank(group)
+        bounds = shard_bounds(pseudo.numel(), world)
         payloads = [encode(pseudo[b.start : b.stop], self.compression) for b in bounds]
+        exchange = Exchange(
+            fragment, self.outer_step + 1, finite, time.perf_counter(), group, world, rank, reference=reference
+        )
         if finite and self.error_feedback:
             decoded = [decode(payload, self.compression, len(b)) for payload, b in zip(payloads, bounds, strict=True)]
-            self._residuals[fragment] = pseudo - torch.cat(decoded)
-        shards = [torch.cat([payload, payload.new_tensor([int(finite)])]) for payload in payloads]
-        exchange = _Exchange(fragment, self.outer_step + 1, finite, started=time.perf_counter())
-        self._in_flight = exchange
-        if self.fragment_delay == 0:
-            self._run_exchange(exchange, shards)
-            return time.perf_counter() - exchange.started
-        exchange.thread = threading.Thread(
-            target=self._run_exchange, args=(exchange, shards), name=f"diloco-exchange-{fragment}", daemon=True
-        )
-        exchange.thread.start()
-        return 0.0
+            exchange.residual = pseudo - torch.cat(decoded)
+        trailer = torch.tensor([int(finite)], dtype=torch.uint8)
+        if identity is not None:
+            trailer = torch.cat([torch.frombuffer(bytearray(identity), dtype=torch.uint8), trailer])
+        shards = [torch.cat([payload, trailer.to(payload.device)]) for payload in payloads]
+        return exchange, shards
 
-    def _run_exchange(self, exchange: _Exchange, shards: list[torch.Tensor]) -> None:
+    def _run_exchange(self, exchange: Exchange, shards: list[torch.Tensor]) -> None:
         """Reduce-scatter, owner reduction, all-gather (module docstring); fills ``exchange``."""
         try:
             with torch.no_grad():
@@ -592,40 +741,46 @@ class DiLoCo:
             exchange.error = error
         exchange.finished = time.perf_counter()
 
-    def _reduce_scatter_all_gather(self, exchange: _Exchange, shards: list[torch.Tensor]) -> None:
-        world, rank = self._world(), self._rank()
+    def _reduce_scatter_all_gather(self, exchange: Exchange, shards: list[torch.Tensor]) -> None:
+        group, world, rank = exchange.group, exchange.world, exchange.rank
         numel = self._fragment_numel(exchange.fragment)
         bounds = shard_bounds(numel, world)
         own = bounds[rank]
         deadline = exchange.started + self.timeout_s
         tag = 2 * (exchange.outer_step % _TAG_PERIOD)
         what = (exchange.outer_step, exchange.fragment)
+        trailer = _FLAG_BYTES + (IDENTITY_BYTES if exchange.reference is not None else 0)
 
         # Phase 1: shard j goes to its owner j; this replica receives the M - 1 copies of its own.
-        own_bytes = payload_bytes(len(own), self.compression) + _FLAG_BYTES
+        own_bytes = payload_bytes(len(own), self.compression) + trailer
         sends = {peer: shards[peer].to(self._wire_device) for peer in range(world) if peer != rank}
         received = {peer: torch.empty(own_bytes, dtype=torch.uint8, device=self._wire_device) for peer in sends}
         if sends:
-            _transfer(self.group, sends, received, tag=tag, deadline=deadline, timeout_s=self.timeout_s, what=what)
+            transfer(group, sends, received, tag=tag, deadline=deadline, timeout_s=self.timeout_s, what=what)
         received[rank] = shards[rank]
         exchange.sent += sum(t.numel() for t in sends.values())
         exchange.received += sum(t.numel() for t in received.values()) - shards[rank].numel()
 
-        # The owner's reduction: fp32, rank order, finite replicas only.
+        # The owner's reduction: fp32, rank order, finite replicas only (and, elastic, only those
+        # whose global state is the quorum's: every owner sees every sender's identity, so all
+        # leave out the same ones).
         total = torch.zeros(len(own), device=self.backup_device)
         participants = 0
         for peer in range(world):
             message = received[peer].to(self.backup_device)
+            if exchange.reference is not None:
+                if bytes(message[-trailer:-_FLAG_BYTES].tolist()) != exchange.reference:
+                    exchange.excluded.append(peer)
+                    continue
             if int(message[-1].item()) == 1:
-                total += decode(message[:-_FLAG_BYTES], self.compression, len(own))
+                total += decode(message[:-trailer], self.compression, len(own))
                 participants += 1
         mean_shard = total / max(participants, 1)
         if self.error_feedback and participants:
             mean_shard += self._mean_residuals[exchange.fragment][own.start : own.stop]
         payload = encode(mean_shard, self.compression)
         if self.error_feedback and participants:
-            residual = mean_shard - decode(payload, self.compression, len(own))
-            self._mean_residuals[exchange.fragment][own.start : own.stop] = residual
+            exchange.mean_residual = mean_shard - decode(payload, self.compression, len(own))
         count = torch.tensor([participants], dtype=torch.int32).view(torch.uint8)
         mine = torch.cat([payload, count.to(payload.device)])
 
@@ -640,7 +795,7 @@ class DiLoCo:
             for peer in sends
         }
         if sends:
-            _transfer(self.group, sends, gathered, tag=tag + 1, deadline=deadline, timeout_s=self.timeout_s, what=what)
+            transfer(group, sends, gathered, tag=tag + 1, deadline=deadline, timeout_s=self.timeout_s, what=what)
         gathered[rank] = mine
         exchange.sent += sum(t.numel() for t in sends.values())
         exchange.received += sum(t.numel() for peer, t in gathered.items() if peer != rank)
@@ -665,14 +820,33 @@ class DiLoCo:
             exchange.thread.join(max(0.0, exchange.started + self.timeout_s - waited) + 60.0)
             blocked = time.perf_counter() - waited
             if exchange.thread.is_alive():
-                peers = [peer for peer in range(self._world()) if peer != self._rank()]
+                peers = [peer for peer in range(exchange.world) if peer != exchange.rank]
                 reasons = dict.fromkeys(peers, "the exchange thread never returned")
                 exchange.error = DiLoCoCommunicationError(exchange.outer_step, fragment, peers, reasons, self.timeout_s)
         self._in_flight = None
+        self.apply_exchange(exchange)
+        return blocked
+
+    def apply_exchange(self, exchange: Exchange) -> None:
+        """Commit a finished exchange: its residuals, the outer step on its mean, the fragment's
+        local values replaced by the global ones; ``outer_step`` advances by one.
+
+        Raises the exchange's error (a DiLoCoCommunicationError) instead when it failed; its bytes
+        are counted either way.
+        """
+        fragment = exchange.fragment
         self.bytes_sent += exchange.sent
         self.bytes_received += exchange.received
         if exchange.error is not None:
             raise exchange.error
+        if exchange.residual is not None:
+            self._residuals[fragment] = exchange.residual
+        if exchange.mean_residual is not None:
+            # Only the owner's own shard carries its residual; shards move when the group's size
+            # does (elastic), and a residual this replica no longer owns is dropped, never re-added.
+            own = shard_bounds(self._fragment_numel(fragment), exchange.world)[exchange.rank]
+            self._mean_residuals[fragment].zero_()
+            self._mean_residuals[fragment][own.start : own.stop] = exchange.mean_residual
         self.last_exchange_seconds = exchange.finished - exchange.started
         mean, participants = exchange.mean, exchange.participants
         indices = self._fragment_ranges[fragment]
@@ -685,13 +859,14 @@ class DiLoCo:
             )
             self.last_pseudo_grad_norm = 0.0
         else:
-            if participants < self._world():
+            if participants < exchange.world:
                 logger.warning(
-                    "DiLoCo sync %d, fragment %d: averaged %d of %d replicas (others non-finite)",
+                    "DiLoCo sync %d, fragment %d: averaged %d of %d replicas (others non-finite or not at "
+                    "the quorum's global state)",
                     self.outer_step + 1,
                     fragment,
                     participants,
-                    self._world(),
+                    exchange.world,
                 )
             offset = 0
             for i in indices:
@@ -704,9 +879,9 @@ class DiLoCo:
             self.last_pseudo_grad_norm = float(mean.norm())
         self._adopt_global(indices, healthy=exchange.finite)
         self.last_participants = participants
+        self.last_excluded = list(exchange.excluded)
         self.last_fragment = fragment
         self.outer_step += 1
-        return blocked
 
     def _adopt_global(self, indices: range, healthy: bool) -> None:
         """Replace the fragment's local values with the global ones (mixed by alpha if healthy)."""
@@ -739,7 +914,7 @@ def _optimizer_key(optimizer: torch.optim.Optimizer, tensor: torch.Tensor) -> to
     return None
 
 
-def _transfer(
+def transfer(
     group: dist.ProcessGroup,
     sends: dict[int, torch.Tensor],
     receives: dict[int, torch.Tensor],
@@ -767,22 +942,25 @@ def _transfer(
             size = max(_CHUNK_BYTES, -(-tensor.numel() // _CHUNKS_PER_MESSAGE))
             chunks = tensor.split(size) if tensor.numel() else (tensor,)
             for index, chunk in enumerate(chunks):
-                ops.append(dist.P2POp(kind, chunk, group=group, group_peer=peer, tag=tag * _MAX_CHUNKS + index))
+                ops.append((kind, chunk, peer, tag * _MAX_CHUNKS + index))
     reasons: dict[int, str] = {}
     pending: list[tuple[dist.Work, list[int]]] = []
-    if group._get_backend(ops[0].tensor.device).supports_coalescing:
-        everyone = sorted({op.group_peer for op in ops})
+    if group._get_backend(ops[0][1].device).supports_coalescing:
+        everyone = sorted({peer for _, _, peer, _ in ops})
         try:
-            pending += [(work, everyone) for work in dist.batch_isend_irecv(ops)]
+            batch = [dist.P2POp(kind, chunk, group=group, group_peer=peer, tag=t) for kind, chunk, peer, t in ops]
+            pending += [(work, everyone) for work in dist.batch_isend_irecv(batch)]
         except RuntimeError as error:
             reasons.update(dict.fromkeys(everyone, _short_reason(error)))
     else:
-        for op in ops:  # posting to a peer whose connection is already closed raises at once
+        # Posted one by one (no P2POp: a group trainer.elastic builds per quorum is not registered
+        # with torch.distributed, and P2POp asks the registry for global ranks). Posting to a peer
+        # whose connection is already closed raises at once.
+        for kind, chunk, peer, t in ops:
             try:
-                work = op.op(op.tensor, group=group, tag=op.tag, **{_PEER_KEY[op.op]: op.group_peer})
-                pending.append((work, [op.group_peer]))
+                pending.append((kind(chunk, group=group, tag=t, **{_PEER_KEY[kind]: peer}), [peer]))
             except RuntimeError as error:
-                reasons.setdefault(op.group_peer, _short_reason(error))
+                reasons.setdefault(peer, _short_reason(error))
     for work, who in pending:
         if all(peer in reasons for peer in who):
             continue
@@ -809,6 +987,31 @@ def _short_reason(error: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------------- helpers
+
+
+def identity(outer_step: int, state_hash: str) -> bytes:
+    """The ``IDENTITY_BYTES`` an elastic exchange message carries: the outer step its sender's
+    global copy is at (int64, little-endian) and the SHA-256 digest (hex, as
+    :meth:`DiLoCo.global_state_hash` gives it) of that global state."""
+    return int(outer_step).to_bytes(8, "little", signed=True) + bytes.fromhex(state_hash)
+
+
+def _group_size(group: dist.ProcessGroup | None) -> int:
+    """Members of `group` (1 for None). The group's own methods: a group built per quorum is not
+    registered with torch.distributed, whose get_world_size / get_rank would refuse it."""
+    return 1 if group is None else group.size()
+
+
+def _group_rank(group: dist.ProcessGroup | None) -> int:
+    return 0 if group is None else group.rank()
+
+
+def _tensor_bytes_view(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    return _tensor_bytes_view(tensor).numpy().tobytes()
 
 
 def _check_compression(compression: str) -> None:

@@ -161,6 +161,18 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "param_hash": Field("text", "hex", "SHA-256 of replica 0's parameters after the round"),
         "replica_hashes": Field("text", "hex", "the same for each replica (equal unless Streaming DiLoCo mixes)"),
         "rank_hashes": Field("text", "hex", "the same for each global rank"),
+        # diloco.elastic only (docs/elastic.md): who took part, who came and went
+        "participant_ids": Field("text", "count", "elastic: the replicas whose pseudo-gradients were averaged"),
+        "joined": Field("text", "count", "elastic: participants of this outer step that were not in the previous one"),
+        "left": Field("text", "count", "elastic: participants of the previous outer step that are not in this one"),
+        "healed": Field("text", "count", "elastic: replicas given the previous outer step's global state by a peer"),
+        "excluded": Field("text", "count", "elastic: registered to train, not averaged (stale, forked or late)"),
+        "joined_count": Field("scalar", "count", "elastic: len(joined)"),
+        "left_count": Field("scalar", "count", "elastic: len(left)"),
+        "healed_count": Field("scalar", "count", "elastic: len(healed)"),
+        "quorum_attempts": Field("scalar", "count", "elastic: quorum attempts the boundary took (1: no abort)"),
+        "quorum_wait_s": Field("scalar", "s", f"elastic: the books holder's wait for the quorum's seal ({_TIMING})"),
+        "transfer_s": Field("scalar", "s", f"elastic: the donor sending the global state to joiners ({_TIMING})"),
     },
     "eval": {
         "outer_step": Field("index", "count", "outer steps taken when evaluated: the axis"),
@@ -179,6 +191,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "outer_step": Field("index", "count", "the checkpoint's outer step the run resumed from"),
         "round": Field("index", "count", "the round it resumed at"),
         "world_size": Field("scalar", "count", "processes of the resumed run"),
+        "replica": Field("index", "count", "elastic: the replica that resumed from its own files"),
     },
 }
 AXES = {"inner": "step", "outer": "outer_step", "eval": "outer_step", "resume": "outer_step"}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -94,12 +96,14 @@ def cached_tokenizer(
         tokenizer.padding_side = "left"
         return tokenizer
     tokenizer = train_tokenizer(corpus, vocab_size=vocab_size)
-    tmp = path.with_name(path.name + ".tmp")
+    # One temporary folder per process: elastic replicas (each its own world) may all train it at
+    # once on one disk, and a shared temporary name would be renamed away under another's writes.
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     tokenizer.save_pretrained(tmp)
     try:
         tmp.rename(path)  # atomic: a concurrent rank either sees the whole folder or none
     except OSError:
-        pass  # another process won the race; its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race; its copy is identical
     return tokenizer
 
 

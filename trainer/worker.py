@@ -18,6 +18,7 @@ elastic restart).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -26,9 +27,9 @@ from tqdm import tqdm
 
 from trainer.config import Config, ConfigError, load_config_or_exit
 from trainer.run.books import end_of_round, evaluate_held_out, finish, open_books
-from trainer.run.build import already_finished, build, build_replica, place_run, resume
+from trainer.run.build import Replica, Run, already_finished, build, build_replica, place_run, resume
 from trainer.run.step import EngineFailed, inner_step, push_weights, warm_up
-from trainer.run.topology import init_distributed
+from trainer.run.topology import ElasticError, RunFinished, init_distributed
 
 
 def train(config: Config) -> dict:
@@ -41,14 +42,25 @@ def train(config: Config) -> dict:
     if run.resume_from is None:
         warm_up(run)
     replica = build_replica(run)
+    try:
+        return rounds(run, replica)
+    except RunFinished:  # elastic: the run ended while this replica waited to be admitted
+        return already_finished(topo, run_dir)
+
+
+def rounds(run: Run, replica: Replica) -> dict:
+    """Resume, then the rounds to the end (elastic: from whatever outer step the replica is at
+    after each boundary: a healed replica skips to the run's), then the verdict."""
+    config, topo = run.config, run.topo
     start_round = resume(run, replica)
     push_weights(run)  # the engine samples from the trained weights from the first step on
     books = open_books(run, start_round)
-    if start_round == 0:
+    if start_round == 0 and (topo.elastic is None or topo.replica_id == 0):
         evaluate_held_out(run, books, rounds_done=0, outer_step=0, teacher=replica.teacher_module)
     replica.round_clock = (replica.diloco.compute_seconds, replica.diloco.communication_seconds)
     H = config.diloco.sync_every
-    for round_index in range(start_round, config.rounds):
+    round_index = start_round
+    while round_index < config.rounds:
         round_start = time.perf_counter()
         bar = tqdm(
             total=H,
@@ -66,6 +78,7 @@ def train(config: Config) -> dict:
         if not records[-1]["synced"]:
             raise RuntimeError(f"round {round_index} ended without a DiLoCo sync; check diloco.sync_every")
         end_of_round(run, replica, books, records, round_index, time.perf_counter() - round_start)
+        round_index = replica.diloco.outer_step if topo.elastic is not None else round_index + 1
     return finish(run, replica, books)
 
 
@@ -81,15 +94,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     config = load_config_or_exit(args.config, args.set)
+    if config.diloco.elastic:  # who came, went and was healed: one line each, on stderr
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logging.getLogger("trainer.elastic").addHandler(handler)
+        logging.getLogger("trainer.elastic").setLevel(logging.INFO)
     try:
-        return 0 if train(config)["status"] == "ok" else 1
+        code = 0 if train(config)["status"] == "ok" else 1
     except ConfigError as error:  # a run that may not start as asked: one line (from rank 0), exit 2
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
     except EngineFailed as error:  # the rollout engine died: one line; torchrun restarts, the run resumes
         print(f"error: rank {os.environ.get('RANK', 0)}: {error}", file=sys.stderr, flush=True)
-        return 1
+        code = 1
+    except ElasticError as error:  # too few replicas for too long: one line, exit 1
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        code = 1
+    if config.diloco.elastic:
+        # An exchange abandoned mid-way (a peer died) may still hold a Gloo operation that only its
+        # timeout ends; the interpreter's teardown would wait for it. Everything is written.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -145,3 +145,36 @@ def test_wandb_neither_logged_in_nor_offline_is_refused_at_config_time(tmp_path,
         load_config(path)
     monkeypatch.setenv("WANDB_API_KEY", "not-a-real-key")
     assert load_config(path).metrics.sinks == ["jsonl", "wandb"]
+
+
+# ----------------------------------------------------------------------------- diloco.elastic (issue 26)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "said"),
+    [
+        (["diloco.elastic=true", "diloco.sync_every=4", "diloco.fragments=2"], "diloco.elastic", "fragments 1"),
+        (["diloco.elastic=true", "replica_size=2"], "replica_size", "replicas of one process"),
+        (["diloco.elastic=true", "parallel.sharding=fsdp"], "parallel.sharding", "no process group to shard"),
+        (["diloco.elastic=true", "diloco.backup_device=device"], "diloco.backup_device", "needs cpu"),
+        (["diloco.min_replicas=0"], "diloco.min_replicas", "must be >= 1"),
+        (["diloco.quorum_timeout_s=0"], "diloco.quorum_timeout_s", "must be > 0"),
+        (["diloco.heartbeat_s=2", "diloco.heartbeat_timeout_s=1"], "diloco.heartbeat_timeout_s", "> diloco.heartbeat"),
+        (["debug.kill_replica_at=[1]"], "debug.kill_replica_at", "[replica, inner step]"),
+        (["debug.kill_replica_at=[1,-2]"], "debug.kill_replica_at", "both >= 0"),
+    ],
+)
+def test_an_elastic_setting_that_cannot_run_is_one_line_naming_its_key(tmp_path, overrides, key, said):
+    path = write(tmp_path, "name: x\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path, overrides)
+    message = str(error.value)
+    assert message.startswith(f"{path}: {key}:") and said in message and "\n" not in message, message
+
+
+def test_elastic_and_the_kill_injection_read_as_given(tmp_path):
+    config = load_config(
+        write(tmp_path, "name: x\n"), ["diloco.elastic=true", "diloco.min_replicas=2", "debug.kill_replica_at=[2,5]"]
+    )
+    assert config.diloco.elastic and config.diloco.min_replicas == 2 and config.debug.kill_replica_at == [2, 5]
+    assert load_config(write(tmp_path, "name: x\n")).diloco.elastic is False  # off unless asked

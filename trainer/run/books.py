@@ -4,6 +4,14 @@ evaluations, and the one verdict in summary.json.
 The lead writes the books (metrics.jsonl, config.json, summary.json, curves.png); every rank saves
 its replica's share of each checkpoint and takes part in the evaluation. Order at a round's end:
 metrics first, then the checkpoint, so a crash in between may repeat a round's lines, never lose one.
+
+Elastic runs (`diloco.elastic`) have no lead for the whole run: the books of each outer step are
+written by its donor, the lowest replica that took part (replica 0 while it is there), from what
+every participant shared through the store (its inner records, hashes, timings, disk); on each
+disk the lowest participant seals the step once every participant saved. A replica whose round did
+not count (it was healed instead) writes nothing for it. The end: the last step's books holder
+writes summary.json and announces it in the store, where the others (and any late joiner) read it.
+Order inside a round's end there: checkpoint, share, books, seal.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from trainer.run.build import Replica, Run
 from trainer.run.placement import restart_count, write_json
 from trainer.run.sharding import full_parameters_hash, unsharded
 from trainer.run.sinks import open_sinks
-from trainer.run.topology import barrier, gather, leave_together, step_seed
+from trainer.run.topology import barrier, disk_of, gather, leave_together, step_seed
 
 
 @dataclass
@@ -40,10 +48,13 @@ def open_books(run: Run, start_round: int) -> Books:
     if not run.topo.lead:
         return Books(metrics=None)
     config, topo = run.config, run.topo
-    books = Books(metrics=MetricsLog(run.run_dir / "metrics.jsonl", sinks=open_sinks(config, run.run_dir)))
+    # Elastic: every replica may hold the books of some outer step; the sinks stay with replica 0.
+    sinks = open_sinks(config, run.run_dir) if topo.elastic is None or topo.replica_id == 0 else []
+    books = Books(metrics=MetricsLog(run.run_dir / "metrics.jsonl", sinks=sinks))
     write_json(run.run_dir / "config.json", dump_config(config))
     if run.resume_from is not None:
-        books.metrics.log("resume", outer_step=run.resume_from, round=start_round, world_size=topo.world_size)
+        which = {} if topo.elastic is None else {"replica": topo.replica_id}
+        books.metrics.log("resume", outer_step=run.resume_from, round=start_round, world_size=topo.world_size, **which)
         print(f"resumed from checkpoint step-{run.resume_from:06d} (round {start_round})", flush=True)
     print(
         f"{topo.replicas} replicas x {topo.replica_size} ranks, H={config.diloco.sync_every}, "
@@ -58,21 +69,11 @@ def end_of_round(
     run: Run, replica: Replica, books: Books, records: list[dict], round_index: int, seconds: float
 ) -> None:
     """Metrics first, then the checkpoint: a crash in between may repeat a round's lines, never lose one."""
+    if run.topo.elastic is not None:
+        end_of_elastic_round(run, replica, books, records, round_index, seconds)
+        return
     diloco = replica.diloco
-    compute_s, communication_s = diloco.compute_seconds, diloco.communication_seconds
-    everyone = gather(
-        dict(
-            records=records,
-            hash=full_parameters_hash(run.model),  # the whole model's, also when sharded
-            pseudo_grad_norm=diloco.last_pseudo_grad_norm,  # of this rank's share or shard
-            bytes_sent=diloco.bytes_sent,
-            bytes_received=diloco.bytes_received,
-            # this rank's seconds this round outside / blocked inside DiLoCo's exchanges (measured)
-            compute_s=compute_s - replica.round_clock[0],
-            communication_s=communication_s - replica.round_clock[1],
-        )
-    )
-    replica.round_clock = (compute_s, communication_s)
+    everyone = gather(round_view(run, replica, records))
     if books.metrics is not None:
         log_round(run, replica, books, everyone, round_index, seconds)
     # Every replica saves its share, then one rank per disk seals the folder.
@@ -136,8 +137,85 @@ def evaluate_held_out(
         )
 
 
-def log_round(run: Run, replica: Replica, books: Books, everyone: list[dict], round_index: int, seconds: float) -> None:
-    """Rank 0: every rank's inner records, one outer record, and the round's table row."""
+def round_view(run: Run, replica: Replica, records: list[dict]) -> dict:
+    """What this rank tells the books holder about its round (`log_round`'s `everyone`), and the
+    start of its next round's clock."""
+    diloco = replica.diloco
+    compute_s, communication_s = diloco.compute_seconds, diloco.communication_seconds
+    view = dict(
+        records=records,
+        hash=full_parameters_hash(run.model),  # the whole model's, also when sharded
+        pseudo_grad_norm=diloco.last_pseudo_grad_norm,  # of this rank's share or shard
+        bytes_sent=diloco.bytes_sent,
+        bytes_received=diloco.bytes_received,
+        # this rank's seconds this round outside / blocked inside DiLoCo's exchanges (measured)
+        compute_s=compute_s - replica.round_clock[0],
+        communication_s=communication_s - replica.round_clock[1],
+    )
+    replica.round_clock = (compute_s, communication_s)
+    return view
+
+
+def end_of_elastic_round(
+    run: Run, replica: Replica, books: Books, records: list[dict], round_index: int, seconds: float
+) -> None:
+    """Elastic: checkpoint, share, the books (the step's donor), the seal (each disk's lowest
+    participant), the held-out evaluation (the books holder, alone). Module docstring."""
+    config, topo, diloco = run.config, run.topo, replica.diloco
+    elastic, boundary = topo.elastic, topo.elastic.last
+    view = dict(round_view(run, replica, records), disk=list(disk_of(run.ckpt_root)))
+    if boundary.role != "participant":
+        print(
+            f"replica {topo.replica_id}: its round {round_index + 1} did not count; healed to outer step "
+            f"{boundary.rev} by replica {boundary.donor}",
+            flush=True,
+        )
+        return
+    step = diloco.outer_step
+    replica.state.save(run.ckpt_root, step, topo.replica_id, round_index=round_index)
+    elastic.share(f"round/{step}", view)
+    views = elastic.collect(f"round/{step}", boundary.participants)
+    holder = boundary.participants[0] == topo.replica_id
+    if holder and books.metrics is not None:
+        before = elastic.committed(step - 1) if step > 1 else None
+        joined = sorted(set(boundary.participants) - set(before)) if before is not None else []
+        left = sorted(set(before) - set(boundary.participants)) if before is not None else []
+        healed = elastic.healed_to(step - 1)
+        membership = dict(
+            participant_ids=boundary.participants,
+            joined=joined,
+            left=left,
+            healed=healed,
+            excluded=boundary.excluded,
+            joined_count=len(joined),
+            left_count=len(left),
+            healed_count=len(healed),
+            quorum_attempts=boundary.attempts,
+            quorum_wait_s=boundary.wait_s,
+            transfer_s=boundary.transfer_s,
+        )
+        log_round(run, replica, books, [views[p] for p in sorted(views)], round_index, seconds, membership)
+    if len(views) == len(boundary.participants):  # every participant's files are in: seal this disk's copy
+        here = [p for p, v in views.items() if v["disk"] == view["disk"]]
+        if min(here) == topo.replica_id:
+            info = dict(round=round_index, replicas=topo.replicas, world_size=topo.replicas, participants=sorted(views))
+            checkpoint.mark_complete(run.ckpt_root, step, info, config.keep_checkpoints)
+    every = config.eval.every
+    if holder and every and ((round_index + 1) % every == 0 or round_index + 1 == config.rounds):
+        evaluate_held_out(run, books, rounds_done=round_index + 1, outer_step=step, teacher=replica.teacher_module)
+
+
+def log_round(
+    run: Run,
+    replica: Replica,
+    books: Books,
+    everyone: list[dict],
+    round_index: int,
+    seconds: float,
+    membership: dict[str, Any] | None = None,
+) -> None:
+    """Rank 0 (elastic: the step's books holder, `everyone` being the participants in id order):
+    every rank's inner records, one outer record (+ `membership`), and the round's table row."""
     diloco = replica.diloco
     all_records = [r for rank_view in everyone for r in rank_view["records"]]
     for record in sorted(all_records, key=lambda r: (r["step"], r["rank"])):
@@ -164,6 +242,7 @@ def log_round(run: Run, replica: Replica, books: Books, everyone: list[dict], ro
         replica_hashes=hashes,
         rank_hashes=rank_hashes,
         replicas=run.topo.replicas,
+        **(membership or {}),
     )
     rewards = [r["reward"] for r in all_records]
     reward, error = mean_and_error(rewards)
@@ -228,6 +307,8 @@ def verdict(config: Config, rank_hashes: list[str], replica_size: int = 1) -> di
 def finish(run: Run, replica: Replica, books: Books) -> dict:
     """Rank 0 writes summary.json (the verdict, the reward rise), the plot; everyone leaves together."""
     config, topo = run.config, run.topo
+    if topo.elastic is not None:
+        return finish_elastic(run, replica, books)
     rank_hashes = gather(full_parameters_hash(run.model))  # the whole model's, also when sharded
     final_hashes = rank_hashes[:: topo.replica_size]
     summary = dict(
@@ -241,6 +322,62 @@ def finish(run: Run, replica: Replica, books: Books) -> dict:
         rank_hashes=rank_hashes,
         **verdict(config, rank_hashes, topo.replica_size),
     )
+    write_summary(run, books, summary)
+    run.engine.close()  # an inference engine's own groups go before the run's
+    leave_together()
+    if config.debug.abort_at_exit_rank == topo.rank and restart_count() == 0:
+        os.abort()  # fault injection (debug section): a crash after the run's end
+    return summary
+
+
+def finish_elastic(run: Run, replica: Replica, books: Books) -> dict:
+    """Elastic: the last outer step's books holder collects every final hash (its participants'
+    and the joiners it healed with the final state), writes summary.json and announces it in the
+    store; every other replica returns what was announced (waiting at most diloco.timeout_s)."""
+    config, topo = run.config, run.topo
+    elastic, boundary = topo.elastic, topo.elastic.last
+    elastic.share("final", full_parameters_hash(run.model))
+    holder = (
+        boundary is not None
+        and boundary.role == "participant"
+        and boundary.participants[0] == topo.replica_id
+        and replica.diloco.outer_step == config.rounds
+    )
+    if holder:
+        finals = elastic.collect("final", sorted({*boundary.participants, *boundary.admitted}))
+        ids = sorted(finals)
+        rank_hashes = [finals[i] for i in ids]
+        summary = dict(
+            name=config.name,
+            outer_steps=replica.diloco.outer_step,
+            rounds=config.rounds,
+            replicas=topo.replicas,
+            world_size=topo.replicas,
+            final_param_hash=finals[topo.replica_id],
+            replica_hashes=rank_hashes,
+            rank_hashes=rank_hashes,
+            final_replicas=ids,
+            **verdict(config, rank_hashes, 1),
+        )
+        write_summary(run, books, summary)
+        elastic.finish(summary)
+    else:
+        if books.metrics is not None:
+            books.metrics.close()
+        holder = (boundary.participants or [boundary.donor])[0] if boundary is not None else 0
+        summary = elastic.wait_finished(holder)
+        if summary is None:
+            summary = dict(
+                status="failed", reason=f"replica {holder}, the last outer step's books holder, never announced the end"
+            )
+    run.engine.close()
+    elastic.close()
+    return summary
+
+
+def write_summary(run: Run, books: Books, summary: dict) -> None:
+    """The lead (elastic: the last books holder) completes `summary` from metrics.jsonl, prints
+    it, plots curves.png and writes summary.json; a no-op elsewhere."""
     if books.metrics is not None:
         summary.update(run_summary(run.run_dir / "metrics.jsonl"))  # every round, resumed or not
         if "reward_rise" in summary:
@@ -266,8 +403,3 @@ def finish(run: Run, replica: Replica, books: Books) -> dict:
         print(f"run dir: {run.run_dir} (metrics.jsonl, curves.png, summary.json, checkpoints/)", flush=True)
         if summary["status"] != "ok":
             print(f"run failed: {summary['reason']}", file=sys.stderr, flush=True)
-    run.engine.close()  # an inference engine's own groups go before the run's
-    leave_together()
-    if config.debug.abort_at_exit_rank == topo.rank and restart_count() == 0:
-        os.abort()  # fault injection (debug section): a crash after the run's end
-    return summary

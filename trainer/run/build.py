@@ -108,6 +108,8 @@ def place_run(config: Config, topo: Topology) -> tuple[Path, bool]:
     Environment: COMPOSER_RUN_DIR (where the run writes) wins over `run_dir` and `runs/<name>`.
     """
     base = Path(os.environ.get("COMPOSER_RUN_DIR") or config.run_dir or f"runs/{config.name}")
+    if topo.elastic is not None:  # every replica writes where the first one chose; the store knows the end
+        return Path(topo.elastic.agree("run_dir", str(choose_run_dir(base)))), topo.elastic.finished() is not None
     after_end = restart_count() > 0 and is_finished(base)
     run_dir, after_end = gather((base if after_end else choose_run_dir(base), after_end))[topo.lead_rank]
     if topo.lead and run_dir != base:
@@ -117,6 +119,10 @@ def place_run(config: Config, topo: Topology) -> tuple[Path, bool]:
 
 def already_finished(topo: Topology, run_dir: Path) -> dict:
     """A restart after the run's end: every rank returns the lead's summary.json, unchanged."""
+    if topo.elastic is not None:
+        print(f"replica {topo.replica_id}: the run in {run_dir} has ended: nothing to join", flush=True)
+        topo.elastic.close()
+        return topo.elastic.finished()
     summary = gather(json.loads((run_dir / "summary.json").read_text()) if topo.lead else None)[topo.lead_rank]
     if topo.lead:
         print(f"{run_dir} already holds this run's summary (a worker failed after it): nothing to redo", flush=True)
@@ -281,6 +287,8 @@ def build_replica(run: Run) -> Replica:
         timeout_s=d.timeout_s,
         parameters=local_shards(model) if sharded else shares[topo.local_rank] if shares else None,
     )
+    if topo.elastic is not None:
+        topo.elastic.attach(diloco)
     # Each process of a replica has its own DPO pairs (its own rollouts), and with S > 1 its own
     # share or shard of DiLoCo's state: saved per process.
     per_process = functools.partial(PerProcessState, group=topo.inner_group, local_rank=topo.local_rank)
@@ -361,7 +369,41 @@ def share_synced_parameters(run: Run, replica: Replica) -> None:
 
 
 def resume(run: Run, replica: Replica) -> int:
-    """Load the newest sealed checkpoint into every registered member; returns the first round to run."""
-    if run.resume_from is None:
-        return 0
-    return replica.state.load(run.ckpt_root, run.resume_from, run.topo.replica_id) + 1
+    """Load the newest sealed checkpoint into every registered member; returns the first round to run.
+
+    Elastic runs: a replica loads its own files only when no newer outer step was committed by
+    live peers (a whole run resuming, or this replica back before the others moved on); otherwise,
+    or when it has no files at that step, it enters the run as a joiner and is healed with the live
+    global state at the next boundary (`ElasticDiLoCo.enter`), its stale checkpoint unused.
+
+    Raises RunFinished (elastic) when the run ended while this replica waited to be admitted.
+    """
+    elastic = run.topo.elastic
+    if elastic is None:
+        if run.resume_from is None:
+            return 0
+        return replica.state.load(run.ckpt_root, run.resume_from, run.topo.replica_id) + 1
+    live, own = elastic.live_revision(), run.resume_from
+    files = own is not None and (checkpoint.step_dir(run.ckpt_root, own) / f"replica-{run.topo.replica_id}.pt").exists()
+    start, has_state = 0, own is None and live is None  # a fresh run: the initial weights are a state
+    if files and (live is None or live <= own):
+        start, has_state = replica.state.load(run.ckpt_root, own, run.topo.replica_id) + 1, True
+    else:
+        run.resume_from = None  # nothing of this replica's own checkpoint is used
+    if elastic.enter(replica.diloco, has_state=has_state) is not None:
+        after_heal(run, replica)
+        start = replica.diloco.outer_step
+    return start
+
+
+def after_heal(run: Run, replica: Replica) -> None:
+    """A replica healed with a peer's global state (elastic): its EMA teacher restarts from the
+    new weights (it averaged weights this replica no longer holds); the DPO store is kept."""
+    if replica.teacher is not None:
+        replica.teacher.load_state_dict(run.model.state_dict())
+    state = replica.diloco
+    print(
+        f"replica {run.topo.replica_id}: healed by replica {run.topo.elastic.last.donor} to outer step "
+        f"{state.outer_step} (SHA-256 of the global state {state.global_state_hash()[:16]})",
+        flush=True,
+    )

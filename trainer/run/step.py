@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -32,10 +34,10 @@ from trainer.config import ConfigError, OptimConfig
 from trainer.objective.losses import ComposerBatch, ComposerLossOutput, composer_total_loss
 from trainer.rollout.sampling import Engine, EngineError
 from trainer.rollout.warmup import warmup_probe
-from trainer.run.build import Replica, Run, share_synced_parameters
+from trainer.run.build import Replica, Run, after_heal, share_synced_parameters
 from trainer.run.placement import restart_count
 from trainer.run.sharding import full_weights, is_sharded, unsharded
-from trainer.run.topology import step_seed
+from trainer.run.topology import Topology, step_seed
 
 
 def warm_up(run: Run) -> None:
@@ -68,6 +70,8 @@ def warm_up(run: Run) -> None:
 def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[str, Any]:
     """collect -> loss -> (backward, AdamW, teacher unless non-finite) -> diloco.step(); the step's record."""
     config, topo = run.config, run.topo
+    if config.debug.kill_replica_at == [topo.replica_id, step] and first_life(topo, step):
+        os.kill(os.getpid(), signal.SIGKILL)  # fault injection (debug section): a replica dies mid-round
     seed = step_seed(config.seed, topo.replica_id, topo.local_rank, step)
     torch.manual_seed(seed)  # generate() samples from the global generator
     rng = random.Random(seed)
@@ -84,7 +88,7 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
             teacher=teacher_model(run, replica),
             feed=replica.feed,
             id_prefix=prefix,
-            episodes_file=run.run_dir / "episodes" / f"rank{topo.rank}.jsonl",
+            episodes_file=run.run_dir / "episodes" / f"rank{topo.global_rank}.jsonl",
         )
     preference = together(preference, topo.inner_group)
     with run.autocast():
@@ -99,6 +103,8 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
     synced = replica.diloco.step()
     if synced:
         share_synced_parameters(run, replica)
+        if topo.elastic is not None and topo.elastic.last.role == "healed":  # its round did not count
+            after_heal(run, replica)
     with engine_failures_name(step, round_index):
         weight_sync_s = push_weights(run) if applied or synced else 0.0  # the engine samples the new weights
     in_sync = {"engine_weights_equal": run.engine.weights_equal(run.model)} if config.debug.check_engine_sync else {}
@@ -108,7 +114,7 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
         round=round_index,
         step=step,
         replica=topo.replica_id,
-        rank=topo.rank,
+        rank=topo.global_rank,
         reward=stats.reward,
         teacher_reward=stats.teacher_reward,
         solved=stats.solved_groups,
@@ -129,6 +135,14 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
         **out.metrics,
         **in_sync,
     )
+
+
+def first_life(topo: Topology, step: int) -> bool:
+    """Whether `debug.kill_replica_at` may still fire: once per run (elastic: the store counts it,
+    so the replica that comes back lives; otherwise torchrun's first attempt only)."""
+    if topo.elastic is not None:
+        return topo.elastic.once(f"kill/{topo.replica_id}/{step}")
+    return restart_count() == 0
 
 
 class EngineFailed(RuntimeError):

@@ -9,7 +9,14 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from orchestrator.cluster import COMPOSE_NUMBER, ClusterError, RunSettings, compose_replica_index, torchrun_command
+from orchestrator.cluster import (
+    COMPOSE_NUMBER,
+    ClusterError,
+    RunSettings,
+    compose_replica_index,
+    elastic_command,
+    torchrun_command,
+)
 from orchestrator.coordinator import cluster_summary
 from orchestrator.progress import MetricsTail, RunProgress, human_bytes, missing_outer_steps
 
@@ -222,3 +229,45 @@ def test_join_takes_an_ipv4_or_named_coordinator_and_refuses_ipv6_and_malformed_
     for text in ("10.0.0.1", ":29400", "10.0.0.1:http", "10.0.0.1:70000"):
         with pytest.raises(ValueError, match=r"--coordinator .*expected HOST:PORT"):
             coordinator_address(text)
+
+
+def test_an_elastic_replica_is_its_own_standalone_torchrun_and_the_node_reads_that_from_the_config() -> None:
+    from orchestrator.node import elastic_run
+
+    settings = RunSettings.from_env({"COMPOSER_CONFIG": "configs/test.yaml", "COMPOSER_SET": "diloco.elastic=true"})
+    assert elastic_command(settings)[:7] == [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=1",
+        "--max-restarts=3",
+        "-m",
+    ]
+    assert elastic_command(settings)[-2:] == ["--set", "diloco.elastic=true"]
+    assert elastic_run(settings)
+    assert not elastic_run(RunSettings.from_env({"COMPOSER_CONFIG": "configs/test.yaml"}))
+    broken = {"COMPOSER_CONFIG": "configs/test.yaml", "COMPOSER_SET": "diloco.min_replicas=0"}
+    with pytest.raises(ClusterError, match="diloco.min_replicas"):
+        elastic_run(RunSettings.from_env(broken))
+
+
+def test_progress_lists_each_replicas_membership_changes_of_an_elastic_run() -> None:
+    progress = RunProgress()
+    progress.update([{"event": "outer", "outer_step": 1}])
+    assert not progress.elastic  # a run without elastic records: no membership
+    base = {"event": "outer", "joined": [], "left": [], "healed": []}
+    progress.update(
+        [
+            {**base, "outer_step": 1, "participant_ids": [0, 1, 2]},
+            {**base, "outer_step": 3, "participant_ids": [0, 1], "left": [2]},
+            {**base, "outer_step": 7, "participant_ids": [0, 1, 2], "joined": [2], "healed": [2]},
+        ]
+    )
+    assert progress.elastic and progress.membership == {
+        2: [
+            {"outer_step": 3, "change": "left"},
+            {"outer_step": 7, "change": "healed"},
+            {"outer_step": 7, "change": "joined"},
+        ]
+    }
