@@ -114,6 +114,13 @@ def finite(data: Any) -> Any:
     return data
 
 
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], object]) -> Path:
     """Write `path` so that a crash or power loss never leaves it half-written under its name: the
     content goes to a temporary name beside it, is fsynced, renamed into place, and the folder is
@@ -121,8 +128,9 @@ def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], objec
     cluster.json, the trace command's outputs).
 
     content: text (UTF-8), bytes, or a function that writes the temporary path it is given (for
-    library writers such as `safetensors.torch.save_model`, or streaming a large file). Returns
-    `path`. Raises what the write raises (OSError); the temporary file is then removed.
+    library writers such as `safetensors.torch.save_model`, or streaming a large file). The file
+    gets mode 0666 less the umask, whatever the writer created it with. Returns `path`. Raises
+    what the write raises (OSError); the temporary file is then removed.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -133,6 +141,9 @@ def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], objec
             tmp.write_bytes(content)
         else:
             tmp.write_text(content, encoding="utf-8")
+        # Library writers (safetensors) create owner-only files; give every file the mode an
+        # ordinary open() would under the process's umask, so a shared run or export is readable.
+        os.chmod(tmp, 0o666 & ~_umask())
         fsync(tmp)
         os.replace(tmp, path)
     finally:

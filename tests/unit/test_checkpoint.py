@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -478,3 +480,19 @@ def test_a_sharded_checkpoint_saved_without_a_member_names_it(tmp_path, world_of
     state.members["teacher"] = Counter(0)
     with pytest.raises(KeyError, match=r"holds \['counter', 'inner_optimizer'\], not \['teacher'\]"):
         state.load(tmp_path, 8, 0)
+
+
+def test_atomic_write_gives_a_library_writers_owner_only_file_the_umasks_mode(tmp_path):
+    def owner_only_writer(tmp):  # what safetensors' writer does
+        tmp.write_bytes(b"weights")
+        tmp.chmod(0o600)
+
+    previous = os.umask(0o022)
+    try:
+        written = checkpoint.atomic_write(tmp_path / "model.safetensors", owner_only_writer)
+        text = checkpoint.atomic_write(tmp_path / "summary.json", "{}")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(written.stat().st_mode) == 0o644 and written.read_bytes() == b"weights"
+    assert stat.S_IMODE(text.stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "summary.json"]  # no temporaries
