@@ -12,6 +12,8 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -19,6 +21,35 @@ from typing import Any, NamedTuple
 from trainer.checkpoint import strict_json
 
 TABLE_COLUMNS = ("round", "reward", "±σ", "teacher", "grpo", "sdpo", "dpo", "|Δ|", "MB sent", "s")
+
+
+def set_aside_torn_line(path: Path) -> str | None:
+    """Move a last line that a crash cut short (the file does not end in a newline) from `path` to
+    `<path>.torn` (appended, with a newline), cutting `path` back to its last whole line; nothing is
+    dropped. Returns "line N (B bytes)" of what was moved and warns on stderr, or None when the
+    file is absent, empty or ends in a newline. Raises OSError from the reads and writes.
+    """
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return None
+    keep = data.rfind(b"\n") + 1
+    line = data.count(b"\n", 0, keep) + 1
+    torn = f"line {line} ({len(data) - keep} bytes)"
+    aside = path.with_name(path.name + ".torn")
+    with aside.open("ab") as file:
+        file.write(data[keep:] + b"\n")
+        file.flush()
+        os.fsync(file.fileno())
+    with path.open("rb+") as file:
+        file.truncate(keep)
+        os.fsync(file.fileno())
+    print(
+        f"warning: {path}: its last line, {torn}, was cut short (a crash while writing it); moved to {aside}",
+        file=sys.stderr,
+    )
+    return torn
 
 
 class MetricsLog:
@@ -30,11 +61,16 @@ class MetricsLog:
     after its line is written, so a sink that fails loses nothing of metrics.jsonl. A sink is any
     object with `scalars(axis, step, values)` (axis "inner" or "outer", values {name: float}) and
     `close(summary)` (summary.json's dict, or None when the run did not finish).
+
+    Opening a file whose last line a crash cut short (no newline at its end) moves that line to
+    `<name>.torn` first (`set_aside_torn_line`; `torn` says which line), so the resumed run's
+    records start on a line of their own and every line of metrics.jsonl is JSON again.
     """
 
     def __init__(self, path: Path, sinks: Sequence[Any] = ()) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.torn = set_aside_torn_line(path)
         self._file = path.open("a", encoding="utf-8")
         self.sinks = list(sinks)
 
@@ -540,19 +576,37 @@ def metrics_file(path: Path) -> Path:
     return found
 
 
+def run_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a run computed, once per position: `resume` markers dropped, and a record a resumed run
+    logged again (the replayed round after a crash) replacing the earlier one in its place.
+
+    A position is (event, step, outer_step, rank, replica): each inner record per process, each
+    outer step's books, each evaluation. So a run interrupted and resumed reads like the same run
+    uninterrupted, which is how `trainer.metrics compare` proves a resume bit-exact.
+    """
+    latest: dict[tuple, dict[str, Any]] = {}
+    for record in records:
+        if record.get("event") != "resume":
+            position = tuple(record.get(k) for k in ("event", "step", "outer_step", "rank", "replica"))
+            latest[position] = record
+    return list(latest.values())
+
+
 def compare_metrics(a: Path, b: Path, *, ignore: frozenset[str] = TIMING_KEYS) -> list[str]:
     """Every difference between two runs' metrics.jsonl, timings aside; [] when they computed the same.
 
-    Records are compared in file order, values exactly (a refactor must not move a float by an ulp).
-    Returns one line per difference, naming the line and key.
+    The runs' `run_records` (resumes and their replayed records folded in) are compared in order,
+    values exactly (a refactor must not move a float by an ulp). Returns one line per difference,
+    naming the record (its number among the compared records) and key. Raises ValueError naming
+    the file and line of a line that is not JSON.
     """
-    left, right = read_metrics(a), read_metrics(b)
-    differences = [f"{a}: {len(left)} records, {b}: {len(right)}"] if len(left) != len(right) else []
+    left, right = run_records(read_metrics(a)), run_records(read_metrics(b))
+    differences = [f"record count: {a}: {len(left)}, {b}: {len(right)}"] if len(left) != len(right) else []
     for line, (x, y) in enumerate(zip(left, right, strict=False), start=1):
         for key in sorted((set(x) | set(y)) - ignore):
             if x.get(key, "<absent>") != y.get(key, "<absent>"):
                 differences.append(
-                    f"line {line} ({x.get('event')}): {key}: {x.get(key, '<absent>')!r} != {y.get(key, '<absent>')!r}"
+                    f"record {line} ({x.get('event')}): {key}: {x.get(key, '<absent>')!r} != {y.get(key, '<absent>')!r}"
                 )
     return differences
 
@@ -859,7 +913,6 @@ def main(argv: list[str] | None = None) -> int:
     `schema` (every record kind and field with its unit), `report RUN_DIR [RUN_DIR ...] --out DIR`
     (a static HTML page of one run or a comparison; exit 2 naming a directory that is not a run's)."""
     import argparse
-    import sys
 
     parser = argparse.ArgumentParser(prog="python -m trainer.metrics")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -887,14 +940,18 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    differences = compare_metrics(a, b)
+    try:
+        differences = compare_metrics(a, b)
+    except ValueError as error:  # a line that is not JSON, named by file and line
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     for line in differences[:50]:
         print(line)
-    records = len(read_metrics(a))
-    keys = len({key for r in read_metrics(a) for key in r} - TIMING_KEYS)
+    records = run_records(read_metrics(a))
+    keys = len({key for r in records for key in r} - TIMING_KEYS)
     print(
-        f"{records} records, {keys} keys compared (ignored: {', '.join(sorted(TIMING_KEYS))}): "
-        f"{len(differences)} differences"
+        f"{len(records)} records, {keys} keys compared (ignored: {', '.join(sorted(TIMING_KEYS))}): "
+        f"{len(differences)} difference{'' if len(differences) == 1 else 's'}"
     )
     return 1 if differences else 0
 

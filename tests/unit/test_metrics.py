@@ -70,7 +70,7 @@ def test_compare_metrics_ignores_timings_and_names_every_other_difference(tmp_pa
     same = compare_metrics(write(tmp_path / "a.jsonl", 0.5, 100.0), write(tmp_path / "b.jsonl", 0.5, 250.0))
     assert same == []
     moved = compare_metrics(tmp_path / "a.jsonl", write(tmp_path / "c.jsonl", 0.5000000000000001, 100.0))
-    assert moved == ["line 1 (inner): reward: 0.5 != 0.5000000000000001"]
+    assert moved == ["record 1 (inner): reward: 0.5 != 0.5000000000000001"]
 
 
 def test_compare_takes_run_directories_and_names_a_path_without_metrics(tmp_path, capsys):
@@ -79,9 +79,51 @@ def test_compare_takes_run_directories_and_names_a_path_without_metrics(tmp_path
         log.log("inner", step=0, reward=reward)
         log.close()
     assert metrics_main(["compare", str(tmp_path / "a"), str(tmp_path / "b" / "metrics.jsonl")]) == 1
-    assert "line 1 (inner): reward: 0.5 != 0.25" in capsys.readouterr().out
+    assert "record 1 (inner): reward: 0.5 != 0.25" in capsys.readouterr().out
     assert metrics_main(["compare", str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
     assert f"{tmp_path / 'missing'}: no metrics.jsonl" in capsys.readouterr().err
+
+
+def write_lives(path, lives):
+    """A metrics.jsonl from one or more lives of a run: each a list of ("inner", step, reward) or
+    ("outer", outer_step, hash) records; every life after the first starts with a resume marker."""
+    for life, records in enumerate(lives):
+        log = MetricsLog(path)
+        if life:
+            log.log("resume", outer_step=records[0][1] // 2)
+        for event, position, value in records:
+            if event == "inner":
+                log.log("inner", step=position, rank=0, reward=value)
+            else:
+                log.log("outer", outer_step=position, param_hash=value)
+        log.close()
+    return path
+
+
+def test_compare_reads_a_resumed_run_like_the_same_run_uninterrupted(tmp_path):
+    first, second = [("inner", 0, 0.1), ("inner", 1, 0.2), ("outer", 1, "h1")], [("inner", 2, 0.3), ("inner", 3, 0.4)]
+    whole = write_lives(tmp_path / "whole.jsonl", [first + second + [("outer", 2, "h2")]])
+    # killed after step 2's line; the restart replays round 2 from the checkpoint of outer step 1
+    resumed = write_lives(tmp_path / "resumed.jsonl", [first + second[:1], second + [("outer", 2, "h2")]])
+    assert len(read_metrics(resumed)) == 8 and compare_metrics(whole, resumed) == []
+    replayed_otherwise = write_lives(
+        tmp_path / "other.jsonl", [first + second[:1], [("inner", 2, 0.31), ("inner", 3, 0.4), ("outer", 2, "h2")]]
+    )
+    assert compare_metrics(whole, replayed_otherwise) == ["record 4 (inner): reward: 0.3 != 0.31"]
+
+
+def test_a_line_cut_short_by_a_crash_is_set_aside_when_the_run_reopens_its_metrics(tmp_path, capsys):
+    path = write_lives(tmp_path / "metrics.jsonl", [[("inner", 0, 0.1), ("inner", 1, 0.2)]])
+    whole = path.read_bytes()
+    path.write_bytes(whole + b'{"event": "inner", "step": 2, "rew')  # the crash
+    log = MetricsLog(path)
+    log.log("resume", outer_step=1)
+    log.close()
+    assert log.torn == "line 3 (34 bytes)"
+    assert f"{path}: its last line, line 3 (34 bytes), was cut short" in capsys.readouterr().err
+    assert [r["event"] for r in read_metrics(path)] == ["inner", "inner", "resume"]  # every line JSON again
+    assert (tmp_path / "metrics.jsonl.torn").read_bytes() == b'{"event": "inner", "step": 2, "rew\n'  # nothing lost
+    assert MetricsLog(path).torn is None  # a whole file is left as it is
 
 
 def test_run_summary_reads_every_round_once_even_after_a_resume_repeated_one(tmp_path):
