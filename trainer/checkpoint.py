@@ -321,7 +321,7 @@ def verify_sealed(root: Path) -> dict[int, bool]:
     good = [step for step, problem in verdicts.items() if problem is None]
     for step, problem in verdicts.items():
         if problem is not None and step > max(good, default=-1):
-            logger.warning("checkpoint step-%06d is damaged, not resuming from it: %s", step, problem)
+            logger.warning("checkpoint step-%06d is damaged, skipped (the newest sound one is used): %s", step, problem)
     return {step: problem is None for step, problem in verdicts.items()}
 
 

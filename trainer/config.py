@@ -35,6 +35,20 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _local_model_dir_problem(name: str | None) -> str | None:
+    """Why a model or tokenizer name written as a path (starting with /, ., or ~) cannot be loaded,
+    or None: a local model is a directory in Hugging Face format (config.json or tokenizer files);
+    anything else is taken for a hub name (org/name) and checked when it is downloaded."""
+    if name is None or not name.startswith(("/", ".", "~")):
+        return None
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return f"{name!r} is not a directory (a local model is a folder from save_pretrained; a hub name is org/name)"
+    if not any((path / f).is_file() for f in ("config.json", "tokenizer.json", "tokenizer_config.json")):
+        return f"{name!r} holds no config.json or tokenizer files (save the model with save_pretrained)"
+    return None
+
+
 @dataclass
 class ModelConfig:
     name: str = "tiny"  # "tiny" builds a random Qwen2 offline; anything else is a hub name or path
@@ -56,6 +70,9 @@ class ModelConfig:
             "model.tokenizer",
             "the tiny model trains its own tokenizer on the tasks; leave model.tokenizer unset",
         )
+        for key in ("name", "tokenizer"):
+            problem = _local_model_dir_problem(getattr(self, key))
+            _require(problem is None, f"model.{key}", problem or "")
         _require(
             self.hidden_size % self.num_heads == 0,
             "model.hidden_size",

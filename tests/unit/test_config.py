@@ -178,3 +178,17 @@ def test_elastic_and_the_kill_injection_read_as_given(tmp_path):
     )
     assert config.diloco.elastic and config.diloco.min_replicas == 2 and config.debug.kill_replica_at == [2, 5]
     assert load_config(write(tmp_path, "name: x\n")).diloco.elastic is False  # off unless asked
+
+
+def test_a_model_named_by_a_path_must_be_a_saved_model_directory(tmp_path):
+    smoke = REPO / "configs" / "smoke.yaml"
+    with pytest.raises(ConfigError, match=r"model.name: '/nonexistent/dir' is not a directory"):
+        load_config(smoke, ["model.name=/nonexistent/dir"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"model.tokenizer: '.*empty' holds no config.json or tokenizer files"):
+        load_config(
+            smoke, [f"model.name={REPO / 'configs' / 'models' / 'llama3-8b'}", f"model.tokenizer={tmp_path / 'empty'}"]
+        )
+    saved = load_config(smoke, [f"model.name={REPO / 'configs' / 'models' / 'llama3-8b'}"])
+    assert saved.model.name.endswith("llama3-8b")
+    assert load_config(smoke, ["model.name=someorg/some-model"]).model.name == "someorg/some-model"  # a hub name

@@ -158,7 +158,11 @@ def build(config: Config, topo: Topology | None = None, run_dir: Path | None = N
             cache_dir=run_dir,
         )
     else:
-        model, tokenizer = pretrained_model_and_tokenizer(config.model.name, tokenizer_name=config.model.tokenizer)
+        try:
+            model, tokenizer = pretrained_model_and_tokenizer(config.model.name, tokenizer_name=config.model.tokenizer)
+        except OSError as error:  # transformers' "not a repo id", "couldn't connect", "no config.json"
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ConfigError(f"model.name: cannot load {config.model.name!r}: {reason}") from None
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if config.parallel.activation_checkpointing:
         checkpoint_activations(model)
