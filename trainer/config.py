@@ -708,11 +708,16 @@ def dump_config(config: Config) -> dict[str, Any]:
 
 
 def load_config_or_exit(path: str | Path, overrides: list[str] = ()) -> Config:
-    """For command lines: one `error: FILE:LINE: KEY: ...` line on stderr and exit status 2."""
+    """For command lines: one `error: FILE:LINE: KEY: ...` line on stderr and exit status 2.
+
+    Under torchrun every process of a node reads the same config: only the node's first
+    (LOCAL_RANK 0) prints, so the error is one line per machine, not one per process.
+    """
     try:
         return load_config(path, overrides)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
