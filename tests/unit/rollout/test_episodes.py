@@ -513,7 +513,8 @@ def test_an_agent_run_samples_from_the_trainers_weights_with_the_trainers_log_pr
     inner = [r for r in map(json.loads, (agent_run / "metrics.jsonl").open()) if r["event"] == "inner"]
     assert len(inner) == 4 and all(r["episodes"] == 4 for r in inner)
     assert max(r["sampler_logp_diff"] for r in inner) <= 1e-4
-    assert max(r["mismatch_kl"] for r in inner) <= 1e-9
+    # fp32 both: ~1e-8 nats at most (6.3e-9 measured on vllm); a bf16 engine's is over 1e-7 (test_vllm_worker)
+    assert max(r["mismatch_kl"] for r in inner) <= 1e-7
     if engine == "vllm":
         assert all(r["engine_weights_equal"] for r in inner)
         assert all(r["weight_sync_s"] > 0 for r in inner)
