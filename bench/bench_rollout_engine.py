@@ -672,6 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--steps", nargs="+", help="steps: only these of STEP_WORKERS (TRL's colocate mode is always tried)"
     )
+    parser.add_argument("--add-run", action="store_true", help="steps: add this run's rows to the saved ones")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where rollout_engine.{md,json,png} go")
     args = parser.parse_args(argv)
     if args.worker:
@@ -695,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-engine-logs-") as logs:
         if args.only in (None, "steps"):
             fresh = measure_steps(Path(logs), args.repeats, args.warm, args.steps)
-            if args.warm is not None and figures.get("steps"):  # a follow-up run: its rows join the saved ones
+            if args.add_run and figures.get("steps"):  # a follow-up run: its rows join the saved ones
                 run = 1 + max(row.get("run", 0) for row in figures["steps"]["rows"])
                 fresh["rows"] = figures["steps"]["rows"] + [dict(row, run=run) for row in fresh["rows"]]
             figures["steps"] = fresh
