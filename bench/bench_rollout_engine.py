@@ -538,7 +538,7 @@ def markdown(figures: dict) -> str:
     lines = [
         "# The rollout engine: `hf` against `vllm`, and our GRPO step against TRL's (`bench/bench_rollout_engine.py`)",
         "",
-        f"{m['cpu']}, {m['cores']} cores (AVX-512: {m['avx512']}, {amx}), {m['threads']} threads per process; "
+        f"{m['cpu']}, {m['cores']} cores (AVX-512: {m['avx512']}, {amx}), {m['threads']} thread(s) per process; "
         + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
         + f"; {m['date']}. The cores are shared with other people's jobs: the load column is the 1-minute "
         "load average during each configuration (2.0 means both cores busy; this bench itself adds about 1).",
