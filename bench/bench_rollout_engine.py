@@ -552,7 +552,12 @@ def markdown(figures: dict) -> str:
             "",
             f"The same random Qwen2 and prompts for both engines, temperature {TEMPERATURE}, {NEW_TOKENS} new tokens, "
             "EOS allowed (tokens/s counts the tokens sampled, each row up to its stop id). Peak RSS: VmHWM of the "
-            "configuration's process (the vLLM one also holds the trainer's own copy of the model, as in a run).",
+            "configuration's process (the vLLM one also holds the trainer's own copy of the model, as in a run). "
+            f"The vocabulary is the addition task's ({sampling[0]['vocab']} tokens, tied embeddings): the parameters "
+            "are nearly all in the layers. `all calls` lists every measured call (after a warm-up call); the "
+            "defaults, per batch 64 / 256: "
+            + ", ".join(f"{label} {REPEATS[(label, 64)]} / {REPEATS[(label, 256)]}" for label in ("smallest", "~40M"))
+            + f", ~150M {REPEATS_150M[64]} / {REPEATS_150M[256]}; `--repeats` overrides them.",
             "",
             "| shape | params | batch | engine | tokens/s (median) | all calls | mean length | stopped early "
             "| peak RSS MiB | load | vllm / hf |",
