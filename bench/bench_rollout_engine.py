@@ -18,13 +18,15 @@ trainer's GRPO step against TRL's GRPOTrainer, side by side in one run.
    `generate`, and transformers' continuous batching.
 
 Every configuration runs in its own subprocess (so each has its own peak RSS and thread settings:
-OMP_NUM_THREADS=2 and torch.set_num_threads(2), the two cores of these machines), built and kept
+OMP_NUM_THREADS and torch.set_num_threads: 2 by default, the two cores of these machines; 1 with
+`--threads 1` where other jobs load them), built and kept
 alive while the parent asks each for one unit of work in turn (one sampling call, one training
 step), alternating the order, so machine load (other people's jobs share the cores) falls on all
 alike. Medians are reported, with the 1-minute load average seen during each configuration.
 
-    .venv/bin/python bench/bench_rollout_engine.py [--only sampling|steps] [--repeats N]
-        [--shapes smallest ~40M ~150M] [--batches 64 256] [--out DIR]
+    .venv/bin/python bench/bench_rollout_engine.py [--only sampling|steps] [--repeats N] [--threads N]
+        [--shapes smallest ~40M ~150M] [--batches 64 256]          # sampling: a part, merged by cell
+        [--warm DIR] [--steps NAME ...] [--add-run] [--out DIR]    # steps: reuse a warm-up, a subset
 
 Writes bench/results/rollout_engine.md, rollout_engine.json and rollout_engine.png (tokens/s).
 """
