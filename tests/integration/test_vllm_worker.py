@@ -35,7 +35,7 @@ def test_the_engine_holds_the_trainers_weights_after_every_push_and_samples_what
     assert all(r["engine_weights_equal"] for r in inner)  # the engine's digest is the trainer's, every step
     assert all(r["weight_sync_s"] > 0 for r in inner)
     assert max(r["sampler_logp_diff"] for r in inner) <= 1e-4  # fp32 engine, fp32 trainer
-    assert max(r["mismatch_kl"] for r in inner) <= 1e-9
+    assert max(r["mismatch_kl"] for r in inner) <= 2e-8  # seen: <= 8.9e-9 over 16 rounds; a bf16 engine: > 1e-7
 
 
 def test_replicas_on_the_engine_agree_after_every_sync_and_the_run_is_ok(engine_run):
@@ -59,7 +59,7 @@ def test_an_engine_that_dies_mid_run_is_one_error_naming_the_step_and_the_restar
 @pytest.mark.parametrize("mode", ["tis", "mis"])
 def test_a_bf16_engine_under_an_fp32_trainer_is_measured_and_its_gap_corrected(tmp_path, mode):
     """The sampler differs from the trainer on purpose: the gap shows in sampler_logp_diff and
-    mismatch_kl (an fp32 engine's are ~5e-7 nats and ~1e-12: above), and with a cap of 1.001 the
+    mismatch_kl (an fp32 engine's are ~5e-7 nats and <= 2e-8: above), and with a cap of 1.001 the
     correction acts on a measurable share of the tokens (this 32-wide model's bf16 gap is ~1e-3 nats)."""
     sets = (
         *VLLM,
