@@ -36,6 +36,8 @@ ALLOWED: dict[str, set[str]] = {
     "foundation": set(),
     "run": BELOW_RUN,
     "worker": {"run", "config"},
+    # Command-line tools on top, beside the worker: the export and the memory plan.
+    "tools": {"run", *BELOW_RUN},
     # A command line inside a package may also use the one atomic file write.
     "traces-cli": {"traces", "foundation"},
     # cost-floor builds the config's policy as a run does (run.build's environment, the collector's warm-up).
@@ -64,7 +66,8 @@ def layer_of(module: str) -> str | None:
     parts = module.split(".")
     if len(parts) < 2:
         return None
-    return {"worker": "worker", "config": "config", "diloco": "diloco"}.get(parts[1], parts[1])
+    named = {"worker": "worker", "config": "config", "diloco": "diloco", "export": "tools", "plan": "tools"}
+    return named.get(parts[1], parts[1])
 
 
 def project_modules(root: Path) -> dict[str, Path]:
@@ -214,6 +217,8 @@ def append(path: Path, line: str) -> None:
         ),
         ("trainer/rollout/episodes.py", "from trainer import sandbox", "layer rollout may not import sandbox"),
         ("trainer/diloco.py", "from .run import build", "layer diloco may not import run"),
+        ("trainer/run/sharding.py", "from trainer.plan import plan", "layer run may not import tools"),
+        ("trainer/checkpoint.py", "from trainer.run.sharding import shard", "layer foundation may not import run"),
         (
             "trainer/worker.py",
             "from trainer.rollout.episodes import run_episodes",

@@ -245,6 +245,9 @@ class DiLoCoConfig:
     # Seconds one exchange may take before the survivors stop with an error naming the replicas
     # that did not answer (and torchrun restarts and resumes); sized for a slow link.
     timeout_s: float = 1800.0
+    # Where the global copy, the outer momentum and the error-feedback residuals live: host memory
+    # (cpu, the default: they are touched once a round), or the model's own device.
+    backup_device: Literal["cpu", "device"] = "cpu"
 
     def __post_init__(self) -> None:
         _require(self.timeout_s > 0, "diloco.timeout_s", f"must be > 0, got {self.timeout_s}")
@@ -263,6 +266,20 @@ class DiLoCoConfig:
             "must be >= 0 and < sync_every / fragments",
         )
         _require(0 <= self.fragment_alpha <= 1, "diloco.fragment_alpha", "must be in [0, 1]")
+
+
+@dataclass
+class ParallelConfig:
+    """How a replica spreads the model over its `replica_size` ranks (docs/scale.md)."""
+
+    # none: every rank holds the whole model, its gradients and AdamW state, and the gradients are
+    # averaged inside the replica. fsdp: each decoder layer and the root are sharded over the
+    # replica's ranks (FSDP2 `fully_shard`): a rank keeps 1/S of the parameters, gradients, AdamW
+    # state and DiLoCo's global copy and momentum.
+    sharding: Literal["none", "fsdp"] = "none"
+    # Recompute each decoder layer's activations in the backward instead of keeping them (less
+    # memory at real sequence lengths, about one more forward of compute).
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -462,6 +479,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)  # the library's own config (trainer.sandbox)
     eval: EvalConfig = field(default_factory=EvalConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)

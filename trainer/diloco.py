@@ -56,6 +56,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 __all__ = [
     "COMPRESSIONS",
@@ -239,9 +240,13 @@ class DiLoCo:
             or views into them, module order); None: all of them. A replica of S processes splits its parameters with
             :func:`split_parameters` so that each process ships 1/S of the model across replicas
             (`group` is then "this process's counterparts in the other replicas"); the caller
-            shares each process's synced part with the rest of its replica after a sync.
+            shares each process's synced part with the rest of its replica after a sync. A
+            replica sharded with FSDP passes each rank's local shards (`DTensor.to_local()`, taken
+            under no_grad): the global copy, momentum and residuals are then 1/S per rank and no
+            sharing is needed, since shard k covers the same elements in every replica.
         inner_optimizer: the caller's inner optimizer. DiLoCo only touches it to drop the state of
-            parameters a non-finite replica had to reset (stale NaN moments would re-poison them).
+            parameters a non-finite replica had to reset (stale NaN moments would re-poison them);
+            for a view it drops the state of the parameter the view shares storage with.
         sync_every: H, inner steps between two syncs of the same parameters.
         outer_optimizer: ``None`` for ``SGD(lr=0.7, momentum=0.9, nesterov=True)``, or a factory
             ``f(params: list[Tensor]) -> torch.optim.Optimizer`` that builds any torch optimizer
@@ -338,6 +343,9 @@ class DiLoCo:
                 f"DiLoCo(fragments={fragments}): the model has only {len(self._local)} trainable "
                 f"parameter tensors; a fragment needs at least one"
             )
+        # The inner optimizer's key for each synced tensor: the tensor itself, or the parameter a
+        # view (a `split_parameters` share, an FSDP shard's `to_local()`) shares its storage with.
+        self._optimizer_keys = [_optimizer_key(inner_optimizer, local) for local in self._local]
         self._wire_device = _wire_device(self.group, self.backup_device, self._local[0].device)
         self._fragment_ranges = _split_contiguous([p.numel() for p in self._local], fragments)
         self._broadcast_initial_parameters()
@@ -712,7 +720,23 @@ class DiLoCo:
                 else:
                     local.copy_(target)
                 if not healthy:
-                    self.inner_optimizer.state.pop(local, None)
+                    self.inner_optimizer.state.pop(self._optimizer_keys[i], None)
+
+
+def _optimizer_key(optimizer: torch.optim.Optimizer, tensor: torch.Tensor) -> torch.Tensor | None:
+    """The parameter of `optimizer` that `tensor` is or views (same storage; a DTensor parameter
+    through its local shard); None when it is none of them (nothing to drop for it)."""
+    storage = tensor.untyped_storage().data_ptr()
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            if parameter is tensor:
+                return parameter
+            if not tensor.numel():  # an empty view shares no bytes with anything
+                continue
+            local = parameter._local_tensor if isinstance(parameter, DTensor) else parameter
+            if local.untyped_storage().data_ptr() == storage:
+                return parameter
+    return None
 
 
 def _transfer(

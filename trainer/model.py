@@ -103,6 +103,26 @@ def cached_tokenizer(
     return tokenizer
 
 
+def tiny_config(
+    tokenizer: PreTrainedTokenizerFast | None, *, hidden_size: int, num_layers: int, num_heads: int, vocab_size: int = 0
+) -> Qwen2Config:
+    """The tiny model's shape: a Qwen2 with tied embeddings over `tokenizer`'s vocabulary (or
+    `vocab_size` ids when no tokenizer is at hand, as for a memory plan)."""
+    return Qwen2Config(
+        vocab_size=len(tokenizer) if tokenizer is not None else vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2),
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id if tokenizer is not None else 0,
+        eos_token_id=tokenizer.eos_token_id if tokenizer is not None else 2,
+        bos_token_id=None,
+    )
+
+
 def tiny_model_and_tokenizer(
     corpus: Iterable[str] | None = None,
     *,
@@ -117,19 +137,7 @@ def tiny_model_and_tokenizer(
     tokenizer = cached_tokenizer(
         corpus if corpus is not None else DEFAULT_CORPUS, vocab_size=vocab_size, cache_dir=cache_dir
     )
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=4 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=max(1, num_heads // 2),
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
+    config = tiny_config(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config)

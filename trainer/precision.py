@@ -6,9 +6,9 @@ place rounds most updates away (10 steps changed 1.8 % of Qwen-size weights). Ke
 parameters, the optimizer state and the checkpoint in fp32 and running only the forwards' matrix
 work in bf16 is PyTorch's own AMP recipe (torch.amp); it needs no loss scaling for bf16 (fp32's
 exponent range). DiLoCo then measures each pseudo-gradient against fp32 values the replica really
-started the round from, so a round that changed nothing ships exactly zero. FSDP's
-MixedPrecisionPolicy is the sharded equivalent; a replica here is one process or a data-parallel
-group, so autocast is the whole mechanism.
+started the round from, so a round that changed nothing ships exactly zero. A sharded replica
+(`parallel.sharding: fsdp`) uses FSDP's MixedPrecisionPolicy instead, the sharded equivalent over
+the same fp32 master shards (`trainer.run.sharding.mixed_precision` says why).
 """
 
 from __future__ import annotations

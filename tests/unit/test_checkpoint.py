@@ -326,3 +326,144 @@ def test_strict_json_writes_null_for_non_finite_floats_with_the_reason_beside_a_
     assert math.isnan(data["a"]) and data["b"]["d"][1] == float("inf")  # the input is untouched
     with pytest.raises(TypeError):
         checkpoint.strict_json({"x": object()})
+
+
+# ---- sharded checkpoints (torch.distributed.checkpoint folders) ----------------------------------
+
+
+@pytest.fixture
+def world_of_one():
+    """A process group of this one process (in memory): what a sharded save and load run over."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+class Counter:
+    """A per-process member: state that is no tensor and differs between the ranks of a replica."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "history": list(range(self.value))}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+def sharded_state(seed: int, group, counter: int = 0) -> tuple[TrainingState, torch.nn.Module, torch.optim.Optimizer]:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = fully_shard(small_model(seed), mesh=DeviceMesh.from_group(group, "cpu"))
+    optimizer = torch.optim.AdamW(model.parameters())
+    per_process = checkpoint.PerProcessState(Counter(counter), group, 0, 1)
+    return TrainingState(model, process_group=group, inner_optimizer=optimizer, counter=per_process), model, optimizer
+
+
+def sealed_sharded_run(root: Path, group, steps=(4, 8)) -> None:
+    for step in steps:
+        state, model, optimizer = sharded_state(step, group, counter=step)
+        model(torch.tensor([1, 2])).sum().backward()
+        optimizer.step()
+        state.save(root, step, 0, round_index=step - 1)
+        checkpoint.mark_complete(root, step, {"round": step - 1, "replicas": 1}, keep=3)
+
+
+def full(tensors) -> list[torch.Tensor]:
+    return [t.full_tensor() for t in tensors]
+
+
+def test_a_sharded_checkpoint_is_a_sealed_dcp_folder_that_loads_back_every_member(tmp_path, world_of_one):
+    sealed_sharded_run(tmp_path, world_of_one)
+    folder = tmp_path / "step-000008"
+    assert sorted(p.name for p in folder.iterdir()) == ["COMPLETE", "replica-0"]  # no temporary folder left
+    sizes = json.loads((folder / "COMPLETE").read_text())["files"]
+    assert set(sizes) == {"replica-0/.metadata", "replica-0/__0_0.distcp"} and all(sizes.values())
+    assert checkpoint.verify_step(tmp_path, 8) is None
+
+    saved, saved_model, saved_optimizer = sharded_state(8, world_of_one)  # the weights step 8 was saved from...
+    saved_model(torch.tensor([1, 2])).sum().backward()
+    saved_optimizer.step()  # ... after its step
+    state, model, optimizer = sharded_state(99, world_of_one)
+    assert state.load(tmp_path, 8, 0) == 7
+    for a, b in zip(full(model.parameters()), full(saved_model.parameters()), strict=True):
+        assert torch.equal(a, b)
+    assert model[1].weight is model[0].weight  # stored once, still tied
+    moments = [optimizer.state[p]["exp_avg"].full_tensor() for p in model.parameters()]
+    expected = [saved_optimizer.state[p]["exp_avg"].full_tensor() for p in saved_model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(moments, expected, strict=True)) and moments[0].abs().sum() > 0
+    assert state.members["counter"].member.value == 8
+
+
+def test_a_sharded_checkpoint_exports_without_a_process_group(tmp_path, world_of_one):
+    sealed_sharded_run(tmp_path, world_of_one, steps=(8,))
+    saved, saved_model, saved_optimizer = sharded_state(8, world_of_one)
+    saved_model(torch.tensor([1, 2])).sum().backward()
+    saved_optimizer.step()
+    plain = small_model(0)
+    checkpoint.load_sharded_model(tmp_path / "step-000008" / "replica-0", plain)  # no collective
+    for a, b in zip(plain.parameters(), full(saved_model.parameters()), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(KeyError, match="replica-0: does not fit the model"):
+        checkpoint.load_sharded_model(tmp_path / "step-000008" / "replica-0", torch.nn.Linear(4, 11))
+
+
+@pytest.mark.parametrize(
+    "damage, file, problem",
+    [
+        (lambda f: truncate(f / "replica-0" / "__0_0.distcp"), "replica-0/__0_0.distcp", "truncated"),
+        (lambda f: (f / "replica-0" / "__0_0.distcp").unlink(), "replica-0/__0_0.distcp", "missing or unreadable"),
+        (lambda f: truncate(f / "replica-0" / ".metadata"), "replica-0/.metadata", "truncated"),
+    ],
+    ids=["truncated-shards", "missing-shards", "truncated-metadata"],
+)
+def test_a_damaged_sharded_step_is_named_and_the_resume_falls_back(tmp_path, world_of_one, damage, file, problem):
+    sealed_sharded_run(tmp_path, world_of_one)
+    folder = tmp_path / "step-000008"
+    damage(folder)
+    found = checkpoint.verify_step(tmp_path, 8)
+    assert found is not None and found.startswith(f"{folder / file}: ") and problem in found
+    assert checkpoint.latest_loadable(tmp_path) == 4
+
+
+@pytest.mark.parametrize(
+    "damage, file, problem",
+    [
+        (lambda f: truncate(f / "replica-0" / "__0_0.distcp"), "replica-0/__0_0.distcp", "the metadata needs"),
+        (lambda f: (f / "replica-0" / "__0_0.distcp").unlink(), "replica-0/__0_0.distcp", "missing or unreadable"),
+        (lambda f: truncate(f / "replica-0" / ".metadata"), "replica-0/.metadata", "unreadable checkpoint metadata"),
+    ],
+    ids=["truncated-shards", "missing-shards", "truncated-metadata"],
+)
+def test_a_sharded_step_without_recorded_sizes_is_checked_against_its_metadata(
+    tmp_path, world_of_one, damage, file, problem
+):
+    sealed_sharded_run(tmp_path, world_of_one, steps=(8,))
+    folder = tmp_path / "step-000008"
+    legacy_seal(folder)
+    assert checkpoint.verify_step(tmp_path, 8) is None
+    damage(folder)
+    found = checkpoint.verify_step(tmp_path, 8)
+    assert found is not None and found.startswith(f"{folder / file}: ") and problem in found
+
+
+def test_a_sharded_checkpoint_and_an_unsharded_one_refuse_each_other_by_name(tmp_path, world_of_one):
+    sealed_sharded_run(tmp_path / "sharded", world_of_one, steps=(8,))
+    with pytest.raises(FileNotFoundError, match="a sharded checkpoint .saved with parallel.sharding fsdp"):
+        state_for_loading().load(tmp_path / "sharded", 8, 0)
+    sealed_run(tmp_path / "plain", steps=(8,))
+    state, _, _ = sharded_state(99, world_of_one)
+    with pytest.raises(FileNotFoundError, match="an unsharded checkpoint .saved with parallel.sharding none"):
+        state.load(tmp_path / "plain", 8, 0)
+
+
+def test_a_sharded_checkpoint_saved_without_a_member_names_it(tmp_path, world_of_one):
+    sealed_sharded_run(tmp_path, world_of_one, steps=(8,))
+    state, model, optimizer = sharded_state(99, world_of_one)
+    state.members["teacher"] = Counter(0)
+    with pytest.raises(KeyError, match=r"holds \['counter', 'inner_optimizer'\], not \['teacher'\]"):
+        state.load(tmp_path, 8, 0)

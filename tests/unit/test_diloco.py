@@ -26,6 +26,7 @@ from trainer.diloco import (
     parameters_hash,
     payload_bytes,
     shard_bounds,
+    split_parameters,
 )
 
 
@@ -336,6 +337,30 @@ def test_non_finite_single_replica_skips_the_outer_step_and_resets_to_global():
     train(model, inner, diloco, start=4, stop=6, data_seed=0)
     assert diloco.last_participants == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_reset_share_drops_the_inner_optimizer_state_of_the_parameters_its_views_cut():
+    """A replica of S processes syncs views (`split_parameters` shares; FSDP's `to_local()` shards
+    are views in the same way): the AdamW state to drop after a non-finite reset is keyed by the
+    parameter, not the view, and only the parameters the share touches lose theirs."""
+    model = make_model(seed=0)
+    inner = make_inner(model)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    share = split_parameters(parameters, 2)[1]  # the second half: part of layer 2's weight onwards
+    diloco = DiLoCo(model, inner, sync_every=2, parameters=share)
+    train(model, inner, diloco, start=0, stop=1, data_seed=0)
+    assert all(inner.state.get(p) for p in parameters)  # AdamW has moments for every parameter
+
+    def poison(step: int) -> None:  # after AdamW, before the sync: the last bias, through the view
+        with torch.no_grad():
+            share[-1][0] = float("nan")
+
+    train(model, inner, diloco, start=1, stop=2, data_seed=0, after_inner=poison)  # the sync resets the share
+    touched = {id(p) for p in parameters if any(v.untyped_storage().data_ptr() == p.data_ptr() for v in share)}
+    assert 0 < len(touched) < len(parameters)
+    for parameter in parameters:
+        assert (inner.state.get(parameter, {}) == {}) == (id(parameter) in touched), parameter.shape
+    assert all(bool(torch.isfinite(p).all()) for p in parameters)
 
 
 # ---------------------------------------------------------------------------- state, hash

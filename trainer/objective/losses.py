@@ -624,6 +624,7 @@ def composer_total_loss(
     temperature: float = 1.0,
     rollout_correction_mode: str = "none",
     rollout_correction_cap: float = 2.0,
+    lockstep: bool = False,
 ) -> ComposerLossOutput:
     """grpo + alpha * sdpo + beta * dpo on a causal LM, with the fewest forwards possible.
 
@@ -642,6 +643,10 @@ def composer_total_loss(
     and `capped_fraction`; `rollout_correction_mode` tis or mis then corrects the policy-gradient
     channel for the gap (`rollout_correction_cap`). With `PolicyBatch.loss_mask` (episodes),
     every channel and metric counts only its 1s; the forwards still attend to the whole completion.
+
+    `lockstep` makes the teacher forward run whenever alpha > 0, even when no row is selected for
+    distillation (its result is then unused and the channel is zero): a model sharded over several
+    ranks (FSDP) gathers its layers inside every forward, so all ranks must run the same forwards.
     """
     if alpha < 0 or beta < 0:
         raise ValueError(f"alpha={alpha} and beta={beta} must be >= 0")
@@ -702,6 +707,7 @@ def composer_total_loss(
             alpha=sdpo_jsd_alpha,
             top_k=sdpo_top_k,
             temperature=temperature,
+            lockstep=lockstep,
         )
     del student_logits  # the graph keeps what backward needs; let the rest go before DPO
 
@@ -739,12 +745,15 @@ def _sdpo_channel(
     alpha: float,
     top_k: int | None,
     temperature: float = 1.0,
+    lockstep: bool = False,
 ) -> Tensor:
     """Teacher re-scores the student's completion under the hinted prompt; rows with weight 0 skip.
 
     With `teacher_offsets`, row b's teacher sees completion[o_b:] only (shifted to column 0) and is
     compared with the student's logits at the same tokens. With `teacher_token_ids` the teacher
     scored them outside the process (an endpoint) and `sdpo_token_loss` compares on its tokens.
+    With `lockstep`, a batch without any selected row still runs the in-process teacher forward (on
+    its first row, result unused); an endpoint teacher runs no forward here, so it needs none.
     """
     endpoint = policy.teacher_token_ids is not None
     if endpoint and policy.teacher_token_logps is None:
@@ -761,6 +770,15 @@ def _sdpo_channel(
         _check_shape("PolicyBatch.sdpo_weight", policy.sdpo_weight, (batch,))
         selected = policy.sdpo_weight.bool().nonzero().flatten()
         if selected.numel() == 0:
+            if lockstep and not endpoint:
+                with torch.no_grad():
+                    completion_logits(
+                        teacher,
+                        policy.teacher_prompt_ids[:1],
+                        policy.teacher_prompt_mask[:1],
+                        policy.completion_ids[:1],
+                        policy.completion_mask[:1],
+                    )
             return student_logits.new_zeros((), dtype=torch.float32)
         if selected.numel() < batch:
             rows = selected

@@ -200,6 +200,11 @@ def hf_sample(
         generation_config=generation_config(
             tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, stop_token_ids=stops, greedy=greedy
         ),
+        # Never transformers' automatic lock-step for FSDP-managed models: it all-reduces over the
+        # default (world) group at every token, which couples the replicas and hangs when ranks
+        # call generate a different number of times. A sharded model samples gathered instead
+        # (trainer.run.sharding.unsharded), with no collective at all.
+        synced_gpus=False,
     )
     model.train(was_training)
     completion_ids = out.sequences[:, prompt_ids.shape[1] :]

@@ -8,6 +8,7 @@ metrics first, then the checkpoint, so a crash in between may repeat a round's l
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -17,11 +18,11 @@ import torch
 
 from trainer import checkpoint
 from trainer.config import Config, dump_config
-from trainer.diloco import parameters_hash
 from trainer.metrics import MetricsLog, mean_and_error, plot_curves, run_summary, table_header, table_row
 from trainer.rollout.evaluation import EvalCounts
 from trainer.run.build import Replica, Run
 from trainer.run.placement import restart_count, write_json
+from trainer.run.sharding import full_parameters_hash, unsharded
 from trainer.run.sinks import open_sinks
 from trainer.run.topology import barrier, gather, leave_together, step_seed
 
@@ -62,7 +63,8 @@ def end_of_round(
     everyone = gather(
         dict(
             records=records,
-            hash=parameters_hash(run.model),
+            hash=full_parameters_hash(run.model),  # the whole model's, also when sharded
+            pseudo_grad_norm=diloco.last_pseudo_grad_norm,  # of this rank's share or shard
             bytes_sent=diloco.bytes_sent,
             bytes_received=diloco.bytes_received,
             # this rank's seconds this round outside / blocked inside DiLoCo's exchanges (measured)
@@ -79,7 +81,12 @@ def end_of_round(
     )
     barrier()
     if run.keeper:
-        info = dict(round=round_index, replicas=run.topo.replicas, world_size=run.topo.world_size)
+        info = dict(
+            round=round_index,
+            replicas=run.topo.replicas,
+            world_size=run.topo.world_size,
+            sharding=run.config.parallel.sharding,
+        )
         checkpoint.mark_complete(run.ckpt_root, diloco.outer_step, info, run.config.keep_checkpoints)
     every = run.config.eval.every
     if every and ((round_index + 1) % every == 0 or round_index + 1 == run.config.rounds):
@@ -103,7 +110,7 @@ def evaluate_held_out(
         return
     shard = list(held_out[: config.eval.size])[topo.rank :: topo.world_size]
     torch.manual_seed(step_seed(config.seed, -2, outer_step, topo.rank))
-    with run.autocast():
+    with run.autocast(), unsharded(run.model, teacher):  # each rank generates on its own prompts
         counts, gate = run.collector.evaluate(run.policy(), shard, teacher=teacher)
     total = sum(gather(counts), EvalCounts([], [], config.eval.k))
     gates = gather(gate)
@@ -145,7 +152,7 @@ def log_round(run: Run, replica: Replica, books: Books, everyone: list[dict], ro
         outer_step=diloco.outer_step,
         first_outer_step=diloco.outer_step - syncs + 1,
         round=round_index,
-        pseudo_grad_norm=diloco.last_pseudo_grad_norm,
+        pseudo_grad_norm=replica_norm(everyone[: run.topo.replica_size]),
         participants=diloco.last_participants,
         bytes_sent=bytes_sent,
         bytes_received=sum(v["bytes_received"] for v in everyone),
@@ -169,11 +176,18 @@ def log_round(run: Run, replica: Replica, books: Books, everyone: list[dict], ro
         means["grpo"],
         means["sdpo"],
         means["dpo"],
-        diloco.last_pseudo_grad_norm,
+        replica_norm(everyone[: run.topo.replica_size]),
         bytes_sent / 1e6,
         seconds,
     )
     print(table_row(row), flush=True)
+
+
+def replica_norm(ranks: list[dict]) -> float:
+    """The norm of the whole averaged pseudo-gradient, from the ranks of one replica: each rank's
+    DiLoCo exchanged its share (or FSDP shard) of the model, and the shares are disjoint, so the
+    whole norm is the root of the sum of their squares (the same in every replica)."""
+    return math.sqrt(sum(rank["pseudo_grad_norm"] ** 2 for rank in ranks))
 
 
 def replicas_expected_to_agree(config: Config) -> bool:
@@ -213,7 +227,7 @@ def verdict(config: Config, rank_hashes: list[str], replica_size: int = 1) -> di
 def finish(run: Run, replica: Replica, books: Books) -> dict:
     """Rank 0 writes summary.json (the verdict, the reward rise), the plot; everyone leaves together."""
     config, topo = run.config, run.topo
-    rank_hashes = gather(parameters_hash(run.model))
+    rank_hashes = gather(full_parameters_hash(run.model))  # the whole model's, also when sharded
     final_hashes = rank_hashes[:: topo.replica_size]
     summary = dict(
         name=config.name,

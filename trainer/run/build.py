@@ -3,7 +3,8 @@
 `place_run` chooses the run directory (the lead's choice, for every rank); `build` makes the
 environment (and the sandbox first when its checker runs model-written code), the collector, the
 model and tokenizer, and decides whether to resume; `build_replica` makes the training-state
-registry (inner AdamW, DiLoCo, the EMA teacher and the DPO feed when on); `resume` loads it.
+registry (inner AdamW, DiLoCo, the EMA teacher and the DPO feed when on), sharding the policy and
+its copies first under `parallel.sharding: fsdp` (`trainer.run.sharding`); `resume` loads it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ from trainer.rollout.sampling import Engine, HFEngine
 from trainer.rollout.templates import stop_token_ids
 from trainer.run.collectors import Collector, Policy, make_collector
 from trainer.run.placement import check_resumable, choose_run_dir, is_finished, restart_count
+from trainer.run.sharding import (
+    ShardedDiLoCoState,
+    checkpoint_activations,
+    is_sharded,
+    local_shards,
+    mixed_precision,
+    replica_mesh,
+    shard,
+    unsharded,
+)
 from trainer.run.topology import Topology, barrier, gather, init_distributed, leave_together, storage_keeper
 from trainer.sandbox import SandboxUnavailable, make_sandbox, set_default_sandbox
 
@@ -59,13 +70,15 @@ class Run:
     collector: Collector
     engine: Engine  # what samples (`rollout.engine`): the module's own generate, or an inference engine
     device: torch.device
-    dtype: torch.dtype | None  # autocast compute dtype (None: fp32 throughout); weights stay fp32
+    dtype: torch.dtype | None  # compute dtype (None: fp32 throughout); weights stay fp32
     resume_from: int | None  # newest sealed checkpoint whose files verify (`checkpoint.resume_step`), None: fresh
     keeper: bool = True  # this rank writes its disk's shared files (`storage_keeper`)
     teachers: Any = None  # the external teachers (`trainer.teachers.Teachers`), None: the config lists none
 
     def autocast(self) -> Any:
-        return autocast(self.device, self.dtype)
+        """Forwards in the compute dtype: autocast, except on a sharded model, whose FSDP
+        mixed-precision policy casts the gathered parameters itself (`sharding.mixed_precision`)."""
+        return autocast(self.device, None if is_sharded(self.model) else self.dtype)
 
     def policy(self) -> Policy:
         """The policy as the collectors take it: module, tokenizer, engine and stop ids."""
@@ -149,7 +162,10 @@ def build(config: Config, topo: Topology | None = None, run_dir: Path | None = N
     else:
         model, tokenizer = pretrained_model_and_tokenizer(config.model.name, tokenizer_name=config.model.tokenizer)
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    model.to(device)
+    if config.parallel.activation_checkpointing:
+        checkpoint_activations(model)
+    if config.parallel.sharding == "none":
+        model.to(device)  # sharded: the model stays in host memory until `shard` moves each rank's rows
     stops = stop_token_ids(tokenizer, model)
     views = gather(checkpoint.verify_sealed(ckpt_root) if keeper else None)  # each disk's sealed steps, verified
     try:
@@ -259,14 +275,29 @@ def build_env(config: Config) -> Environment:
 
 
 def build_replica(run: Run) -> Replica:
-    """The training-state registry: model, inner AdamW, DiLoCo, and the teacher and DPO feed when on."""
-    config, model = run.config, run.model
+    """The training-state registry: model, inner AdamW, DiLoCo, and the teacher and DPO feed when on.
+
+    Under `parallel.sharding: fsdp` the DPO reference and the EMA teacher are copied from the
+    policy first (an FSDP module cannot be deep-copied), then all three are sharded over the
+    replica's ranks; AdamW and DiLoCo are built over the shards, and the checkpoint is sharded.
+    """
+    config, model, topo = run.config, run.model, run.topo
     feed = build_preference_feed(run) if config.loss.beta > 0 else None
+    use_ema = config.loss.alpha > 0 and config.loss.teacher == "ema"
+    teacher = EMATeacher(model, rate=config.loss.ema_rate) if use_ema else None
+    sharded = config.parallel.sharding == "fsdp"
+    mesh = replica_mesh(topo) if sharded else None
+    if mesh is not None:
+        policy = mixed_precision(run.dtype)
+        for module in (model, teacher.module if teacher else None, feed.replay.reference_model if feed else None):
+            if module is not None:
+                shard(module, mesh, mp_policy=policy)
+    if feed is not None:
+        fill_from_traces(run, feed)
     inner_optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     d = config.diloco
-    topo = run.topo
-    shares = None  # with S > 1 processes a replica, each exchanges 1/S of the model across replicas
-    if topo.inner_group is not None:
+    shares = None  # unsharded, S > 1 processes a replica: each exchanges 1/S of the model across replicas
+    if topo.inner_group is not None and not sharded:
         shares = split_parameters([p for p in model.parameters() if p.requires_grad], topo.replica_size)
     diloco = DiLoCo(
         model,
@@ -281,13 +312,28 @@ def build_replica(run: Run) -> Replica:
         fragment_alpha=d.fragment_alpha,
         compression=d.compression,
         error_feedback=d.error_feedback,
+        backup_device="cpu" if d.backup_device == "cpu" else run.device,
         timeout_s=d.timeout_s,
-        parameters=shares[topo.local_rank] if shares else None,
+        parameters=local_shards(model) if sharded else shares[topo.local_rank] if shares else None,
     )
-    use_ema = config.loss.alpha > 0 and config.loss.teacher == "ema"
-    teacher = EMATeacher(model, rate=config.loss.ema_rate) if use_ema else None
-    saved_diloco = PerProcessState(diloco, topo.inner_group, topo.local_rank, topo.replica_size) if shares else diloco
-    state = TrainingState(model, inner_optimizer=inner_optimizer, diloco=saved_diloco, replay=feed, teacher=teacher)
+    # Each process of a replica has its own DPO pairs (its own rollouts), and with S > 1 its own
+    # share or shard of DiLoCo's state: saved per process.
+    per_process = functools.partial(PerProcessState, group=topo.inner_group, local_rank=topo.local_rank)
+    saved_feed = per_process(feed, size=topo.replica_size) if feed and topo.replica_size > 1 else feed
+    if mesh is not None:
+        state = TrainingState(
+            model,
+            process_group=mesh.get_group(),
+            inner_optimizer=inner_optimizer,
+            diloco=ShardedDiLoCoState(diloco, model, topo.local_rank),
+            replay=saved_feed,
+            teacher=teacher,
+        )
+    else:
+        saved_diloco = per_process(diloco, size=topo.replica_size) if shares else diloco
+        state = TrainingState(
+            model, inner_optimizer=inner_optimizer, diloco=saved_diloco, replay=saved_feed, teacher=teacher
+        )
     replica = Replica(state, inner_optimizer, diloco, teacher, feed, shares=shares)
     share_synced_parameters(run, replica)
     # Forwards of the policy inside the loss (student, teacher-as-policy, DPO): the cost of the
@@ -306,7 +352,11 @@ def _dtype_name(output: Any) -> str:
 
 
 def build_preference_feed(run: Run) -> PreferenceFeed:
-    """The frozen DPO reference (the policy after warm-up, saved once) and the pair feed over it."""
+    """The frozen DPO reference (the policy after warm-up, saved once) and the pair feed over it.
+
+    Built before any sharding: the reference is a copy of the whole policy, saved and loaded
+    whole (`checkpoint.save_reference`). The trace pairs come later (`fill_from_traces`).
+    """
     reference = copy.deepcopy(run.model).requires_grad_(False).eval()
     if run.resume_from is None:
         if run.keeper:
@@ -317,12 +367,17 @@ def build_preference_feed(run: Run) -> PreferenceFeed:
     replay = PreferenceReplay(
         reference, pad_token_id=run.tokenizer.pad_token_id, device=run.device, capacity=config.loss.dpo_capacity
     )
-    feed = PreferenceFeed(replay, pairs_per_step=config.loss.dpo_pairs_per_step, traces=config.task.traces)
+    return PreferenceFeed(replay, pairs_per_step=config.loss.dpo_pairs_per_step, traces=config.task.traces)
+
+
+def fill_from_traces(run: Run, feed: PreferenceFeed) -> None:
+    """The run's trace pairs (`task.traces`) into the feed, scored by the reference where it now
+    lives: on the device, gathered when sharded (every rank scores them all, no collective)."""
     try:
-        feed.fill_from_traces(run.tokenizer, config.rollout.max_prompt_length * 4)
+        with unsharded(feed.replay.reference_model):
+            feed.fill_from_traces(run.tokenizer, run.config.rollout.max_prompt_length * 4)
     except CapacityError as error:
         raise ConfigError(str(error)) from None
-    return feed
 
 
 def share_synced_parameters(run: Run, replica: Replica) -> None:

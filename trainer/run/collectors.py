@@ -89,6 +89,11 @@ class Collector(ABC):
     def max_completion_length(self) -> int:
         """The longest completion the loss may see, in tokens (Dr.GRPO's constant normaliser)."""
 
+    @property
+    @abstractmethod
+    def max_sample_length(self) -> int:
+        """The longest sample the loss's forward may see, prompt and completion, in tokens."""
+
     @abstractmethod
     def warm_up(
         self, policy: Policy, *, rng: random.Random, group: dist.ProcessGroup | None, progress: bool
@@ -136,6 +141,10 @@ class SingleTurnCollector(Collector):
     @property
     def max_completion_length(self) -> int:
         return self.config.rollout.max_completion_length
+
+    @property
+    def max_sample_length(self) -> int:
+        return self.config.rollout.max_prompt_length + self.config.rollout.max_completion_length
 
     def warm_up(self, policy, *, rng, group, progress):
         c = self.config
@@ -231,6 +240,10 @@ class EpisodeCollector(Collector):
     def max_completion_length(self) -> int:
         return self.config.agent.max_tokens
 
+    @property
+    def max_sample_length(self) -> int:
+        return self.config.agent.max_tokens
+
     def warm_up(self, policy, *, rng, group, progress):
         settings = self.sft_settings(rng=rng, group=group, progress=progress)
         return episode_warmup(
@@ -284,13 +297,18 @@ class EpisodeCollector(Collector):
         )
 
 
+def collector_type(config: Config) -> type[Collector]:
+    """The kind of collector the config asks for: episodes when `agent.enabled` (the one branch
+    on it), else single-turn (the memory plan reads its lengths without an environment)."""
+    return EpisodeCollector if config.agent.enabled else SingleTurnCollector
+
+
 def make_collector(config: Config, env: Environment) -> Collector:
-    """The run's collector: episodes when `agent.enabled` (the one branch on it), else single-turn.
+    """The run's collector (`collector_type`).
 
     Raises ConfigError (naming agent.enabled) for episodes on an environment without workspaces.
     """
-    if not config.agent.enabled:
-        return SingleTurnCollector(config, env)
-    if not env.name.startswith("agent_"):  # issue 12: episodes need workspaces
+    kind = collector_type(config)
+    if kind is EpisodeCollector and not env.name.startswith("agent_"):  # issue 12: episodes need workspaces
         raise ConfigError(f"agent.enabled: task.source {config.task.source!r} is not an agentic source (agent_*)")
-    return EpisodeCollector(config, env)
+    return kind(config, env)

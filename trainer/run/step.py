@@ -4,6 +4,13 @@
                  (backward, average inside the replica, clip, AdamW, EMA teacher; nothing if
                  non-finite) -> diloco.step()
 
+Under `parallel.sharding: fsdp` every forward of the policy, the EMA teacher and the DPO reference
+is a collective over the replica, so collection (sampling, reward probes, reference scoring: work
+that differs per rank) runs inside `sharding.unsharded`, and the loss's forwards are made the same
+on every rank: the replica's ranks skip the DPO channel together when one of them has no pairs,
+and the SDPO teacher forward runs even with nothing to distil (`lockstep`). FSDP's reduce-scatter
+averages the gradients, so `average_gradients` is skipped.
+
 No loss math here (`trainer.objective.losses`), no decision about where DPO pairs come from
 (`trainer.objective.replay.PreferenceFeed`), no sampling logic (`trainer.rollout`), no exchange
 logic (`trainer.diloco`): this orders those calls and returns the step's record.
@@ -27,6 +34,7 @@ from trainer.rollout.sampling import Engine, EngineError
 from trainer.rollout.warmup import warmup_probe
 from trainer.run.build import Replica, Run, share_synced_parameters
 from trainer.run.placement import restart_count
+from trainer.run.sharding import full_weights, is_sharded, unsharded
 from trainer.run.topology import step_seed
 
 
@@ -67,7 +75,9 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
     prefix = f"r{topo.replica_id}-{topo.local_rank}-s{step}"
     if config.debug.kill_engine_at == step and restart_count() == 0:  # fault injection (debug section)
         run.engine.close()
-    with run.autocast(), engine_failures_name(step, round_index):
+    reference = replica.feed.replay.reference_model if replica.feed is not None else None
+    collecting = unsharded(run.model, replica.teacher_module, reference)  # sharded: each rank samples alone
+    with run.autocast(), engine_failures_name(step, round_index), collecting:
         samples, preference = run.collector.collect(
             run.policy(),
             rng=rng,
@@ -76,6 +86,8 @@ def inner_step(run: Run, replica: Replica, step: int, round_index: int) -> dict[
             id_prefix=prefix,
             episodes_file=run.run_dir / "episodes" / f"rank{topo.rank}.jsonl",
         )
+    preference = together(preference, topo.inner_group)
+    with run.autocast():
         forwards_before = replica.forward_calls[0]
         loss_start = time.perf_counter()
         out = three_channel_loss(run, replica, ComposerBatch(policy=samples.policy, preference=preference))
@@ -138,9 +150,13 @@ def engine_failures_name(step: int, round_index: int) -> Iterator[None]:
 
 def push_weights(run: Run) -> float:
     """The trainer's weights into the run's engine (an inference engine holds its own copy; the
-    `hf` engine samples the module itself and takes nothing); returns the seconds it took."""
+    `hf` engine samples the module itself and takes nothing); returns the seconds it took. Under
+    fsdp every rank of the replica must call it (the weights are gathered layer by layer)."""
     clock = time.perf_counter()
-    run.engine.push(run.model.state_dict().items())
+    if is_sharded(run.model):  # gathered one FSDP group at a time, every rank in step: bounded memory
+        run.engine.push(full_weights(run.model))
+    else:
+        run.engine.push(run.model.state_dict().items())
     return time.perf_counter() - clock
 
 
@@ -174,7 +190,18 @@ def three_channel_loss(run: Run, replica: Replica, batch: ComposerBatch) -> Comp
         temperature=r.temperature,
         rollout_correction_mode=loss.rollout_correction,
         rollout_correction_cap=loss.rollout_correction_cap,
+        lockstep=is_sharded(run.model),
     )
+
+
+def together(preference: Any, group: dist.ProcessGroup | None) -> Any:
+    """This step's DPO batch, or None when any rank of the replica has none: the ranks of a
+    replica run the same channels (their gradients are averaged; sharded, their forwards must pair)."""
+    if group is None:
+        return preference
+    everyone = torch.tensor(float(preference is not None))
+    dist.all_reduce(everyone, op=dist.ReduceOp.MIN, group=group)
+    return preference if everyone.item() else None
 
 
 def inner_lr(optim: OptimConfig, step: int, total_steps: int) -> float:
@@ -221,7 +248,8 @@ def optimizer_step(run: Run, replica: Replica, loss: torch.Tensor, lr: float | N
             group["lr"] = lr
     replica.inner_optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    average_gradients(run.model, run.topo.inner_group)
+    if not is_sharded(run.model):  # sharded: FSDP's reduce-scatter has averaged them already
+        average_gradients(run.model, run.topo.inner_group)
     norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.optim.max_grad_norm)
     finite = torch.tensor(float(bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))))
     if run.topo.inner_group is not None:

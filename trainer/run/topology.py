@@ -1,9 +1,11 @@
 """Who is who in a run: the process groups, the lead, the disk keepers, and the seeds.
 
 A replica is `replica_size` consecutive ranks (default: one torchrun node). Inside a replica,
-gradients are averaged every inner step (data parallel); across replicas only DiLoCo talks, over
-the outer group (rank k of every replica). The lead (the first process of replica id 0, global
-rank 0 unless a restart moved it) writes metrics, the summary and the plot.
+gradients are averaged every inner step (data parallel; under `parallel.sharding: fsdp`, FSDP's
+reduce-scatter does it and the model is sharded over the replica's group, `trainer.run.sharding`);
+across replicas only DiLoCo talks, over the outer group (rank k of every replica). The lead (the
+first process of replica id 0, global rank 0 unless a restart moved it) writes metrics, the
+summary and the plot.
 Environment: COMPOSER_REPLICA_ID (stable replica identity for data and checkpoint files when
 torch ranks move around after an elastic restart).
 """
@@ -47,12 +49,17 @@ class Topology:
 
 def init_distributed(config: Config) -> Topology:
     """Process groups for inner data parallel (within a replica) and DiLoCo (across replicas)."""
-    if "RANK" not in os.environ:  # plain `python -m trainer.worker`: one replica of one
-        return Topology(0, 1, 1, 0, int(os.environ.get("COMPOSER_REPLICA_ID", 0)), 0, None, None)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():  # before the process group: NCCL binds each rank to its device
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=timedelta(seconds=config.dist_timeout_s))
+    timeout = timedelta(seconds=config.dist_timeout_s)
+    if "RANK" not in os.environ:  # plain `python -m trainer.worker`: one replica of one
+        if config.parallel.sharding == "none":
+            return Topology(0, 1, 1, 0, int(os.environ.get("COMPOSER_REPLICA_ID", 0)), 0, None, None)
+        # FSDP's device mesh needs a process group, even of one process (an in-memory store)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        if torch.cuda.is_available():  # before the process group: NCCL binds each rank to its device
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     size = config.replica_size or int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if world % size:
