@@ -33,6 +33,8 @@ from tests.support.teachers import VLLMServer, teacher_model  # noqa: E402
 from trainer.checkpoint import atomic_write  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "cost_floor"
+# short: fewer prompts per step and a smaller held-out set than the smoke run's, on a shared CPU
+SHORT = ("rollout.prompts_per_step=8", "diloco.sync_every=2", "eval.size=32")
 RUNS = {"hints": "task.hint_level=teacher:large", "endpoint": "loss.teacher=endpoint:large"}
 
 # name -> (layers, hidden, heads, port, training steps): the ports configs/teachers-smoke.yaml names.
@@ -106,12 +108,8 @@ def short_runs(rounds: int) -> int:
         run_dir = REPO / "runs" / f"teachers-smoke-{label}"
         command = [torchrun, "--standalone", "--nproc-per-node=2", "-m", "trainer.worker"]
         command += ["--config", "configs/teachers-smoke.yaml", "--set", setting, "--set", f"rounds={rounds}"]
-        command += [
-            "--set",
-            f"eval.every={rounds}",
-            "--set",
-            f"run_dir={run_dir}",
-        ]
+        sets = (f"eval.every={rounds}", f"run_dir={run_dir}", *SHORT)
+        command += [a for item in sets for a in ("--set", item)]
         print(" ".join(command[1:]), flush=True)
         env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
         code = subprocess.run(command, cwd=REPO, env=env).returncode
