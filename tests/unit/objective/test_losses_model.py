@@ -147,6 +147,12 @@ def test_a_teacher_scored_outside_the_process_replaces_the_teacher_forward(model
     assert scored.sdpo.item() == pytest.approx(plain.sdpo.item(), abs=1e-5)
     assert scored.sdpo.item() > 0
 
+    # lockstep (FSDP) with nothing to distil: an endpoint teacher has no forward to keep in step
+    policy.sdpo_weight = torch.zeros(4)
+    counter.batch_sizes.clear()
+    idle = composer_total_loss(model, batch, alpha=1.0, beta=0.0, lockstep=True)
+    assert idle.sdpo.item() == 0.0 and counter.batch_sizes == [4]
+
 
 def test_sdpo_needs_the_hinted_prompt(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
