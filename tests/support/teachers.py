@@ -271,6 +271,8 @@ class FaultProxy:
             request.end_headers()
             request.wfile.write(data)
             upstream.close()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up first (its own timeout): what a late answer meets
         finally:
             with self.lock:
                 self.open -= 1
