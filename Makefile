@@ -18,7 +18,7 @@ ENGINE ?= $(shell [ "$$(uname -sm)" = "Linux x86_64" ] && ! command -v nvidia-sm
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,orchestrator,envs,metrics,bench$(ENGINE)]'
+	$(BIN)/pip install -q -e '.[dev,orchestrator,envs,metrics,teachers,bench$(ENGINE)]'
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 	touch $@
 

@@ -21,7 +21,7 @@ PACKAGES = ("trainer", "orchestrator")
 # layer -> the layers it may import (its own is always allowed). Foundation modules import nothing
 # of the project outside the foundation (metrics -> checkpoint.strict_json); `run` may import every
 # layer below it; the worker is the schedule on top.
-BELOW_RUN = {"sandbox", "envs", "traces", "diloco", "objective", "rollout", "config", "foundation"}
+BELOW_RUN = {"sandbox", "envs", "traces", "diloco", "objective", "rollout", "config", "foundation", "teachers"}
 ALLOWED: dict[str, set[str]] = {
     "sandbox": set(),
     "envs": {"sandbox"},
@@ -30,6 +30,9 @@ ALLOWED: dict[str, set[str]] = {
     "objective": {"traces"},
     "rollout": {"envs", "objective"},
     "config": {"envs", "sandbox"},
+    # External teachers talk HTTP: above rollout (they fill its PolicyBatch fields and render with its
+    # templates, traces' render_pair) and below run, the only layer that calls them.
+    "teachers": {"envs", "sandbox", "traces", "objective", "rollout", "config", "foundation"},
     "foundation": set(),
     "run": BELOW_RUN,
     "worker": {"run", "config"},
@@ -37,6 +40,8 @@ ALLOWED: dict[str, set[str]] = {
     "tools": {"run", *BELOW_RUN},
     # A command line inside a package may also use the one atomic file write.
     "traces-cli": {"traces", "foundation"},
+    # cost-floor builds the config's policy as a run does (run.build's environment, the collector's warm-up).
+    "teachers-cli": {"teachers", "run", "config", "rollout", "envs", "foundation"},
 }
 # The orchestrator runs outside the workers: of the trainer it may read the config and the run
 # directory's rules only (module by module, not whole layers).
@@ -50,6 +55,8 @@ def layer_of(module: str) -> str | None:
         return "orchestrator"
     if module == "trainer.traces.__main__":
         return "traces-cli"
+    if module == "trainer.teachers.__main__":
+        return "teachers-cli"
     if module in FOUNDATION:
         return "foundation"
     if module == "trainer.losses":  # the documented face of trainer.objective.losses

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import netrc
 import os
+import re
 import sys
 import types
 import typing
@@ -96,15 +97,28 @@ class TaskConfig:
     # "partial" (the task's weakest static hint), "reference" (its strongest), an index into
     # the task's hints (0 = weakest), or "sibling" (a correct sibling's answer only: samples whose
     # group has no other correct sample get no distillation).
-    hint_level: int | Literal["feedback", "partial", "reference", "sibling"] = 2
+    # Or "teacher:<name>": a hint the external teacher `<name>` (the `teachers:` list) writes for
+    # each failed sample from the task, the attempt and the feedback, never stating the answer.
+    hint_level: int | Literal["feedback", "partial", "reference", "sibling"] | str = 2
     sibling_hints: bool = True  # a correct sibling rollout, when there is one, replaces the hint
     traces: str | None = None  # agent-trace file/dir: DPO pairs come from it instead of siblings
+    # A teacher's name: for each group with failures, its solution (when the checker passes it)
+    # is a DPO pair's chosen side and a failed sample the rejected one (single-turn tasks).
+    teacher_pairs: str | None = None
 
     def __post_init__(self) -> None:
         from trainer.envs import UnknownSourceError, check_source
 
         _require(self.max_operand >= 1, "task.max_operand", "must be >= 1")
         _require(not isinstance(self.hint_level, int) or self.hint_level >= 0, "task.hint_level", "must be >= 0")
+        _require(
+            not isinstance(self.hint_level, str)
+            or self.hint_level in HINT_LEVELS
+            or bool(teacher_name(self.hint_level, "teacher")),
+            "task.hint_level",
+            f"must be an index, one of {', '.join(map(repr, HINT_LEVELS))} or 'teacher:<name>', "
+            f"got {self.hint_level!r}",
+        )
         try:
             check_source(self.source)
         except UnknownSourceError as error:
@@ -127,7 +141,10 @@ class LossConfig:
     # Pairs the DPO store keeps: past it the oldest rollout pairs are dropped (metric pairs_evicted);
     # mined trace pairs that do not fit are refused at the start.
     dpo_capacity: int = 4096
-    teacher: Literal["policy", "ema"] = "policy"
+    # Who scores the student's tokens for SDPO: the policy, its EMA, or "endpoint:<name>", a larger
+    # model behind an OpenAI-compatible endpoint (`teachers:`) that returns prompt log-probs (vLLM):
+    # its top-k (loss.sdpo_top_k, default 20) plus a tail bucket (trainer.teachers.endpoint).
+    teacher: Literal["policy", "ema"] | str = "policy"
     ema_rate: float = 0.05
     # Which samples SDPO distils (single-turn rollouts): "all", or "failed" (distillation on the
     # samples that failed, the GRPO signal only on the ones that passed; issue 15).
@@ -148,6 +165,11 @@ class LossConfig:
         _require(self.dpo_pairs_per_step >= 1, "loss.dpo_pairs_per_step", "must be >= 1")
         _require(self.dpo_capacity >= 1, "loss.dpo_capacity", "must be >= 1")
         _require(0 < self.ema_rate <= 1, "loss.ema_rate", "must be in (0, 1]")
+        _require(
+            self.teacher in ("policy", "ema") or bool(teacher_name(self.teacher, "endpoint")),
+            "loss.teacher",
+            f"must be 'policy', 'ema' or 'endpoint:<name>', got {self.teacher!r}",
+        )
         _require(self.rollout_correction_cap > 0, "loss.rollout_correction_cap", "must be > 0")
 
 
@@ -371,6 +393,70 @@ class DebugConfig:
         )
 
 
+HINT_LEVELS = ("feedback", "partial", "reference", "sibling")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def teacher_name(value: int | str | None, prefix: str) -> str | None:
+    """The teacher named by `<prefix>:<name>` (task.hint_level teacher:, loss.teacher endpoint:); None otherwise."""
+    if not isinstance(value, str) or not value.startswith(prefix + ":"):
+        return None
+    return value.split(":", 1)[1] or None
+
+
+@dataclass
+class TeacherConfig:
+    """One external teacher: a model behind an OpenAI-compatible endpoint (`trainer.teachers`): a
+    vLLM server on your own GPUs, a hosted router, a provider's API.
+
+    The key is read from the environment variable `api_key_env` names when the run starts; it is
+    never part of the config, its dumps, the logs or the metrics. Prices are USD per million tokens
+    (the provider's list price; 0 for your own server). `timeout_s` bounds one batch of requests,
+    retries included: a step never waits longer for this teacher. `cache_dir` holds its answers,
+    keyed by the request's content (default: `teacher-cache` beside the run directory), so a
+    resumed or repeated run never pays twice for one request.
+    """
+
+    name: str = ""
+    base_url: str = ""  # e.g. http://127.0.0.1:8000/v1 (vLLM), https://openrouter.ai/api/v1
+    model: str = ""  # the served model name
+    api_key_env: str | None = None  # the environment variable holding the key (None: a local server without one)
+    price_in_per_mtok: float = 0.0
+    price_out_per_mtok: float = 0.0
+    max_concurrency: int = 4  # requests in flight at once, at most
+    timeout_s: float = 30.0
+    max_retries: int = 3  # per request: 429, 5xx, timeouts and dropped connections, with backoff
+    max_tokens: int = 256  # the teacher's reply (a hint, a solution), at most
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.name) and ":" not in self.name and "," not in self.name,
+            "name",
+            "must be a non-empty name without ':' or ','",
+        )
+        url = urlparse(self.base_url)
+        _require(
+            url.scheme in ("http", "https") and bool(url.netloc),
+            "base_url",
+            f"must be an http(s) URL such as http://127.0.0.1:8000/v1, got {self.base_url!r}",
+        )
+        _require(bool(self.model), "model", "must name the served model")
+        # Never echo the value: a key pasted here by mistake must not reach the error line either.
+        _require(
+            self.api_key_env is None or bool(ENV_NAME.fullmatch(self.api_key_env)),
+            "api_key_env",
+            "must be the NAME of an environment variable that holds the key (letters, digits, '_'), "
+            "not the key itself (the value is not shown)",
+        )
+        for key in ("price_in_per_mtok", "price_out_per_mtok"):
+            _require(getattr(self, key) >= 0, key, "must be >= 0")
+        _require(self.max_concurrency >= 1, "max_concurrency", "must be >= 1")
+        _require(self.timeout_s > 0, "timeout_s", "must be > 0")
+        _require(self.max_retries >= 0, "max_retries", "must be >= 0")
+        _require(self.max_tokens >= 1, "max_tokens", "must be >= 1")
+
+
 SINK_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # sink -> the package it needs
 
 
@@ -453,6 +539,7 @@ class Config:
     agent: AgentConfig = field(default_factory=AgentConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    teachers: list[TeacherConfig] = field(default_factory=list)  # external teachers (trainer.teachers)
 
     def __post_init__(self) -> None:
         _require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
@@ -477,6 +564,48 @@ class Config:
             "parallel.sharding",
             f"diloco.elastic runs replicas of one process with no process group to shard over, got "
             f"{self.parallel.sharding!r}",
+        )
+        check_teachers(self)
+
+
+def check_teachers(config: Config) -> None:
+    """The `teachers:` list and what uses it: unique names, every `teacher:<name>`,
+    `endpoint:<name>` and `task.teacher_pairs` naming one of them, the `openai` client installed,
+    and the combinations the teachers cannot serve refused in one line naming the key."""
+    names = [t.name for t in config.teachers]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    _require(not repeated, "teachers", f"names a teacher twice: {repeated}")
+    uses = (
+        ("task.hint_level", teacher_name(config.task.hint_level, "teacher")),
+        ("loss.teacher", teacher_name(config.loss.teacher, "endpoint")),
+        ("task.teacher_pairs", config.task.teacher_pairs),
+    )
+    for key, name in uses:
+        _require(
+            name is None or name in names,
+            key,
+            f"names teacher {name!r}, which the teachers: list does not define (defined: {names or 'none'})",
+        )
+    if not config.teachers:
+        return
+    _require(
+        _importable("openai"),
+        "teachers",
+        "the openai package is not installed; pip install '.[teachers]' (or openai)",
+    )
+    if config.task.teacher_pairs is not None:
+        _require(config.loss.beta > 0, "task.teacher_pairs", "teacher solutions are DPO pairs: set loss.beta > 0")
+        _require(config.task.traces is None, "task.teacher_pairs", "DPO pairs come from task.traces in this run")
+        _require(not config.agent.enabled, "task.teacher_pairs", "single-turn tasks only (agent.enabled is true)")
+    if teacher_name(config.loss.teacher, "endpoint"):
+        _require(
+            config.loss.alpha > 0, "loss.teacher", "the endpoint teacher is the SDPO channel's: set loss.alpha > 0"
+        )
+        _require(
+            config.rollout.temperature == 1.0,
+            "loss.teacher",
+            "an endpoint's prompt log-probs are at temperature 1 (not tempered), and the loss scores the "
+            f"student at rollout.temperature ({config.rollout.temperature}); set rollout.temperature: 1.0",
         )
 
 
@@ -580,8 +709,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     try:
         return _build(Config, data, prefix="")
     except ConfigError as error:
-        key = str(error).split(":", 1)[0].split("[", 1)[0]  # agent.tools[1] is written at agent.tools
-        line = lines.get(key) or next((n for k, n in lines.items() if n and key.startswith(k + ".")), None)
+        key = str(error).split(":", 1)[0]
+        line = lines.get(key) or lines.get(key.split("[", 1)[0])  # agent.tools[1] is written at agent.tools
+        line = line or next((n for k, n in lines.items() if n and key.startswith(k + ".")), None)
         where = f"{path}:{line}" if line else str(path)
         raise ConfigError(f"{where}: {error}") from None
 
@@ -616,6 +746,10 @@ def _key_lines(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
             key = f"{prefix}{key_node.value}"
             lines[key] = key_node.start_mark.line + 1
             lines.update(_key_lines(value_node, key + "."))
+    elif isinstance(node, yaml.SequenceNode) and prefix:  # teachers[1].model
+        for i, item in enumerate(node.value):
+            lines[f"{prefix[:-1]}[{i}]"] = item.start_mark.line + 1
+            lines.update(_key_lines(item, f"{prefix[:-1]}[{i}]."))
     return lines
 
 
@@ -640,8 +774,11 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
     try:
         return cls(**kwargs)  # each section's __post_init__ names its keys in full
-    except ConfigError:
-        raise
+    except ConfigError as error:
+        if prefix.startswith(str(error).split(".", 1)[0].split(":", 1)[0]):
+            raise
+        # a section that is a list item (teachers[1]) names its keys bare: its place is added here
+        raise ConfigError(f"{prefix}{error}") from None
     except ValueError as error:  # a library's own config (trainer.sandbox.SandboxConfig) names its keys too
         raise ConfigError(str(error)) from None
 
@@ -661,7 +798,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             try:
                 items.append(_coerce(item_hint, item, f"{key}[{i}]"))
             except ConfigError:
-                if typing.get_origin(item_hint) is Literal:  # its own error says what is allowed
+                # a Literal's own error says what is allowed; a section's names its key (teachers[1].model)
+                if typing.get_origin(item_hint) is Literal or dataclasses.is_dataclass(item_hint):
                     raise
                 name = getattr(item_hint, "__name__", str(item_hint))
                 raise ConfigError(f"{key}: expected {name} items, got {type(item).__name__} {item!r}") from None

@@ -179,6 +179,30 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "error_observations": Field("scalar", "count", "tool calls answered with an error"),
         "tool_calls/*": Field("scalar", "count", "tool calls by tool (trainer.envs.workspace.TOOLS, and invalid)"),
         "errors/*": Field("scalar", "count", "error observations by kind (trainer.envs.workspace.ERROR_KINDS)"),
+        # external teachers (trainer.teachers): the calls since the previous step's record, this rank's
+        "teacher_calls": Field("scalar", "count", "requests to external teachers (the cache's answers included)"),
+        "teacher_cache_hits": Field("scalar", "count", "teacher requests answered from the disk cache (not paid)"),
+        "teacher_cache_misses": Field("scalar", "count", "teacher requests sent to an endpoint"),
+        "teacher_input_tokens": Field("scalar", "tokens", "prompt tokens of the teachers' answers (usage)"),
+        "teacher_output_tokens": Field("scalar", "tokens", "completion tokens of the teachers' answers (usage)"),
+        "teacher_cost_usd": Field("scalar", "USD", "paid for the sent requests: tokens x teachers[i].price_*_per_mtok"),
+        "teacher_latency_p50_s": Field(
+            "scalar", "s", f"median latency of answered sent requests, retries in ({_TIMING})"
+        ),
+        "teacher_latency_max_s": Field("scalar", "s", f"slowest answered sent request ({_TIMING})"),
+        "teacher_retries/*": Field("scalar", "count", "teacher retries by the error that caused them"),
+        "teacher_errors/*": Field("scalar", "count", "teacher requests that failed for good, by the final error"),
+        "teacher_wait_s": Field("scalar", "s", f"the step waited on teachers, <= timeout_s a batch ({_TIMING})"),
+        "hints_written": Field("scalar", "count", "teacher hints used as the SDPO teacher's context"),
+        "hints_leaked": Field("scalar", "count", "teacher hints refused: they state the task's answer"),
+        "hints_late": Field("scalar", "count", "teacher hints not there by the deadline: that sample got none"),
+        "hints_failed": Field("scalar", "count", "teacher hint requests that failed after retries, or came back blank"),
+        "teacher_pairs": Field("scalar", "count", "DPO pairs from teacher solutions the checker passed"),
+        "teacher_pairs_failed": Field("scalar", "count", "teacher solutions the checker failed (never used)"),
+        "teacher_pairs_late": Field("scalar", "count", "teacher solutions not there by the deadline"),
+        "teacher_pairs_errors": Field("scalar", "count", "teacher solution requests that failed, or did not render"),
+        "endpoint_scored": Field("scalar", "count", "samples the endpoint teacher scored for SDPO"),
+        "endpoint_missing": Field("scalar", "count", "samples it could not score in time (no distillation)"),
     },
     "outer": {
         "outer_step": Field("index", "count", "DiLoCo outer steps taken (1-based): the axis of outer scalars"),
@@ -221,7 +245,12 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "greedy_correct": Field("per_task", "bool", "each task's greedy outcome (the paired rises)"),
         "sampled_correct": Field("per_task", "count", "each task's correct samples out of k"),
         "student_logp": Field("scalar", "nats", "mean per-token log-prob of correct completions, no hint"),
-        "teacher_logp": Field("per_kind", "nats", "the same with each hint kind in context (the teacher gate)"),
+        "teacher_logp": Field(
+            "per_kind",
+            "nats",
+            "the same with each hint kind in context (the teacher gate; teacher:<name>: that teacher's hints; "
+            "under loss.teacher endpoint:<name>, that model's log-probs; null: not scored)",
+        ),
     },
     "resume": {
         "outer_step": Field("index", "count", "the checkpoint's outer step the run resumed from"),
@@ -230,6 +259,19 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "replica": Field("index", "count", "elastic: the replica that resumed from its own files"),
     },
 }
+# inner fields summary.json sums over the run when its teachers logged them
+TEACHER_TOTALS = (
+    "teacher_calls",
+    "teacher_cache_hits",
+    "teacher_cost_usd",
+    "hints_written",
+    "hints_leaked",
+    "hints_late",
+    "teacher_pairs",
+    "teacher_pairs_failed",
+    "endpoint_scored",
+    "endpoint_missing",
+)
 AXES = {"inner": "step", "outer": "outer_step", "eval": "outer_step", "resume": "outer_step"}
 # curves.png's per-inner-step lines (mean over ranks); the sinks carry them as curves/<key>.
 CURVE_KEYS = ("reward", "teacher_reward", "grpo", "sdpo", "dpo", "loss", "dpo_reward_margin")
@@ -463,6 +505,9 @@ def run_summary(path: Path, records: list[dict[str, Any]] | None = None) -> dict
     }
     if len(by_round) >= 2:
         summary.update(reward_rise([by_round[k] for k in sorted(by_round)]))
+    for key in TEACHER_TOTALS:  # the run's external teachers, all ranks, every step
+        if any(key in r for r in inner):
+            summary[key] = sum(r.get(key) or 0 for r in inner)
     if evals:
         for key in ("pass_at_1", "pass_at_k"):
             summary[f"eval_{key}_first"] = evals[0][key]

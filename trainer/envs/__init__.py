@@ -19,6 +19,8 @@ import inspect
 from trainer.envs.base import (
     Environment,
     FiniteEnvironment,
+    HintRequest,
+    HintWriter,
     Score,
     Task,
     UnknownSourceError,
@@ -84,6 +86,8 @@ def make_env(source: str, **options) -> Environment:
 __all__ = [
     "Environment",
     "FiniteEnvironment",
+    "HintRequest",
+    "HintWriter",
     "Score",
     "Task",
     "UnknownSourceError",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,3 +179,19 @@ def feedback_hint(completion: str, score: Score) -> str:
     """The teacher's context at `hint_level: feedback`: the attempt and what the environment said."""
     verdict = "passed" if score.passed else "did not pass"
     return f"A previous attempt {verdict}. The attempt:\n{completion.strip()}\nFeedback:\n{score.feedback.strip()}"
+
+
+@dataclass(frozen=True)
+class HintRequest:
+    """What a hint writer reads about one failed attempt: the task, the student's attempt (a
+    completion, or an episode's turns up to the one whose action failed) and what the environment
+    said about it. The writer's hint becomes the SDPO teacher's context."""
+
+    task: Task
+    attempt: str
+    feedback: str
+
+
+# A hint writer (an external teacher, `trainer.teachers.hints`): one hint per request, None where
+# none came (late, refused, failed): those samples get no distillation that step.
+HintWriter = Callable[[Sequence[HintRequest]], list[str | None]]

@@ -35,6 +35,7 @@ __all__ = [
     "grpo_loss",
     "rollout_correction",
     "sdpo_loss",
+    "sdpo_token_loss",
     "dpo_loss",
     "token_logps",
     "sequence_logps",
@@ -74,6 +75,12 @@ class PolicyBatch:
     # completion[o:] behind its prompt (the hint inserted at the turn where column o starts); None: 0.
     loss_mask: Tensor | None = None
     teacher_offsets: Tensor | None = None
+    # A teacher outside the process (an endpoint's prompt log-probs, trainer.teachers.endpoint): per
+    # token it scored, the ids of its top-k tokens and the sampled one (B, C', K) long and their
+    # log-probs (B, C', K) float32, -inf on unused slots, aligned with completion[o:] (teacher_offsets);
+    # the SDPO channel then compares the student with them (`sdpo_token_loss`) instead of a teacher forward.
+    teacher_token_ids: Tensor | None = None
+    teacher_token_logps: Tensor | None = None
 
 
 @dataclass
@@ -371,6 +378,56 @@ def sdpo_loss(
         else:
             student = torch.log_softmax(student, dim=-1)
             teacher = torch.log_softmax(teacher, dim=-1)
+    return _masked_mean(_generalized_jsd(student, teacher, alpha), mask)
+
+
+def sdpo_token_loss(
+    student_logits: Tensor,
+    teacher_ids: Tensor,
+    teacher_logps: Tensor,
+    mask: Tensor,
+    *,
+    alpha: float = 0.5,
+) -> Tensor:
+    """`sdpo_loss`'s top-k + tail form for a teacher known only on some tokens per position (an
+    endpoint's top-k prompt log-probs and the sampled token's, `trainer.teachers.endpoint`).
+
+    Both sides are compared on the teacher's listed tokens plus one tail bucket holding the rest of
+    each side's mass, with the same generalized JSD as `sdpo_loss` (alpha = 0: KL(T||S), 1:
+    KL(S||T)); masked mean over positions. No gradient reaches the teacher.
+
+    Args:
+        student_logits: (B, T, V) float.
+        teacher_ids: (B, T, K) long, the teacher's tokens at each position (unused slots: any id).
+        teacher_logps: (B, T, K) float, their log-probs under the teacher (nats); -inf marks an
+            unused slot (a position listing fewer than K distinct tokens). Ids must not repeat
+            among a position's used slots.
+        mask: (B, T) 0/1, the positions the loss counts.
+
+    Raises:
+        ValueError: shapes that differ, alpha outside [0, 1], ids outside the vocabulary.
+    """
+    if student_logits.dim() != 3:
+        raise ValueError(f"student_logits must be (B, T, V), got shape {tuple(student_logits.shape)}")
+    if teacher_ids.dim() != 3 or tuple(teacher_ids.shape[:2]) != tuple(student_logits.shape[:2]):
+        raise ValueError(
+            f"teacher_ids has shape {tuple(teacher_ids.shape)}, expected {tuple(student_logits.shape[:2])} + (K,)"
+        )
+    _check_shape("teacher_logps", teacher_logps, tuple(teacher_ids.shape))
+    _check_shape("mask", mask, student_logits.shape[:2])
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha={alpha} must lie in [0, 1]")
+    vocab = student_logits.shape[-1]
+    if teacher_ids.numel() and (int(teacher_ids.min()) < 0 or int(teacher_ids.max()) >= vocab):
+        raise ValueError(f"teacher_ids must lie in [0, {vocab}) (the student's vocabulary)")
+    used = torch.isfinite(teacher_logps)
+    # Unused slots carry no mass on either side: a log-prob so low its probability is 0 in float32,
+    # finite so that 0 * (log p - log q) stays 0 instead of NaN.
+    nothing = torch.tensor(-1e4, dtype=torch.float32, device=student_logits.device)
+    student = torch.where(used, token_logps(student_logits, teacher_ids), nothing)
+    teacher = torch.where(used, _at_least_float32(teacher_logps.detach()), nothing)
+    student = torch.cat([student, _log_tail(student)], dim=-1)
+    teacher = torch.cat([teacher, _log_tail(teacher)], dim=-1)
     return _masked_mean(_generalized_jsd(student, teacher, alpha), mask)
 
 
@@ -693,22 +750,27 @@ def _sdpo_channel(
     """Teacher re-scores the student's completion under the hinted prompt; rows with weight 0 skip.
 
     With `teacher_offsets`, row b's teacher sees completion[o_b:] only (shifted to column 0) and is
-    compared with the student's logits at the same tokens. With `lockstep`, a batch without any
-    selected row still runs the teacher forward (on its first row, result unused).
+    compared with the student's logits at the same tokens. With `teacher_token_ids` the teacher
+    scored them outside the process (an endpoint) and `sdpo_token_loss` compares on its tokens.
+    With `lockstep`, a batch without any selected row still runs the in-process teacher forward (on
+    its first row, result unused); an endpoint teacher runs no forward here, so it needs none.
     """
-    if policy.teacher_prompt_ids is None or policy.teacher_prompt_mask is None:
+    endpoint = policy.teacher_token_ids is not None
+    if endpoint and policy.teacher_token_logps is None:
+        raise ValueError("PolicyBatch.teacher_token_ids needs teacher_token_logps")
+    if not endpoint and (policy.teacher_prompt_ids is None or policy.teacher_prompt_mask is None):
         raise ValueError("the SDPO channel (alpha > 0) needs PolicyBatch.teacher_prompt_ids and teacher_prompt_mask")
     batch = policy.completion_ids.shape[0]
-    if policy.teacher_prompt_ids.shape[0] != batch:
-        raise ValueError(
-            f"PolicyBatch.teacher_prompt_ids has {policy.teacher_prompt_ids.shape[0]} rows, expected {batch}"
-        )
+    teacher_rows = (policy.teacher_token_ids if endpoint else policy.teacher_prompt_ids).shape[0]
+    if teacher_rows != batch:
+        name = "teacher_token_ids" if endpoint else "teacher_prompt_ids"
+        raise ValueError(f"PolicyBatch.{name} has {teacher_rows} rows, expected {batch}")
     rows = slice(None)
     if policy.sdpo_weight is not None:
         _check_shape("PolicyBatch.sdpo_weight", policy.sdpo_weight, (batch,))
         selected = policy.sdpo_weight.bool().nonzero().flatten()
         if selected.numel() == 0:
-            if lockstep:
+            if lockstep and not endpoint:
                 with torch.no_grad():
                     completion_logits(
                         teacher,
@@ -727,6 +789,19 @@ def _sdpo_channel(
         offsets = policy.teacher_offsets[rows].long()
         completion_ids, completion_mask, loss_mask, student_logits = (
             _shift_left(t, offsets) for t in (completion_ids, completion_mask, loss_mask, student_logits)
+        )
+    if endpoint:
+        width = policy.teacher_token_ids.shape[1]
+        if width > student_logits.shape[1]:
+            raise ValueError(
+                f"PolicyBatch.teacher_token_ids has {width} columns, the completion only {student_logits.shape[1]}"
+            )
+        return sdpo_token_loss(
+            student_logits[:, :width],
+            policy.teacher_token_ids[rows].to(student_logits.device),
+            policy.teacher_token_logps[rows].to(student_logits.device),
+            loss_mask[:, :width],
+            alpha=alpha,
         )
     with torch.no_grad():
         teacher_logits = completion_logits(

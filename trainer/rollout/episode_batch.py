@@ -5,6 +5,7 @@ N tasks x G episodes.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trainer.envs import Score, hint_for
+from trainer.envs import HintRequest, HintWriter, Score, hint_for
 from trainer.envs.workspace import TOOLS, WorkspaceTask
 from trainer.objective.batching import pad_sequences
 from trainer.objective.losses import PolicyBatch, group_advantages
@@ -41,6 +42,48 @@ def episode_hint(episode: Episode, level: int | str) -> tuple[int, str] | None:
     return index, hint_for(episode.task, level, "", Score(episode.reward, episode.passed, episode.feedback))
 
 
+def episode_hint_request(episode: Episode) -> tuple[int, HintRequest] | None:
+    """(turn index, what a hint writer reads) for a failed episode, None for one that passed: the
+    turn `episode_hint` places the hint at (the first whose action failed, else the first), the
+    attempt as the episode's assistant and tool messages up to that turn's observation (all of
+    them when no action failed) and the feedback the environment gave there (else at the end)."""
+    if episode.passed or not episode.turns:
+        return None
+    turn = episode.first_failed_turn()
+    index = 0 if turn is None else turn
+    feedback = episode.feedback if turn is None else episode.turns[turn].feedback
+    start = episode.turns[0].message
+    end = len(episode.messages)
+    if turn is not None and turn + 1 < len(episode.turns):
+        end = episode.turns[turn + 1].message
+    attempt = "\n".join(_message_text(m) for m in episode.messages[start:end])
+    return index, HintRequest(episode.task, attempt, feedback)
+
+
+def _message_text(message: dict[str, Any]) -> str:
+    calls = [c.get("function", c) for c in message.get("tool_calls") or []]
+    said = [message.get("content") or ""] + [
+        json.dumps({"name": c["name"], "arguments": c["arguments"]}) for c in calls
+    ]
+    return f"{message['role']}: " + "\n".join(part for part in said if part)
+
+
+def written_episode_hints(episodes: Sequence[Episode], writer: HintWriter) -> list[tuple[int, str] | None]:
+    """Per episode, (turn, the writer's hint) for the failed ones (one batch of requests), None for
+    the episodes that passed and those whose hint did not come."""
+    found = [episode_hint_request(e) for e in episodes]
+    asked = [item for item in found if item is not None]
+    answers = writer([request for _, request in asked])
+    if len(answers) != len(asked):
+        raise ValueError(f"the hint writer answered {len(answers)} of {len(asked)} requests")
+    hints = iter(answers)
+    result: list[tuple[int, str] | None] = []
+    for item in found:
+        hint = next(hints) if item is not None else None
+        result.append((item[0], hint) if item is not None and hint is not None else None)
+    return result
+
+
 def teacher_prompt_ids(tokenizer: PreTrainedTokenizerBase, episode: Episode, turn: int, hint: str) -> list[int]:
     """The episode's own ids up to turn `turn`'s generation prompt, then the hint as a user message
     (the ids of what the template adds for it), then that generation prompt's ids again: the
@@ -62,6 +105,7 @@ def episode_policy_batch(
     group_size: int,
     hint_level: int | str | None = "feedback",
     device: str | Any = "cpu",
+    hint_writer: HintWriter | None = None,
 ) -> PolicyBatch:
     """Episodes as one `PolicyBatch` (B = len(episodes), task-major groups of `group_size`).
 
@@ -74,8 +118,9 @@ def episode_policy_batch(
     SDPO (hint_level not None): per episode, `episode_hint`'s turn k and hint; the teacher prompt is
     `teacher_prompt_ids(...)` and `teacher_offsets` the column where turn k's sampled ids start, so
     the teacher re-scores the student's ids from turn k on; `sdpo_weight` is 0 for passed episodes
-    (nothing to correct). Raises ValueError for an episode without a turn or a count not divisible
-    by group_size.
+    (nothing to correct). With `hint_writer` (an external teacher) the hint of each failed episode
+    is the writer's (`written_episode_hints`); an episode whose hint did not come gets weight 0.
+    Raises ValueError for an episode without a turn or a count not divisible by group_size.
     """
     if len(episodes) % group_size:
         raise ValueError(f"{len(episodes)} episodes are not groups of {group_size}")
@@ -106,8 +151,9 @@ def episode_policy_batch(
     )
     if hint_level is not None:
         prompts, offsets, weights = [], [], []
-        for e, s in zip(episodes, starts, strict=True):
-            found = episode_hint(e, hint_level)
+        written = written_episode_hints(episodes, hint_writer) if hint_writer is not None else None
+        for i, (e, s) in enumerate(zip(episodes, starts, strict=True)):
+            found = written[i] if written is not None else episode_hint(e, hint_level)
             turn, hint = found if found is not None else (0, "")
             prompts.append(teacher_prompt_ids(tokenizer, e, turn, hint) if found else e.token_ids[:s])
             offsets.append(e.turns[turn].start - s)
@@ -170,6 +216,7 @@ def agent_rollout(
     sandbox: Any = None,
     require_finish: bool = False,
     stop_token_ids: Sequence[int] | None = None,
+    hint_writer: HintWriter | None = None,
 ) -> EpisodeRollout:
     """G episodes per task (all N x G in lockstep, `run_episodes`), packed by `episode_policy_batch`
     on the sampler's device.
@@ -177,6 +224,7 @@ def agent_rollout(
     hint_level None: no SDPO teacher context. stats: `trainer.rollout.single_turn.RolloutStats` (generation_s
     = seconds in the sampler, execution_s = seconds in tools); metrics: `episode_metrics`.
     stop_token_ids: the ids that end a turn (None: `trainer.rollout.templates.stop_token_ids`).
+    hint_writer: an external teacher writing each failed episode's hint (`episode_policy_batch`).
     """
     episodes = run_episodes(
         sampler,
@@ -192,7 +240,9 @@ def agent_rollout(
         stop_token_ids=stop_token_ids,
     )
     device = as_engine(sampler, tokenizer).device
-    policy = episode_policy_batch(episodes, tokenizer, group_size=group_size, hint_level=hint_level, device=device)
+    policy = episode_policy_batch(
+        episodes, tokenizer, group_size=group_size, hint_level=hint_level, device=device, hint_writer=hint_writer
+    )
     passed = torch.tensor([e.passed for e in episodes]).view(len(tasks), group_size)
     stats = RolloutStats(
         reward=sum(e.reward for e in episodes) / len(episodes),

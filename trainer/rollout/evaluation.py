@@ -9,7 +9,8 @@ pass@k with k samples at the rollout temperature, using the unbiased estimator o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ from trainer.rollout.sampling import Engine, decode_completions, sample
 from trainer.rollout.single_turn import ScoreMany, score_each
 from trainer.rollout.templates import chat_prompt_ids, end_of_turn_id, hinted_prompt_ids, resolve_stop_ids
 
-__all__ = ["EvalCounts", "evaluate", "evaluate_episodes", "teacher_gate", "GATE_HINT_KINDS"]
+__all__ = ["EvalCounts", "evaluate", "evaluate_episodes", "teacher_gate", "TokenScorer", "GATE_HINT_KINDS"]
 
 GATE_HINT_KINDS = ("feedback", "partial", "reference", "sibling")
 
@@ -96,6 +97,18 @@ def evaluate(
     )
 
 
+class TokenScorer(ABC):
+    """A teacher outside the process that scores tokens it is given (an endpoint's prompt
+    log-probs: `trainer.teachers.endpoint.EndpointTeacher`), for the teacher gate."""
+
+    @abstractmethod
+    def completion_logps(
+        self, prompts: Sequence[list[int]], completions: Sequence[list[int]]
+    ) -> list[list[float] | None]:
+        """Per (prompt, completion) pair of token ids, the log-prob (nats, at temperature 1) of each
+        completion token behind its prompt and the tokens before it; None where it could not be scored."""
+
+
 def gate_hint(task: Task, kind: str, attempt: str, score: Score) -> str:
     """The hint of `kind` for the gate: the environment's feedback on the student's greedy `attempt`,
     the task's partial or reference hint, or (sibling) the reference answer as a correct sibling's."""
@@ -107,14 +120,15 @@ def gate_hint(task: Task, kind: str, attempt: str, score: Score) -> str:
 @torch.no_grad()
 def teacher_gate(
     student: Callable[..., Any],
-    teacher: Callable[..., Any],
+    teacher: Callable[..., Any] | TokenScorer,
     tokenizer: PreTrainedTokenizerBase,
     tasks: Sequence[Task],
     attempts: Sequence[tuple[str, Score]],
     *,
     max_prompt_length: int,
     kinds: Sequence[str] = GATE_HINT_KINDS,
-) -> dict[str, list[float]]:
+    written: Mapping[str, Sequence[str | None]] | None = None,
+) -> dict[str, list[float | None]]:
     """SDPO's gate: does the hinted teacher know more than the student? Per task, the mean per-token
     log-probability (nats, float) of a correct completion (the task's demonstration and the
     template's end-of-turn token, `end_of_turn_id`) under
@@ -124,15 +138,22 @@ def teacher_gate(
     teacher's token distribution into the student; it can only help where the teacher puts more
     mass on correct answers, i.e. where
     `result[kind]` exceeds `result["student"]`. `attempts` are the student's greedy (text, Score)
-    per task, the context of the `feedback` kind. Returns {"student": [...], kind: [...]}, one
-    float per task, in task order ({} keys with empty lists for no tasks).
+    per task, the context of the `feedback` kind. `written`: more kinds, each with its hint per task
+    (a hint writer's, e.g. `teacher:<name>`; None: the plain prompt). `teacher` is a module, or a
+    `TokenScorer` (an endpoint model, which shares the student's tokenizer). Returns
+    {"student": [...], kind: [...]}, one float per task (None where a scorer could not score it), in
+    task order ({} keys with empty lists for no tasks).
 
     Raises:
         ValueError: `attempts` and `tasks` differ in length, or a task has no demonstration.
     """
     if len(attempts) != len(tasks):
         raise ValueError(f"teacher_gate: {len(tasks)} tasks but {len(attempts)} attempts")
-    result: dict[str, list[float]] = {"student": [], **{kind: [] for kind in kinds}}
+    written = dict(written or {})
+    for kind, hints in written.items():
+        if len(hints) != len(tasks):
+            raise ValueError(f"teacher_gate: {len(tasks)} tasks but {len(hints)} {kind} hints")
+    result: dict[str, list[float | None]] = {"student": [], **{kind: [] for kind in [*kinds, *written]}}
     if not tasks:
         return result
     answers = []
@@ -150,7 +171,16 @@ def teacher_gate(
             for task, attempt in zip(tasks, attempts, strict=True)
         ]
         contexts[kind] = (teacher, hinted)
+    for kind, hints in written.items():
+        contexts[kind] = (
+            teacher,
+            [hinted_prompt_ids(tokenizer, t, h, max_prompt_length) for t, h in zip(tasks, hints, strict=True)],
+        )
     for name, (model, prompts) in contexts.items():
+        if isinstance(model, TokenScorer):
+            scored = model.completion_logps(prompts, answers)
+            result[name] = [None if lps is None else sum(lps) / len(lps) for lps in scored]
+            continue
         prompt_ids, prompt_mask = (t.to(device) for t in pad_sequences(prompts, tokenizer.pad_token_id, left=True))
         logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
         logp = token_logps(logits, completion_ids) * completion_mask

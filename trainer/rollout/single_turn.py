@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trainer.envs import Score, Task, hint_for, sibling_hint
+from trainer.envs import HintRequest, HintWriter, Score, Task, hint_for, sibling_hint
 from trainer.objective.batching import pad_sequences
 from trainer.objective.losses import PolicyBatch, group_advantages
 from trainer.rollout.sampling import Engine, decode_completions, sample
@@ -51,6 +51,7 @@ class Rollout:
     scores: list[Score]  # N*G, with the environment's feedback on each sample
     stats: RolloutStats
     metrics: dict[str, float] = field(default_factory=dict)  # per-step extras a collector logs (none here)
+    texts: list[str] = field(default_factory=list)  # N*G decoded completions, what was scored
 
 
 def rollout(
@@ -67,6 +68,7 @@ def rollout(
     teacher: PreTrainedModel | None,
     score_many: ScoreMany = score_each,
     stop_token_ids: Sequence[int] | None = None,
+    hint_writer: HintWriter | None = None,
 ) -> Rollout:
     """Sample G completions per task, score them and build the teacher's context; see the module docstring.
 
@@ -76,6 +78,9 @@ def rollout(
     channel. `score_many` scores a list of completions (an environment's `score_many`: code
     environments run them on the sandbox's pool). `stop_token_ids`: the ids that end a turn, for
     the student's and the teacher's samples (None: `trainer.rollout.templates.stop_token_ids`).
+    `hint_writer` (an external teacher, `task.hint_level: teacher:<name>`) writes the hint of every
+    failed sample from its task, text and feedback, in place of `hint_level`; samples that passed,
+    or whose hint did not come, get none and no distillation (`sdpo_weight` 0).
     """
     stops = resolve_stop_ids(tokenizer, sampler, stop_token_ids)
     clock = time.perf_counter()
@@ -107,7 +112,12 @@ def rollout(
     teacher_reward = None
     device = drawn.prompt_ids.device
     if teacher is not None:
-        hints = _teacher_hints(tasks, texts, scores, correct, hint_level=hint_level, use_siblings=sibling_hints)
+        written = None
+        if hint_writer is not None:
+            written = _written_hints(hint_writer, tasks, texts, scores, group_size)
+        hints = _teacher_hints(
+            tasks, texts, scores, correct, hint_level=hint_level, use_siblings=sibling_hints, written=written
+        )
         hinted = [
             hinted_prompt_ids(tokenizer, tasks[row // group_size], hint, max_prompt_length)
             for row, hint in enumerate(hints)
@@ -121,6 +131,8 @@ def rollout(
         # correct sample, or no hint), with its first sample's feedback
         first = [
             _group_hint(task, hint_level, texts[n * group_size : (n + 1) * group_size], scores[n * group_size :])
+            if written is None
+            else next((h for h in written[n * group_size : (n + 1) * group_size] if h is not None), None)
             for n, task in enumerate(tasks)
         ]
         teacher_reward, teacher_execution_s = _teacher_reward(
@@ -137,7 +149,9 @@ def rollout(
         generation_s=generation_s,
         execution_s=execution_s,
     )
-    return Rollout(policy=policy, prompts=prompts, rewards=rewards, correct=correct, scores=scores, stats=stats)
+    return Rollout(
+        policy=policy, prompts=prompts, rewards=rewards, correct=correct, scores=scores, stats=stats, texts=texts
+    )
 
 
 def _teacher_hints(
@@ -148,10 +162,13 @@ def _teacher_hints(
     *,
     hint_level: int | str,
     use_siblings: bool,
+    written: list[str | None] | None = None,
 ) -> list[str | None]:
-    """Per row: a correct sibling's answer when one exists (not the row itself), else the hint at the level.
+    """Per row: a correct sibling's answer when one exists (not the row itself), else the hint at the level
+    (or the `written` one, a hint writer's, when given).
 
-    `hint_level` "sibling" has no fallback: a row without a correct sibling gets None (no distillation).
+    `hint_level` "sibling" has no fallback: a row without a correct sibling gets None (no distillation);
+    neither has a written hint that did not come.
     """
     group_size = correct.shape[1]
     hints: list[str | None] = []
@@ -160,11 +177,27 @@ def _teacher_hints(
         siblings = [j for j in range(group_size) if j != member and correct[group, j]]
         if (use_siblings or hint_level == "sibling") and siblings:
             hints.append(sibling_hint(texts[group * group_size + siblings[0]]))
+        elif written is not None:
+            hints.append(written[row])
         elif hint_level == "sibling":
             hints.append(None)
         else:
             hints.append(hint_for(tasks[group], hint_level, texts[row], scores[row]))
     return hints
+
+
+def _written_hints(
+    writer: HintWriter, tasks: list[Task], texts: list[str], scores: list[Score], group_size: int
+) -> list[str | None]:
+    """The writer's hint for every failed row (one batch of requests), None for the rows that passed."""
+    failed = [row for row, score in enumerate(scores) if not score.passed]
+    answers = writer([HintRequest(tasks[row // group_size], texts[row], scores[row].feedback) for row in failed])
+    if len(answers) != len(failed):
+        raise ValueError(f"the hint writer answered {len(answers)} of {len(failed)} requests")
+    written: list[str | None] = [None] * len(texts)
+    for row, hint in zip(failed, answers, strict=True):
+        written[row] = hint
+    return written
 
 
 def _group_hint(task: Task, hint_level: int | str, texts: list[str], scores: list[Score]) -> str | None:

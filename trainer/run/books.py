@@ -117,9 +117,8 @@ def evaluate_held_out(
     gates = gather(gate)
     if books.metrics is not None:
         figures = total.summary()
-        gate_means = {
-            name: sum(v for g in gates for v in g[name]) / max(1, sum(len(g[name]) for g in gates)) for name in gate
-        }
+        scored = {name: [v for g in gates for v in g[name] if v is not None] for name in gate}  # None: not scored
+        gate_means = {name: sum(values) / len(values) if values else None for name, values in scored.items()}
         # per-task outcomes (task order is the same at every evaluation): the paired rises
         books.metrics.log(
             "eval",
@@ -324,6 +323,8 @@ def finish(run: Run, replica: Replica, books: Books) -> dict:
     )
     write_summary(run, books, summary)
     run.engine.close()  # an inference engine's own groups go before the run's
+    if run.teachers is not None:
+        run.teachers.close()
     leave_together()
     if config.debug.abort_at_exit_rank == topo.rank and restart_count() == 0:
         os.abort()  # fault injection (debug section): a crash after the run's end
@@ -371,6 +372,8 @@ def finish_elastic(run: Run, replica: Replica, books: Books) -> dict:
                 status="failed", reason=f"replica {holder}, the last outer step's books holder, never announced the end"
             )
     run.engine.close()
+    if run.teachers is not None:
+        run.teachers.close()
     elastic.close()
     return summary
 

@@ -21,7 +21,14 @@ import torch
 
 from trainer import checkpoint
 from trainer.checkpoint import PerProcessState, TrainingState
-from trainer.config import Config, ConfigError, dump_config, vllm_cpu_build, vllm_cpu_shape_problem
+from trainer.config import (
+    Config,
+    ConfigError,
+    dump_config,
+    teacher_name,
+    vllm_cpu_build,
+    vllm_cpu_shape_problem,
+)
 from trainer.diloco import DiLoCo, split_parameters
 from trainer.envs import Environment, make_env
 from trainer.model import cached_tokenizer, pretrained_model_and_tokenizer, tiny_model_and_tokenizer
@@ -66,6 +73,7 @@ class Run:
     dtype: torch.dtype | None  # compute dtype (None: fp32 throughout); weights stay fp32
     resume_from: int | None  # newest sealed checkpoint whose files verify (`checkpoint.resume_step`), None: fresh
     keeper: bool = True  # this rank writes its disk's shared files (`storage_keeper`)
+    teachers: Any = None  # the external teachers (`trainer.teachers.Teachers`), None: the config lists none
 
     def autocast(self) -> Any:
         """Forwards in the compute dtype: autocast, except on a sharded model, whose FSDP
@@ -180,6 +188,7 @@ def build(config: Config, topo: Topology | None = None, run_dir: Path | None = N
             run_dir, dump_config(config), resume=config.resume, replicas=topo.replicas, saved_replicas=saved
         )
     dtype = compute_dtype(config.model.dtype)
+    collector.teachers = teachers = make_teachers(config, run_dir, topo.rank, tokenizer)
     engine = make_engine(config, model, tokenizer, config.rollout.max_prompt_length + collector.max_completion_length)
     return Run(
         config,
@@ -196,7 +205,33 @@ def build(config: Config, topo: Topology | None = None, run_dir: Path | None = N
         dtype,
         resume_from,
         keeper,
+        teachers,
     )
+
+
+def make_teachers(config: Config, run_dir: Path, rank: int, tokenizer: Any) -> Any:
+    """The run's external teachers (`trainer.teachers.Teachers`; None: the config lists none), each
+    probed now: a dead or wrong endpoint, a missing key, or an endpoint teacher without prompt
+    log-probs (or with another tokenizer) is a ConfigError naming the key, before any step. Answers
+    are cached in `teacher-cache` beside the run directory (unless a teacher names its own
+    `cache_dir`), so a repeated run finds them; each call is logged in
+    `<run_dir>/teachers/calls-rank<rank>.jsonl`."""
+    if not config.teachers:
+        return None
+    from trainer.teachers import Teachers, TeacherUnavailable
+
+    try:
+        teachers = Teachers(
+            config.teachers,
+            cache_root=run_dir.parent / "teacher-cache",
+            log_path=run_dir / "teachers" / f"calls-rank{rank}.jsonl",
+        )
+        name = teacher_name(config.loss.teacher, "endpoint")
+        if name is not None:
+            teachers.endpoint(name, top_k=config.loss.sdpo_top_k).probe(tokenizer, "loss.teacher")
+    except TeacherUnavailable as error:
+        raise ConfigError(str(error)) from None
+    return teachers
 
 
 def make_engine(config: Config, model: torch.nn.Module, tokenizer: Any, max_model_len: int) -> Engine:

@@ -11,17 +11,18 @@ strategies in the same spirit).
 from __future__ import annotations
 
 import functools
+import itertools
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from trainer.config import Config, ConfigError
-from trainer.envs import Environment
+from trainer.config import Config, ConfigError, teacher_name
+from trainer.envs import Environment, HintRequest
 from trainer.objective.losses import PreferenceBatch, route_sdpo_on_failures
 from trainer.objective.replay import PreferenceFeed
 from trainer.rollout.episode_batch import EpisodeRollout, agent_rollout, episode_pairs
@@ -30,6 +31,9 @@ from trainer.rollout.evaluation import EvalCounts, evaluate, evaluate_episodes, 
 from trainer.rollout.sampling import Engine
 from trainer.rollout.single_turn import Rollout, rollout, sibling_pairs
 from trainer.rollout.warmup import episode_warmup, supervised_warmup
+
+if TYPE_CHECKING:  # imported where a run has teachers: the openai client is an extra
+    from trainer.teachers import Teachers
 
 Samples = Rollout | EpisodeRollout  # both carry .policy (a PolicyBatch), .stats and .metrics
 
@@ -55,6 +59,30 @@ class Collector(ABC):
 
     def __init__(self, config: Config, env: Environment) -> None:
         self.config, self.env = config, env
+        # The run's external teachers (`trainer.teachers.Teachers`, set by `trainer.run.build` when
+        # the config lists some): hint writers, solutions, an endpoint that scores tokens.
+        self.teachers: Teachers | None = None
+
+    def hint_writer(self) -> Any:
+        """The hint writer of `task.hint_level: teacher:<name>` (None: the level is not a teacher's)."""
+        name = teacher_name(self.config.task.hint_level, "teacher")
+        return None if name is None or self.teachers is None else self.teachers.hints(name)
+
+    def endpoint(self) -> Any:
+        """The token scorer of `loss.teacher: endpoint:<name>` (None: the teacher is the policy or its EMA)."""
+        name = teacher_name(self.config.loss.teacher, "endpoint")
+        if name is None or self.teachers is None:
+            return None
+        return self.teachers.endpoint(name, top_k=self.config.loss.sdpo_top_k)
+
+    def teacher_step(self, samples: Samples) -> None:
+        """After a collection: the endpoint teacher scores the samples' tokens for the SDPO channel,
+        and the step's teacher calls go into its record."""
+        endpoint = self.endpoint()
+        if endpoint is not None and self.config.loss.alpha > 0:
+            endpoint.score_batch(samples.policy)
+        if self.teachers is not None:
+            samples.metrics.update(self.teachers.take_metrics())
 
     @property
     @abstractmethod
@@ -120,11 +148,13 @@ class SingleTurnCollector(Collector):
 
     def warm_up(self, policy, *, rng, group, progress):
         c = self.config
+        # a teacher's hints never state the answer: the warm-up reads the task's weakest hint instead
+        level = "partial" if teacher_name(c.task.hint_level, "teacher") else c.task.hint_level
         return supervised_warmup(
             policy.model,
             policy.tokenizer,
             self.env,
-            hint_level=c.task.hint_level,
+            hint_level=level,
             sibling_hints=c.task.sibling_hints,
             max_prompt_length=c.rollout.max_prompt_length,
             **self.sft_settings(rng=rng, group=group, progress=progress),
@@ -132,10 +162,11 @@ class SingleTurnCollector(Collector):
 
     def collect(self, policy, *, rng, teacher, feed, id_prefix, episodes_file):
         c = self.config
+        tasks = [self.env.sample(rng) for _ in range(c.rollout.prompts_per_step)]
         samples = rollout(
             policy.engine,
             policy.tokenizer,
-            [self.env.sample(rng) for _ in range(c.rollout.prompts_per_step)],
+            tasks,
             group_size=c.rollout.group_size,
             max_prompt_length=c.rollout.max_prompt_length,
             max_completion_length=c.rollout.max_completion_length,
@@ -145,11 +176,26 @@ class SingleTurnCollector(Collector):
             teacher=teacher,
             score_many=self.score_many(),
             stop_token_ids=policy.stop_token_ids,
+            hint_writer=self.hint_writer(),
         )
         if c.loss.sdpo_on == "failed" and c.loss.alpha > 0:  # issue 15: each sample to one channel
             p = samples.policy
             p.advantages, p.sdpo_weight = route_sdpo_on_failures(p.advantages, samples.rewards > 0, p.sdpo_weight)
-        preference = None if feed is None else feed.step(sibling_pairs(samples, id_prefix=id_prefix), rng=rng)
+        pairs = sibling_pairs(samples, id_prefix=id_prefix)
+        if feed is not None and c.task.teacher_pairs is not None and self.teachers is not None:
+            teacher_pairs = self.teachers.solutions(c.task.teacher_pairs).pairs(
+                tasks,
+                samples.texts,
+                samples.scores,
+                group_size=c.rollout.group_size,
+                tokenizer=policy.tokenizer,
+                score_many=self.score_many(),
+                id_prefix=id_prefix,
+                max_length=c.rollout.max_prompt_length * 4,
+            )
+            pairs = itertools.chain(pairs, list(teacher_pairs))
+        preference = None if feed is None else feed.step(pairs, rng=rng)
+        self.teacher_step(samples)
         return samples, preference
 
     def evaluate(self, policy, tasks, *, teacher):
@@ -165,14 +211,24 @@ class SingleTurnCollector(Collector):
             score_many=self.score_many(),
             stop_token_ids=policy.stop_token_ids,
         )
-        # Issue 15's teacher gate: the student and the hinted teacher (None: the policy) on correct answers.
+        # Issue 15's teacher gate: the student and the hinted teacher (None: the policy; an endpoint's
+        # model when it is the teacher) on correct answers; with a hint writer, its hints too.
+        written = {}
+        writer = self.hint_writer()
+        if writer is not None:  # the writer's hint for each failed greedy attempt; passed ones: the plain prompt
+            attempts = counts.greedy_attempts
+            failed = [i for i, (_, score) in enumerate(attempts) if not score.passed]
+            hints = writer([HintRequest(tasks[i], attempts[i][0], attempts[i][1].feedback) for i in failed])
+            by_task = dict(zip(failed, hints, strict=True))
+            written[str(c.task.hint_level)] = [by_task.get(i) for i in range(len(tasks))]
         gate = teacher_gate(
             policy.model,
-            policy.model if teacher is None else teacher,
+            self.endpoint() or (policy.model if teacher is None else teacher),
             policy.tokenizer,
             tasks,
             counts.greedy_attempts,
             max_prompt_length=c.rollout.max_prompt_length,
+            written=written,
         )
         return counts, gate
 
@@ -204,6 +260,7 @@ class EpisodeCollector(Collector):
             hint_level=c.task.hint_level if c.loss.alpha > 0 else None,
             require_finish=a.require_finish,
             stop_token_ids=policy.stop_token_ids,
+            hint_writer=self.hint_writer() if c.loss.alpha > 0 else None,
             **self.episode_settings(),
         )
         if a.write_episodes:
@@ -212,6 +269,7 @@ class EpisodeCollector(Collector):
         if feed is not None:
             pairs = episode_pairs(samples.episodes, group_size=c.rollout.group_size, id_prefix=id_prefix)
             preference = feed.step(pairs, rng=rng)
+        self.teacher_step(samples)
         return samples, preference
 
     def evaluate(self, policy, tasks, *, teacher):

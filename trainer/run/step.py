@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trainer.config import ConfigError, OptimConfig
+from trainer.config import ConfigError, OptimConfig, teacher_name
 from trainer.objective.losses import ComposerBatch, ComposerLossOutput, composer_total_loss
 from trainer.rollout.sampling import Engine, EngineError
 from trainer.rollout.warmup import warmup_probe
@@ -175,9 +175,13 @@ def push_weights(run: Run) -> float:
 
 
 def teacher_model(run: Run, replica: Replica) -> torch.nn.Module | Engine | None:
-    """What the SDPO teacher samples with for its reward: the EMA copy, the policy's engine, or none."""
+    """What the SDPO teacher samples with for its reward: the EMA copy, the policy's engine, the
+    endpoint (`loss.teacher: endpoint:<name>`), or none."""
     if run.config.loss.alpha == 0:
         return None
+    endpoint = teacher_name(run.config.loss.teacher, "endpoint")
+    if endpoint is not None:
+        return run.teachers.engine(endpoint, pad_token_id=run.tokenizer.pad_token_id)
     return replica.teacher_module or run.engine
 
 

@@ -13,6 +13,7 @@ from trainer.objective.losses import (
     rollout_correction,
     route_sdpo_on_failures,
     sdpo_loss,
+    sdpo_token_loss,
     sequence_logps,
     token_logps,
 )
@@ -284,6 +285,69 @@ def test_sdpo_loss_rejects_bad_arguments():
         sdpo_loss(student, teacher, mask, top_k=3)
     with pytest.raises(ValueError, match="teacher_logits has shape"):
         sdpo_loss(student, teacher[:, :2], mask)
+
+
+# ---------------------------------------------------------------------------- sdpo_token_loss
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_sdpo_token_loss_compares_on_the_teachers_listed_tokens_plus_one_tail_bucket(alpha):
+    # V = 4, S = (.4, .3, .2, .1), T = (.1, .2, .3, .4); the teacher lists its top 2: ids 3 and 2.
+    # On {3, 2, rest}: S = (.1, .2, .7), T = (.4, .3, .3).
+    student = torch.tensor([[S4]]).log()
+    ids = torch.tensor([[[3, 2]]])
+    logps = torch.tensor([[[0.4, 0.3]]]).log()
+    loss = sdpo_token_loss(student, ids, logps, torch.ones(1, 1), alpha=alpha)
+    close(loss, divergence((0.1, 0.2, 0.7), (0.4, 0.3, 0.3), alpha))
+
+
+def test_an_unused_slot_changes_nothing_and_keeps_the_gradient_finite():
+    student = torch.tensor([[S4]]).log().requires_grad_(True)
+    ids, logps, mask = torch.tensor([[[3, 2]]]), torch.tensor([[[0.4, 0.3]]]).log(), torch.ones(1, 1)
+    two = sdpo_token_loss(student, ids, logps, mask)
+    (two_grad,) = torch.autograd.grad(two, student)
+    padded_ids = torch.tensor([[[3, 2, 0]]])
+    padded = torch.cat([logps, torch.full((1, 1, 1), -math.inf)], dim=-1)
+    three = sdpo_token_loss(student, padded_ids, padded, mask)
+    (three_grad,) = torch.autograd.grad(three, student)
+    assert three.item() == pytest.approx(two.item(), abs=1e-7)
+    torch.testing.assert_close(three_grad, two_grad)
+    assert torch.isfinite(three_grad).all()
+
+
+@pytest.mark.parametrize("k", [3, 11])
+def test_a_teacher_listing_the_students_top_k_is_sdpo_loss_with_top_k_and_all_of_them_the_full_value(k):
+    """The endpoint form is sdpo_loss's top-k + tail form when both pick the same tokens; with every
+    token listed it is the full-vocabulary divergence (value and gradient)."""
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 5, 11, generator=gen, requires_grad=True)
+    teacher = torch.randn(2, 5, 11, generator=gen) * 2
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    index = student.detach().topk(k, dim=-1).indices
+    listed = torch.log_softmax(teacher, dim=-1).gather(-1, index)
+    endpoint = sdpo_token_loss(student, index, listed, mask, alpha=0.3)
+    (endpoint_grad,) = torch.autograd.grad(endpoint, student)
+    same = (
+        sdpo_loss(student, teacher, mask, alpha=0.3, top_k=k)
+        if k < 11
+        else sdpo_loss(student, teacher, mask, alpha=0.3)
+    )
+    (same_grad,) = torch.autograd.grad(same, student)
+    assert endpoint.item() == pytest.approx(same.item(), abs=1e-6)
+    torch.testing.assert_close(endpoint_grad, same_grad, atol=1e-6, rtol=1e-5)
+
+
+def test_sdpo_token_loss_rejects_bad_arguments():
+    student = torch.tensor([[S4]]).log()
+    ids, logps, mask = torch.tensor([[[3, 2]]]), torch.tensor([[[0.4, 0.3]]]).log(), torch.ones(1, 1)
+    with pytest.raises(ValueError, match="alpha=2"):
+        sdpo_token_loss(student, ids, logps, mask, alpha=2)
+    with pytest.raises(ValueError, match=r"teacher_ids must lie in \[0, 4\)"):
+        sdpo_token_loss(student, ids + 5, logps, mask)
+    with pytest.raises(ValueError, match="teacher_logps has shape"):
+        sdpo_token_loss(student, ids, logps[..., :1], mask)
+    with pytest.raises(ValueError, match="teacher_ids has shape"):
+        sdpo_token_loss(student, ids[0], logps, mask)
 
 
 # ---------------------------------------------------------------------------- dpo_loss

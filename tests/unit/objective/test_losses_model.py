@@ -125,6 +125,35 @@ def test_ema_teacher_runs_the_teacher_forward(model_and_tokenizer):
         torch.testing.assert_close(param, 0.5 * before[name] + 0.5 * student[name].detach())
 
 
+def test_a_teacher_scored_outside_the_process_replaces_the_teacher_forward(model_and_tokenizer):
+    """`teacher_token_ids` / `teacher_token_logps` (an endpoint's top-k) feed the SDPO channel with no
+    teacher forward: given the hinted policy's own log-probs on every token, it is the channel the
+    policy-as-teacher computes."""
+    model, tokenizer = model_and_tokenizer
+    batch = ComposerBatch(policy=policy_batch(model, tokenizer))
+    policy = batch.policy
+    plain = composer_total_loss(model, batch, alpha=1.0, beta=0.0)
+    with torch.no_grad():
+        hinted = completion_logits(
+            model, policy.teacher_prompt_ids, policy.teacher_prompt_mask, policy.completion_ids, policy.completion_mask
+        )
+    vocab = hinted.shape[-1]
+    policy.teacher_token_ids = torch.arange(vocab).expand(*hinted.shape[:2], vocab).contiguous()
+    policy.teacher_token_logps = torch.log_softmax(hinted, dim=-1)
+    policy.teacher_prompt_ids = policy.teacher_prompt_mask = None  # not read
+    counter = ForwardCounter(model)
+    scored = composer_total_loss(model, batch, alpha=1.0, beta=0.0)
+    assert counter.batch_sizes == [4]  # the student's forward only
+    assert scored.sdpo.item() == pytest.approx(plain.sdpo.item(), abs=1e-5)
+    assert scored.sdpo.item() > 0
+
+    # lockstep (FSDP) with nothing to distil: an endpoint teacher has no forward to keep in step
+    policy.sdpo_weight = torch.zeros(4)
+    counter.batch_sizes.clear()
+    idle = composer_total_loss(model, batch, alpha=1.0, beta=0.0, lockstep=True)
+    assert idle.sdpo.item() == 0.0 and counter.batch_sizes == [4]
+
+
 def test_sdpo_needs_the_hinted_prompt(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     batch = ComposerBatch(policy=policy_batch(model, tokenizer))
