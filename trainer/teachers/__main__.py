@@ -17,6 +17,8 @@ import random
 import sys
 from pathlib import Path
 
+import torch
+
 from trainer.config import ConfigError, load_config_or_exit
 from trainer.model import pretrained_model_and_tokenizer, tiny_model_and_tokenizer
 from trainer.rollout.sampling import HFEngine
@@ -90,6 +92,9 @@ def cost_floor(args: argparse.Namespace) -> int:
     model.eval()
     r = config.rollout
     rng = random.Random(args.seed)
+    # The states are drawn by sampling: seed torch here, so a rerun (whose tokenizer now comes from
+    # the cache, not training, and whose warm-up may have drawn differently) asks for the same states.
+    torch.manual_seed(args.seed)
     common = dict(
         score_many=collector.score_many(),
         max_completion_length=r.max_completion_length,
