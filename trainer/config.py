@@ -700,16 +700,32 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    set_keys = []
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        _set_dotted(data, key.strip(), yaml.safe_load(value), source=f"--set {item!r}")
-        lines[key.strip()] = 0  # 0 = came from the command line
+        key = key.strip()
+        # The errors name the key, never the value: a value may be a secret pasted by mistake.
+        if "[" in key:
+            raise ConfigError(
+                f"--set {key}: list items cannot be set one by one; set the whole list, e.g. "
+                f"--set '{key.split('[', 1)[0]}=[{{...}}]', or edit the file"
+            )
+        _set_dotted(data, key, yaml.safe_load(value), source=f"--set {key}")
+        lines[key] = 0  # 0 = came from the command line
+        set_keys.append(key)
     try:
         return _build(Config, data, prefix="")
     except ConfigError as error:
         key = str(error).split(":", 1)[0]
+        given = next((k for k in reversed(set_keys) if k == key or key.startswith((k + ".", k + "["))), None)
+        if given is not None:  # the value came from the command line, not from a line of the file
+            raise ConfigError(f"{path}: {error} (from --set {given})") from None
+        inside = next((k for k in reversed(set_keys) if k.startswith(key + ".")), None)
+        if inside is not None:  # --set a.b.c where a is not a section: say so without echoing the value
+            reason = str(error).split(": ", 1)[-1].split(", got ", 1)[0]
+            raise ConfigError(f"{path}: --set {inside}: {key} is not a section of keys ({reason})") from None
         line = lines.get(key) or lines.get(key.split("[", 1)[0])  # agent.tools[1] is written at agent.tools
         line = line or next((n for k, n in lines.items() if n and key.startswith(k + ".")), None)
         where = f"{path}:{line}" if line else str(path)

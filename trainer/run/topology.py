@@ -34,6 +34,7 @@ __all__ = ["ElasticError", "RunFinished", "Topology", "init_distributed", "step_
 
 ELASTIC_STORE_ENV = "COMPOSER_ELASTIC_STORE"
 STORE_TIMEOUT_S = 300.0  # a store request (a link down for longer fails the replica, which rejoins)
+FIRST_CONNECT_S = 30.0  # the first connection: nothing there by then is a wrong address or a store not started
 
 
 @dataclass
@@ -133,12 +134,31 @@ def elastic_topology(config: Config) -> Topology:
     if not 0 <= replica_id < replicas:
         raise ConfigError(f"diloco.elastic: COMPOSER_REPLICA_ID {replica_id} is not one of {replicas} replicas")
 
-    def connect() -> dist.TCPStore:
-        return dist.TCPStore(host, port_number, is_master=False, timeout=timedelta(seconds=STORE_TIMEOUT_S))
-
     d = config.diloco
+    if d.min_replicas > replicas:
+        raise ConfigError(
+            f"diloco.min_replicas: {d.min_replicas} is more than the run's {replicas} replicas (COMPOSER_REPLICAS): "
+            "no outer step could ever be taken"
+        )
+    if config.debug.kill_replica_at is not None and not 0 <= config.debug.kill_replica_at[0] < replicas:
+        raise ConfigError(
+            f"debug.kill_replica_at: replica {config.debug.kill_replica_at[0]} is not one of the run's {replicas} "
+            "replicas (COMPOSER_REPLICAS)"
+        )
+
+    def connect(timeout_s: float = STORE_TIMEOUT_S) -> dist.TCPStore:
+        return dist.TCPStore(host, port_number, is_master=False, timeout=timedelta(seconds=timeout_s))
+
+    try:  # the first connection fails fast: a wrong address is a setting, not a link that went down
+        store = connect(FIRST_CONNECT_S)
+    except (RuntimeError, TimeoutError) as error:  # torch's DistStoreError is a RuntimeError
+        raise ConfigError(
+            f"{ELASTIC_STORE_ENV}: no store answered at {host}:{port_number} within {FIRST_CONNECT_S:.0f} s "
+            f"({type(error).__name__}); is the run's store (the coordinator) up and the address right?"
+        ) from None
+    store.set_timeout(timedelta(seconds=STORE_TIMEOUT_S))
     elastic = ElasticDiLoCo(
-        connect(),
+        store,
         replica_id,
         replicas=replicas,
         quorum_timeout_s=d.quorum_timeout_s,

@@ -145,8 +145,8 @@ def test_the_config_refuses_a_shape_vllms_cpu_attention_cannot_run_naming_rollou
     smoke = REPO / "configs" / "smoke.yaml"  # 64 wide, 4 heads: head_dim 16
     with pytest.raises(
         ConfigError,
-        match=r"smoke.yaml:\d+: rollout.engine: vllm's CPU backend cannot run this model "
-        r"\(model.hidden_size / model.num_heads\): head_dim 16",
+        match=r"smoke.yaml: rollout.engine: vllm's CPU backend cannot run this model "
+        r"\(model.hidden_size / model.num_heads\): head_dim 16 .*\(from --set rollout.engine\)$",
     ):
         load_config(smoke, ["rollout.engine=vllm"])
     assert load_config(smoke, ["rollout.engine=vllm", "model.num_heads=1"]).rollout.engine == "vllm"

@@ -7,7 +7,8 @@ from datetime import timedelta
 import pytest
 from torch.distributed import TCPStore
 
-from trainer.config import Config, ConfigError, DiLoCoConfig
+from trainer.config import Config, ConfigError, DebugConfig, DiLoCoConfig
+from trainer.run import topology
 from trainer.run.topology import init_distributed
 
 ELASTIC = Config(diloco=DiLoCoConfig(elastic=True))
@@ -52,3 +53,22 @@ def test_an_elastic_replica_is_a_world_of_its_own_on_the_runs_store(environment)
     assert topo.global_rank == 2 and topo.replica_size == 1 and topo.elastic is not None
     assert topo.elastic.agree("run_dir", "runs/a") == "runs/a" and topo.elastic.agree("run_dir", "runs/b") == "runs/a"
     assert topo.elastic.once("kill/2/5") and not topo.elastic.once("kill/2/5")
+
+
+def test_an_elastic_run_asking_more_replicas_than_it_has_or_killing_one_it_lacks_is_refused_by_key(environment):
+    environment.setenv("COMPOSER_ELASTIC_STORE", "127.0.0.1:1")
+    environment.setenv("COMPOSER_REPLICA_ID", "0")
+    environment.setenv("COMPOSER_REPLICAS", "3")
+    with pytest.raises(ConfigError, match=r"diloco.min_replicas: 5 is more than the run's 3 replicas"):
+        init_distributed(Config(diloco=DiLoCoConfig(elastic=True, min_replicas=5)))
+    with pytest.raises(ConfigError, match=r"debug.kill_replica_at: replica 9 is not one of the run's 3 replicas"):
+        init_distributed(Config(diloco=DiLoCoConfig(elastic=True), debug=DebugConfig(kill_replica_at=[9, 5])))
+
+
+def test_an_elastic_store_address_nobody_answers_is_one_error_naming_the_variable(environment):
+    environment.setattr(topology, "FIRST_CONNECT_S", 1.0)
+    environment.setenv("COMPOSER_ELASTIC_STORE", "127.0.0.1:1")  # nothing listens on port 1
+    environment.setenv("COMPOSER_REPLICA_ID", "0")
+    environment.setenv("COMPOSER_REPLICAS", "2")
+    with pytest.raises(ConfigError, match=r"COMPOSER_ELASTIC_STORE: no store answered at 127.0.0.1:1 within 1 s"):
+        init_distributed(ELASTIC)
