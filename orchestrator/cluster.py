@@ -131,7 +131,7 @@ def torchrun_command(settings: RunSettings, *, nnodes: int, rdzv_id: str, local_
     torchrun is run as `python -m torch.distributed.run` (the same program) with this Python, so
     that it needs no PATH set-up.
     """
-    command = [
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -143,14 +143,8 @@ def torchrun_command(settings: RunSettings, *, nnodes: int, rdzv_id: str, local_
         f"--rdzv-id={rdzv_id}",
         f"--max-restarts={settings.max_restarts}",
         f"--local-addr={local_addr}",
-        "-m",
-        "trainer.worker",
-        "--config",
-        settings.config,
+        *worker_args(settings),
     ]
-    for override in settings.overrides:
-        command += ["--set", override]
-    return command
 
 
 def elastic_command(settings: RunSettings) -> list[str]:
@@ -158,21 +152,20 @@ def elastic_command(settings: RunSettings) -> list[str]:
     of one process that torchrun restarts alone (the replica then rejoins the others through the
     coordinator's store, which the caller names in COMPOSER_ELASTIC_STORE); no rendezvous spans
     the replicas, so a membership change never restarts anyone else."""
-    command = [
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         "--nproc-per-node=1",
         f"--max-restarts={settings.max_restarts}",
-        "-m",
-        "trainer.worker",
-        "--config",
-        settings.config,
+        *worker_args(settings),
     ]
-    for override in settings.overrides:
-        command += ["--set", override]
-    return command
+
+
+def worker_args(settings: RunSettings) -> list[str]:
+    """What torchrun runs in every launch: the worker module, the run's config and its overrides."""
+    return ["-m", "trainer.worker", "--config", settings.config, *(a for o in settings.overrides for a in ("--set", o))]
 
 
 def connect_store(host: str, port: int, timeout_s: float) -> TCPStore:
