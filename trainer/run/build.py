@@ -138,6 +138,29 @@ def already_finished(topo: Topology, run_dir: Path) -> dict:
     return summary
 
 
+def policy_model(config: Config, env: Environment, cache_dir: Path, corpus: list[str] | None = None) -> tuple[Any, Any]:
+    """The config's policy and tokenizer in fp32 on the CPU: the tiny random Qwen2 with a tokenizer
+    trained on `env`'s corpus (`corpus` when the caller already drew it; cached in `cache_dir`), or
+    a hub name or saved directory. Raises ConfigError naming model.name when transformers cannot
+    load it."""
+    m = config.model
+    if m.name == "tiny":
+        return tiny_model_and_tokenizer(
+            env.corpus() if corpus is None else corpus,
+            vocab_size=m.vocab_size,
+            hidden_size=m.hidden_size,
+            num_layers=m.num_layers,
+            num_heads=m.num_heads,
+            seed=config.seed,
+            cache_dir=cache_dir,
+        )
+    try:
+        return pretrained_model_and_tokenizer(m.name, tokenizer_name=m.tokenizer)
+    except OSError as error:  # transformers' "not a repo id", "couldn't connect", "no config.json"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"model.name: cannot load {m.name!r}: {reason}") from None
+
+
 def build(config: Config, topo: Topology | None = None, run_dir: Path | None = None) -> Run:
     """Tasks, checkpoint storage, the model and tokenizer on this rank's device (the processes and
     the run directory too when not given, as for bench/ablation.py's shared warm-ups)."""
@@ -151,26 +174,12 @@ def build(config: Config, topo: Topology | None = None, run_dir: Path | None = N
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     env = build_env(config)
     collector = make_collector(config, env)
-    if config.model.name == "tiny":
-        corpus = env.corpus()
+    corpus = env.corpus() if config.model.name == "tiny" else None
+    if corpus is not None:
         if keeper:  # train the tokenizer once per disk; the others read the saved copy
             cached_tokenizer(corpus, vocab_size=config.model.vocab_size, cache_dir=run_dir)
         barrier()
-        model, tokenizer = tiny_model_and_tokenizer(
-            corpus,
-            vocab_size=config.model.vocab_size,
-            hidden_size=config.model.hidden_size,
-            num_layers=config.model.num_layers,
-            num_heads=config.model.num_heads,
-            seed=config.seed,
-            cache_dir=run_dir,
-        )
-    else:
-        try:
-            model, tokenizer = pretrained_model_and_tokenizer(config.model.name, tokenizer_name=config.model.tokenizer)
-        except OSError as error:  # transformers' "not a repo id", "couldn't connect", "no config.json"
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ConfigError(f"model.name: cannot load {config.model.name!r}: {reason}") from None
+    model, tokenizer = policy_model(config, env, run_dir, corpus)
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if config.parallel.activation_checkpointing:
         checkpoint_activations(model)

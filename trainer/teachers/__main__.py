@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 
 from trainer.config import ConfigError, load_config_or_exit
-from trainer.model import pretrained_model_and_tokenizer, tiny_model_and_tokenizer
 from trainer.rollout.sampling import HFEngine
 from trainer.rollout.templates import stop_token_ids
-from trainer.run.build import build_env
+from trainer.run.build import build_env, policy_model
 from trainer.run.collectors import Policy, SingleTurnCollector, make_collector
 from trainer.run.topology import step_seed
 from trainer.teachers import Teachers, TeacherUnavailable, probe
@@ -66,19 +65,7 @@ def cost_floor(args: argparse.Namespace) -> int:
     except TeacherUnavailable as error:
         print(f"error: {args.config}: {error}", file=sys.stderr)
         return 2
-    m = config.model
-    if m.name == "tiny":
-        model, tokenizer = tiny_model_and_tokenizer(
-            env.corpus(),
-            vocab_size=m.vocab_size,
-            hidden_size=m.hidden_size,
-            num_layers=m.num_layers,
-            num_heads=m.num_heads,
-            seed=config.seed,
-            cache_dir=out,
-        )
-    else:
-        model, tokenizer = pretrained_model_and_tokenizer(m.name, tokenizer_name=m.tokenizer)
+    model, tokenizer = policy_model(config, env, out)
     stops = stop_token_ids(tokenizer, model)
     engine = HFEngine(model, tokenizer)
     if config.optim.sft_steps:  # the policy a run starts RL from
@@ -118,6 +105,7 @@ def cost_floor(args: argparse.Namespace) -> int:
         **common,
     )
     report["config"] = str(args.config)
+    m = config.model
     report["policy"] = (
         m.name if m.name != "tiny" else f"tiny {m.num_layers}x{m.hidden_size} after {config.optim.sft_steps} SFT steps"
     )
