@@ -10,7 +10,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from tests.integration._diloco_harness import (
     run_ranks,
     train,
 )
+from tests.support.torchrun import TORCHRUN, failure
 from trainer.diloco import QUANT_BLOCK, DiLoCo, parameters_hash, payload_bytes
 
 pytestmark = pytest.mark.integration
@@ -275,7 +275,6 @@ def test_a_lost_replica_fails_the_survivors_with_one_error_naming_step_fragment_
 # ------------------------------------------------------------------ the training worker, killed
 
 REPO = Path(__file__).resolve().parents[2]
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 KILLED_AT = 5  # outer step; 2 fragments per round, so round 3's first fragment
 
 
@@ -344,7 +343,7 @@ def test_a_replica_killed_mid_exchange_fails_the_survivor_at_once_and_the_run_re
     assert sealed[-1] == f"step-{KILLED_AT - 1:06d}"
 
     for returncode, output in _launch(run_dir, marker):  # the restart
-        assert returncode == 0, output[-4000:]
+        assert returncode == 0, failure(output)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["outer_step"] for r in lines if r["event"] == "resume"] == [KILLED_AT - 1]
     outer = [r for r in lines if r["event"] == "outer"]

@@ -31,6 +31,7 @@ from orchestrator.cluster import LABEL_RUN  # noqa: E402
 from orchestrator.images import DEFAULT_IMAGE, ensure_image, repo_root  # noqa: E402
 from orchestrator.supervisor import WorkerSupervisor  # noqa: E402
 from tests.support.docker_engine import docker_client  # noqa: E402
+from tests.support.torchrun import failure, torchrun_command, torchrun_env  # noqa: E402
 from trainer.checkpoint import latest_complete  # noqa: E402
 
 pytestmark = [pytest.mark.docker, pytest.mark.integration]
@@ -291,15 +292,15 @@ def test_a_local_run_then_compose_with_eight_workers_under_the_same_name_both_fi
     resume the finished two-replica run (its checkpoint has no files for six of the eight)."""
     first = ROOT / "runs" / run_name
     local = subprocess.run(
-        [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node=2"]
-        + ["-m", "trainer.worker", "--config", CONFIG, "--set", f"name={run_name}"],
+        torchrun_command(2, "-m", "trainer.worker", "--config", CONFIG, "--set", f"name={run_name}"),
         cwd=ROOT,
-        env={**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
-        capture_output=True,
+        env=torchrun_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
         timeout=RUN_TIMEOUT_S,
     )
-    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+    assert local.returncode == 0, failure(local.stdout)
     finished = (first / "summary.json").read_text()
     try:
         result = compose_run(run_name, image, 8, monkeypatch)

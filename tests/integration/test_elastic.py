@@ -24,6 +24,7 @@ from torch.distributed import TCPStore
 from tests.integration._elastic_harness import reference
 from tests.support.paths import REPO
 from tests.support.strict_json import read_strict, read_strict_lines
+from tests.support.torchrun import TORCHRUN
 from trainer.metrics import read_metrics, unnamed_keys
 
 pytestmark = pytest.mark.integration
@@ -106,7 +107,7 @@ def test_the_reference_itself_tells_a_counted_joiner_from_an_uncounted_one():
 
 # ------------------------------------------------------------- the worker, a torchrun per replica
 
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+
 WORKER_ROUNDS = 60  # H = 2: a killed replica was back after 20-35 rounds here; 60 leave a margin
 KILL_STEP = 5  # inner step 5 is in round 3 (steps 4 and 5): the replica dies mid-round
 ELASTIC_SETS = (

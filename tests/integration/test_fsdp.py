@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.test_worker import PYTHON, TORCHRUN, records, summary, worker_command
+from tests.integration.test_worker import records, summary
 from tests.support.paths import REPO
+from tests.support.torchrun import PYTHON, failure, finish, torchrun_command, torchrun_env
+from tests.support.torchrun import launch as torchrun
 
 pytestmark = pytest.mark.integration
 
@@ -40,23 +42,11 @@ REPLICAS = ("replica_size=2", "rounds=4", "loss.teacher=ema", "diloco.compressio
 
 
 def launch(run_dir: Path, nproc: int, *overrides: str, max_restarts: int = 0) -> subprocess.Popen:
-    command = [TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}"]
-    env = {**os.environ, "COMPOSER_RUN_DIR": str(run_dir), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    env["OMP_NUM_THREADS"] = "1"
-    return subprocess.Popen(
-        [*command, *worker_command(*overrides)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    return torchrun(run_dir, *overrides, nproc=nproc, max_restarts=max_restarts, OMP_NUM_THREADS="1")
 
 
 def run(run_dir: Path, nproc: int, *overrides: str) -> Path:
-    process = launch(run_dir, nproc, *overrides)
-    output, _ = process.communicate(timeout=900)
-    assert process.returncode == 0, output[-4000:]
+    finish(launch(run_dir, nproc, *overrides), timeout=900)
     return run_dir
 
 
@@ -126,8 +116,7 @@ def test_sigkill_mid_round_resumes_bit_exact_from_the_sharded_checkpoint(uninter
     workers = _children(process.pid)
     assert len(workers) == 4
     os.kill(workers[3], signal.SIGKILL)  # the second rank of replica 1, in round 3
-    output, _ = process.communicate(timeout=900)
-    assert process.returncode == 0, output[-4000:]
+    output = finish(process, timeout=900)
     resumes = records(run_dir, "resume")
     assert resumes and resumes[0]["outer_step"] >= 2, output[-3000:]
     assert summary(run_dir)["final_param_hash"] == summary(uninterrupted)["final_param_hash"]
@@ -163,11 +152,7 @@ def smoke(tmp_path_factory) -> Path:
     """A short `make smoke` run (configs/smoke.yaml: two replicas of one process, unsharded)."""
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
     sets = ("rounds=1", "optim.sft_steps=40", "rollout.prompts_per_step=4", "eval.every=0")
-    command = [TORCHRUN, "--standalone", "--nproc-per-node=2", "-m", "trainer.worker"]
-    command += ["--config", str(REPO / "configs" / "smoke.yaml"), *[a for s in sets for a in ("--set", s)]]
-    env = {**os.environ, "COMPOSER_RUN_DIR": str(run_dir), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    finish(torchrun(run_dir, *sets, config="smoke.yaml"), timeout=900)
     return run_dir
 
 
@@ -242,16 +227,12 @@ def test_the_export_refuses_an_existing_directory_and_a_damaged_step_by_name(par
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("harness")
-    command = [
-        TORCHRUN,
-        "--standalone",
-        "--nproc-per-node=2",
-        str(REPO / "tests/integration/_fsdp_harness.py"),
-        str(out),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    command = torchrun_command(2, str(REPO / "tests/integration/_fsdp_harness.py"), str(out))
+    env = torchrun_env(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = subprocess.run(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300
+    )
+    assert result.returncode == 0, failure(result.stdout)
     return [json.loads((out / f"rank{k}.json").read_text()) for k in (0, 1)]
 
 

@@ -26,8 +26,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.test_worker import REPO, TORCHRUN, records, summary, worker_command
+from tests.integration.test_worker import records, summary
+from tests.support.paths import REPO
 from tests.support.teachers import FaultProxy, VLLMServer, free_port, teacher_model
+from tests.support.torchrun import failure, worker_command
+from tests.support.torchrun import launch as torchrun
 from trainer.config import TeacherConfig
 from trainer.envs import HintRequest
 from trainer.envs.addition import Addition
@@ -318,14 +321,7 @@ def run_with_teachers(run_dir: Path, base_url: str, *sets: str, rounds: int = 3,
         f"{{name: {n}, base_url: '{base_url}', model: {n}, api_key_env: {KEY_ENV}, timeout_s: 8, max_tokens: 16}}"
         for n in NAMES
     )
-    command = [
-        TORCHRUN,
-        "--standalone",
-        "--nproc-per-node=2",
-        *worker_command(f"teachers=[{teachers}]", f"rounds={rounds}", *sets),
-    ]
-    env = {**os.environ, KEY_ENV: KEY, "COMPOSER_RUN_DIR": str(run_dir), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = torchrun(run_dir, f"teachers=[{teachers}]", f"rounds={rounds}", *sets, **{KEY_ENV: KEY})
     seen: set[str] = set()
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.append(process.stdout.read()), daemon=True)
@@ -340,7 +336,7 @@ def run_with_teachers(run_dir: Path, base_url: str, *sets: str, rounds: int = 3,
         time.sleep(0.2)
     reader.join(timeout=60)
     text = "".join(output)
-    assert process.returncode == 0, text[-4000:]
+    assert process.returncode == 0, failure(text)
     return text, seen
 
 

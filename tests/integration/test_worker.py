@@ -7,44 +7,18 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.support.paths import REPO
 from tests.support.strict_json import read_strict, read_strict_lines
+from tests.support.torchrun import PYTHON, finish, worker_command
+from tests.support.torchrun import launch as torchrun
 from trainer.metrics import read_metrics, unnamed_keys
 
-REPO = Path(__file__).resolve().parents[2]
-PYTHON = sys.executable
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 pytestmark = pytest.mark.integration
-
-
-def worker_command(*overrides: str) -> list[str]:
-    sets = [arg for item in overrides for arg in ("--set", item)]
-    return ["-m", "trainer.worker", "--config", str(REPO / "configs" / "test.yaml"), *sets]
-
-
-def torchrun(run_dir: Path, *overrides: str, max_restarts: int = 0) -> subprocess.Popen:
-    command = [
-        TORCHRUN,
-        "--standalone",
-        "--nproc-per-node=2",
-        f"--max-restarts={max_restarts}",
-        *worker_command(*overrides),
-    ]
-    # Restarted workers must not share torchrun's rendezvous store: they could read the dead
-    # attempt's addresses and fail to connect (pytorch/pytorch#135712).
-    env = {**os.environ, "COMPOSER_RUN_DIR": str(run_dir), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(process: subprocess.Popen, timeout: float = 600) -> str:
-    output, _ = process.communicate(timeout=timeout)
-    assert process.returncode == 0, output[-4000:]
-    return output
 
 
 def records(run_dir: Path, event: str) -> list[dict]:
@@ -292,11 +266,7 @@ def test_a_replica_of_two_processes_ships_half_the_model_per_process_and_replica
 
 
 def run_and_check(run_dir: Path, *, nproc: int, replica_size: int = 1) -> Path:
-    command = [TORCHRUN, "--standalone", f"--nproc-per-node={nproc}"]
-    command += worker_command("rounds=2", f"replica_size={replica_size}", "eval.every=0")
-    env = {**os.environ, "COMPOSER_RUN_DIR": str(run_dir), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    finish(torchrun(run_dir, "rounds=2", f"replica_size={replica_size}", "eval.every=0", nproc=nproc), timeout=900)
     return run_dir
 
 
