@@ -7,13 +7,17 @@ trainer's GRPO step against TRL's GRPOTrainer, side by side in one run.
    1.0, 128 new tokens with EOS allowed (lengths vary; tokens/s counts the tokens sampled up to
    and including each row's stop id), batch 64 and 256, on three shapes: the smallest vLLM's CPU
    attention accepts (2 x 64, one head of 64), ~40M (8 x 512, 8 heads of 64) and ~150M (12 x 896,
-   14 heads of 64, Qwen2-0.5B's width). Peak RSS (VmHWM) of each.
+   14 heads of 64, Qwen2-0.5B's width). Peak RSS (VmHWM) of each. The engines: `hf` and `vllm`
+   in fp32, and `vllm-bf16` (rollout.engine_dtype: bfloat16 under the fp32 model). Each one's
+   useful GFLOP/s (2 x parameters per prompt and sampled token) is read against this CPU's own
+   matrix-multiply peak, measured in the same run (`peak_worker`).
 2. A whole inner step (`trainer.run.step.inner_step`: rollout, teacher reward, scoring, the three
    channels' loss, AdamW, DiLoCo, the weight push) of configs/vllm-smoke.yaml with each engine,
    and where its time goes (`generation_s`, `execution_s`, `loss_s`, `weight_sync_s`).
 3. The same Dr.GRPO step in TRL's GRPOTrainer (same warmed-up model, prompts, G, lengths,
    temperature, `loss_type="dr_grpo"`, `scale_rewards="none"`, `beta=0`) against ours with the
-   vLLM engine and alpha = beta = 0 (Dr.GRPO alone). TRL's modes are each tried: vLLM colocated
+   vLLM engine and alpha = beta = 0 (Dr.GRPO alone; the `hf` engine's too, for reference), and
+   what our step would take with sampling free. TRL's modes are each tried: vLLM colocated
    (`use_vllm=True, vllm_mode="colocate"`; measured where it runs, else its error is recorded),
    `generate`, and transformers' continuous batching.
 
@@ -67,6 +71,9 @@ REPEATS = {("smallest", 64): 7, ("smallest", 256): 5, ("~40M", 64): 5, ("~40M", 
 REPEATS_150M = {64: 3, 256: 2}
 STEP_WARMUP, STEP_REPEATS = 2, 10
 SMOKE = ROOT / "configs" / "vllm-smoke.yaml"
+# The sampling engines: `hf` (fp32), `vllm` in fp32, and `vllm` in bf16 (rollout.engine_dtype:
+# bfloat16, how RL frameworks run their sampler, the trainer staying fp32).
+ENGINES = ("hf", "vllm", "vllm-bf16")
 TAG = "@@bench "  # the workers' answers; everything else on their stdout is the libraries' chatter
 
 
@@ -126,12 +133,13 @@ def sampling_worker(spec: dict) -> None:
     stops = stop_token_ids(tokenizer, model)
     longest = max(map(len, prompts)) + NEW_TOKENS
     sampler: Any = model
-    if spec["engine"] == "vllm":
+    if spec["engine"] != "hf":  # vllm, or vllm-bf16: rollout.engine_dtype=bfloat16 under the fp32 model
         from trainer.rollout.vllm_engine import VLLMEngine
 
         kv = kv_cache_mb(layers, heads, hidden // heads, batch * longest)
+        dtype = "bfloat16" if spec["engine"] == "vllm-bf16" else "float32"
         sampler = VLLMEngine(
-            model, tokenizer, device=torch.device("cpu"), max_model_len=longest + 16, kv_cache_mb=kv, seed=0
+            model, tokenizer, device=torch.device("cpu"), dtype=dtype, max_model_len=longest + 16, kv_cache_mb=kv
         )
     torch.manual_seed(0)
     sample(sampler, tokenizer, prompts, max_new_tokens=8, temperature=TEMPERATURE, stop_token_ids=stops)  # warm-up
@@ -152,6 +160,25 @@ def sampling_worker(spec: dict) -> None:
         lengths = drawn.completion_mask.sum(dim=1)
         reply(seconds=seconds, tokens=int(lengths.sum()), stopped=int((lengths < NEW_TOKENS).sum()))
     reply(peak_rss_mib=peak_rss_mib())
+
+
+def peak_worker(spec: dict) -> None:
+    """This CPU's matrix-multiply throughput at the bench's thread count, fp32 and bf16: the best of
+    repeated 1024 x 1024 x 1024 `torch.mm` calls, GFLOP/s (2 n^3 per call). The ceiling the
+    engines' useful FLOP/s are read against."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    n, found = 1024, {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        best = float("inf")
+        for _ in range(12):
+            clock = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - clock)
+        found[str(dtype).removeprefix("torch.")] = 2 * n**3 / best / 1e9
+    reply(gflops=found, threads=torch.get_num_threads())
 
 
 def warm_worker(spec: dict) -> None:
@@ -301,7 +328,13 @@ def trl_worker(spec: dict) -> None:
     reply(peak_rss_mib=peak_rss_mib())
 
 
-WORKERS = {"sampling": sampling_worker, "warm": warm_worker, "step": step_worker, "trl": trl_worker}
+WORKERS = {
+    "sampling": sampling_worker,
+    "peak": peak_worker,
+    "warm": warm_worker,
+    "step": step_worker,
+    "trl": trl_worker,
+}
 
 
 # ---- the parent --------------------------------------------------------------------------------------
@@ -383,7 +416,7 @@ def median(rows: list[dict], key: str) -> float:
 
 
 def measure_sampling(logs: Path, repeats: int | None, shapes: list[str], batches: list[int]) -> list[dict]:
-    """Item 1: per (shape, batch), the hf and vllm workers side by side."""
+    """Item 1: per (shape, batch), the ENGINES' workers side by side."""
     cells = []
     for label, layers, hidden, heads in SHAPES:
         if label not in shapes:
@@ -393,7 +426,7 @@ def measure_sampling(logs: Path, repeats: int | None, shapes: list[str], batches
             spec = dict(layers=layers, hidden=hidden, heads=heads, batch=batch)
             name = f"{label} {layers}x{hidden} b{batch}"
             print(f"sampling {name}: {count} calls per engine", flush=True)
-            workers = {engine: Worker(f"{name} {engine}", dict(spec, engine=engine), logs) for engine in ("hf", "vllm")}
+            workers = {engine: Worker(f"{name} {engine}", dict(spec, engine=engine), logs) for engine in ENGINES}
             answers = interleaved(workers, 0, count, name)
             cell = dict(shape=label, layers=layers, hidden=hidden, heads=heads, batch=batch, repeats=count)
             cell.update(params=workers["hf"].ready["params"], vocab=workers["hf"].ready["vocab"])
@@ -413,9 +446,15 @@ def measure_sampling(logs: Path, repeats: int | None, shapes: list[str], batches
                     peak_rss_mib=worker.finish()["peak_rss_mib"],
                 )
             cell["ratio"] = cell["vllm"]["tokens_per_s"] / cell["hf"]["tokens_per_s"]
+            cell["ratio_bf16"] = cell["vllm-bf16"]["tokens_per_s"] / cell["hf"]["tokens_per_s"]
+            for engine in ENGINES:  # useful work: 2 x parameters per prompt and sampled token
+                e = cell[engine]
+                per_sampled = (cell["prompt_tokens"] + e["mean_length"]) / e["mean_length"]
+                e["gflops"] = 2 * cell["params"] * e["tokens_per_s"] * per_sampled / 1e9
             print(
-                f"  hf {cell['hf']['tokens_per_s']:.0f} tokens/s, vllm {cell['vllm']['tokens_per_s']:.0f}: "
-                f"{cell['ratio']:.2f}x",
+                f"  hf {cell['hf']['tokens_per_s']:.0f} tokens/s, vllm {cell['vllm']['tokens_per_s']:.0f} "
+                f"({cell['ratio']:.2f}x), vllm bf16 {cell['vllm-bf16']['tokens_per_s']:.0f} "
+                f"({cell['ratio_bf16']:.2f}x)",
                 flush=True,
             )
             cells.append(cell)
@@ -426,6 +465,7 @@ STEP_WORKERS = {
     "ours, hf engine (all three channels)": dict(kind="step", sets=["rollout.engine=hf"]),
     "ours, vllm engine (all three channels)": dict(kind="step", sets=["rollout.engine=vllm"]),
     "ours, vllm engine, Dr.GRPO alone": dict(kind="step", sets=["rollout.engine=vllm", "loss.alpha=0", "loss.beta=0"]),
+    "ours, hf engine, Dr.GRPO alone": dict(kind="step", sets=["rollout.engine=hf", "loss.alpha=0", "loss.beta=0"]),
     "TRL GRPOTrainer, generate": dict(kind="trl", mode="generate"),
     "TRL GRPOTrainer, continuous batching": dict(kind="trl", mode="continuous_batching"),
 }
@@ -492,7 +532,13 @@ def step_ratios(steps: dict) -> dict:
         if grpo and trls:
             trl = min(trls, key=lambda row: row["step_s"])
             out.setdefault("trl", []).append(
-                dict(run=run, trl_best=trl["name"], ours_grpo_over_trl=grpo["step_s"] / trl["step_s"])
+                dict(
+                    run=run,
+                    trl_best=trl["name"],
+                    ours_grpo_over_trl=grpo["step_s"] / trl["step_s"],
+                    # the same step if sampling took no time at all: how far the engine alone can go
+                    ours_grpo_without_generation_over_trl=(grpo["step_s"] - grpo["generation_s"]) / trl["step_s"],
+                )
                 | ({"ours_full_over_trl": vllm["step_s"] / trl["step_s"]} if vllm else {})
             )
     return out
@@ -547,7 +593,7 @@ def markdown(figures: dict) -> str:
         "Every configuration ran in its own process, the engines' calls interleaved; medians.",
         "",
     ]
-    sampling = figures.get("sampling")
+    sampling, peak = figures.get("sampling"), figures.get("peak", {}).get("gflops")
     if sampling:
         lines += [
             "## 1. Sampling tokens/s",
@@ -561,27 +607,57 @@ def markdown(figures: dict) -> str:
             + ", ".join(f"{label} {REPEATS[(label, 64)]} / {REPEATS[(label, 256)]}" for label in ("smallest", "~40M"))
             + f", ~150M {REPEATS_150M[64]} / {REPEATS_150M[256]}; `--repeats` overrides them.",
             "",
+            "`vllm-bf16` is the vLLM engine with `rollout.engine_dtype: bfloat16` (the trainer's fp32 weights cast "
+            "at each push), how RL frameworks run their sampler; `hf` and `vllm` are fp32. Useful GFLOP/s: 2 x "
+            "parameters per prompt token and sampled token (padding, tokens after a row's stop and attention over "
+            "the context not counted), against this CPU's own matrix-multiply peak at the same thread count"
+            + (
+                f" (best 1024^3 `torch.mm`: fp32 {peak['float32']:,.0f} GFLOP/s, bf16 {peak['bfloat16']:,.0f})."
+                if peak
+                else "."
+            ),
+            "",
             "| shape | params | batch | engine | tokens/s (median) | all calls | mean length | stopped early "
-            "| peak RSS MiB | load | vllm / hf |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| useful GFLOP/s | % of peak | peak RSS MiB | load | over hf |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for cell in sampling:
             shape = f"{cell['shape']}: {cell['layers']} x {cell['hidden']}, {cell['heads']} heads of 64"
-            for engine in ("hf", "vllm"):
+            for engine in (e for e in ENGINES if e in cell):
                 e = cell[engine]
-                ratio = f"**{cell['ratio']:.2f}x**" if engine == "vllm" else ""
+                ratio = {"vllm": cell.get("ratio"), "vllm-bf16": cell.get("ratio_bf16")}.get(engine)
+                dtype = "bfloat16" if engine == "vllm-bf16" else "float32"
+                share = f"{e['gflops'] / peak[dtype]:.0%}" if peak and "gflops" in e else "–"
+                gflops = f"{e['gflops']:.1f}" if "gflops" in e else "–"
                 lines.append(
                     f"| {shape} | {cell['params'] / 1e6:.2f} M | {cell['batch']} | `{engine}` | "
                     f"{e['tokens_per_s']:,.0f} | "
                     + " ".join(f"{v:,.0f}" for v in e["tokens_per_s_all"])
-                    + f" | {e['mean_length']:.1f} | {e['stopped_fraction']:.0%} | {e['peak_rss_mib']:,.0f} | "
-                    f"{load_range(e['load'])} | {ratio} |"
+                    + f" | {e['mean_length']:.1f} | {e['stopped_fraction']:.0%} | {gflops} | {share} | "
+                    f"{e['peak_rss_mib']:,.0f} | {load_range(e['load'])} | " + (f"**{ratio:.2f}x** |" if ratio else "|")
                 )
         forty = [c for c in sampling if c["shape"] == "~40M"]
         if forty:
             worst = min(c["ratio"] for c in forty)
             verdict = "holds" if worst >= 4 else "does not hold"
-            lines += ["", f"Goal vLLM >= 4x at ~40M: {verdict} (lowest ratio of the two batches: {worst:.2f}x)."]
+            lines += [
+                "",
+                f"Goal vLLM >= 4x at ~40M, both fp32: {verdict} (lowest ratio of the two batches: {worst:.2f}x).",
+            ]
+            if all("ratio_bf16" in c for c in forty):
+                worst_bf16 = min(c["ratio_bf16"] for c in forty)
+                lines.append(
+                    f"With the engine in bf16 (the trainer fp32): lowest ratio {worst_bf16:.2f}x "
+                    f"({'at least' if worst_bf16 >= 4 else 'under'} 4x)."
+                )
+            if peak and all("gflops" in c["hf"] and "gflops" in c["vllm"] for c in forty):
+                share = max(c["hf"]["gflops"] for c in forty) / peak["float32"]
+                engine = [c["vllm"]["gflops"] / peak["float32"] for c in forty]
+                lines.append(
+                    f"The ceiling: at ~40M `hf` already does up to {share:.0%} of this CPU's fp32 matmul peak in "
+                    f"useful work, so an fp32 engine 4x faster would need {4 * share:.0%} of it; vLLM's does "
+                    f"{min(engine):.0%}–{max(engine):.0%}."
+                )
         lines += ["", "![tokens/s](rollout_engine.png)", ""]
     steps = figures.get("steps")
     if steps:
@@ -620,10 +696,17 @@ def markdown(figures: dict) -> str:
         for trl in ratios.get("trl", []):
             ratio = trl["ours_grpo_over_trl"]
             full = f" With all three channels: {trl['ours_full_over_trl']:.2f}x." if "ours_full_over_trl" in trl else ""
+            floor = trl.get("ours_grpo_without_generation_over_trl")
+            bound = (
+                f" With sampling taking no time at all it would be {floor:.2f}x: the rest of the step (scoring, "
+                "loss, AdamW, the push) sets that floor."
+                if floor is not None
+                else ""
+            )
             lines.append(
                 f"- Item 3 (run {trl['run']}), ours (vLLM engine, Dr.GRPO alone) over TRL's fastest mode in that run "
                 f"({trl['trl_best']}): **{ratio:.2f}x** the time; goal <= 0.5x: "
-                f"{'holds' if ratio <= 0.5 else 'does not hold'}.{full}"
+                f"{'holds' if ratio <= 0.5 else 'does not hold'}.{full}{bound}"
             )
         error = steps.get("trl_vllm_colocate_error")
         lines += [
@@ -647,15 +730,21 @@ def plot(sampling: list[dict], path: Path) -> None:
     labels = [f"{c['shape']}\n{c['layers']}x{c['hidden']}\nbatch {c['batch']}" for c in sampling]
     x = range(len(sampling))
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(sampling)), 4.5))
-    for offset, engine, color in ((-0.2, "hf", "tab:gray"), (0.2, "vllm", "tab:blue")):
-        values = [c[engine]["tokens_per_s"] for c in sampling]
-        ax.bar([i + offset for i in x], values, width=0.4, label=f"rollout.engine: {engine}", color=color)
-    for i, c in enumerate(sampling):
-        ax.annotate(f"{c['ratio']:.1f}x", (i + 0.2, c["vllm"]["tokens_per_s"]), ha="center", va="bottom", fontsize=9)
+    bars = (("hf", "tab:gray", None), ("vllm", "tab:blue", "ratio"), ("vllm-bf16", "tab:orange", "ratio_bf16"))
+    width = 0.8 / len(bars)
+    for k, (engine, color, ratio) in enumerate(bars):
+        offset = (k - (len(bars) - 1) / 2) * width
+        shown = [(i, c) for i, c in enumerate(sampling) if engine in c]
+        values = [c[engine]["tokens_per_s"] for _, c in shown]
+        ax.bar([i + offset for i, _ in shown], values, width=width, label=engine, color=color)
+        for i, c in shown if ratio else ():
+            ax.annotate(
+                f"{c[ratio]:.1f}x", (i + offset, c[engine]["tokens_per_s"]), ha="center", va="bottom", fontsize=8
+            )
     ax.set_yscale("log")
     ax.set_xticks(list(x), labels, fontsize=8)
     ax.set_ylabel("sampled tokens/s (median, log scale)")
-    ax.set_title(f"Sampling {NEW_TOKENS} tokens at temperature {TEMPERATURE}, {THREADS} threads, fp32")
+    ax.set_title(f"Sampling {NEW_TOKENS} tokens at temperature {TEMPERATURE}, {THREADS} threads (x: over hf)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -708,6 +797,7 @@ def main(argv: list[str] | None = None) -> int:
                 fresh["rows"] = figures["steps"]["rows"] + [dict(row, run=run) for row in fresh["rows"]]
             figures["steps"] = fresh
         if args.only in (None, "sampling"):
+            figures["peak"] = Worker("peak", dict(kind="peak"), Path(logs)).ready
             fresh = measure_sampling(Path(logs), args.repeats, args.shapes, args.batches)
             # a part measured now replaces its cells; the cells of other shapes or batches are kept
             kept = [
