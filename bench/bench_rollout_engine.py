@@ -74,6 +74,7 @@ SMOKE = ROOT / "configs" / "vllm-smoke.yaml"
 # The sampling engines: `hf` (fp32), `vllm` in fp32, and `vllm` in bf16 (rollout.engine_dtype:
 # bfloat16, how RL frameworks run their sampler, the trainer staying fp32).
 ENGINES = ("hf", "vllm", "vllm-bf16")
+RATIO_KEY = {"vllm": "ratio", "vllm-bf16": "ratio_bf16"}  # a cell's tokens/s over hf's, per engine
 TAG = "@@bench "  # the workers' answers; everything else on their stdout is the libraries' chatter
 
 
@@ -445,8 +446,8 @@ def measure_sampling(logs: Path, repeats: int | None, shapes: list[str], batches
                     threads=worker.ready["threads"],
                     peak_rss_mib=worker.finish()["peak_rss_mib"],
                 )
-            cell["ratio"] = cell["vllm"]["tokens_per_s"] / cell["hf"]["tokens_per_s"]
-            cell["ratio_bf16"] = cell["vllm-bf16"]["tokens_per_s"] / cell["hf"]["tokens_per_s"]
+            for engine, key in RATIO_KEY.items():
+                cell[key] = cell[engine]["tokens_per_s"] / cell["hf"]["tokens_per_s"]
             for engine in ENGINES:  # useful work: 2 x parameters per prompt and sampled token
                 e = cell[engine]
                 per_sampled = (cell["prompt_tokens"] + e["mean_length"]) / e["mean_length"]
@@ -625,7 +626,7 @@ def markdown(figures: dict) -> str:
             shape = f"{cell['shape']}: {cell['layers']} x {cell['hidden']}, {cell['heads']} heads of 64"
             for engine in (e for e in ENGINES if e in cell):
                 e = cell[engine]
-                ratio = {"vllm": cell.get("ratio"), "vllm-bf16": cell.get("ratio_bf16")}.get(engine)
+                ratio = cell.get(RATIO_KEY.get(engine, ""))
                 dtype = "bfloat16" if engine == "vllm-bf16" else "float32"
                 share = f"{e['gflops'] / peak[dtype]:.0%}" if peak and "gflops" in e else "–"
                 gflops = f"{e['gflops']:.1f}" if "gflops" in e else "–"
@@ -730,10 +731,11 @@ def plot(sampling: list[dict], path: Path) -> None:
     labels = [f"{c['shape']}\n{c['layers']}x{c['hidden']}\nbatch {c['batch']}" for c in sampling]
     x = range(len(sampling))
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(sampling)), 4.5))
-    bars = (("hf", "tab:gray", None), ("vllm", "tab:blue", "ratio"), ("vllm-bf16", "tab:orange", "ratio_bf16"))
-    width = 0.8 / len(bars)
-    for k, (engine, color, ratio) in enumerate(bars):
-        offset = (k - (len(bars) - 1) / 2) * width
+    colors = {"hf": "tab:gray", "vllm": "tab:blue", "vllm-bf16": "tab:orange"}
+    width = 0.8 / len(ENGINES)
+    for k, engine in enumerate(ENGINES):
+        color, ratio = colors[engine], RATIO_KEY.get(engine)
+        offset = (k - (len(ENGINES) - 1) / 2) * width
         shown = [(i, c) for i, c in enumerate(sampling) if engine in c]
         values = [c[engine]["tokens_per_s"] for _, c in shown]
         ax.bar([i + offset for i, _ in shown], values, width=width, label=engine, color=color)

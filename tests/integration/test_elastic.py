@@ -24,7 +24,7 @@ from torch.distributed import TCPStore
 from tests.integration._elastic_harness import reference
 from tests.support.paths import REPO
 from tests.support.strict_json import read_strict, read_strict_lines
-from tests.support.torchrun import TORCHRUN
+from tests.support.torchrun import torchrun_command, worker_command
 from trainer.metrics import read_metrics, unnamed_keys
 
 pytestmark = pytest.mark.integration
@@ -121,9 +121,7 @@ ELASTIC_SETS = (
 
 def elastic_worker(port: int, run_dir: Path, replica_id: int, *sets: str) -> subprocess.Popen:
     """`torchrun --standalone` of one replica (its own world), restarting its worker once."""
-    command = [TORCHRUN, "--standalone", "--nproc-per-node=1", "--max-restarts=1", "-m", "trainer.worker"]
-    command += ["--config", str(REPO / "configs" / "test.yaml")]
-    command += [arg for item in (*ELASTIC_SETS, *sets) for arg in ("--set", item)]
+    command = torchrun_command(1, *worker_command(*ELASTIC_SETS, *sets), max_restarts=1)
     env = {
         **os.environ,
         **LOCALHOST,
